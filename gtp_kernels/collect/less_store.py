@@ -1,0 +1,152 @@
+"""Read the projected-gradient folders LESS (princeton-nlp/LESS) writes, to select without recomputing.
+
+LESS's ``collect_grad_reps`` writes, for one checkpoint and one data file::
+
+    <run>-ckpt<step>-<adam|sgd>/dim<d>/grads-<count>.pt     fp32 (n, d) shards, every 160 examples
+                                      /all_orig.pt            all rows, each L2-normalised
+                                      /all_unormalized.pt     all rows as projected
+
+:func:`read_less_gradients` accepts a ``dim<d>`` folder, a checkpoint folder holding ``dim*``
+folders, or a parent holding several checkpoint folders (ordered by the number after ``ckpt``,
+else by name), and returns the (N, T, d) trajectory. LESS projects every checkpoint with one
+shared matrix (seed 0) and does not record learning rates: pass LESS's checkpoint weights (the
+average learning rate of each epoch, renormalised) to :func:`less_to_store` or the selection.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter
+
+_DIM = re.compile(r"^dim(\d+)$")
+_SHARD = re.compile(r"^grads-(\d+)\.pt$")
+_CKPT = re.compile(r"ckpt[-_]?(\d+)")
+
+
+@dataclass
+class LessGradients:
+    """A LESS gradient trajectory: (N, T, d) float32 rows plus where each checkpoint came from."""
+
+    trajectory: torch.Tensor
+    checkpoint_names: list[str]
+    files: list[list[str]]
+    normalized: bool
+
+    @property
+    def d(self) -> int:
+        return int(self.trajectory.shape[2])
+
+
+def _dim_folder(checkpoint: Path, d: int | None) -> Path:
+    if _DIM.match(checkpoint.name):
+        return checkpoint
+    dims = sorted((int(_DIM.match(p.name).group(1)), p) for p in checkpoint.iterdir() if p.is_dir() and _DIM.match(p.name))
+    if not dims:
+        raise ValueError(f"LESS folder {checkpoint}: no dim<d> sub-folder")
+    if d is None:
+        if len(dims) > 1:
+            raise ValueError(f"LESS folder {checkpoint}: several projections {[n for n, _ in dims]}; pass d")
+        return dims[0][1]
+    for size, folder in dims:
+        if size == d:
+            return folder
+    raise ValueError(f"LESS folder {checkpoint}: no dim{d} (has {[n for n, _ in dims]})")
+
+
+def _load_rows(path: Path) -> torch.Tensor:
+    rows = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
+        raise ValueError(f"LESS file {path}: expected a 2-D tensor, got {type(rows).__name__} {getattr(rows, 'shape', '')}")
+    return rows.float()
+
+
+def _read_dim_folder(folder: Path, normalized: bool) -> tuple[torch.Tensor, list[str]]:
+    merged = folder / ("all_orig.pt" if normalized else "all_unormalized.pt")
+    if merged.is_file():
+        return _load_rows(merged), [str(merged)]
+    shards = sorted((int(_SHARD.match(p.name).group(1)), p) for p in folder.iterdir() if _SHARD.match(p.name))
+    if not shards:
+        raise ValueError(f"LESS folder {folder}: neither {merged.name} nor grads-*.pt shards")
+    rows = torch.cat([_load_rows(p) for _, p in shards])
+    if normalized:  # what LESS's merge_and_normalize_info does to each shard
+        rows = torch.nn.functional.normalize(rows, dim=1)
+    return rows, [str(p) for _, p in shards]
+
+
+def _checkpoint_folders(folder: Path, d: int | None) -> list[Path]:
+    if _DIM.match(folder.name) or any(_DIM.match(p.name) for p in folder.iterdir() if p.is_dir()):
+        return [folder]
+    children = [p for p in folder.iterdir() if p.is_dir() and any(_DIM.match(q.name) for q in p.iterdir() if q.is_dir())]
+    if not children:
+        raise ValueError(f"LESS folder {folder}: no dim<d> folder in it or in its sub-folders")
+
+    def order(p: Path) -> tuple[int, str]:
+        match = _CKPT.search(p.name)
+        return (int(match.group(1)) if match else -1, p.name)
+
+    return sorted(children, key=order)
+
+
+def read_less_gradients(folder: str | os.PathLike, d: int | None = None, normalized: bool = True) -> LessGradients:
+    """Read one LESS checkpoint folder, or a folder of them, into an (N, T, d) trajectory.
+
+    ``normalized=True`` reads ``all_orig.pt`` (L2-normalised rows, what LESS matches with),
+    ``False`` reads ``all_unormalized.pt``; without the merged file the ``grads-*.pt`` shards
+    are concatenated in count order (and normalised when asked).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"LESS folder {root} does not exist")
+    blocks, names, files = [], [], []
+    for checkpoint in _checkpoint_folders(root, d):
+        rows, sources = _read_dim_folder(_dim_folder(checkpoint, d), normalized)
+        blocks.append(rows)
+        names.append(checkpoint.name)
+        files.append(sources)
+    sizes = {tuple(b.shape) for b in blocks}
+    if len(sizes) != 1:
+        raise ValueError(f"LESS folder {root}: checkpoints disagree on (N, d): {dict(zip(names, [tuple(b.shape) for b in blocks]))}")
+    return LessGradients(torch.stack(blocks, dim=1), names, files, normalized)
+
+
+def less_to_store(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    d: int | None = None,
+    normalized: bool = True,
+    checkpoint_weights: Sequence[float] | None = None,
+    example_ids: Sequence[str] | None = None,
+    shard_size: int = 65536,
+) -> TrajectoryStore:
+    """Convert a LESS gradient folder into a trajectory store (weights recorded, not applied)."""
+    less = read_less_gradients(folder, d=d, normalized=normalized)
+    n, t, dim = less.trajectory.shape
+    if checkpoint_weights is not None:
+        if len(checkpoint_weights) != t:
+            raise ValueError(f"checkpoint_weights: {len(checkpoint_weights)} weights for {t} checkpoints")
+        total = float(sum(checkpoint_weights))
+        if total <= 0 or any(w < 0 for w in checkpoint_weights):
+            raise ValueError("checkpoint_weights must be non-negative with a positive sum")
+        weights = [float(w) / total for w in checkpoint_weights]
+    else:
+        weights = [1.0 / t] * t
+    ids = [str(i) for i in (example_ids if example_ids is not None else range(n))]
+    spec = StoreSpec(n=n, t=t, d=dim, example_ids=ids, dtype="float32", shard_size=shard_size, metadata={
+        "source": "LESS", "less_folder": str(Path(folder).resolve()), "checkpoints": less.checkpoint_names,
+        "checkpoint_weights": weights, "weights_applied": False,
+        "normalisation": "unit" if normalized else "none",
+        "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"},
+    })
+    writer = TrajectoryStoreWriter(out, spec, resume=True)
+    data = less.trajectory.numpy()
+    for index in writer.missing_shards():
+        start, stop = spec.shard_rows(index)
+        writer.write_shard(index, np.ascontiguousarray(data[start:stop]))
+    return writer.finish()
