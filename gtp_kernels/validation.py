@@ -1,0 +1,205 @@
+"""Every input check of the public API, in one place, raised before any work starts.
+
+All errors are :class:`InputError` (a ``ValueError``) or ``TypeError`` with a one-line message
+that names the offending argument, so that the CLI can print it as is.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class InputError(ValueError):
+    """Bad input to gtp_kernels: wrong shape, dtype, non-finite values, impossible budget."""
+
+
+class InputTypeError(InputError, TypeError):
+    """Input of the wrong type or dtype (both an InputError and a TypeError)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated selection problem.
+
+    Attributes:
+        candidates: A, (N, D), the candidate feature rows, on the caller's device and dtype.
+        targets: B, (D, m), one target column per pursuit.
+        num_checkpoints: T (1 when no trajectory structure was given).
+        checkpoint_dim: d, with D = T * d.
+        checkpoint_weights: (T,) float64 weights lr_t, or None for plain inner products.
+        exclude: (N,) bool, rows that may never be selected (all-zero rows, user exclusions).
+    """
+
+    candidates: torch.Tensor
+    targets: torch.Tensor
+    num_checkpoints: int
+    checkpoint_dim: int
+    checkpoint_weights: Optional[torch.Tensor]
+    exclude: torch.Tensor
+
+    @property
+    def num_candidates(self) -> int:
+        return self.candidates.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.candidates.shape[1]
+
+    @property
+    def num_targets(self) -> int:
+        return self.targets.shape[1]
+
+    def feature_weights(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """(D,) per-feature weights w_t repeated d times, or None when unweighted.
+
+        The weighted inner product <a, b>_W = sum_t w_t <a^t, b^t> is what every GTP method
+        matches in; it equals scaling each checkpoint block by sqrt(w_t) (SPEC: c_t = sqrt(lr_t)).
+        """
+        if self.checkpoint_weights is None:
+            return None
+        w = self.checkpoint_weights.to(device=self.candidates.device, dtype=dtype)
+        return w.repeat_interleave(self.checkpoint_dim)
+
+
+def as_tensor(x: Any, name: str) -> torch.Tensor:
+    """Accept a torch tensor or a numpy array (memory-mapped arrays stay zero-copy)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind != "f":
+            raise InputTypeError(f"{name} must hold floating-point values, got numpy dtype {x.dtype}")
+        with warnings.catch_warnings():
+            # Read-only (memory-mapped) arrays stay zero-copy: gtp_kernels never writes to inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(np.ascontiguousarray(x))
+    raise InputTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise InputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    # Chunked so that a memory-mapped pool is checked without a second full-size copy.
+    flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
+    step = max(1, (1 << 24) // max(1, flat.shape[1]))
+    for start in range(0, flat.shape[0], step):
+        block = flat[start : start + step]
+        if not torch.isfinite(block).all():
+            bad = (~torch.isfinite(block)).nonzero()[0]
+            row = start + int(bad[0])
+            raise InputError(f"{name} contains NaN or Inf (first at row {row})")
+
+
+def validate_problem(
+    candidates: ArrayLike,
+    target: ArrayLike,
+    k: int,
+    *,
+    checkpoint_weights: Optional[Union[ArrayLike, Sequence[float]]] = None,
+    num_checkpoints: Optional[int] = None,
+    exclude: Optional[ArrayLike] = None,
+) -> Problem:
+    """Check and normalise the inputs of :func:`gtp_kernels.select`.
+
+    candidates: (N, D), or (N, T, d) for a trajectory (viewed as (N, T*d)).
+    target: (D,) for one target, (D, m) for m targets pursued together.
+    k: the budget, 1 <= k <= N.
+    checkpoint_weights: (T,) non-negative finite weights (e.g. learning rates), not all zero.
+    num_checkpoints: T when candidates are given flat as (N, T*d).
+    exclude: (N,) bool mask or a sequence of row indices that may never be selected.
+    """
+    A = as_tensor(candidates, "candidates")
+    b = as_tensor(target, "target")
+    _check_float(A, "candidates")
+    _check_float(b, "target")
+
+    if A.dim() == 3:
+        N, T, d = A.shape
+        if num_checkpoints is not None and num_checkpoints != T:
+            raise InputError(f"num_checkpoints={num_checkpoints} but candidates have T={T} checkpoints")
+        A = A.reshape(N, T * d)
+    elif A.dim() == 2:
+        N = A.shape[0]
+        T = 1 if num_checkpoints is None else int(num_checkpoints)
+        if T < 1 or A.shape[1] % T != 0:
+            raise InputError(f"num_checkpoints={num_checkpoints} does not divide D={A.shape[1]}")
+        d = A.shape[1] // T
+    else:
+        raise InputError(f"candidates must be (N, D) or (N, T, d), got shape {tuple(A.shape)}")
+    D = A.shape[1]
+    if N == 0 or D == 0:
+        raise InputError(f"candidates are empty (shape {tuple(A.shape)})")
+
+    if b.dim() == 1:
+        b = b.reshape(-1, 1)
+    elif b.dim() != 2:
+        raise InputError(f"target must be (D,) or (D, m), got shape {tuple(b.shape)}")
+    if b.shape[0] != D:
+        raise InputError(f"target has D={b.shape[0]} but candidates have D={D}")
+    if b.shape[1] == 0:
+        raise InputError("target has no columns (m = 0)")
+    if b.device != A.device:
+        raise InputError(f"target is on {b.device} but candidates are on {A.device}")
+
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InputTypeError(f"k must be an integer, got {type(k).__name__}")
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
+    if k > N:
+        raise InputError(f"k={k} is larger than the pool (N={N} candidates)")
+
+    _check_finite(A, "candidates")
+    _check_finite(b, "target")
+    zero_cols = (b == 0).all(dim=0)
+    if bool(zero_cols.any()):
+        raise InputError(f"target column {int(zero_cols.nonzero()[0])} is all zero: nothing to match")
+
+    weights = None
+    if checkpoint_weights is not None:
+        w = torch.as_tensor(np.asarray(checkpoint_weights, dtype=np.float64)
+                            if not isinstance(checkpoint_weights, torch.Tensor)
+                            else checkpoint_weights.detach().cpu().to(torch.float64))
+        if w.dim() != 1 or w.shape[0] != T:
+            raise InputError(f"checkpoint_weights must have T={T} entries, got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise InputError("checkpoint_weights contain NaN or Inf")
+        if bool((w < 0).any()):
+            raise InputError("checkpoint_weights must be non-negative")
+        if bool((w == 0).all()):
+            raise InputError("checkpoint_weights are all zero")
+        weights = w
+
+    excl = torch.zeros(N, dtype=torch.bool, device=A.device)
+    if exclude is not None:
+        e = as_tensor(exclude, "exclude") if isinstance(exclude, (torch.Tensor, np.ndarray)) and \
+            getattr(exclude, "dtype", None) in (torch.bool, np.bool_) else None
+        if e is not None:
+            if e.shape != (N,):
+                raise InputError(f"exclude mask must have shape ({N},), got {tuple(e.shape)}")
+            excl |= e.to(A.device)
+        else:
+            idx = torch.as_tensor(np.asarray(exclude, dtype=np.int64).reshape(-1))
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= N):
+                raise InputError(f"exclude indices must lie in [0, {N})")
+            excl[idx.to(A.device)] = True
+    # All-zero rows carry no direction: never selectable.
+    excl |= _zero_rows(A)
+    return Problem(A, b, T, d, weights, excl)
+
+
+def _zero_rows(A: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
+    step = max(1, (1 << 24) // max(1, A.shape[1]))
+    for start in range(0, A.shape[0], step):
+        out[start : start + step] = (A[start : start + step] == 0).all(dim=1)
+    return out
