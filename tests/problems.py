@@ -1,0 +1,43 @@
+"""Random selection problems with known answers, shared by the pursuit tests."""
+from __future__ import annotations
+
+import torch
+
+
+def planted_problem(n: int, dim: int, k: int, seed: int, dtype=torch.float64, m: int = 1):
+    """Gaussian A (n, dim) and b = A_S^T w* with w* > 0 (well away from 0), |S| = k per target.
+
+    Returns A, B (dim, m), supports (list of index tensors), weights (list).
+    """
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    A /= A.norm(dim=1, keepdim=True)
+    cols, supports, weights = [], [], []
+    for _ in range(m):
+        S = torch.randperm(n, generator=g)[:k]
+        w = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
+        cols.append(A[S].T @ w)
+        supports.append(S)
+        weights.append(w)
+    return A.to(dtype), torch.stack(cols, dim=1).to(dtype), supports, weights
+
+
+def nnls_drop_problem(dtype=torch.float64):
+    """A problem where the NNLS step must drop an already-selected atom.
+
+    b lies in the cone of a1, a2; a3 = (a1 + a2) scaled up slightly along b is picked first
+    (highest correlation), and once a1 and a2 are in, a3's weight turns negative and NNLS
+    drops it.
+    """
+    g = torch.Generator().manual_seed(7)
+    dim = 12
+    e = torch.eye(dim, dtype=torch.float64)
+    a1, a2 = e[0], e[1]
+    b = 1.0 * a1 + 1.0 * a2
+    a3 = (a1 + a2) / (2 ** 0.5) + 0.3 * e[2]
+    a3 = a3 / a3.norm()
+    noise = torch.randn(40, dim, generator=g, dtype=torch.float64) * 0.05
+    noise[:, :3] = 0  # fillers orthogonal to b: never useful
+    noise += 0.2 * e[3]
+    A = torch.cat([torch.stack([a1, a2, a3]), noise / noise.norm(dim=1, keepdim=True)])
+    return A.to(dtype), b.to(dtype)

@@ -1,0 +1,168 @@
+"""The plain-PyTorch GTP reference and the baselines against SPEC's properties."""
+import numpy as np
+import pytest
+import torch
+
+import gtp_kernels as gk
+from gtp_kernels.selection.baselines import less_scores
+from gtp_kernels.validation import validate_problem
+from problems import nnls_drop_problem, planted_problem
+
+
+@pytest.mark.parametrize("n,dim,k", [(300, 120, 8), (1000, 64, 5), (97, 513, 20)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_support_recovered_exactly(n, dim, k, seed):
+    A, B, supports, weights = planted_problem(n, dim, k, seed)
+    sel = gk.select(A, B[:, 0], k, method="gtp-reference")
+    assert sorted(sel.indices.tolist()) == sorted(supports[0].tolist())
+    order = np.argsort(sel.indices)
+    expect = weights[0][torch.argsort(supports[0])].numpy()
+    np.testing.assert_allclose(sel.weights[order], expect, rtol=1e-8)
+    assert sel.relative_residual < 1e-10
+
+
+def test_duplicates_and_positive_multiples_never_selected_topk_selects_them():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(60, 40, generator=g, dtype=torch.float64)
+    b = base[:10].T @ (0.5 + torch.rand(10, generator=g, dtype=torch.float64))
+    # rows 60..62 duplicate / scale the target's strongest contributors
+    scores = base @ b / base.norm(dim=1)
+    top = torch.argsort(scores, descending=True)[:3]
+    A = torch.cat([base, base[top[0]][None], 3.0 * base[top[0]][None], 0.5 * base[top[1]][None]])
+    copies = {60: int(top[0]), 61: int(top[0]), 62: int(top[1])}
+    sel = gk.select(A, b, 10, method="gtp-reference")
+    chosen = set(sel.indices.tolist())
+    assert int(top[0]) in chosen or 60 in chosen or 61 in chosen  # the direction itself is used
+    for copy, original in copies.items():
+        assert not ({copy, original} <= chosen), f"both {original} and its multiple {copy} selected"
+    topk = set(gk.select(A, b, 10, method="topk").indices.tolist())
+    assert {60, 61, int(top[0])} <= topk  # exact direction ties at the top: top-k takes them all
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_non_increasing_and_weights_non_negative(dtype):
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(400, 90, generator=g).to(dtype)
+    b = torch.randn(90, generator=g).to(dtype) + A[:30].T.sum(dim=1) * 0.1
+    sel = gk.select(A, b, 40, method="gtp-reference")
+    hist = sel.residual_norms
+    slack = 1e-12 if dtype == torch.float64 else 1e-5
+    assert np.all(np.diff(hist) <= slack * hist[0])
+    assert np.all(sel.weights > 0)
+    assert len(set(sel.indices.tolist())) == len(sel.indices)
+
+
+def test_nnls_drops_an_atom_when_its_weight_turns_negative():
+    A, b = nnls_drop_problem()
+    sel = gk.select(A, b, 3, method="gtp-reference")
+    ts = sel.per_target[0]
+    assert ts.dropped == 1
+    assert sorted(sel.indices.tolist()) == [0, 1]
+    np.testing.assert_allclose(sel.weights, [1.0, 1.0], rtol=1e-10)
+    from scipy.optimize import nnls
+    w_ref, _ = nnls(A[[0, 1, 2]].numpy().T, b.numpy())
+    np.testing.assert_allclose(w_ref, [1.0, 1.0, 0.0], atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("n,dim,k", [(200, 80, 12), (120, 300, 30)])
+def test_matches_sklearn_orthogonal_mp_without_positivity(seed, n, dim, k):
+    sklearn_omp = pytest.importorskip("sklearn.linear_model").orthogonal_mp
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    A /= A.norm(dim=1, keepdim=True)  # sklearn's OMP assumes normalised atoms (columns of X)
+    b = torch.randn(dim, generator=g, dtype=torch.float64)
+    sel = gk.select(A, b, k, method="gtp-reference", positive=False, ridge=0.0, tol=0.0)
+    coef = sklearn_omp(A.numpy().T, b.numpy(), n_nonzero_coefs=k)
+    support = np.flatnonzero(coef)
+    assert sorted(sel.indices.tolist()) == support.tolist()
+    np.testing.assert_allclose(sel.weights, coef[sel.indices], rtol=1e-6, atol=1e-12)
+
+
+def _less_score_float64(A, B, T, lrs):
+    a = A.to(torch.float64).reshape(A.shape[0], T, -1)
+    bt = B.to(torch.float64).T.reshape(B.shape[1], T, -1)
+    w = torch.as_tensor(lrs, dtype=torch.float64) / sum(lrs)
+    score = torch.zeros(A.shape[0], B.shape[1], dtype=torch.float64)
+    for i in range(A.shape[0]):
+        for c in range(B.shape[1]):
+            for t in range(T):
+                score[i, c] += w[t] * torch.dot(a[i, t], bt[c, t]) / (a[i, t].norm() * bt[c, t].norm())
+    return score
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_topk_equals_direct_float64_less_score(reduce):
+    g = torch.Generator().manual_seed(11)
+    T, d, n, m = 3, 7, 50, 4
+    A = torch.randn(n, T * d, generator=g, dtype=torch.float32)
+    B = torch.randn(T * d, m, generator=g, dtype=torch.float32)
+    lrs = [3.0, 2.0, 1.0]
+    ref = _less_score_float64(A, B, T, lrs)
+    ref = ref.mean(1) if reduce == "mean" else ref.amax(1)
+    problem = validate_problem(A, B, 5, checkpoint_weights=lrs, num_checkpoints=T)
+    got = less_scores(problem, reduce, torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # float32 inputs, float64 maths
+    sel = gk.select(A.reshape(n, T, d), B, 10, method="topk", checkpoint_weights=lrs, topk_reduce=reduce)
+    assert sel.indices.tolist() == torch.argsort(ref, descending=True, stable=True)[:10].tolist()
+
+
+def test_zero_rows_and_excluded_rows_never_selected():
+    A, B, supports, _ = planted_problem(150, 60, 6, seed=4)
+    A = A.clone()
+    A[supports[0][0]] = 0.0
+    banned = int(supports[0][1])
+    for method in gk.METHODS:
+        sel = gk.select(A, B[:, 0], 6, method=method, exclude=[banned])
+        assert int(supports[0][0]) not in sel.indices.tolist(), method
+        assert banned not in sel.indices.tolist(), method
+
+
+def test_multi_target_pursues_each_target_independently():
+    A, B, supports, _ = planted_problem(300, 100, 7, seed=9, m=3)
+    sel = gk.select(A, B, 7, method="gtp-reference")
+    assert sel.num_targets == 3
+    for ts, S in zip(sel.per_target, supports):
+        assert sorted(ts.indices.tolist()) == sorted(S.tolist())
+    union = set().union(*[set(S.tolist()) for S in supports])
+    assert set(sel.indices.tolist()) == union
+    assert sel.residual_norms.shape[1] == 3
+
+
+def test_same_inputs_same_selection_and_random_is_seeded():
+    A, B, _, _ = planted_problem(200, 50, 5, seed=1, dtype=torch.float32)
+    noisy = B[:, 0] + 0.1 * torch.randn(50, generator=torch.Generator().manual_seed(0))
+    a1 = gk.select(A, noisy, 20).indices
+    a2 = gk.select(A.numpy(), noisy.numpy(), 20).indices
+    assert a1.tolist() == a2.tolist()
+    r1 = gk.select(A, noisy, 20, method="random", seed=3).indices
+    r2 = gk.select(A, noisy, 20, method="random", seed=3).indices
+    r3 = gk.select(A, noisy, 20, method="random", seed=4).indices
+    assert r1.tolist() == r2.tolist() and r1.tolist() != r3.tolist()
+
+
+def test_checkpoint_weights_define_the_matched_norm():
+    # Weighting checkpoint blocks by lr_t equals scaling them by sqrt(lr_t) without weights.
+    g = torch.Generator().manual_seed(2)
+    T, d = 3, 20
+    A = torch.randn(150, T * d, generator=g, dtype=torch.float64)
+    b = torch.randn(T * d, generator=g, dtype=torch.float64)
+    lrs = torch.tensor([4.0, 1.0, 0.25], dtype=torch.float64)
+    scale = lrs.sqrt().repeat_interleave(d)
+    weighted = gk.select(A, b, 15, checkpoint_weights=lrs, num_checkpoints=T)
+    scaled = gk.select(A * scale, b * scale, 15)
+    assert weighted.indices.tolist() == scaled.indices.tolist()
+    np.testing.assert_allclose(weighted.weights, scaled.weights, rtol=1e-9)
+
+
+def test_guards_align_threshold_and_stop_ratio():
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(300, 50, generator=g, dtype=torch.float64)
+    b = torch.randn(50, generator=g, dtype=torch.float64)
+    sel = gk.select(A, b, 60, align_threshold=0.0)
+    cos = (A @ b) / (A.norm(dim=1) * b.norm())
+    assert bool((cos[sel.indices] > 0).all())
+    assert sel.params["guard_excluded"] == int((cos <= 0).sum())
+    early = gk.select(A, b, 60, stop_ratio=0.5)
+    assert early.per_target[0].stopped_by == "guard"
+    assert len(early.indices) < 60
