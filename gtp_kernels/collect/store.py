@@ -178,8 +178,8 @@ class TrajectoryStoreWriter:
             self.manifest["shards"] = kept
             self.manifest["complete"] = len(kept) == spec.n_shards
         else:
-            if self.path.exists() and any(self.path.iterdir()):
-                raise StoreError(f"store {self.path}: folder exists, is not empty and has no {MANIFEST}")
+            if self.path.exists() and any(self.path.glob("shard-*.npy")):
+                raise StoreError(f"store {self.path}: holds shard files but no {MANIFEST} (not a store this code wrote)")
             self.path.mkdir(parents=True, exist_ok=True)
             self.manifest = {**spec.header(), "shards": [], "complete": False}
             self._save_manifest()

@@ -1,0 +1,346 @@
+"""The warm-up trajectory: brief training on a random share of the pool, T checkpoints saved.
+
+As in LESS, the model (LoRA through peft by default, full fine-tuning when ``lora=None``) is
+trained with AdamW (betas 0.9/0.999, eps 1e-8) under a linear schedule with warm-up on a random
+``fraction`` of the pool, and a checkpoint is saved at the end of each of ``epochs`` epochs.
+Checkpoint t records the average learning rate over its epoch, lr_t; the selection weighs
+checkpoint t by w_t = lr_t / sum_s lr_s.
+
+Folder written (and read back by :func:`load_checkpoints`)::
+
+    WARMUP/
+      warmup.json                 settings, task, label2id, LoRA config, warm-up example ids,
+                                  [{"name", "step", "epoch", "learning_rate"}] per checkpoint
+      checkpoint-<epoch>/
+        trainable.safetensors     every trainable parameter, named as in model.named_parameters()
+        optimizer.pt              {"exp_avg": {name: m}, "exp_avg_sq": {name: v}, "step": int}
+        adapter_model.safetensors + adapter_config.json   (LoRA: peft's own format, for reuse)
+
+Checkpoints from elsewhere: a folder of ``checkpoint-<step>`` sub-folders each holding a peft
+adapter (``adapter_model.safetensors``/``.bin``) and optionally an ``optimizer.pt`` (a torch
+optimizer ``state_dict`` whose states follow the trainable parameters' order, as the
+transformers Trainer writes) and ``trainer_state.json`` (learning rates from its log history);
+learning rates can also be given explicitly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import TokenizedExample, collate
+
+WARMUP_MANIFEST = "warmup.json"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (LESS: r=128, alpha=512 on q/k/v/o; small defaults suit small models)."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
+
+    def peft_config(self, task: str) -> Any:
+        from peft import LoraConfig, TaskType
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules) if self.target_modules else None,
+            task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        )
+
+
+@dataclass(frozen=True)
+class WarmupSettings:
+    """How the warm-up trains; ``epochs`` is the number of checkpoints T."""
+
+    fraction: float = 0.05
+    epochs: int = 4
+    learning_rate: float = 2e-5
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    lora: LoraSettings | None = field(default_factory=LoraSettings)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+
+
+@dataclass
+class Checkpoint:
+    """One warm-up checkpoint: where its weights and optimizer moments live, and its learning rate."""
+
+    name: str
+    path: str
+    learning_rate: float
+    step: int = 0
+    layout: str = "gtp"  # "gtp" (trainable.safetensors) or "peft" (an adapter folder)
+
+
+def wrap_for_training(model: torch.nn.Module, task: str, lora: LoraSettings | None) -> torch.nn.Module:
+    """Apply LoRA (trainable: adapters, plus the classifier head for classification) or leave
+    every parameter trainable for full fine-tuning."""
+    if lora is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora.peft_config(task))
+
+
+def _linear_schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def warmup_train(
+    model: torch.nn.Module,
+    examples: Sequence[TokenizedExample],
+    out_dir: str | os.PathLike,
+    task: str,
+    pad_token_id: int,
+    settings: WarmupSettings = WarmupSettings(),
+    label2id: dict[str, int] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> list[Checkpoint]:
+    """Train ``model`` (already wrapped by :func:`wrap_for_training`) on a random ``fraction`` of
+    ``examples`` and save one checkpoint per epoch into ``out_dir``; returns the checkpoints."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(settings.seed)
+    n_train = max(1, round(settings.fraction * len(examples)))
+    chosen = sorted(rng.sample(range(len(examples)), n_train))
+    train = [examples[i] for i in chosen]
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    warmup_steps = int(settings.warmup_ratio * total_steps)
+
+    model.to(device).train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _linear_schedule(s, total_steps, warmup_steps))
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    checkpoints: list[Checkpoint] = []
+    step = 0
+    bar = _progress(total_steps, "warm-up", progress)
+    for epoch in range(1, settings.epochs + 1):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        epoch_lrs = []
+        for start in range(0, len(order), settings.batch_size):
+            batch = collate([train[i] for i in order[start : start + settings.batch_size]], pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = _batch_loss(logits, batch["labels"], task)
+            epoch_lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        name = f"checkpoint-{epoch}"
+        folder = out / name
+        folder.mkdir(exist_ok=True)
+        save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, trainable)}, str(folder / "trainable.safetensors"))
+        state = optimizer.state_dict()["state"]
+        torch.save({
+            "exp_avg": {n: state[i]["exp_avg"].cpu() for i, n in enumerate(names)},
+            "exp_avg_sq": {n: state[i]["exp_avg_sq"].cpu() for i, n in enumerate(names)},
+            "step": step,
+        }, folder / "optimizer.pt")
+        if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+            model.save_pretrained(str(folder))
+        checkpoints.append(Checkpoint(name, str(folder), float(sum(epoch_lrs) / len(epoch_lrs)), step, "gtp"))
+    if bar is not None:
+        bar.close()
+    model.eval()
+    manifest = {
+        "task": task, "label2id": label2id, "settings": _settings_json(settings),
+        "warmup_example_ids": [t.id for t in train],
+        "checkpoints": [{"name": c.name, "step": c.step, "learning_rate": c.learning_rate} for c in checkpoints],
+    }
+    tmp = out / (WARMUP_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(tmp, out / WARMUP_MANIFEST)  # written last: its presence marks a finished warm-up
+    return checkpoints
+
+
+def _settings_json(settings: WarmupSettings) -> dict[str, Any]:
+    data = asdict(settings)
+    if data["lora"] is not None and data["lora"]["target_modules"] is not None:
+        data["lora"]["target_modules"] = list(data["lora"]["target_modules"])
+    return data
+
+
+def settings_from_json(data: dict[str, Any]) -> WarmupSettings:
+    lora = data.get("lora")
+    lora_settings = None
+    if lora is not None:
+        targets = lora.get("target_modules")
+        lora_settings = LoraSettings(lora["r"], lora["alpha"], lora["dropout"], tuple(targets) if targets else None)
+    return WarmupSettings(**{**{k: v for k, v in data.items() if k != "lora"}, "lora": lora_settings})
+
+
+def _batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Token-mean loss over the batch's targets (causal LM), class cross-entropy otherwise."""
+    if task == "causal_lm":
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+
+def _progress(total: int, description: str, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="batch", dynamic_ncols=True)
+
+
+def read_warmup_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(folder) / WARMUP_MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def load_checkpoints(folder: str | os.PathLike, learning_rates: Sequence[float] | None = None) -> list[Checkpoint]:
+    """Checkpoints in a warm-up folder written by :func:`warmup_train`, or ``checkpoint-<n>``
+    peft adapter folders (ordered by n); learning rates from ``warmup.json``,
+    ``trainer_state.json`` or ``learning_rates``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"checkpoints: folder {root} does not exist")
+    manifest = read_warmup_manifest(root)
+    if manifest is not None:
+        checkpoints = [Checkpoint(c["name"], str(root / c["name"]), float(c["learning_rate"]), int(c["step"]), "gtp") for c in manifest["checkpoints"]]
+    else:
+        found = []
+        for child in root.iterdir():
+            if child.is_dir() and child.name.startswith("checkpoint-") and child.name.split("-")[-1].isdigit():
+                if not any((child / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+                    raise ValueError(f"checkpoints: {child} has no adapter_model.safetensors/.bin (only peft adapter checkpoints are read)")
+                found.append((int(child.name.split("-")[-1]), child))
+        if not found:
+            raise ValueError(f"checkpoints: {root} has neither {WARMUP_MANIFEST} nor checkpoint-<n> folders")
+        checkpoints = []
+        previous_step = 0
+        for step, child in sorted(found):
+            checkpoints.append(Checkpoint(child.name, str(child), _trainer_state_lr(child, previous_step, step), step, "peft"))
+            previous_step = step
+    if learning_rates is not None:
+        if len(learning_rates) != len(checkpoints):
+            raise ValueError(f"learning_rates: {len(learning_rates)} values for {len(checkpoints)} checkpoints")
+        for checkpoint, lr in zip(checkpoints, learning_rates):
+            checkpoint.learning_rate = float(lr)
+    missing = [c.name for c in checkpoints if not (c.learning_rate > 0)]
+    if missing:
+        raise ValueError(f"checkpoints: no learning rate known for {missing}; pass learning_rates")
+    return checkpoints
+
+
+def _trainer_state_lr(folder: Path, after_step: int, up_to_step: int) -> float:
+    """Average logged learning rate over (after_step, up_to_step] from trainer_state.json; NaN if none."""
+    path = folder / "trainer_state.json"
+    if not path.is_file():
+        return float("nan")
+    history = json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h and after_step < h.get("step", 0) <= up_to_step]
+    return float(sum(lrs) / len(lrs)) if lrs else float("nan")
+
+
+def checkpoint_weights(checkpoints: Sequence[Checkpoint]) -> list[float]:
+    """w_t = lr_t / sum_s lr_s (LESS's weighting)."""
+    total = sum(c.learning_rate for c in checkpoints)
+    return [c.learning_rate / total for c in checkpoints]
+
+
+def load_trainable_state(checkpoint: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The values of ``model``'s trainable parameters at ``checkpoint`` (names as in the model)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if checkpoint.layout == "gtp":
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(checkpoint.path) / "trainable.safetensors"))
+    else:
+        state = _peft_adapter_state(checkpoint, model)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint.name}: no weights for {len(missing)} trainable parameter(s), e.g. {missing[0]!r} (model and checkpoint differ)")
+    reference = dict(model.named_parameters())
+    out = {}
+    for n in names:
+        if state[n].shape != reference[n].shape:
+            raise ValueError(f"checkpoint {checkpoint.name}: {n} has shape {tuple(state[n].shape)}, model has {tuple(reference[n].shape)}")
+        out[n] = state[n].to(device=reference[n].device, dtype=reference[n].dtype)
+    return out
+
+
+def _peft_adapter_state(checkpoint: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map a peft adapter file's keys onto the wrapped model's parameter names."""
+    from peft.utils import set_peft_model_state_dict
+
+    folder = Path(checkpoint.path)
+    file = folder / "adapter_model.safetensors"
+    if file.is_file():
+        from safetensors.torch import load_file
+
+        adapter = load_file(str(file))
+    else:
+        adapter = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    # Load into the model and read the values back: peft owns the key mapping; restore afterwards.
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    set_peft_model_state_dict(model, adapter)
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+    return {n: after[n] for n in names}
+
+
+def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(exp_avg, exp_avg_sq) per trainable parameter name from the checkpoint's optimizer.pt."""
+    path = Path(checkpoint.path) / "optimizer.pt"
+    if not path.is_file():
+        raise ValueError(f"checkpoint {checkpoint.name}: no optimizer.pt, so Adam-preconditioned gradients are impossible (use gradient_type='sgd')")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "exp_avg" in state and "exp_avg_sq" in state:
+        avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    elif "state" in state:  # torch optimizer state_dict: integer keys in trainable-parameter order
+        indexed = state["state"]
+        if len(indexed) != len(names):
+            raise ValueError(f"checkpoint {checkpoint.name}: optimizer state has {len(indexed)} entries for {len(names)} trainable parameters")
+        keys = sorted(indexed)
+        avg = {n: indexed[k]["exp_avg"] for n, k in zip(names, keys)}
+        avg_sq = {n: indexed[k]["exp_avg_sq"] for n, k in zip(names, keys)}
+    else:
+        raise ValueError(f"checkpoint {checkpoint.name}: optimizer.pt has neither exp_avg/exp_avg_sq nor a torch 'state'")
+    missing = [n for n in names if n not in avg]
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint.name}: optimizer state lacks {missing[0]!r}")
+    return {n: (avg[n], avg_sq[n]) for n in names}
+
+
+ModelFactory = Callable[[], torch.nn.Module]
