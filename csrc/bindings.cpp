@@ -1,0 +1,128 @@
+// Thin torch binding of the K3 least-squares update: checks, raw pointers, dispatch by device and
+// dtype. The math lives in lsq_update_core.h; the CUDA launch in lsq_update.cu (built only when
+// GTP_WITH_CUDA is defined, i.e. by setup.py's CUDAExtension).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#if defined(GTP_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "lsq_update.h"
+
+namespace {
+
+template <typename T, typename SizeT>
+gtp::LsqArgs<T, SizeT> make_args(torch::Tensor& L, torch::Tensor& size, torch::Tensor& support,
+                                 torch::Tensor& rhs, torch::Tensor& weights,
+                                 const torch::Tensor& new_atom, const torch::Tensor& gram_col,
+                                 const torch::Tensor& gram_diag, const torch::Tensor& rhs_new,
+                                 torch::Tensor& status, torch::Tensor& work, double lam,
+                                 bool positive, double dep_tol) {
+  gtp::LsqArgs<T, SizeT> a;
+  a.L = L.data_ptr<T>();
+  a.size = size.data_ptr<SizeT>();
+  a.support = support.data_ptr<int64_t>();
+  a.rhs = rhs.data_ptr<T>();
+  a.weights = weights.data_ptr<T>();
+  a.new_atom = new_atom.data_ptr<int64_t>();
+  a.gram_col = gram_col.data_ptr<T>();
+  a.gram_diag = gram_diag.data_ptr<T>();
+  a.rhs_new = rhs_new.data_ptr<T>();
+  a.status = status.data_ptr<int32_t>();
+  a.work = work.data_ptr<T>();
+  a.m = L.size(0);
+  a.k_max = L.size(1);
+  a.lam = static_cast<T>(lam);
+  a.dep_tol = static_cast<T>(dep_tol);
+  a.positive = positive;
+  return a;
+}
+
+template <typename T, typename SizeT>
+void run(const gtp::LsqArgs<T, SizeT>& a, const torch::Device& device) {
+  if (device.is_cpu()) {
+    const int64_t work_per_pursuit = a.k_max * a.k_max + 1;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / work_per_pursuit);
+    at::parallel_for(0, a.m, grain, [&](int64_t begin, int64_t end) {
+      gtp::lsq_update_cpu<T, SizeT>(a, begin, end);
+    });
+    return;
+  }
+#if defined(GTP_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(device);
+  void* stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const int err = gtp::lsq_update_cuda<T, SizeT>(a, stream);
+  TORCH_CHECK(err == 0, "gtp_kernels lsq_update: CUDA launch failed with error ", err);
+#else
+  TORCH_CHECK(false, "gtp_kernels._C was built without CUDA; lsq_update got tensors on ", device);
+#endif
+}
+
+torch::Tensor lsq_update(torch::Tensor L, torch::Tensor size, torch::Tensor support,
+                         torch::Tensor rhs, torch::Tensor weights, torch::Tensor new_atom,
+                         torch::Tensor gram_col, torch::Tensor gram_diag, torch::Tensor rhs_new,
+                         double lam, bool positive, double dep_tol) {
+  // gtp_kernels/ops/lsq.py validates with readable errors first; these guard direct calls.
+  TORCH_CHECK(L.dim() == 3 && L.size(1) == L.size(2), "L must be (m, k_max, k_max)");
+  const int64_t m = L.size(0), k = L.size(1);
+  const auto dev = L.device();
+  const auto dt = L.scalar_type();
+  TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kFloat64, "L must be float32 or float64");
+  auto check = [&](const torch::Tensor& x, const char* name, at::IntArrayRef shape,
+                   c10::optional<torch::ScalarType> want) {
+    TORCH_CHECK(x.device() == dev, name, " must be on ", dev);
+    TORCH_CHECK(x.sizes() == shape, name, " has shape ", x.sizes(), ", expected ", shape);
+    TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+    if (want) TORCH_CHECK(x.scalar_type() == *want, name, " has dtype ", x.scalar_type());
+  };
+  check(L, "L", {m, k, k}, dt);
+  check(size, "size", {m}, c10::nullopt);
+  TORCH_CHECK(size.scalar_type() == torch::kInt32 || size.scalar_type() == torch::kInt64,
+              "size must be int32 or int64");
+  check(support, "support", {m, k}, torch::kInt64);
+  check(rhs, "rhs", {m, k}, dt);
+  check(weights, "weights", {m, k}, dt);
+  check(new_atom, "new_atom", {m}, torch::kInt64);
+  check(gram_col, "gram_col", {m, k}, dt);
+  check(gram_diag, "gram_diag", {m}, dt);
+  check(rhs_new, "rhs_new", {m}, dt);
+
+  auto status = torch::empty({m}, torch::dtype(torch::kInt32).device(dev));
+  auto work = torch::empty({m, 2 * k}, L.options());
+  if (m == 0) return status;
+  AT_DISPATCH_FLOATING_TYPES(dt, "gtp_lsq_update", [&] {
+    if (size.scalar_type() == torch::kInt32) {
+      run(make_args<scalar_t, int32_t>(L, size, support, rhs, weights, new_atom, gram_col,
+                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol),
+          dev);
+    } else {
+      run(make_args<scalar_t, int64_t>(L, size, support, rhs, weights, new_atom, gram_col,
+                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol),
+          dev);
+    }
+  });
+  return status;
+}
+
+bool has_cuda() {
+#if defined(GTP_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "gtp_kernels compiled ops (K3 least-squares update)";
+  mod.def("lsq_update", &lsq_update,
+          "Batched Cholesky append + (non-negative) least-squares solve, in place; returns status",
+          py::arg("L"), py::arg("size"), py::arg("support"), py::arg("rhs"), py::arg("weights"),
+          py::arg("new_atom"), py::arg("gram_col"), py::arg("gram_diag"), py::arg("rhs_new"),
+          py::arg("lam"), py::arg("positive"), py::arg("dep_tol"));
+  mod.def("has_cuda", &has_cuda, "True when the CUDA kernel was compiled in");
+}

@@ -1,0 +1,312 @@
+"""K3: batched incremental (non-negative) least squares for pursuit, one call per iteration.
+
+Each of m pursuits keeps the lower Cholesky factor ``L`` of ``G_S + lam*I`` (``G_S``: Gram matrix of
+its selected atoms, in factor order), the support, the right-hand side ``A_S b`` and the weights.
+:func:`lsq_update` appends one atom per pursuit and re-solves:
+
+* append: ``y = L^{-1} g``, ``pivot^2 = (G_jj + lam) - ||y||^2``. If ``pivot^2 <= dep_tol*(G_jj+lam)``
+  (or it is not finite) the atom is numerically in the span of the support: ``STATUS_DEPENDENT``, the
+  state is left bit-for-bit unchanged. Otherwise ``L`` gains the row ``[y^T, pivot]``.
+* solve, ``positive=False``: ``w = L^{-T} L^{-1} rhs`` (ridge least squares on the support).
+* solve, ``positive=True``: Lawson-Hanson inner loop warm-started from the previous weights with the
+  new atom at weight 0. ``z`` = unconstrained solution on the support; if all ``z_i > 0``, ``w = z``;
+  else ``alpha = min_{z_i <= 0} w_i / (w_i - z_i)``, ``w += alpha (z - w)``, every atom whose weight is
+  now ``<= 0`` (the arg-min one always) leaves the factor, repeat. A removal is a Cholesky downdate
+  of the factor itself (no Gram matrix needed): the rows below the removed one are re-triangularised
+  by Givens rotations (compiled op) or a QR of the same block (torch fallback).
+
+Statuses are bit flags, one int32 per pursuit: ``APPENDED`` (pivot test passed), ``DEPENDENT``,
+``DROPPED`` (>= 1 atom removed by the NNLS step), ``NEW_DROPPED`` (the new atom itself was removed;
+always together with ``APPENDED | DROPPED``), ``INACTIVE`` (``new_atom[t] == -1``), ``FULL`` (the
+factor already holds ``k_max`` atoms; nothing done: a kernel cannot raise without a host sync).
+
+Backends: the compiled extension ``gtp_kernels._C`` (C++ CPU op, and a CUDA kernel with one thread
+block per pursuit and one launch per call, no host sync) and a pure-torch fallback with the same
+semantics (a Python loop over pursuits; used when the extension is absent, see
+:func:`extension_status`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+STATUS_APPENDED = 1
+STATUS_DEPENDENT = 2
+STATUS_DROPPED = 4
+STATUS_NEW_DROPPED = 8
+STATUS_INACTIVE = 16
+STATUS_FULL = 32
+
+#: Default relative pivot threshold by dtype: pivot^2 <= dep_tol * (G_jj + lam) means "dependent",
+#: i.e. the new atom's angle to the span of the support is below about sqrt(dep_tol) radians.
+DEFAULT_DEP_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+LsqBackend = Literal["auto", "ext", "torch"]
+
+try:
+    from gtp_kernels import _C  # type: ignore[attr-defined]
+
+    _EXT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001 - missing or broken build: fall back to torch
+    _C = None
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def extension_status() -> str:
+    """``"cpu+cuda"``, ``"cpu"`` (extension built without CUDA) or ``"unavailable: <reason>"``."""
+    if _C is None:
+        return f"unavailable: {_EXT_ERROR}"
+    return "cpu+cuda" if _C.has_cuda() else "cpu"
+
+
+@dataclass
+class LsqState:
+    """Batched factor state of m pursuits with capacity k_max each (plain tensors, one device).
+
+    Only ``L[t, :size[t], :size[t]]`` (lower triangle) is meaningful; outside it the op keeps ``L`` at
+    0, ``support`` at -1, ``rhs`` and ``weights`` at 0.
+    """
+
+    L: torch.Tensor  # (m, k_max, k_max) lower Cholesky factor of G_S + lam*I
+    size: torch.Tensor  # (m,) int32 or int64 support sizes
+    support: torch.Tensor  # (m, k_max) int64 atom indices in factor order, -1 beyond size
+    rhs: torch.Tensor  # (m, k_max) A_S b in factor order
+    weights: torch.Tensor  # (m, k_max) current weights, 0 beyond size
+
+    @property
+    def m(self) -> int:
+        return self.L.shape[0]
+
+    @property
+    def k_max(self) -> int:
+        return self.L.shape[1]
+
+    def clone(self) -> "LsqState":
+        return LsqState(*(t.clone() for t in (self.L, self.size, self.support, self.rhs, self.weights)))
+
+
+def lsq_init(
+    m: int, k_max: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
+) -> LsqState:
+    """Empty state for m pursuits of capacity k_max."""
+    if not isinstance(m, int) or m < 0:
+        raise ValueError(f"m must be a non-negative int, got {m!r}")
+    if not isinstance(k_max, int) or k_max < 1:
+        raise ValueError(f"k_max must be a positive int, got {k_max!r}")
+    if dtype not in DEFAULT_DEP_TOL:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return LsqState(
+        L=torch.zeros(m, k_max, k_max, dtype=dtype, device=device),
+        size=torch.zeros(m, dtype=torch.int64, device=device),
+        support=torch.full((m, k_max), -1, dtype=torch.int64, device=device),
+        rhs=torch.zeros(m, k_max, dtype=dtype, device=device),
+        weights=torch.zeros(m, k_max, dtype=dtype, device=device),
+    )
+
+
+def _validate(
+    state: LsqState,
+    new_atom: torch.Tensor,
+    gram_col: torch.Tensor,
+    gram_diag: torch.Tensor,
+    rhs_new: torch.Tensor,
+    lam: float,
+    dep_tol: float,
+) -> None:
+    L = state.L
+    if not isinstance(L, torch.Tensor) or L.dim() != 3 or L.shape[1] != L.shape[2]:
+        raise ValueError(f"state.L must be a (m, k_max, k_max) tensor, got shape {tuple(getattr(L, 'shape', ()))}")
+    if L.dtype not in DEFAULT_DEP_TOL:
+        raise TypeError(f"state.L must be float32 or float64, got {L.dtype}")
+    m, k = L.shape[0], L.shape[1]
+    expected = {
+        "state.size": (state.size, (m,), None),
+        "state.support": (state.support, (m, k), torch.int64),
+        "state.rhs": (state.rhs, (m, k), L.dtype),
+        "state.weights": (state.weights, (m, k), L.dtype),
+        "new_atom": (new_atom, (m,), torch.int64),
+        "gram_col": (gram_col, (m, k), L.dtype),
+        "gram_diag": (gram_diag, (m,), L.dtype),
+        "rhs_new": (rhs_new, (m,), L.dtype),
+    }
+    for name, (t, shape, dtype) in expected.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if dtype is not None and t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device != L.device:
+            raise ValueError(f"{name} is on {t.device} but state.L is on {L.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if not L.is_contiguous():
+        raise ValueError("state.L must be contiguous")
+    if state.size.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"state.size must be int32 or int64, got {state.size.dtype}")
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be finite and >= 0, got {lam}")
+    if not (math.isfinite(dep_tol) and dep_tol >= 0):
+        raise ValueError(f"dep_tol must be finite and >= 0, got {dep_tol}")
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "ext", "torch"):
+        raise ValueError(f"backend must be 'auto', 'ext' or 'torch', got {backend!r}")
+    ext_ok = _C is not None and (device.type == "cpu" or (device.type == "cuda" and _C.has_cuda()))
+    if backend == "auto":
+        return "ext" if ext_ok else "torch"
+    if backend == "ext" and not ext_ok:
+        raise RuntimeError(
+            f"backend='ext' on {device.type} tensors, but the extension is {extension_status()!r}"
+        )
+    return backend
+
+
+def lsq_update(
+    state: LsqState,
+    new_atom: torch.Tensor,
+    gram_col: torch.Tensor,
+    gram_diag: torch.Tensor,
+    rhs_new: torch.Tensor,
+    *,
+    lam: float = 0.0,
+    positive: bool = True,
+    dep_tol: float | None = None,
+    backend: LsqBackend = "auto",
+) -> torch.Tensor:
+    """Append one atom per pursuit and re-solve, in place on ``state``; returns int32 statuses (m,).
+
+    Args:
+        new_atom: (m,) int64 atom index per pursuit, -1 for a pursuit that sits this call out.
+        gram_col: (m, k_max); entry p is <a_{support[t, p]}, a_new> for p < size[t] (rest ignored).
+        gram_diag: (m,) <a_new, a_new>; ``lam`` is added inside.
+        rhs_new: (m,) <a_new, b_t>.
+        lam: ridge term of G_S + lam*I (must be the same on every call for a state).
+        positive: non-negative least squares (Lawson-Hanson) instead of plain least squares.
+        dep_tol: relative pivot threshold; ``None`` takes DEFAULT_DEP_TOL[dtype].
+        backend: "auto" (compiled op when built for the device, else torch), "ext" or "torch".
+    """
+    if dep_tol is None:
+        dep_tol = DEFAULT_DEP_TOL.get(state.L.dtype, 0.0)
+    lam = float(lam)
+    dep_tol = float(dep_tol)
+    _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
+    if _resolve(backend, state.L.device) == "ext":
+        return _C.lsq_update(
+            state.L, state.size, state.support, state.rhs, state.weights,
+            new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol,
+        )
+    return lsq_update_torch(
+        state, new_atom, gram_col, gram_diag, rhs_new, lam=lam, positive=positive, dep_tol=dep_tol
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure-torch fallback: the same algorithm, one pursuit at a time (host syncs; kept plain).
+
+
+def _tri_lower(L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L^{-1} x for lower-triangular L (n x n) and a vector x (n,)."""
+    if L.shape[0] == 0:
+        return x.clone()
+    return torch.linalg.solve_triangular(L, x[:, None], upper=False)[:, 0]
+
+
+def _tri_upper_t(L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L^{-T} x."""
+    if L.shape[0] == 0:
+        return x.clone()
+    return torch.linalg.solve_triangular(L.mT, x[:, None], upper=True)[:, 0]
+
+
+def _remove_position(L: torch.Tensor, n: int, p: int, rhs, w, support) -> None:
+    """Delete row/column p of the factor L[:n, :n] and entry p of the per-atom arrays, in place.
+
+    With row p deleted, the trailing rows M = L[p+1:n, p:n] satisfy M M^T = L33 L33^T + l32 l32^T,
+    so the new trailing factor is R^T from the QR decomposition M^T = Q R (signs fixed so the diagonal
+    is positive); the leading columns just move up one row.
+    """
+    if p < n - 1:
+        M = L[p + 1 : n, p:n]
+        R = torch.linalg.qr(M.mT, mode="r").R  # (n-p-1, n-p-1) upper
+        signs = torch.where(R.diagonal() < 0, -1.0, 1.0).to(R.dtype)
+        L[p : n - 1, :p] = L[p + 1 : n, :p].clone()
+        L[p : n - 1, p : n - 1] = (R.mT * signs[None, :]).tril()
+    L[n - 1, :n] = 0
+    L[:n, n - 1] = 0
+    for arr, fill in ((rhs, 0), (w, 0), (support, -1)):
+        arr[p : n - 1] = arr[p + 1 : n].clone()
+        arr[n - 1] = fill
+
+
+def lsq_update_torch(
+    state: LsqState,
+    new_atom: torch.Tensor,
+    gram_col: torch.Tensor,
+    gram_diag: torch.Tensor,
+    rhs_new: torch.Tensor,
+    *,
+    lam: float,
+    positive: bool,
+    dep_tol: float,
+) -> torch.Tensor:
+    """Pure-torch twin of the compiled op (inputs assumed validated)."""
+    m, k_max = state.m, state.k_max
+    status = torch.zeros(m, dtype=torch.int32)
+    atoms = new_atom.tolist()
+    sizes = state.size.tolist()
+    for t in range(m):
+        atom, n = atoms[t], sizes[t]
+        if atom < 0:
+            status[t] = STATUS_INACTIVE
+            continue
+        if n >= k_max:
+            status[t] = STATUS_FULL
+            continue
+        L, rhs, w, sup = state.L[t], state.rhs[t], state.weights[t], state.support[t]
+        y = _tri_lower(L[:n, :n], gram_col[t, :n])
+        diag = gram_diag[t] + lam
+        pivot2 = diag - torch.dot(y, y)
+        d, p2 = float(diag), float(pivot2)
+        if not (d > 0 and p2 > dep_tol * d and math.isfinite(p2)):
+            status[t] = STATUS_DEPENDENT
+            continue
+        L[n, :n] = y
+        L[n, n] = torch.sqrt(pivot2)
+        sup[n] = atom
+        rhs[n] = rhs_new[t]
+        w[n] = 0
+        st = STATUS_APPENDED
+        new_pos = n
+        n += 1
+        while True:
+            z = _tri_upper_t(L[:n, :n], _tri_lower(L[:n, :n], rhs[:n]))
+            if not positive:
+                w[:n] = z
+                break
+            nonpos = (z <= 0).nonzero().flatten()
+            if nonpos.numel() == 0:
+                w[:n] = z
+                break
+            wi, zi = w[nonpos], z[nonpos]
+            ratios = torch.where(wi > 0, wi / (wi - zi), torch.zeros_like(wi))
+            blocking = int(nonpos[torch.argmin(ratios)])  # argmin returns the first minimum
+            alpha = ratios.min()
+            w[:n] = w[:n] + alpha * (z - w[:n])
+            w[blocking] = 0
+            for p in reversed((~(w[:n] > 0)).nonzero().flatten().tolist()):
+                _remove_position(L, n, p, rhs, w, sup)
+                st |= STATUS_DROPPED
+                if p == new_pos:
+                    st |= STATUS_NEW_DROPPED
+                    new_pos = -1
+                elif p < new_pos:
+                    new_pos -= 1
+                n -= 1
+        state.size[t] = n
+        status[t] = st
+    return status.to(state.L.device)
