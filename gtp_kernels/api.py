@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from .selection.baselines import random_selection, topk_less
+from .selection.cosamp import gtp_cosamp
+from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
 from .validation import ArrayLike, InputError, Problem, validate_problem
@@ -145,13 +147,21 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(_REGISTRY)
 """Every selection method by name: ``{name: MethodSpec}`` (read-only)."""
 
 register_method(MethodSpec(
+    "gtp", gtp_pursuit,
+    "exact GTP pursuit on the fused kernels (cached correlations, batched targets): fastest exact",
+    exact=True))
+register_method(MethodSpec(
+    "gtp-cosamp", gtp_cosamp,
+    "GTP by compressive sampling: top-2k candidates per pass, pursuit on their Gram; a few passes",
+    exact=False))
+register_method(MethodSpec(
     "gtp-reference", gtp_reference,
     "GTP pursuit in plain PyTorch (a fresh torch.linalg solve per step): the reference", exact=True))
 register_method(MethodSpec(
     "topk", topk_less, "top-k by the LESS score (checkpoint-weighted cosine with the target)", exact=False))
 register_method(MethodSpec("random", random_selection, "uniformly random eligible rows (seeded)", exact=False))
 
-DEFAULT_METHOD = "gtp-reference"
+DEFAULT_METHOD = "gtp"
 
 
 def _progress_bar(enabled: bool, total: int, desc: str):

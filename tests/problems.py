@@ -25,15 +25,15 @@ def planted_problem(n: int, dim: int, k: int, seed: int, dtype=torch.float64, m:
 def nnls_drop_problem(dtype=torch.float64):
     """A problem where the NNLS step must drop an already-selected atom.
 
-    b lies in the cone of a1, a2; a3 = (a1 + a2) scaled up slightly along b is picked first
-    (highest correlation), and once a1 and a2 are in, a3's weight turns negative and NNLS
-    drops it.
+    a3 = (a1 + a2)/sqrt(2) + 0.3 e2 (normalised) is picked first (highest correlation with
+    b = a1 + a2 - 0.1 e2); once a1 and a2 are in, the unconstrained weight of a3 is clearly
+    negative (the target leans away from e2) and NNLS drops it.
     """
     g = torch.Generator().manual_seed(7)
     dim = 12
     e = torch.eye(dim, dtype=torch.float64)
     a1, a2 = e[0], e[1]
-    b = 1.0 * a1 + 1.0 * a2
+    b = 1.0 * a1 + 1.0 * a2 - 0.1 * e[2]
     a3 = (a1 + a2) / (2 ** 0.5) + 0.3 * e[2]
     a3 = a3 / a3.norm()
     noise = torch.randn(40, dim, generator=g, dtype=torch.float64) * 0.05
