@@ -1,0 +1,362 @@
+"""collect_trajectory: data + model -> warm-up checkpoints -> per-example gradients -> K1 -> store.
+
+For every example i and checkpoint t (weights theta_t, Adam moments m_t, v_t):
+
+    g_i(t)     per-example gradient of its loss at theta_t (batched, :mod:`.per_example`)
+    gbar_i(t)  = m_t' / sqrt(v_t' + eps)   ("adam", training candidates)   or g_i(t)   ("sgd", targets)
+    p_i(t)     = Pi_t gbar_i(t) in R^d      (K1 ``project``, parameter by parameter with global offsets,
+                                              so no concatenated P-vector is ever formed)
+    block_i(t) = c_t * p_i(t) / ||p_i(t)||   ("unit" normalisation; without it, c_t * p_i(t))
+
+with seed_t = seed + t ("per_checkpoint", the evolving subspace) or seed ("shared", as LESS),
+and c_t = sqrt(w_t), w_t = lr_t / sum_s lr_s, when ``apply_checkpoint_weights`` (else c_t = 1 and
+the weights are only recorded). Rows are written shard by shard (:mod:`.store`); an interrupted
+run resumes at the first missing shard. Candidates and targets must use the same checkpoints
+and projection: collect the pool first (it runs the warm-up into ``<out>/warmup``), then the
+targets with ``checkpoints=<pool store>/warmup`` and ``gradient_type="sgd"``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import ExampleFormat, as_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
+from .per_example import adam_precondition, per_example_gradients, trainable_parameters
+from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store
+from .warmup import (
+    Checkpoint, LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
+    load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
+)
+
+GRADIENT_TYPES = ("adam", "sgd")
+SEED_MODES = ("per_checkpoint", "shared")
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if dtype not in table:
+        raise ValueError(f"model_dtype must be one of {sorted(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_dtype: torch.dtype | None, seed: int) -> torch.nn.Module:
+    """A fresh base model each call (peft wrapping mutates it); random heads seeded identically."""
+    torch.manual_seed(seed)
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        kwargs: dict[str, Any] = {"dtype": model_dtype} if model_dtype is not None else {}
+        if task == "causal_lm":
+            built = AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
+        else:
+            id2label = {i: label for label, i in label2id.items()}
+            built = AutoModelForSequenceClassification.from_pretrained(
+                str(model), num_labels=len(label2id), id2label=id2label, label2id=label2id, **kwargs)
+    elif isinstance(model, torch.nn.Module):
+        built = copy.deepcopy(model)
+    elif callable(model):
+        built = model()
+    else:
+        raise TypeError(f"model must be a path, an nn.Module or a zero-argument factory, got {type(model).__name__}")
+    if model_dtype is not None:
+        built = built.to(model_dtype)
+    return built
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    if isinstance(model, torch.nn.Module):
+        return type(model).__name__
+    return getattr(model, "__name__", type(model).__name__)
+
+
+def collect_trajectory(
+    model: str | os.PathLike | torch.nn.Module | Callable[[], torch.nn.Module],
+    data: str | os.PathLike | Sequence[dict],
+    out: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    task: str = "causal_lm",
+    checkpoints: str | os.PathLike | None = None,
+    learning_rates: Sequence[float] | None = None,
+    warmup: WarmupSettings | None = None,
+    gradient_type: str = "adam",
+    d: int = 8192,
+    seed: int = 0,
+    seed_mode: str = "per_checkpoint",
+    kind: str = "rademacher",
+    normalise: bool = True,
+    apply_checkpoint_weights: bool = True,
+    dtype: str = "float32",
+    batch_size: int = 16,
+    shard_size: int = 1024,
+    max_length: int = 512,
+    fmt: ExampleFormat = ExampleFormat(),
+    device: str | torch.device = "auto",
+    model_dtype: str | torch.dtype | None = None,
+    vmap_chunk_size: int | None = None,
+    backend: str = "auto",
+    resume: bool = True,
+    progress: bool = True,
+    shards: Sequence[int] | None = None,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> TrajectoryStore:
+    """Collect the (N, T, d) gradient trajectory of ``data`` into the store folder ``out``.
+
+    Args:
+        model: a Hugging Face model folder (loaded offline), an ``nn.Module`` (deep-copied), or a
+            factory returning a fresh, identically initialised module.
+        data: a JSONL file or a list of dicts (fields: see :class:`ExampleFormat`).
+        tokenizer: defaults to ``AutoTokenizer.from_pretrained(model)`` for a folder.
+        task: 'causal_lm' or 'classification'.
+        checkpoints: an existing warm-up folder (ours, or ``checkpoint-<n>`` peft adapters); when
+            None, warm up on ``warmup.fraction`` of ``data`` into ``<out>/warmup`` (reused if done).
+        learning_rates: override the checkpoints' learning rates (one per checkpoint).
+        gradient_type: 'adam' (candidates, LESS) or 'sgd' (targets).
+        d, seed, seed_mode, kind: the projection (seed_t = seed + t, or seed for every t).
+        normalise: unit-normalise each (example, checkpoint) block (LESS does).
+        apply_checkpoint_weights: multiply block t by sqrt(w_t) in the store.
+        dtype: the store's dtype, 'float32' or 'float16'.
+        batch_size: examples per vmap'd backward; shard_size: rows per store shard.
+        shards: compute only these shard indices (split a collection across jobs); the returned
+            store is then possibly incomplete (opened with allow_incomplete).
+        on_shard_written: called with each shard index after it is durably written.
+    """
+    if task not in ("causal_lm", "classification"):
+        raise ValueError(f"task must be 'causal_lm' or 'classification', got {task!r}")
+    if gradient_type not in GRADIENT_TYPES:
+        raise ValueError(f"gradient_type must be one of {GRADIENT_TYPES}, got {gradient_type!r}")
+    if seed_mode not in SEED_MODES:
+        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+    if kind not in ("rademacher", "gaussian"):
+        raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
+    if d < 1 or batch_size < 1 or shard_size < 1:
+        raise ValueError("d, batch_size and shard_size must be positive")
+    from ..ops.project import project  # K1; imported here so the rest of collect works without it
+
+    out = Path(out)
+    device = _resolve_device(device)
+    model_dtype = _resolve_dtype(model_dtype)
+    if tokenizer is None:
+        if not isinstance(model, (str, os.PathLike)):
+            raise ValueError("tokenizer: required when model is not a model folder")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    examples = read_jsonl(data, fmt) if isinstance(data, (str, os.PathLike)) else as_examples(data, fmt)
+    if not examples:
+        raise ValueError("data: no examples")
+    pad_id = pad_token_id(tokenizer)
+
+    # Checkpoints: given, or a (possibly finished) warm-up of our own.
+    warmup_dir = Path(checkpoints) if checkpoints is not None else out / "warmup"
+    warm_manifest = read_warmup_manifest(warmup_dir) if warmup_dir.is_dir() else None
+    label2id = None
+    if task == "classification":
+        label2id = (warm_manifest or {}).get("label2id") or label_mapping(examples, fmt)
+    tokenized = tokenize_all(examples, tokenizer, task, fmt, max_length, label2id)
+    if warm_manifest is not None:
+        settings = settings_from_json(warm_manifest["settings"])
+        lora = settings.lora
+    elif checkpoints is not None:
+        settings, lora = None, (warmup or WarmupSettings()).lora  # peft adapters: LoRA settings are in the adapter
+    else:
+        settings = warmup or WarmupSettings()
+        lora = settings.lora
+        trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed), task, lora)
+        warmup_train(trainee, tokenized, warmup_dir, task, pad_id, settings, label2id, device, progress)
+        del trainee
+    ckpts = load_checkpoints(warmup_dir, learning_rates)
+
+    # The model whose forward is differentiated; each checkpoint's trainable values are passed in.
+    net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0)
+    if ckpts[0].layout == "peft":
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, ckpts[0].path, is_trainable=True)
+    else:
+        net = wrap_for_training(net, task, lora)
+    net.to(device).eval()
+    # vmap has no batching rule for the fused SDPA backward and would loop over examples.
+    if hasattr(net, "set_attn_implementation"):
+        try:
+            net.set_attn_implementation("eager")
+        except (ValueError, NotImplementedError):
+            pass
+    names = list(trainable_parameters(net))
+    states = [load_trainable_state(c, net) for c in ckpts]
+    moments = None
+    if gradient_type == "adam":
+        moments = [{n: (m.to(device, torch.float32).reshape(-1), v.to(device, torch.float32).reshape(-1))
+                    for n, (m, v) in load_adam_moments(c, names).items()} for c in ckpts]
+
+    t_count = len(ckpts)
+    weights = checkpoint_weights(ckpts)
+    scales = [math.sqrt(w) if apply_checkpoint_weights else 1.0 for w in weights]
+    seeds = [seed + t if seed_mode == "per_checkpoint" else seed for t in range(t_count)]
+    spec = StoreSpec(n=len(tokenized), t=t_count, d=d, example_ids=[x.id for x in tokenized], dtype=dtype, shard_size=shard_size, metadata={
+        "model": _model_name(model), "task": task, "label2id": label2id,
+        "checkpoints": [c.path for c in ckpts], "learning_rates": [c.learning_rate for c in ckpts],
+        "checkpoint_weights": weights, "weights_applied": apply_checkpoint_weights, "block_scales": scales,
+        "gradient_type": gradient_type, "normalisation": "unit" if normalise else "none",
+        "projection": {"kind": kind, "seed": seed, "seeds": seeds, "seed_mode": seed_mode, "d": d},
+        "trainable_parameters": int(sum(states[0][n].numel() for n in names)),
+        "max_length": max_length, "format": asdict(fmt),
+        "data": str(data) if isinstance(data, (str, os.PathLike)) else "in-memory records",
+    })
+    writer = TrajectoryStoreWriter(out, spec, resume=resume)
+    todo = writer.missing_shards()
+    if shards is not None:
+        wanted = set(int(s) for s in shards)
+        todo = [s for s in todo if s in wanted]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        done_rows = spec.n - sum(spec.shard_rows(s)[1] - spec.shard_rows(s)[0] for s in writer.missing_shards())
+        bar = tqdm(total=spec.n, initial=done_rows, desc=f"collect {gradient_type} T={t_count} d={d}", unit="ex", dynamic_ncols=True)
+    for shard in todo:
+        start, stop = spec.shard_rows(shard)
+        rows = torch.empty(stop - start, t_count, d, dtype=torch.float32, device=device)
+        for b0 in range(start, stop, batch_size):
+            b1 = min(stop, b0 + batch_size)
+            batch = {k: v.to(device) for k, v in collate(tokenized[b0:b1], pad_id).items()}
+            for t in range(t_count):
+                rows[b0 - start : b1 - start, t] = _project_checkpoint(
+                    net, batch, task, states[t], moments[t] if moments else None, names, project,
+                    d, seeds[t], kind, scales[t], normalise, vmap_chunk_size, backend)
+            if bar is not None:
+                bar.update(b1 - b0)
+        writer.write_shard(shard, rows.cpu().numpy())
+        if on_shard_written is not None:
+            on_shard_written(shard)
+    if bar is not None:
+        bar.close()
+    if writer.missing_shards():
+        return open_store(out, allow_incomplete=True)
+    return writer.finish()
+
+
+def _project_checkpoint(
+    net: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, state: dict[str, torch.Tensor],
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], project: Callable[..., torch.Tensor],
+    d: int, seed: int, kind: str, scale: float, normalise: bool, chunk_size: int | None, backend: str,
+) -> torch.Tensor:
+    """(B, d) block for one checkpoint: per-example gradients, Adam direction, K1 projection
+    parameter by parameter (global feature offsets), then normalisation and the block scale."""
+    grads = per_example_gradients(net, batch, task, params=state, chunk_size=chunk_size)
+    n_rows = batch["input_ids"].shape[0]
+    block = torch.zeros(n_rows, d, dtype=torch.float32, device=batch["input_ids"].device)
+    offset = 0
+    for name in names:
+        flat = grads[name].reshape(n_rows, -1)
+        if moments is not None:
+            exp_avg, exp_avg_sq = moments[name]
+            flat = adam_precondition(flat.float(), exp_avg, exp_avg_sq)
+        if flat.dtype == torch.float64:  # K1 takes fp32/fp16/bf16
+            flat = flat.float()
+        project(flat.contiguous(), d, seed, kind=kind, feature_offset=offset, out=block,
+                scale=1.0 if normalise else scale, backend=backend)
+        offset += flat.shape[1]
+    if normalise:
+        norms = block.norm(dim=1, keepdim=True)
+        block = torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float32).tiny), block) * scale
+    return block
+
+
+def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``gtp collect`` options (the CLI owner adds them to its sub-parser)."""
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (loaded offline)")
+    parser.add_argument("--data", required=True, help="JSON-lines file of examples")
+    parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    parser.add_argument("--task", choices=("causal_lm", "classification"), default="causal_lm")
+    parser.add_argument("--checkpoints", default=None, help="existing warm-up folder (default: warm up into OUT/warmup)")
+    parser.add_argument("--learning-rates", default=None, metavar="LR1,LR2,...", help="override the checkpoints' learning rates")
+    parser.add_argument("--gradient-type", choices=GRADIENT_TYPES, default="adam", help="adam: candidates (LESS); sgd: targets")
+    parser.add_argument("--d", type=int, default=8192, help="projected dimensions per checkpoint (default 8192)")
+    parser.add_argument("--seed", type=int, default=0, help="projection seed (checkpoint t uses seed+t unless --shared-seed)")
+    parser.add_argument("--shared-seed", action="store_true", help="one projection for every checkpoint (as LESS)")
+    parser.add_argument("--kind", choices=("rademacher", "gaussian"), default="rademacher")
+    parser.add_argument("--no-normalise", action="store_true", help="keep projected norms (default: unit-normalise each checkpoint block)")
+    parser.add_argument("--no-checkpoint-weights", action="store_true", help="record, but do not apply, sqrt(w_t) to the blocks")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="store dtype")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batched backward")
+    parser.add_argument("--vmap-chunk-size", type=int, default=None, help="bound memory: examples per vmap chunk")
+    parser.add_argument("--shard-size", type=int, default=1024, help="rows per store shard (the resume unit)")
+    parser.add_argument("--shards", default=None, metavar="I,J,...", help="compute only these shards (split across jobs)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model-dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
+    parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="projection kernel")
+    parser.add_argument("--warmup-fraction", type=float, default=0.05)
+    parser.add_argument("--warmup-epochs", type=int, default=4, help="T: checkpoints saved, one per epoch")
+    parser.add_argument("--warmup-lr", type=float, default=2e-5)
+    parser.add_argument("--warmup-batch-size", type=int, default=8)
+    parser.add_argument("--warmup-seed", type=int, default=0)
+    parser.add_argument("--full-finetune", action="store_true", help="warm up every parameter instead of LoRA")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-targets", default=None, metavar="q_proj,v_proj", help="modules to adapt (default: peft's)")
+    parser.add_argument("--id-field", default="id")
+    parser.add_argument("--messages-field", default="messages")
+    parser.add_argument("--prompt-field", default="instruction")
+    parser.add_argument("--response-field", default="response")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--no-resume", action="store_true", help="refuse to continue an existing store")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _csv(text: str | None, kind: Callable[[str], Any]) -> list[Any] | None:
+    return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
+
+
+def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
+    """Run :func:`collect_trajectory` from parsed ``add_collect_arguments`` options."""
+    tokenizer = None
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    lora = None if args.full_finetune else LoraSettings(
+        r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(_csv(args.lora_targets, str)) if args.lora_targets else None)
+    warmup = WarmupSettings(fraction=args.warmup_fraction, epochs=args.warmup_epochs, learning_rate=args.warmup_lr,
+                            batch_size=args.warmup_batch_size, seed=args.warmup_seed, lora=lora)
+    fmt = ExampleFormat(id_field=args.id_field, messages_field=args.messages_field, prompt_field=args.prompt_field,
+                        response_field=args.response_field, text_field=args.text_field, label_field=args.label_field,
+                        use_chat_template=not args.no_chat_template)
+    started = time.perf_counter()
+    store = collect_trajectory(
+        args.model, args.data, args.out, tokenizer=tokenizer, task=args.task, checkpoints=args.checkpoints,
+        learning_rates=_csv(args.learning_rates, float), warmup=warmup, gradient_type=args.gradient_type, d=args.d,
+        seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
+        normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
+        batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
+        model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
+        resume=not args.no_resume, progress=not args.quiet, shards=_csv(args.shards, int),
+    )
+    if not args.quiet:
+        state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"
+        print(f"store {store.path}: N={store.n} T={store.t} d={store.d} {store.dtype} {state} "
+              f"in {time.perf_counter() - started:.1f} s")
+    return store

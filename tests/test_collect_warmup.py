@@ -1,0 +1,82 @@
+"""Warm-up: T checkpoints with their learning rates, weights and Adam moments; foreign peft checkpoints."""
+import json
+
+import pytest
+import torch
+
+from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer
+from gtp_kernels.collect.data import as_examples, tokenize_all
+from gtp_kernels.collect.warmup import (
+    LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints, load_trainable_state,
+    warmup_train, wrap_for_training,
+)
+
+
+def _warm(tmp_path, lora=LoraSettings(r=4, alpha=8)):
+    tokenizer = tiny_tokenizer()
+    tokens = tokenize_all(as_examples(instruction_records(20)), tokenizer, "causal_lm")
+    settings = WarmupSettings(fraction=0.5, epochs=3, learning_rate=1e-2, batch_size=4, warmup_ratio=0.0, lora=lora)
+    model = wrap_for_training(tiny_llama(), "causal_lm", lora)
+    checkpoints = warmup_train(model, tokens, tmp_path / "warm", "causal_lm", 0, settings, progress=False)
+    return model, checkpoints
+
+
+def test_checkpoints_learning_rates_and_state(tmp_path):
+    model, checkpoints = _warm(tmp_path)
+    assert [c.name for c in checkpoints] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    # 10 examples, batch 4: 3 steps an epoch, 9 in all; linear decay lr*(9-s)/9 at step s.
+    want = [1e-2 * sum(9 - s for s in range(3 * e, 3 * e + 3)) / 27 for e in range(3)]
+    assert [c.learning_rate for c in checkpoints] == pytest.approx(want, rel=1e-12)
+    assert checkpoint_weights(checkpoints) == pytest.approx([w / sum(want) for w in want])
+    assert load_checkpoints(tmp_path / "warm")[2].learning_rate == checkpoints[2].learning_rate
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    last = load_trainable_state(checkpoints[2], model)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(last[n], p.detach(), rtol=0, atol=0)
+    first = load_trainable_state(checkpoints[0], model)
+    assert any(not torch.equal(first[n], last[n]) for n in names)
+    moments = load_adam_moments(checkpoints[2], names)
+    assert set(moments) == set(names)
+    assert all(v.min() >= 0 for _, v in moments.values()) and any(m.abs().max() > 0 for m, _ in moments.values())
+    manifest = json.loads((tmp_path / "warm" / "warmup.json").read_text())
+    assert len(manifest["warmup_example_ids"]) == 10
+
+
+def test_foreign_peft_checkpoint_folder(tmp_path):
+    """A transformers-Trainer-like folder: peft adapter, torch optimizer state_dict, trainer_state.json."""
+    model, checkpoints = _warm(tmp_path)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ours = torch.load(tmp_path / "warm" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    foreign = tmp_path / "trainer" / "checkpoint-9"
+    model.save_pretrained(str(foreign))
+    torch.save({"state": {i: {"step": torch.tensor(9.0), "exp_avg": ours["exp_avg"][n], "exp_avg_sq": ours["exp_avg_sq"][n]}
+                          for i, n in enumerate(names)}, "param_groups": [{"params": list(range(len(names)))}]},
+               foreign / "optimizer.pt")
+    (foreign / "trainer_state.json").write_text(json.dumps({"log_history": [
+        {"step": 3, "learning_rate": 5.0}, {"step": 6, "learning_rate": 3.0}, {"step": 9, "learning_rate": 1.0}]}))
+    (loaded,) = load_checkpoints(tmp_path / "trainer")
+    assert loaded.layout == "peft" and loaded.learning_rate == pytest.approx(3.0)
+    fresh = wrap_for_training(tiny_llama(), "causal_lm", LoraSettings(r=4, alpha=8))
+    state = load_trainable_state(loaded, fresh)
+    want = load_trainable_state(checkpoints[2], fresh)
+    for n in names:
+        torch.testing.assert_close(state[n], want[n], rtol=0, atol=0)
+    assert all(not torch.equal(p, state[n]) for n, p in fresh.named_parameters() if "lora_B" in n)  # fresh untouched
+    moments = load_adam_moments(loaded, names)
+    for n in names:
+        torch.testing.assert_close(moments[n][0], ours["exp_avg"][n])
+    with pytest.raises(ValueError, match="learning_rates"):
+        load_checkpoints(tmp_path / "trainer", learning_rates=[1.0, 2.0])
+
+
+def test_full_finetune_and_errors(tmp_path):
+    model, checkpoints = _warm(tmp_path, lora=None)
+    assert all(p.requires_grad for p in model.parameters())
+    state = load_trainable_state(checkpoints[0], model)
+    assert len(state) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoints(tmp_path / "nothing")
+    with pytest.raises(ValueError, match="fraction"):
+        WarmupSettings(fraction=0)
