@@ -35,7 +35,10 @@ float32 afterwards, z agrees bit for bit except when the float64 value falls wit
 float64 ulps of a float32 rounding boundary (probability ~1e-8 per entry); then z differs by one
 float32 ulp. Rademacher signs are integer-only and agree bit for bit everywhere.
 
-The counter's fourth word separates the Rademacher and Gaussian streams. The definition does not
+The counter's fourth word c3 is the *stream*: 0 Rademacher, 1 Gaussian, 2 and 3 the same kinds for
+the output-side factor Pi_out of the factored (Kronecker) projection of a linear layer, so that its
+two factors are independent even where their parameter indices coincide. (The formulas above show
+c3 for the plain streams 0 and 1.) The definition does not
 involve the block sizes, the batch size, the device or the number d of rows (a smaller d gives the
 leading rows of a larger one, up to the 1/sqrt(d) scale).
 
@@ -59,6 +62,7 @@ SIGNS_PER_CALL = 128  # Rademacher: 4 words x 32 bits
 NORMALS_PER_CALL = 4  # Gaussian: two Box-Muller pairs
 STREAM_RADEMACHER = 0
 STREAM_GAUSSIAN = 1
+STREAM_OUTPUT_FACTOR = 2  # added to the kind's stream for Pi_out of the factored projection
 TWO_PI = 2.0 * math.pi  # float64
 MAX_FEATURE_INDEX = 2**63 - 1
 KINDS = ("rademacher", "gaussian")
@@ -121,14 +125,15 @@ def _feature_counters(feature_start: int, n_features: int, device) -> tuple[torc
 
 
 def rademacher_signs(seed: int, feature_start: int, n_features: int, d: int,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
     """Signs s[j, p - feature_start] in {+1, -1} (float32, shape (d, n_features)) of the Rademacher Pi."""
     k0, k1 = seed_key(seed)
     n_calls = -(-d // SIGNS_PER_CALL)
     p_lo, p_hi = _feature_counters(feature_start, n_features, device)
     chunk = torch.arange(n_calls, dtype=torch.int64, device=device)
     words = philox4x32_10(p_lo[:, None], p_hi[:, None], chunk[None, :],
-                          torch.tensor(STREAM_RADEMACHER, device=device), k0, k1)
+                          torch.tensor(STREAM_RADEMACHER + STREAM_OUTPUT_FACTOR * output_factor,
+                                       device=device), k0, k1)
     words = torch.stack(words, dim=-1)  # (n, calls, 4): word w of call q
     shifts = torch.arange(32, dtype=torch.int64, device=device)
     bits = (words[..., None] >> shifts) & 1  # (n, calls, 4, 32): column 128 q + 32 w + b
@@ -137,14 +142,15 @@ def rademacher_signs(seed: int, feature_start: int, n_features: int, d: int,
 
 
 def gaussian_normals(seed: int, feature_start: int, n_features: int, d: int,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
+                     device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
     """Standard normals z[j, p - feature_start] (float32, shape (d, n_features)) of the Gaussian Pi."""
     k0, k1 = seed_key(seed)
     n_calls = -(-d // NORMALS_PER_CALL)
     p_lo, p_hi = _feature_counters(feature_start, n_features, device)
     quad = torch.arange(n_calls, dtype=torch.int64, device=device)
     w0, w1, w2, w3 = philox4x32_10(p_lo[:, None], p_hi[:, None], quad[None, :],
-                                   torch.tensor(STREAM_GAUSSIAN, device=device), k0, k1)
+                                   torch.tensor(STREAM_GAUSSIAN + STREAM_OUTPUT_FACTOR * output_factor,
+                                                  device=device), k0, k1)
     normals = []
     for x, y in ((w0, w1), (w2, w3)):
         u1 = (x.to(torch.float64) + 0.5) * 2.0**-32
@@ -157,12 +163,13 @@ def gaussian_normals(seed: int, feature_start: int, n_features: int, d: int,
 
 
 def unscaled_entries(kind: str, seed: int, feature_start: int, n_features: int, d: int,
-                     device: torch.device | str = "cpu") -> torch.Tensor:
-    """sqrt(d) * Pi[:, feature_start : feature_start + n_features] as float32 (exact: signs or z)."""
+                     device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
+    """sqrt(d) * Pi[:, feature_start : feature_start + n_features] as float32 (exact: signs or z);
+    ``output_factor`` selects the stream of Pi_out in the factored projection."""
     check_kind(kind)
     if kind == "rademacher":
-        return rademacher_signs(seed, feature_start, n_features, d, device)
-    return gaussian_normals(seed, feature_start, n_features, d, device)
+        return rademacher_signs(seed, feature_start, n_features, d, device, output_factor)
+    return gaussian_normals(seed, feature_start, n_features, d, device, output_factor)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,8 +187,6 @@ if triton is not None:
     _W0 = tl.constexpr(PHILOX_W0)
     _W1 = tl.constexpr(PHILOX_W1)
     _ROUNDS = tl.constexpr(PHILOX_ROUNDS)
-    _STREAM_RADEMACHER = tl.constexpr(STREAM_RADEMACHER)
-    _STREAM_GAUSSIAN = tl.constexpr(STREAM_GAUSSIAN)
     _TWO_PI = tl.constexpr(TWO_PI)
 
     @triton.jit
@@ -209,15 +214,16 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
-    def rademacher_sign_tile(k0, k1, features, col_start, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def rademacher_sign_tile(k0, k1, features, col_start, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                             STREAM: tl.constexpr):
         """Signs s[j, p] (+-1.0 float32) as a [BLOCK_P, BLOCK_D] tile: rows p = `features` (int64
         global indices), columns j = col_start + 0..BLOCK_D-1; col_start and BLOCK_D multiples of 128.
-        One Philox call per 128 entries."""
+        STREAM: the counter word c3 (0, or 2 for the output factor). One Philox call per 128 entries."""
         N_CALLS: tl.constexpr = BLOCK_D // 128
         lo, hi = _feature_counter_words(features, BLOCK_P, N_CALLS)
         chunk = (col_start // 128 + tl.arange(0, N_CALLS)).to(tl.uint32)
         chunk = tl.broadcast_to(chunk[None, :], (BLOCK_P, N_CALLS))
-        stream = tl.full((BLOCK_P, N_CALLS), _STREAM_RADEMACHER, tl.uint32)
+        stream = tl.full((BLOCK_P, N_CALLS), STREAM, tl.uint32)
         w0, w1, w2, w3 = philox4x32_10_tl(lo, hi, chunk, stream, k0, k1)
         # join(join(w0, w2), join(w1, w3)) has [.., m, i] = w_{2m+i}: flattening gives w0 w1 w2 w3.
         words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_P, N_CALLS * 4))
@@ -236,14 +242,15 @@ if triton is not None:
         return (radius * tl.cos(theta)).to(tl.float32), (radius * tl.sin(theta)).to(tl.float32)
 
     @triton.jit
-    def gaussian_normal_tile(k0, k1, features, col_start, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    def gaussian_normal_tile(k0, k1, features, col_start, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+                             STREAM: tl.constexpr):
         """Normals z[j, p] (float32) as a [BLOCK_P, BLOCK_D] tile (see rademacher_sign_tile);
-        col_start and BLOCK_D multiples of 4. One Philox call per 4 entries."""
+        col_start and BLOCK_D multiples of 4; STREAM 1 or 3. One Philox call per 4 entries."""
         N_CALLS: tl.constexpr = BLOCK_D // 4
         lo, hi = _feature_counter_words(features, BLOCK_P, N_CALLS)
         quad = (col_start // 4 + tl.arange(0, N_CALLS)).to(tl.uint32)
         quad = tl.broadcast_to(quad[None, :], (BLOCK_P, N_CALLS))
-        stream = tl.full((BLOCK_P, N_CALLS), _STREAM_GAUSSIAN, tl.uint32)
+        stream = tl.full((BLOCK_P, N_CALLS), STREAM, tl.uint32)
         w0, w1, w2, w3 = philox4x32_10_tl(lo, hi, quad, stream, k0, k1)
         # A Python float literal would be rounded to float32 by Triton: build 2*pi as float64 exactly.
         two_pi = tl.full((), _TWO_PI, tl.float64)

@@ -1,0 +1,394 @@
+"""K1: projected-gradient accumulation with the random projection generated in-kernel.
+
+    out[:, cols] += scale * grads @ Pi^T,      Pi[j, p] = f(seed, feature_offset + p, j)
+
+Pi (d x P) is never materialised: the Triton kernel generates each (BLOCK_P x BLOCK_D) tile of
+Pi^T in registers from the counter-based generator of ``gtp_kernels.ops.philox`` (see its
+docstring for the exact entry definition) and multiplies it into an fp32 accumulator with tl.dot.
+Because entries depend on the *global* parameter index (int64, no wrap-around below 2^63), the
+gradient of a model can be projected chunk by chunk (layer by layer, each with its offset) into
+the same output, and the sum equals the projection of the concatenated gradient.
+
+Kernel layout: grid (d tiles, batch tiles, P splits). Each program loops over its contiguous
+range of P, generating the Pi tile once per iteration for all BLOCK_B rows of its batch tile.
+Rademacher tiles are +-1 in the operand dtype (exact in bf16/fp16), and the accumulated result is
+multiplied by scale/sqrt(d) once at the end. Gaussian tiles (float32 normals) are split into a
+high and a low part in 16-bit operand dtypes (two MMAs) so the product keeps ~16 bits of each
+entry; fp32 grads use tl.dot with input_precision="tf32x3" on GPUs. Split-K over P is
+deterministic: with one split the program updates ``out`` directly; with several, each writes its
+partial sum into an fp32 workspace (splits x B x d) that is reduced in a fixed order afterwards
+(no atomics), so the same inputs on the same device always give the same bits.
+
+Under the Triton interpreter (TRITON_INTERPRET=1, CPU) operands are upcast to fp32 before tl.dot
+because its bf16 dot is wrong there.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gtp_kernels.ops import philox
+from gtp_kernels.ops._dispatch import interpreting, resolve_backend
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - triton missing: torch backend only
+    triton = None
+
+GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_GLOBAL_INDEX = 2**63 - 1
+# torch path: generate Pi for this many (column x feature) entries at a time
+_TORCH_BLOCK_ENTRIES = 1 << 22
+_WORKSPACE_LIMIT_BYTES = 1 << 30
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_grads(name: str, grads, ndim: int) -> torch.Tensor:
+    if not isinstance(grads, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(grads).__name__}")
+    if grads.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(grads.shape)}")
+    if grads.dtype not in GRAD_DTYPES:
+        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {grads.dtype}")
+    return grads
+
+
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def _check_offset(feature_offset, n_features: int) -> int:
+    _check_int("feature_offset", feature_offset, 0)
+    if feature_offset + n_features - 1 > MAX_GLOBAL_INDEX:
+        raise ValueError(f"feature_offset + n_features must stay below 2^63, got {feature_offset} + {n_features}")
+    return feature_offset
+
+
+def _output_view(out, out_columns, n_rows: int, n_cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, the (n_rows x n_cols) view of out that receives the projection)."""
+    if out_columns is None:
+        out_columns = slice(0, n_cols)
+    if not isinstance(out_columns, slice):
+        raise TypeError(f"out_columns must be a slice, got {type(out_columns).__name__}")
+    if out_columns.step not in (None, 1):
+        raise ValueError(f"out_columns must have step 1, got {out_columns.step}")
+    start = 0 if out_columns.start is None else out_columns.start
+    stop = start + n_cols if out_columns.stop is None else out_columns.stop
+    if not isinstance(start, int) or not isinstance(stop, int) or start < 0 or stop - start != n_cols:
+        raise ValueError(f"out_columns must select {n_cols} columns [start, start + {n_cols}), got {out_columns}")
+    if out is None:
+        out = torch.zeros(n_rows, stop, dtype=torch.float32, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32, got {out.dtype}")
+    if out.dim() != 2 or out.shape[0] != n_rows:
+        raise ValueError(f"out must have shape ({n_rows}, n_cols), got {tuple(out.shape)}")
+    if stop > out.shape[1]:
+        raise ValueError(f"out_columns {out_columns} exceed out's {out.shape[1]} columns")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+    return out, out[:, start:stop]
+
+
+# ------------------------------------------------------------------------------------------------
+# The projection matrix itself (tests, references, baselines)
+# ------------------------------------------------------------------------------------------------
+
+
+def _inv_sqrt(d: int) -> float:
+    return 1.0 / math.sqrt(d)
+
+
+def projection_matrix(d: int, n_features: int, seed: int, kind: str = "rademacher", feature_offset: int = 0,
+                      dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu",
+                      output_factor: bool = False) -> torch.Tensor:
+    """Dense Pi[:, feature_offset : feature_offset + n_features] (d x n_features) in ``dtype``.
+
+    Pi[j, p] = e[j, p] / sqrt(d) with e = +-1 (Rademacher) or the float32 normal z (Gaussian) of
+    ``gtp_kernels.ops.philox``; the product is formed in ``dtype`` as e * (1/sqrt(d) rounded to
+    dtype), which for float32 is exactly what the kernel applies to an identity input.
+    ``output_factor`` gives Pi_out of the factored linear-layer projection instead.
+    """
+    _check_int("d", d, 1)
+    _check_int("n_features", n_features, 0)
+    philox.check_seed(seed)
+    philox.check_kind(kind)
+    _check_offset(feature_offset, n_features)
+    entries = philox.unscaled_entries(kind, seed, feature_offset, n_features, d, device, output_factor)
+    return entries.to(dtype) * torch.tensor(_inv_sqrt(d), dtype=dtype, device=entries.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain-torch reference: generate Pi in blocks of features and multiply (any device)
+# ------------------------------------------------------------------------------------------------
+
+
+def _project_torch(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
+                   out_view: torch.Tensor, multiplier: float, output_factor: bool = False) -> None:
+    n_rows, n_features = grads.shape
+    block = max(1, _TORCH_BLOCK_ENTRIES // d)
+    acc = torch.zeros(n_rows, d, dtype=torch.float32, device=grads.device)
+    for start in range(0, n_features, block):
+        stop = min(n_features, start + block)
+        entries = philox.unscaled_entries(kind, seed, feature_offset + start, stop - start, d,
+                                          grads.device, output_factor)
+        acc += grads[:, start:stop].to(torch.float32) @ entries.T
+    out_view += acc * multiplier
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernel
+# ------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["feature_offset", "seed_lo", "seed_hi", "n_features", "p_per_split"])
+    def _project_kernel(
+        g_ptr, stride_gb, stride_gp, n_rows, n_features,
+        out_ptr, stride_ob, stride_od,  # out view (ACCUMULATE) or workspace (splits, B, d)
+        stride_ws, d, feature_offset, seed_lo, seed_hi, multiplier, p_per_split,
+        GAUSSIAN: tl.constexpr, STREAM: tl.constexpr, ACCUMULATE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_GAUSSIAN: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        pid_d = tl.program_id(0)
+        pid_b = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        k0 = seed_lo.to(tl.uint32)
+        k1 = seed_hi.to(tl.uint32)
+        rows = (pid_b * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+        col_start = pid_d * BLOCK_D
+        cols = col_start + tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        p_begin = pid_s.to(tl.int64) * p_per_split
+        p_end = tl.minimum(p_begin + p_per_split, n_features)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+        for p0 in range(p_begin, p_end, BLOCK_P):
+            feats = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+            g = tl.load(g_ptr + rows[:, None] * stride_gb + feats[None, :] * stride_gp,
+                        mask=row_ok[:, None] & (feats < p_end)[None, :], other=0.0)
+            g = g.to(DOT_DTYPE)
+            if GAUSSIAN:
+                z = philox.gaussian_normal_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P, BLOCK_D, STREAM)
+                if SPLIT_GAUSSIAN:
+                    # 16-bit operands: z = hi + lo (+ ~2^-17 z), two MMAs keep the entry accurate.
+                    z_hi = z.to(DOT_DTYPE)
+                    z_lo = (z - z_hi.to(tl.float32)).to(DOT_DTYPE)
+                    acc = tl.dot(g, z_hi, acc)
+                    acc = tl.dot(g, z_lo, acc)
+                else:
+                    acc = tl.dot(g, z.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+            else:
+                signs = philox.rademacher_sign_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P, BLOCK_D,
+                                                    STREAM)
+                if DOT_DTYPE == tl.float32:
+                    acc = tl.dot(g, signs, acc, input_precision=INPUT_PRECISION)
+                else:
+                    acc = tl.dot(g, signs.to(DOT_DTYPE), acc)  # +-1 is exact in bf16/fp16
+        mask = row_ok[:, None] & (cols < d)[None, :]
+        if ACCUMULATE:
+            ptrs = out_ptr + rows[:, None] * stride_ob + cols[None, :].to(tl.int64) * stride_od
+            current = tl.load(ptrs, mask=mask, other=0.0)
+            tl.store(ptrs, current + acc * multiplier, mask=mask)
+        else:
+            ptrs = out_ptr + pid_s.to(tl.int64) * stride_ws + rows[:, None] * stride_ob + cols[None, :] * stride_od
+            tl.store(ptrs, acc, mask=mask)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _launch_config(n_rows: int, n_features: int, d: int, gaussian: bool, device: torch.device,
+                   n_splits: int | None) -> dict:
+    if interpreting() and device.type != "cuda":
+        # Interpreter: one program at a time through numpy, so few, large programs.
+        block_b = min(64, max(16, _next_pow2(n_rows)))
+        block_d = min(256, max(128, _next_pow2(d)))
+        block_p = 128
+        warps, stages = 4, 1
+        default_splits = 1
+    else:
+        block_b = 64 if n_rows <= 64 else 128
+        block_d = 128
+        block_p = 32 if gaussian else 64
+        warps = 4 if block_b == 64 else 8
+        stages = 3
+        tiles = triton.cdiv(d, block_d) * triton.cdiv(n_rows, block_b)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(4 * sms, tiles)  # ~4 programs per SM keeps every SM busy
+        most = max(1, n_features // (8 * block_p))  # each split keeps >= 8 iterations
+        by_memory = max(1, _WORKSPACE_LIMIT_BYTES // (4 * n_rows * d))
+        default_splits = max(1, min(want, most, by_memory))
+    splits = default_splits if n_splits is None else max(1, int(n_splits))
+    p_per_split = triton.cdiv(triton.cdiv(max(n_features, 1), splits), block_p) * block_p
+    splits = triton.cdiv(max(n_features, 1), p_per_split)
+    return dict(block_b=block_b, block_d=block_d, block_p=block_p, warps=warps, stages=stages,
+                splits=splits, p_per_split=p_per_split)
+
+
+def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
+                    out_view: torch.Tensor, multiplier: float, output_factor: bool = False,
+                    n_splits: int | None = None) -> None:
+    """Triton path; ``n_splits`` overrides the split-K choice (tests use it to exercise both modes)."""
+    n_rows, n_features = grads.shape
+    gaussian = kind == "gaussian"
+    cfg = _launch_config(n_rows, n_features, d, gaussian, grads.device, n_splits)
+    on_gpu = grads.is_cuda and not interpreting()
+    if on_gpu:
+        dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[grads.dtype]
+        precision = "tf32x3"
+    else:
+        dot_dtype, precision = tl.float32, "ieee"
+    stream = (philox.STREAM_GAUSSIAN if gaussian else philox.STREAM_RADEMACHER) + \
+        philox.STREAM_OUTPUT_FACTOR * bool(output_factor)
+    seed_lo, seed_hi = philox.seed_key(seed)
+    grid = (triton.cdiv(d, cfg["block_d"]), triton.cdiv(n_rows, cfg["block_b"]), cfg["splits"])
+    common = dict(GAUSSIAN=gaussian, STREAM=stream, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                  SPLIT_GAUSSIAN=gaussian and dot_dtype != tl.float32, BLOCK_B=cfg["block_b"],
+                  BLOCK_D=cfg["block_d"], BLOCK_P=cfg["block_p"], num_warps=cfg["warps"],
+                  num_stages=cfg["stages"])
+    if cfg["splits"] == 1:
+        _project_kernel[grid](
+            grads, grads.stride(0), grads.stride(1), n_rows, n_features,
+            out_view, out_view.stride(0), out_view.stride(1),
+            0, d, feature_offset, seed_lo, seed_hi, multiplier, cfg["p_per_split"],
+            ACCUMULATE=True, **common)
+        return
+    workspace = torch.empty(cfg["splits"], n_rows, d, dtype=torch.float32, device=grads.device)
+    _project_kernel[grid](
+        grads, grads.stride(0), grads.stride(1), n_rows, n_features,
+        workspace, workspace.stride(1), workspace.stride(2),
+        workspace.stride(0), d, feature_offset, seed_lo, seed_hi, multiplier, cfg["p_per_split"],
+        ACCUMULATE=False, **common)
+    # Fixed-order reduction over the splits: deterministic, unlike atomics.
+    out_view += workspace.sum(dim=0).mul_(multiplier)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ops
+# ------------------------------------------------------------------------------------------------
+
+
+def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
+                  out_view: torch.Tensor, multiplier: float, backend: str, output_factor: bool = False) -> None:
+    if grads.shape[0] == 0 or grads.shape[1] == 0:
+        return
+    if resolve_backend(backend, grads, out_view) == "triton":
+        _project_triton(grads, d, seed, kind, feature_offset, out_view, multiplier, output_factor)
+    else:
+        _project_torch(grads, d, seed, kind, feature_offset, out_view, multiplier, output_factor)
+
+
+def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", feature_offset: int = 0,
+            out: torch.Tensor | None = None, out_columns: slice | None = None, scale: float = 1.0,
+            backend: str = "auto") -> torch.Tensor:
+    """out[:, out_columns] += scale * grads @ Pi^T and return out.
+
+    grads: (B, P) bfloat16/float16/float32, any strides. Pi (d x P):
+    Pi[j, p] = f(seed, feature_offset + p, j) / sqrt(d) as defined in ``gtp_kernels.ops.philox``
+    (Rademacher +-1 or Gaussian N(0, 1)), so Pi has entries +-1/sqrt(d) or N(0, 1/d).
+    feature_offset: global index of grads[:, 0] in the full parameter vector (0 <= it, and
+    feature_offset + P <= 2^63). out: float32 (B, n_cols), any strides, accumulated into;
+    allocated as zeros (B, out_columns.stop) if None. out_columns: the d columns receiving the
+    result, default slice(0, d). Accumulation is in float32.
+    backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" or "torch".
+    """
+    _check_grads("grads", grads, 2)
+    _check_int("d", d, 1)
+    philox.check_seed(seed)
+    philox.check_kind(kind)
+    _check_offset(feature_offset, grads.shape[1])
+    scale = _check_scale(scale)
+    out, out_view = _output_view(out, out_columns, grads.shape[0], d, grads.device)
+    _project_into(grads, d, seed, kind, feature_offset, out_view, scale * _inv_sqrt(d), backend)
+    return out
+
+
+def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in: int, d_out: int, seed: int,
+                            kind: str = "rademacher", feature_offset: int = 0,
+                            token_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                            out_columns: slice | None = None, scale: float = 1.0,
+                            backend: str = "auto") -> torch.Tensor:
+    """Projected per-example weight gradient of a linear layer y = W x, W (n_out x n_in), under
+    Pi = Pi_out (x) Pi_in, without forming per-example gradients:
+
+        out[i, cols] += scale * vec( sum_s m[i,s] (Pi_out delta_{i,s}) (Pi_in x_{i,s})^T )
+
+    inputs X (B, S, n_in), out_grads Delta (B, S, n_out), token_mask m (B, S) (True/1 = real token;
+    padding contributes nothing; None = all tokens). vec is row-major: entry k*d_in + l pairs row k of
+    Pi_out with row l of Pi_in, so with W flattened row-major (W[a, b] at global index
+    feature_offset + a*n_in + b) the result equals project() of the explicit per-example gradients
+    sum_s delta_s x_s^T with the materialised Kronecker matrix Pi_out (x) Pi_in.
+
+    The factors, both functions of (seed, feature_offset) only:
+      Pi_in  (d_in x n_in):  projection_matrix(d_in, n_in, seed, kind, feature_offset)
+      Pi_out (d_out x n_out): projection_matrix(d_out, n_out, seed, kind, feature_offset, output_factor=True)
+    i.e. column b of Pi_in / column a of Pi_out are generated at global index feature_offset + b /
+    feature_offset + a, Pi_out on its own Philox stream (counter word c3 + 2) so the two factors are
+    independent. Entries of the Kronecker matrix are +-1/sqrt(d_out d_in) (Rademacher) or products of
+    two independent N(0, 1/d) normals (Gaussian: not itself Gaussian, still a JL projection).
+    out receives d_out*d_in columns (default slice(0, d_out*d_in)).
+    """
+    _check_grads("inputs", inputs, 3)
+    _check_grads("out_grads", out_grads, 3)
+    if inputs.shape[:2] != out_grads.shape[:2]:
+        raise ValueError(f"inputs and out_grads must share (B, S), got {tuple(inputs.shape)} and "
+                         f"{tuple(out_grads.shape)}")
+    if inputs.device != out_grads.device:
+        raise ValueError(f"inputs ({inputs.device}) and out_grads ({out_grads.device}) must be on one device")
+    _check_int("d_in", d_in, 1)
+    _check_int("d_out", d_out, 1)
+    philox.check_seed(seed)
+    philox.check_kind(kind)
+    n_batch, n_tokens, n_in = inputs.shape
+    n_out = out_grads.shape[2]
+    _check_offset(feature_offset, n_in * n_out)
+    scale = _check_scale(scale)
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor):
+            raise TypeError(f"token_mask must be a torch.Tensor or None, got {type(token_mask).__name__}")
+        if tuple(token_mask.shape) != (n_batch, n_tokens):
+            raise ValueError(f"token_mask must have shape ({n_batch}, {n_tokens}), got {tuple(token_mask.shape)}")
+        if token_mask.device != inputs.device:
+            raise ValueError(f"token_mask is on {token_mask.device} but inputs are on {inputs.device}")
+    out, out_view = _output_view(out, out_columns, n_batch, d_out * d_in, inputs.device)
+    if n_batch == 0 or n_tokens == 0:
+        return out
+    # Project every token once on each side: (B*S, d_in) and (B*S, d_out), fp32, Pi scales included.
+    x_proj = torch.zeros(n_batch * n_tokens, d_in, dtype=torch.float32, device=inputs.device)
+    _project_into(inputs.reshape(n_batch * n_tokens, n_in), d_in, seed, kind, feature_offset, x_proj,
+                  _inv_sqrt(d_in), backend)
+    delta_proj = torch.zeros(n_batch * n_tokens, d_out, dtype=torch.float32, device=inputs.device)
+    _project_into(out_grads.reshape(n_batch * n_tokens, n_out), d_out, seed, kind, feature_offset, delta_proj,
+                  _inv_sqrt(d_out), backend, output_factor=True)
+    delta_proj = delta_proj.view(n_batch, n_tokens, d_out)
+    x_proj = x_proj.view(n_batch, n_tokens, d_in)
+    if token_mask is not None:
+        # where, not a product: padding may hold non-finite junk, and 0 * inf would leak NaN.
+        keep = token_mask.to(torch.bool)[:, :, None]
+        delta_proj = torch.where(keep, delta_proj, 0.0)
+        x_proj = torch.where(keep, x_proj, 0.0)
+    # sum_s (Pi_out delta_s)(Pi_in x_s)^T for every example: one batched (d_out x S) @ (S x d_in).
+    per_example = torch.bmm(delta_proj.transpose(1, 2), x_proj)
+    out_view += per_example.reshape(n_batch, d_out * d_in) * scale
+    return out
