@@ -1,0 +1,125 @@
+"""collect_trajectory end to end on tiny models: values, resume, targets, then selection."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from collect_tiny import classification_records, instruction_records, tiny_bert_classifier, tiny_llama, tiny_tokenizer, write_jsonl
+from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokenize_all
+from gtp_kernels.collect.per_example import adam_precondition, flatten_gradients, per_example_gradients_loop
+from gtp_kernels.collect.pipeline import collect_trajectory
+from gtp_kernels.collect.store import StoreError, open_store
+from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings, load_adam_moments, load_checkpoints, load_trainable_state, wrap_for_training
+from gtp_kernels.ops.project import projection_matrix
+
+LORA = LoraSettings(r=4, alpha=8)
+WARMUP = WarmupSettings(fraction=0.5, epochs=2, learning_rate=5e-3, batch_size=4, lora=LORA)
+COMMON = dict(d=48, batch_size=4, shard_size=10, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """A warmed-up pool store (the warm-up runs inside collect_trajectory)."""
+    root = tmp_path_factory.mktemp("pool")
+    data = write_jsonl(root / "pool.jsonl", instruction_records(23, seed=1))
+    tokenizer = tiny_tokenizer(chat_template=True)
+    store = collect_trajectory(tiny_llama, data, root / "store", tokenizer=tokenizer, warmup=WARMUP, **COMMON)
+    return root, data, tokenizer, store
+
+
+def test_store_matches_independent_computation(pool):
+    root, data, tokenizer, store = pool
+    assert (store.n, store.t, store.d) == (23, 2, 48) and store.ids[:2] == ["ex0", "ex1"]
+    meta = store.metadata
+    assert meta["gradient_type"] == "adam" and meta["projection"]["seeds"] == [0, 1] and store.weights_applied
+    assert store.selection_checkpoint_weights is None
+    weights = store.checkpoint_weights
+    assert sum(weights) == pytest.approx(1.0) and weights[0] > weights[1]  # linear decay: epoch 1 has larger lr
+    view = np.asarray(store.trajectory_view(), dtype=np.float64)
+    np.testing.assert_allclose(np.linalg.norm(view, axis=2), np.sqrt(weights)[None, :].repeat(23, 0), rtol=1e-5)
+
+    # Recompute rows 0, 11 and 22 from scratch: one backward per example, Adam formula, dense Pi.
+    checkpoints = load_checkpoints(root / "store" / "warmup")
+    model = wrap_for_training(tiny_llama(), "causal_lm", LORA).eval()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    tokens = tokenize_all(as_examples(instruction_records(23, seed=1)), tokenizer, "causal_lm")
+    batch = collate([tokens[i] for i in (0, 11, 22)], pad_token_id(tokenizer))
+    for t, checkpoint in enumerate(checkpoints):
+        with torch.no_grad():
+            for n, value in load_trainable_state(checkpoint, model).items():
+                dict(model.named_parameters())[n].copy_(value)
+        grads = per_example_gradients_loop(model, batch, "causal_lm")
+        moments = load_adam_moments(checkpoint, names)
+        directions = torch.cat([adam_precondition(grads[n].reshape(3, -1).double(), moments[n][0].reshape(-1).double(),
+                                                  moments[n][1].reshape(-1).double()) for n in names], dim=1)
+        pi = projection_matrix(48, directions.shape[1], seed=t, dtype=torch.float64)
+        projected = directions @ pi.T
+        want = projected / projected.norm(dim=1, keepdim=True) * math.sqrt(weights[t])
+        np.testing.assert_allclose(view[[0, 11, 22], t], want.numpy(), rtol=2e-4, atol=2e-5)
+
+
+def test_interrupted_collection_resumes_bit_for_bit(pool, tmp_path):
+    root, data, tokenizer, _ = pool
+    kwargs = dict(tokenizer=tokenizer, checkpoints=root / "store" / "warmup", **COMMON)
+    full = collect_trajectory(tiny_llama, data, tmp_path / "full", **kwargs)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(shard):
+        raise Crash(f"injected failure after shard {shard}")
+
+    with pytest.raises(Crash):
+        collect_trajectory(tiny_llama, data, tmp_path / "part", on_shard_written=crash_after_first, **kwargs)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(tmp_path / "part")
+    resumed = collect_trajectory(tiny_llama, data, tmp_path / "part", **kwargs)
+    for name in ["manifest.json"] + [s["file"] for s in full.manifest["shards"]]:
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+    assert resumed.manifest == full.manifest
+    with pytest.raises(StoreError, match="differs"):
+        collect_trajectory(tiny_llama, data, tmp_path / "part", **{**kwargs, "d": 32})
+
+
+def test_targets_then_select_writes_examples(pool, tmp_path):
+    from gtp_kernels import select
+
+    root, data, tokenizer, store = pool
+    targets = write_jsonl(tmp_path / "val.jsonl", instruction_records(5, seed=9))
+    val = collect_trajectory(tiny_llama, targets, tmp_path / "val", tokenizer=tokenizer,
+                             checkpoints=root / "store" / "warmup", gradient_type="sgd", **COMMON)
+    assert val.metadata["gradient_type"] == "sgd" and val.metadata["checkpoints"] == store.metadata["checkpoints"]
+    k = 4
+    selection = select(store.candidates(), val.mean(), k, checkpoint_weights=store.selection_checkpoint_weights)
+    chosen = [store.ids[i] for i in selection.indices.tolist()]
+    assert 1 <= len(chosen) <= k and len(set(chosen)) == len(chosen)
+    residuals = np.asarray(selection.residual_norms)
+    assert residuals[-1] < residuals[0]
+    records = {json.loads(line)["id"]: json.loads(line) for line in open(data)}
+    out = tmp_path / "selected.jsonl"
+    write_jsonl(out, [records[i] for i in chosen])
+    assert [json.loads(line)["id"] for line in open(out)] == chosen
+
+
+def test_classification_full_finetune_shared_seed(tmp_path):
+    tokenizer = tiny_tokenizer(bert_style=True)
+    records = classification_records(12, seed=4)
+    warmup = WarmupSettings(fraction=0.5, epochs=2, learning_rate=1e-3, batch_size=3, lora=None)
+    store = collect_trajectory(tiny_bert_classifier, records, tmp_path / "cls", tokenizer=tokenizer, task="classification",
+                               warmup=warmup, seed_mode="shared", seed=7, normalise=False, apply_checkpoint_weights=False,
+                               dtype="float16", **{**COMMON, "d": 16})
+    assert store.dtype == np.float16 and store.metadata["projection"]["seeds"] == [7, 7]
+    assert store.metadata["label2id"] == {"blue": 0, "green": 1, "red": 2}
+    assert store.selection_checkpoint_weights == store.checkpoint_weights
+    assert np.isfinite(store.candidates()).all() and np.abs(store.candidates()).max() > 0
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="gradient_type"):
+        collect_trajectory(tiny_llama, [], tmp_path / "x", tokenizer=tiny_tokenizer(), gradient_type="sign")
+    with pytest.raises(ValueError, match="no examples"):
+        collect_trajectory(tiny_llama, [], tmp_path / "x", tokenizer=tiny_tokenizer())
+    with pytest.raises(ValueError, match="tokenizer"):
+        collect_trajectory(tiny_llama, [{"text": "a"}], tmp_path / "x")
