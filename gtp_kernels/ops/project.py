@@ -14,8 +14,8 @@ range of P, generating the Pi tile once per iteration for all BLOCK_B rows of it
 Rademacher tiles are +-1 in the operand dtype (exact in bf16/fp16), and the accumulated result is
 multiplied by scale/sqrt(d) once at the end. Gaussian tiles (float32 normals) are split into a
 high and a low part in 16-bit operand dtypes (two MMAs) so the product keeps ~16 bits of each
-entry; fp32 grads use tl.dot with input_precision="tf32x3" on GPUs. Split-K over P is
-deterministic: with one split the program updates ``out`` directly; with several, each writes its
+entry; on GPUs fp32 grads use tl.dot with input_precision="tf32x3" (Rademacher) or "ieee"
+(Gaussian). Split-K over P is deterministic: with one split the program updates ``out`` directly; with several, each writes its
 partial sum into an fp32 workspace (splits x B x d) that is reduced in a fixed order afterwards
 (no atomics), so the same inputs on the same device always give the same bits.
 
@@ -256,7 +256,9 @@ def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_o
     on_gpu = grads.is_cuda and not interpreting()
     if on_gpu:
         dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[grads.dtype]
-        precision = "tf32x3"
+        # tf32x3 is exact for +-1 and keeps ~fp32 accuracy of the grads; Gaussian entries have 24
+        # significant bits that a tf32 split would round, so fp32 Gaussian uses the plain fp32 dot.
+        precision = "ieee" if gaussian else "tf32x3"
     else:
         dot_dtype, precision = tl.float32, "ieee"
     stream = (philox.STREAM_GAUSSIAN if gaussian else philox.STREAM_RADEMACHER) + \
