@@ -439,6 +439,11 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised buffer every element of which the kernel writes (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -530,7 +535,7 @@ def candidate_scores_triton(candidates, columns, *, row_scale=None,
     _check_candidates(candidates)
     X = _check_columns("columns", columns, candidates)
     row_scale = _check_row_scale(row_scale, candidates)
-    out = torch.empty(candidates.shape[0], X.shape[1], dtype=torch.float32, device=candidates.device)
+    out = _new_output((candidates.shape[0], X.shape[1]), torch.float32, candidates.device)
     if candidates.shape[0] > 0:
         _launch_scores(candidates, X, row_scale, out, config or _default_config(candidates))
     return out
@@ -589,7 +594,7 @@ def correlate_topk_triton(candidates, residuals, m_top: int = 1, *, exclude=None
     op = _pack_residuals(R, A.dtype, cb)
     num_blocks = triton.cdiv(n, config.block_n)
     programs = _num_programs(A, num_blocks, config)
-    part = torch.empty(programs, m_top, m, dtype=torch.int64, device=A.device)
+    part = _new_output((programs, m_top, m), torch.int64, A.device)
     ex, stride_en, stride_em = _exclude_strides(exclude)
     dummy = part
     _correlate_topk_partial_kernel[(programs, op.tiles)](
@@ -612,7 +617,7 @@ def _correlate_topk_chunked(A, R, m_top, exclude, row_scale, absolute, config,
     n, m = A.shape[0], R.shape[1]
     step = max(m_top, chunk_elements // m)
     step = -(-step // config.block_n) * config.block_n
-    buf = torch.empty(min(n, step), m, dtype=torch.float32, device=A.device)
+    buf = _new_output((min(n, step), m), torch.float32, A.device)
     best = torch.empty(0, m, dtype=torch.int64, device=A.device)
     for start in range(0, n, step):
         stop = min(n, start + step)
