@@ -79,6 +79,9 @@ def test_interrupted_collection_resumes_bit_for_bit(pool, tmp_path):
     for name in ["manifest.json"] + [s["file"] for s in full.manifest["shards"]]:
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
     assert resumed.manifest == full.manifest
+    # The in-kernel-generation path (no cached Pi) gives the same rows up to float32 rounding.
+    uncached = collect_trajectory(tiny_llama, data, tmp_path / "uncached", projection_cache_mb=0, shards=[1], **kwargs)
+    np.testing.assert_allclose(list(uncached.iter_shards())[0][2], list(full.iter_shards())[1][2], rtol=1e-4, atol=1e-6)
     with pytest.raises(StoreError, match="differs"):
         collect_trajectory(tiny_llama, data, tmp_path / "part", **{**kwargs, "d": 32})
 

@@ -114,6 +114,7 @@ def collect_trajectory(
     model_dtype: str | torch.dtype | None = None,
     vmap_chunk_size: int | None = None,
     backend: str = "auto",
+    projection_cache_mb: float = 1024.0,
     resume: bool = True,
     progress: bool = True,
     shards: Sequence[int] | None = None,
@@ -136,6 +137,11 @@ def collect_trajectory(
         apply_checkpoint_weights: multiply block t by sqrt(w_t) in the store.
         dtype: the store's dtype, 'float32' or 'float16'.
         batch_size: examples per vmap'd backward; shard_size: rows per store shard.
+        backend: K1 backend ("auto": the Triton kernel on CUDA, the torch path on CPU).
+        projection_cache_mb: on the torch (CPU) path, regenerating Pi for every batch dominates
+            the cost, so each checkpoint's Pi (P x d float32 per distinct seed) is materialised
+            once with ``projection_matrix`` when it fits in this many MiB (0: never). The Triton
+            path always generates Pi in-kernel.
         shards: compute only these shard indices (split a collection across jobs); the returned
             store is then possibly incomplete (opened with allow_incomplete).
         on_shard_written: called with each shard index after it is durably written.
@@ -223,6 +229,8 @@ def collect_trajectory(
         "data": str(data) if isinstance(data, (str, os.PathLike)) else "in-memory records",
     })
     writer = TrajectoryStoreWriter(out, spec, resume=resume)
+    projector = _Projector(project, names, {n: states[0][n].numel() for n in names}, d, kind, backend, device,
+                           sorted(set(seeds)), projection_cache_mb)
     todo = writer.missing_shards()
     if shards is not None:
         wanted = set(int(s) for s in shards)
@@ -241,8 +249,8 @@ def collect_trajectory(
             batch = {k: v.to(device) for k, v in collate(tokenized[b0:b1], pad_id).items()}
             for t in range(t_count):
                 rows[b0 - start : b1 - start, t] = _project_checkpoint(
-                    net, batch, task, states[t], moments[t] if moments else None, names, project,
-                    d, seeds[t], kind, scales[t], normalise, vmap_chunk_size, backend)
+                    net, batch, task, states[t], moments[t] if moments else None, names, projector,
+                    d, seeds[t], scales[t], normalise, vmap_chunk_size)
             if bar is not None:
                 bar.update(b1 - b0)
         writer.write_shard(shard, rows.cpu().numpy())
@@ -257,15 +265,14 @@ def collect_trajectory(
 
 def _project_checkpoint(
     net: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, state: dict[str, torch.Tensor],
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], project: Callable[..., torch.Tensor],
-    d: int, seed: int, kind: str, scale: float, normalise: bool, chunk_size: int | None, backend: str,
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], projector: "_Projector",
+    d: int, seed: int, scale: float, normalise: bool, chunk_size: int | None,
 ) -> torch.Tensor:
     """(B, d) block for one checkpoint: per-example gradients, Adam direction, K1 projection
     parameter by parameter (global feature offsets), then normalisation and the block scale."""
     grads = per_example_gradients(net, batch, task, params=state, chunk_size=chunk_size)
     n_rows = batch["input_ids"].shape[0]
     block = torch.zeros(n_rows, d, dtype=torch.float32, device=batch["input_ids"].device)
-    offset = 0
     for name in names:
         flat = grads[name].reshape(n_rows, -1)
         if moments is not None:
@@ -273,13 +280,44 @@ def _project_checkpoint(
             flat = adam_precondition(flat.float(), exp_avg, exp_avg_sq)
         if flat.dtype == torch.float64:  # K1 takes fp32/fp16/bf16
             flat = flat.float()
-        project(flat.contiguous(), d, seed, kind=kind, feature_offset=offset, out=block,
-                scale=1.0 if normalise else scale, backend=backend)
-        offset += flat.shape[1]
+        projector(flat.contiguous(), name, seed, block, 1.0 if normalise else scale)
     if normalise:
         norms = block.norm(dim=1, keepdim=True)
         block = torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float32).tiny), block) * scale
     return block
+
+
+class _Projector:
+    """K1 for one parameter at its global feature offset: ``project`` (in-kernel Pi), or on the
+    torch path a cached dense ``projection_matrix`` (same Pi entries) when it fits the budget."""
+
+    def __init__(self, project: Callable[..., torch.Tensor], names: Sequence[str], sizes: dict[str, int], d: int,
+                 kind: str, backend: str, device: torch.device, seeds: Sequence[int], cache_mb: float):
+        from ..ops._dispatch import resolve_backend
+        from ..ops.project import projection_matrix
+
+        self.project, self.d, self.kind, self.backend = project, d, kind, backend
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name in names:
+            self.offsets[name] = offset
+            offset += sizes[name]
+        self.cache: dict[tuple[int, str], torch.Tensor] = {}
+        probe = torch.empty(0, device=device)
+        cache_bytes = len(seeds) * offset * d * 4
+        if resolve_backend(backend, probe) == "torch" and cache_bytes <= cache_mb * 2**20:
+            for seed in seeds:
+                for name in names:
+                    self.cache[(seed, name)] = projection_matrix(
+                        d, sizes[name], seed, kind, self.offsets[name], dtype=torch.float32, device=device).T.contiguous()
+
+    def __call__(self, flat: torch.Tensor, name: str, seed: int, block: torch.Tensor, scale: float) -> None:
+        cached = self.cache.get((seed, name))
+        if cached is not None:
+            block.addmm_(flat.float(), cached, alpha=scale)
+        else:
+            self.project(flat, self.d, seed, kind=self.kind, feature_offset=self.offsets[name], out=block,
+                         scale=scale, backend=self.backend)
 
 
 def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,6 +345,8 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model-dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
     parser.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto", help="projection kernel")
+    parser.add_argument("--projection-cache-mb", type=float, default=1024.0,
+                        help="CPU path: materialise Pi once if it fits in this many MiB (default 1024; 0 = never)")
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=int, default=4, help="T: checkpoints saved, one per epoch")
     parser.add_argument("--warmup-lr", type=float, default=2e-5)
@@ -353,6 +393,7 @@ def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
         normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
         batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
         model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
+        projection_cache_mb=args.projection_cache_mb,
         resume=not args.no_resume, progress=not args.quiet, shards=_csv(args.shards, int),
     )
     if not args.quiet:
