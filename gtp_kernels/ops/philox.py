@@ -124,33 +124,51 @@ def _feature_counters(feature_start: int, n_features: int, device) -> tuple[torc
     return p & MASK32, p >> 32
 
 
-def rademacher_signs(seed: int, feature_start: int, n_features: int, d: int,
-                     device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
-    """Signs s[j, p - feature_start] in {+1, -1} (float32, shape (d, n_features)) of the Rademacher Pi."""
+_BYTE_SIGNS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_sign_table(device: torch.device) -> torch.Tensor:
+    """(256, 8) float32: row v holds 1 - 2 * bit k of v for k = 0..7 (bit 0 first)."""
+    device = torch.device(device)
+    if device not in _BYTE_SIGNS:
+        values = torch.arange(256, dtype=torch.int64, device=device)
+        bits = (values[:, None] >> torch.arange(8, device=device)) & 1
+        _BYTE_SIGNS[device] = 1.0 - 2.0 * bits.to(torch.float32)
+    return _BYTE_SIGNS[device]
+
+
+def rademacher_signs_t(seed: int, feature_start: int, n_features: int, d: int,
+                       device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
+    """Signs s[j, p] in {+1, -1} as float32 of shape (n_features, d), feature-major (= rademacher_signs.T)."""
     k0, k1 = seed_key(seed)
     n_calls = -(-d // SIGNS_PER_CALL)
     p_lo, p_hi = _feature_counters(feature_start, n_features, device)
     chunk = torch.arange(n_calls, dtype=torch.int64, device=device)
-    words = philox4x32_10(p_lo[:, None], p_hi[:, None], chunk[None, :],
-                          torch.tensor(STREAM_RADEMACHER + STREAM_OUTPUT_FACTOR * output_factor,
-                                       device=device), k0, k1)
+    stream = torch.tensor(STREAM_RADEMACHER + STREAM_OUTPUT_FACTOR * output_factor, device=device)
+    words = philox4x32_10(p_lo[:, None], p_hi[:, None], chunk[None, :], stream, k0, k1)
     words = torch.stack(words, dim=-1)  # (n, calls, 4): word w of call q
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    bits = (words[..., None] >> shifts) & 1  # (n, calls, 4, 32): column 128 q + 32 w + b
-    bits = bits.reshape(n_features, n_calls * SIGNS_PER_CALL)[:, :d]
-    return (1.0 - 2.0 * bits.to(torch.float32)).T.contiguous()
+    # bytes lowest first, then an 8-sign lookup per byte: column 128 q + 32 w + 8 byte + bit
+    byte_shifts = torch.arange(0, 32, 8, dtype=torch.int64, device=device)
+    word_bytes = (words[..., None] >> byte_shifts) & 0xFF  # (n, calls, 4, 4)
+    signs = _byte_sign_table(words.device)[word_bytes]  # (n, calls, 4, 4, 8)
+    return signs.reshape(n_features, n_calls * SIGNS_PER_CALL)[:, :d]
 
 
-def gaussian_normals(seed: int, feature_start: int, n_features: int, d: int,
+def rademacher_signs(seed: int, feature_start: int, n_features: int, d: int,
                      device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
-    """Standard normals z[j, p - feature_start] (float32, shape (d, n_features)) of the Gaussian Pi."""
+    """Signs s[j, p - feature_start] in {+1, -1} (float32, shape (d, n_features)) of the Rademacher Pi."""
+    return rademacher_signs_t(seed, feature_start, n_features, d, device, output_factor).T
+
+
+def gaussian_normals_t(seed: int, feature_start: int, n_features: int, d: int,
+                       device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
+    """Standard normals z[j, p] as float32 of shape (n_features, d), feature-major (= gaussian_normals.T)."""
     k0, k1 = seed_key(seed)
     n_calls = -(-d // NORMALS_PER_CALL)
     p_lo, p_hi = _feature_counters(feature_start, n_features, device)
     quad = torch.arange(n_calls, dtype=torch.int64, device=device)
-    w0, w1, w2, w3 = philox4x32_10(p_lo[:, None], p_hi[:, None], quad[None, :],
-                                   torch.tensor(STREAM_GAUSSIAN + STREAM_OUTPUT_FACTOR * output_factor,
-                                                  device=device), k0, k1)
+    stream = torch.tensor(STREAM_GAUSSIAN + STREAM_OUTPUT_FACTOR * output_factor, device=device)
+    w0, w1, w2, w3 = philox4x32_10(p_lo[:, None], p_hi[:, None], quad[None, :], stream, k0, k1)
     normals = []
     for x, y in ((w0, w1), (w2, w3)):
         u1 = (x.to(torch.float64) + 0.5) * 2.0**-32
@@ -159,17 +177,29 @@ def gaussian_normals(seed: int, feature_start: int, n_features: int, d: int,
         theta = u2 * TWO_PI
         normals += [radius * torch.cos(theta), radius * torch.sin(theta)]
     z = torch.stack(normals, dim=-1).to(torch.float32)  # (n, calls, 4): column 4 q + i
-    return z.reshape(n_features, n_calls * NORMALS_PER_CALL)[:, :d].T.contiguous()
+    return z.reshape(n_features, n_calls * NORMALS_PER_CALL)[:, :d]
+
+
+def gaussian_normals(seed: int, feature_start: int, n_features: int, d: int,
+                     device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
+    """Standard normals z[j, p - feature_start] (float32, shape (d, n_features)) of the Gaussian Pi."""
+    return gaussian_normals_t(seed, feature_start, n_features, d, device, output_factor).T
+
+
+def unscaled_entries_t(kind: str, seed: int, feature_start: int, n_features: int, d: int,
+                       device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
+    """sqrt(d) * Pi[:, feature_start : feature_start + n_features]^T, float32 (n_features, d)."""
+    check_kind(kind)
+    if kind == "rademacher":
+        return rademacher_signs_t(seed, feature_start, n_features, d, device, output_factor)
+    return gaussian_normals_t(seed, feature_start, n_features, d, device, output_factor)
 
 
 def unscaled_entries(kind: str, seed: int, feature_start: int, n_features: int, d: int,
                      device: torch.device | str = "cpu", output_factor: bool = False) -> torch.Tensor:
     """sqrt(d) * Pi[:, feature_start : feature_start + n_features] as float32 (exact: signs or z);
     ``output_factor`` selects the stream of Pi_out in the factored projection."""
-    check_kind(kind)
-    if kind == "rademacher":
-        return rademacher_signs(seed, feature_start, n_features, d, device, output_factor)
-    return gaussian_normals(seed, feature_start, n_features, d, device, output_factor)
+    return unscaled_entries_t(kind, seed, feature_start, n_features, d, device, output_factor).T
 
 
 # ------------------------------------------------------------------------------------------------

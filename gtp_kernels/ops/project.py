@@ -134,7 +134,7 @@ def projection_matrix(d: int, n_features: int, seed: int, kind: str = "rademache
     philox.check_kind(kind)
     _check_offset(feature_offset, n_features)
     entries = philox.unscaled_entries(kind, seed, feature_offset, n_features, d, device, output_factor)
-    return entries.to(dtype) * torch.tensor(_inv_sqrt(d), dtype=dtype, device=entries.device)
+    return (entries.to(dtype) * torch.tensor(_inv_sqrt(d), dtype=dtype, device=entries.device)).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,9 +149,9 @@ def _project_torch(grads: torch.Tensor, d: int, seed: int, kind: str, feature_of
     acc = torch.zeros(n_rows, d, dtype=torch.float32, device=grads.device)
     for start in range(0, n_features, block):
         stop = min(n_features, start + block)
-        entries = philox.unscaled_entries(kind, seed, feature_offset + start, stop - start, d,
-                                          grads.device, output_factor)
-        acc += grads[:, start:stop].to(torch.float32) @ entries.T
+        entries_t = philox.unscaled_entries_t(kind, seed, feature_offset + start, stop - start, d,
+                                              grads.device, output_factor)
+        acc += grads[:, start:stop].to(torch.float32) @ entries_t
     out_view += acc * multiplier
 
 
