@@ -163,8 +163,8 @@ def _check_inputs(candidates, residuals, m_top, exclude, row_scale):
 def _reference_chunk_rows(candidates: torch.Tensor, compute_dtype: torch.dtype) -> int:
     if candidates.dtype == compute_dtype:
         return max(1, candidates.shape[0])
-    # Upcast a slab of rows at a time: at most 2^24 elements in compute_dtype.
-    return max(1, (1 << 24) // max(1, candidates.shape[1]))
+    # Upcast a slab of rows at a time: at most 2^22 elements (16 MB in fp32).
+    return max(1, (1 << 22) // max(1, candidates.shape[1]))
 
 
 def correlate_topk_reference(
@@ -206,18 +206,24 @@ def correlate_topk_reference(
             ex = exclude[start:stop]
             eligible = eligible & ~(ex[:, None] if ex.dim() == 1 else ex)
         key = torch.where(eligible, key, torch.full_like(key, neg_inf))
+        if m_top == 1:
+            pos = torch.argmax(key, dim=0, keepdim=True)  # first maximal value: lowest row
+            chunk_key, chunk_val = torch.gather(key, 0, pos), torch.gather(score, 0, pos)
+            if best_key.shape[0] == 0:
+                best_key, best_val, best_idx = chunk_key, chunk_val, pos + start
+            else:  # kept rows have lower indices: a tie keeps them
+                take = chunk_key > best_key
+                best_key = torch.where(take, chunk_key, best_key)
+                best_val = torch.where(take, chunk_val, best_val)
+                best_idx = torch.where(take, pos + start, best_idx)
+            continue
         rows = torch.arange(start, stop, device=device)[:, None].expand(-1, m)
         # Kept rows come first and have lower indices, so position order is index order.
         keys = torch.cat([best_key, key])
-        vals = torch.cat([best_val, score])
-        idxs = torch.cat([best_idx, rows])
-        if m_top == 1:
-            pos = torch.argmax(keys, dim=0, keepdim=True)  # first maximal value
-        else:
-            pos = torch.sort(keys, dim=0, descending=True, stable=True).indices[:m_top]
+        pos = torch.sort(keys, dim=0, descending=True, stable=True).indices[:m_top]
         best_key = torch.gather(keys, 0, pos)
-        best_val = torch.gather(vals, 0, pos)
-        best_idx = torch.gather(idxs, 0, pos)
+        best_val = torch.gather(torch.cat([best_val, score]), 0, pos)
+        best_idx = torch.gather(torch.cat([best_idx, rows]), 0, pos)
     values = torch.full((m_top, m), neg_inf, dtype=torch.float32, device=device)
     indices = torch.full((m_top, m), -1, dtype=torch.int64, device=device)
     kept = best_key.shape[0]
