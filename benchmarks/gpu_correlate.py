@@ -9,7 +9,7 @@ Standalone (run by benchmarks/gpu_check.sh; needs < 90 s on an H200):
    achieved GB/s (N*D*2 bytes read), fraction of a device-to-device copy of the same bytes
    measured in the same run (copy_ of a same-size buffer, read + write bytes counted), and
    the ratio to torch's (A @ R.to(bf16)).float() + argmax / topk.
-3. A few launch shapes for m = 1 (printed, for choosing the default).
+3. A few launch shapes for m = 1 and 8 (printed, for choosing the default).
 
 Prints `TABLE | kernel | case | time | vs baseline | note |` lines for the summary.
 
@@ -179,26 +179,27 @@ def run_timings(checked: bool) -> None:
         bw = a_bytes / ms / 1e6
         table("K2 candidate_scores", f"bf16 N={n} D={d} p=8", f"{ms:.3f} ms",
               f"{base / ms:.2f}x vs torch (A@X.bf16).float() ({base:.3f} ms)", f"{bw:.0f} GB/s = {bw / copy_bw:.2f} of copy")
-    # launch shapes for m = 1, m_top = 1 (for choosing the default)
-    R = torch.randn(d, 1, device=DEVICE)
+    # launch shapes, m_top = 1 (for choosing the default): the first is the default
     sms = 4 if DRY else torch.cuda.get_device_properties(0).multi_processor_count
     shapes = [
+        k2._default_config(A),
+        k2.KernelConfig(128, 64, 8, 4, 1 << 30),  # one program per block (no persistence)
         k2.KernelConfig(128, 128, 8, 3, None),
-        k2.KernelConfig(128, 128, 8, 3, 1 << 30),  # one program per block (no persistence)
-        k2.KernelConfig(64, 256, 4, 3, 4 * sms),
-        k2.KernelConfig(128, 64, 4, 4, None),
+        k2.KernelConfig(64, 128, 4, 4, 4 * sms),
         k2.KernelConfig(256, 64, 8, 3, None),
     ]
-    for cfg in shapes:
-        if elapsed() > BUDGET_S:
-            print(f"skipping shape {cfg}: time budget", flush=True)
-            continue
-        try:
-            ms = bench(lambda: k2.correlate_topk_triton(A, R, 1, config=cfg))
-            bw = a_bytes / ms / 1e6
-            print(f"shape {cfg}: {ms:.3f} ms, {bw:.0f} GB/s = {bw / copy_bw:.2f} of copy", flush=True)
-        except Exception as exc:
-            print(f"shape {cfg}: failed: {type(exc).__name__}: {exc}", flush=True)
+    for m in (1, 8):
+        R = torch.randn(d, m, device=DEVICE)
+        for cfg in shapes:
+            if elapsed() > BUDGET_S:
+                print(f"skipping shape m={m} {cfg}: time budget", flush=True)
+                continue
+            try:
+                ms = bench(lambda: k2.correlate_topk_triton(A, R, 1, config=cfg))
+                bw = a_bytes / ms / 1e6
+                print(f"shape m={m} {cfg}: {ms:.3f} ms, {bw:.0f} GB/s = {bw / copy_bw:.2f} of copy", flush=True)
+            except Exception as exc:
+                print(f"shape m={m} {cfg}: failed: {type(exc).__name__}: {exc}", flush=True)
 
 
 def main() -> None:
