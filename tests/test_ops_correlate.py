@@ -300,3 +300,70 @@ def test_gpu_kernel_matches_float64(dtype):
     exact = (A.double() @ R.double() * rs.double()[:, None]).cpu()
     bound = (A.double().abs() @ R.double().abs() * rs.double()[:, None]).cpu()
     assert ((S - exact).abs() <= 2e-5 * bound).all()
+
+
+# ------------------------------------------------------------- compile for the GPU, on CPU
+_SM90_COMPILE = r'''
+import json, os, subprocess, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gtp_kernels.ops import correlate as k2
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+results = []
+for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+    cfg = k2._gpu_config(dtype)
+    for m, m_top in ((1, 1), (8, 64), (16, 256)):
+        k_pad = k2._next_pow2(m_top)
+        cb = k2._column_tile(dtype, m, k_pad)
+        parts = 1 if dtype == torch.float32 else 4
+        sig = {"a_ptr": "*" + name, "r_ptr": "*" + name, "col_unscale_ptr": "*fp32", "row_scale_ptr": "*fp32",
+               "excl_ptr": "*u8", "part_ptr": "*i64", "N": "i32", "D": "i32", "M": "i32", "stride_an": "i32",
+               "stride_rd": "i32", "stride_en": "i32", "stride_em": "i32", "num_blocks": "i32"}
+        aligned = {"a_ptr", "r_ptr", "col_unscale_ptr", "row_scale_ptr", "excl_ptr", "part_ptr", "D", "stride_an", "stride_rd"}
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(sig) if arg in aligned}
+        consts = dict(BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d, W=cb * parts, CB=cb, PARTS=parts, K_PAD=k_pad,
+                      M_TOP=m_top, HAS_COL_SCALE=name == "fp16", HAS_ROW_SCALE=True, HAS_EXCL=True, ABSOLUTE=True,
+                      UPCAST=False, DOT_PRECISION="tf32x3" if name == "fp32" else "ieee")
+        c = triton.compile(ASTSource(fn=k2._correlate_topk_partial_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = c.asm["ptx"]
+        with open("k2.ptx", "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", "k2.ptx", "-o", "k2.cubin"],
+                                capture_output=True, text=True).stderr
+        results.append(dict(dtype=name, m=m, m_top=m_top, shared=c.metadata.shared, report=report,
+                            cp_async="cp.async" in ptx, wgmma="wgmma.mma_async" in ptx))
+print("RESULTS" + json.dumps(results))
+'''
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90(tmp_path):
+    """The GPU kernels (not the interpreter) compile for sm_90 with the default launch shapes:
+    pipelined copies, wgmma, no register spills, shared memory within a Hopper SM's 227 KB."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 9
+    for r in results:
+        where = f"{r['dtype']} m={r['m']} m_top={r['m_top']}"
+        assert "0 bytes spill stores" in r["report"], where + ": " + r["report"]
+        assert r["shared"] <= 227 * 1024, where
+        assert r["cp_async"] and r["wgmma"], where  # pipelined loads feeding Hopper tensor cores
