@@ -58,7 +58,8 @@ def pursue_on_gram(gram: torch.Tensor, rhs: torch.Tensor, bb: float, k: int, opt
 
     gram: G_U + lambda I (u x u); rhs: A_U W b (u,); bb: ||b||_W^2. Returns (positions in U
     in selection order, weights). Same rules as the full pursuit, with ||r||_W^2 computed as
-    bb - 2 w.rhs_S + w^T (G_SS - lambda I) w.
+    bb - 2 w.rhs_S + w^T (G_SS - lambda I) w = bb - w.rhs_S - lambda ||w||^2, since the
+    weights solve G_SS w = rhs_S exactly on the (passive) support.
     """
     u = gram.shape[0]
     lam = float(opts.ridge)
@@ -97,11 +98,7 @@ def pursue_on_gram(gram: torch.Tensor, rhs: torch.Tensor, bb: float, k: int, opt
         size = int(state.size[0])
         support = state.support[0, :size].tolist()
         w = state.weights[0, :size].clone()
-        if support:
-            g_ss = gram[support][:, support] - lam * torch.eye(size, dtype=dtype, device=gram.device)
-            r2 = bb - 2.0 * float(w @ rhs[support]) + float(w @ g_ss @ w)
-        else:
-            r2 = bb
+        r2 = bb - float(w @ rhs[support]) - lam * float(w @ w) if support else bb
         if r2 < (opts.tol ** 2) * bb:
             break
     return support, w

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -93,33 +94,42 @@ def _best_direct(A, RW, exclude, positive, dtype):
 
 
 class _ColumnCache:
-    """Columns C[:, slot] = A W a_atom, with slots reused once an atom is no longer needed."""
+    """Columns A W a_atom for a set of atoms, stored as rows of C_T (capacity, N) so that
+    inserting one is a contiguous write; slots are reused once an atom is no longer needed."""
 
     def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.C = torch.empty(n, capacity, dtype=dtype, device=device)
+        self.C_T = torch.empty(capacity, n, dtype=dtype, device=device)
         self.capacity = capacity
         self.slot_of: Dict[int, int] = {}
         self._free = list(range(capacity))
         heapq.heapify(self._free)
         self._order: List[int] = []  # insertion order, for evicting unpinned columns
-        self.hi = 0  # 1 + highest slot in use: products only touch C[:, :hi]
+        self.hi = 0  # 1 + highest slot in use: products only touch C_T[:hi]
+
+    def column(self, atom: int) -> torch.Tensor:
+        return self.C_T[self.slot_of[atom]]
 
     def missing(self, atoms) -> List[int]:
         return [a for a in dict.fromkeys(atoms) if a not in self.slot_of]
 
     def insert(self, atoms: List[int], columns: torch.Tensor, pinned: set) -> None:
-        for a, col in zip(atoms, columns.T):
+        """Store columns[:, i] for atoms[i]; evicts unpinned columns, oldest first, when full."""
+        slots, fresh = [], []
+        for i, a in enumerate(atoms):
             if a in self.slot_of:
                 continue
             if not self._free:
                 self._evict(pinned)
             if not self._free:
-                return  # full of pinned columns: the rest of this prefetch is dropped
+                break  # full of pinned columns: the rest of this prefetch is dropped
             s = heapq.heappop(self._free)
-            self.C[:, s] = col
             self.slot_of[a] = s
             self._order.append(a)
             self.hi = max(self.hi, s + 1)
+            slots.append(s)
+            fresh.append(i)
+        if slots:
+            self.C_T[torch.tensor(slots, device=self.C_T.device)] = columns[:, fresh].T
 
     def _evict(self, pinned: set) -> None:
         for i, a in enumerate(self._order):
@@ -154,9 +164,33 @@ def choose_strategy(n: int, dim: int, k: int, m: int, a_bytes: int, c_bytes: int
     return "cached" if cached < direct else "direct"
 
 
+class _PhaseClock:
+    """Seconds spent per phase, for benchmarks; synchronises CUDA at each phase boundary,
+    so it is off (a no-op) unless a dict is passed as ``phase_seconds``."""
+
+    def __init__(self, sink: Optional[Dict[str, float]], device: torch.device):
+        self.sink, self.device = sink, device
+        self._t = time.perf_counter() if sink is not None else 0.0
+
+    def lap(self, phase: str) -> None:
+        if self.sink is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.sink[phase] = self.sink.get(phase, 0.0) + now - self._t
+        self._t = now
+
+
 def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
-                strategy: str = "auto", prefetch: Optional[int] = None) -> List[TargetSelection]:
-    """Exact GTP pursuit for all targets at once (see module docstring)."""
+                strategy: str = "auto", prefetch: Optional[int] = None,
+                phase_seconds: Optional[Dict[str, float]] = None) -> List[TargetSelection]:
+    """Exact GTP pursuit for all targets at once (see module docstring).
+
+    strategy: "auto", "direct" or "cached"; prefetch: columns fetched per pass beyond the
+    needed ones (cached); phase_seconds: if a dict, filled with seconds per phase
+    (correlation, columns, update, residual) at the cost of a sync per phase.
+    """
     if strategy not in ("auto", "direct", "cached"):
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
     dtype = opts.resolved_compute_dtype(problem.candidates.dtype)
@@ -193,6 +227,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     weights: List[torch.Tensor] = [torch.zeros(0, dtype=dtype, device=device) for _ in range(m)]
     passes = 0
 
+    clock = _PhaseClock(phase_seconds, device)
     cache = None
     if strategy == "cached":
         c0 = candidate_products(A, BW, dtype)  # (N, m): one pass
@@ -210,21 +245,22 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             break
 
         if cache is not None:
-            scores = c0.clone()
-            if cache.hi:
-                Wmat = torch.zeros(cache.hi, m, dtype=dtype, device=device)
-                for t in live:
-                    if supports[t]:
-                        slots = torch.tensor([cache.slot_of[a] for a in supports[t]], device=device)
-                        Wmat[slots, t] = weights[t]
-                scores = torch.addmm(c0, cache.C[:, : cache.hi], Wmat, alpha=-1.0)
-            best_val, best_idx = _masked_best(scores, exclude, opts.positive)
+            Wmat = torch.zeros(max(cache.hi, 1), m, dtype=dtype, device=device)
+            for t in live:
+                if supports[t]:
+                    slots = torch.tensor([cache.slot_of[a] for a in supports[t]], device=device)
+                    Wmat[slots, t] = weights[t]
+            scores = torch.addmm(c0, cache.C_T[: max(cache.hi, 1)].T, Wmat, alpha=-1.0)
+            key = scores if opts.positive else scores.abs_()
+            key.masked_fill_(exclude, -float("inf"))
+            best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
         else:
             RW = R if fw is None else R * fw[:, None]
             best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype)
             passes += 1
         best_val = best_val.tolist()
         best_idx = best_idx.tolist()
+        clock.lap("correlation")
 
         new_atoms = [-1] * m
         for t in live:
@@ -264,8 +300,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 # One read of A: the missing columns plus the most likely next picks.
                 extra: List[int] = []
                 for t in picked:
-                    key = (scores[:, t] if opts.positive else scores[:, t].abs()).masked_fill(exclude[:, t], -float("inf"))
-                    top = torch.topk(key, min(N, prefetch + 1)).indices.tolist()
+                    top = torch.topk(key[:, t], min(N, prefetch + 1)).indices.tolist()
                     extra.extend(a for a in top if a not in cache.slot_of)
                 fetch = list(dict.fromkeys(missing + extra))[: len(missing) + prefetch]
                 X = A[fetch].to(dtype)
@@ -278,7 +313,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                     raise RuntimeError("column cache too small for the supports")
             for i, t in enumerate(picked):
                 j = new_atoms[t]
-                col = cache.C[:, cache.slot_of[j]]
+                col = cache.column(j)
                 if supports[t]:
                     gram_col[t, : len(supports[t])] = col[torch.tensor(supports[t], device=device)]
                 gram_diag[t] = col[j]
@@ -290,11 +325,13 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 gram_diag[t] = diag[i]
                 rhs_new[t] = rows_w[i] @ B[:, t]
 
+        clock.lap("columns")
         atoms = torch.full((m,), -1, dtype=torch.long, device=device)
         atoms[picked] = torch.tensor([new_atoms[t] for t in picked], device=device)
         status = lsq.lsq_update(state, atoms, gram_col, gram_diag, rhs_new, lam=lam,
                                 positive=opts.positive, dep_tol=dep_tol).tolist()
         sizes = state.size.tolist()
+        clock.lap("update")
         for t in picked:
             st, j = status[t], new_atoms[t]
             if st & lsq.STATUS_DEPENDENT:
@@ -310,10 +347,11 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             weights[t] = state.weights[t, : sizes[t]].clone()
             gone = old - set(supports[t])
             dropped[t] += len(gone - {j})
-            exclude[:, t] = base_exclude
-            idx = list(banned[t]) + supports[t]
-            if idx:
-                exclude[torch.tensor(idx, device=device), t] = True
+            exclude[j, t] = True  # selected, or banned if it was dropped as it entered
+            back = [a for a in gone - {j} if a not in banned[t]]
+            if back:  # atoms dropped by NNLS become eligible again
+                back_t = torch.tensor(back, device=device)
+                exclude[back_t, t] = base_exclude[back_t]
             if supports[t]:
                 R[:, t] = B[:, t] - A[supports[t]].to(dtype).T @ weights[t]
             else:
@@ -324,7 +362,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 progress(1)
             if r_norms[t] < opts.tol * b_norms[t]:
                 stopped[t] = STOP_TOLERANCE
+        clock.lap("residual")
 
+    if phase_seconds is not None:
+        phase_seconds["strategy"] = strategy  # type: ignore[assignment]
     return [
         TargetSelection(
             indices=np.asarray(supports[t], dtype=np.int64),

@@ -1,0 +1,99 @@
+"""CPU table for BENCHMARKS.md: every selector side by side in one run, as ratios.
+
+For each (N, D, k): the fast exact driver (both strategies and auto), compressive sampling,
+the plain-PyTorch reference, top-k, and the naive floor (k single passes A @ r, timed here as
+the median of a few passes times k). Reports seconds, ratio to the floor, passes over A, and
+whether the fast driver's selection is identical to the reference's.
+
+    python benchmarks/pursuit_table.py                 # the issue's three shapes
+    python benchmarks/pursuit_table.py --grid          # cost growth over N and k
+    python benchmarks/pursuit_table.py --quick         # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import gtp_kernels as gk
+from gtp_kernels.selection.common import SelectOptions
+from gtp_kernels.selection.pursuit import gtp_pursuit
+from gtp_kernels.validation import validate_problem
+
+
+def pool(n: int, dim: int, seed: int = 0):
+    """Unit-norm Gaussian rows; the target mixes 50 rows plus noise (pursuit runs to k)."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, dim, generator=g)
+    A /= A.norm(dim=1, keepdim=True)
+    b = A[torch.randperm(n, generator=g)[:50]].T @ torch.rand(50, generator=g) + 0.05 * torch.randn(dim, generator=g)
+    return A, b
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def floor_seconds(A, k: int, reps: int = 7) -> float:
+    r = torch.randn(A.shape[1])
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        A @ r
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * k
+
+
+def run_case(n: int, dim: int, k: int, with_reference: bool = True):
+    A, b = pool(n, dim)
+    problem = validate_problem(A, b, k)
+    floor = floor_seconds(A, k)
+    rows = []
+    results = {}
+    for strategy in ("cached", "direct", "auto"):
+        res, sec = timed(lambda: gtp_pursuit(problem, k, SelectOptions(), strategy=strategy))
+        results[strategy] = res[0]
+        rows.append((f"gtp ({strategy})", sec, res[0].passes))
+    sel, sec = timed(lambda: gk.select(A, b, k, method="gtp-cosamp"))
+    rows.append(("gtp-cosamp", sec, sel.per_target[0].passes))
+    cos_resid = gk.fit_residual(A, b, sel.indices)
+    exact_resid = gk.fit_residual(A, b, results["auto"].indices)
+    identical = None
+    if with_reference:
+        ref, sec = timed(lambda: gk.select(A, b, k, method="gtp-reference"))
+        rows.append(("gtp-reference", sec, ref.per_target[0].passes))
+        identical = all(results[s].indices.tolist() == ref.indices.tolist() for s in ("cached", "direct"))
+    sel, sec = timed(lambda: gk.select(A, b, k, method="topk"))
+    rows.append(("topk", sec, 1))
+    return floor, rows, identical, cos_resid / exact_resid
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.quick:
+        cases = [(5000, 512, 50), (3000, 256, 100)]
+    elif args.grid:
+        cases = [(n, 1024, k) for n in (10_000, 40_000) for k in (50, 200, 800)]
+    else:
+        cases = [(100_000, 2048, 200), (20_000, 1024, 800), (20_000, 8192, 200)]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print("| N | D | k | method | seconds | x floor | passes over A |")
+    print("|---|---|---|---|---|---|---|")
+    for n, dim, k in cases:
+        floor, rows, identical, cos_ratio = run_case(n, dim, k, with_reference=not args.grid)
+        print(f"| {n} | {dim} | {k} | k-pass floor | {floor:.2f} | 1.00 | {k} |")
+        for name, sec, passes in rows:
+            print(f"| {n} | {dim} | {k} | {name} | {sec:.2f} | {sec / floor:.2f} | {passes:g} |")
+        print(f"| {n} | {dim} | {k} | (fast == reference: {identical}; cosamp residual / exact: {cos_ratio:.3f}) | | | |")
+
+
+if __name__ == "__main__":
+    main()
