@@ -7,8 +7,8 @@ Run as a script for a side-by-side table (examples/s and the ratio), or under py
 
 Model: a Llama built from a config (hidden 64, 2 layers, random weights), LoRA r=8 on the
 attention projections (the LESS setting), causal-LM examples of 10-40 tokens, float32. The
-"+ project" rows add Adam preconditioning and the K1 projection to d=1024 (skipped when
-gtp_kernels.ops.project is not importable).
+"+ K1" rows add the projection to d=1024 as the pipeline does it on CPU: Pi materialised once
+(``projection_matrix``) or regenerated every batch by ``project``'s torch path.
 """
 from __future__ import annotations
 
@@ -58,32 +58,37 @@ def _batches(tokens, pad_id, batch_size):
     return [collate(tokens[i : i + batch_size], pad_id) for i in range(0, len(tokens), batch_size)]
 
 
-def run_batched(model, batches, project_d: int | None = None):
+def run_batched(model, batches, projector=None):
     names = list(trainable_parameters(model))
     for batch in batches:
         grads = per_example_gradients(model, batch, "causal_lm")
-        if project_d:
-            _project(grads, names, project_d)
+        if projector is not None:
+            _project(grads, names, projector)
 
 
-def run_loop(model, batches, project_d: int | None = None):
+def run_loop(model, batches, projector=None):
     names = list(trainable_parameters(model))
     for batch in batches:
         grads = per_example_gradients_loop(model, batch, "causal_lm")
-        if project_d:
-            _project(grads, names, project_d)
+        if projector is not None:
+            _project(grads, names, projector)
 
 
-def _project(grads, names, d):
+def make_projector(model, d: int, cache_mb: float):
+    """The pipeline's K1 step (Pi cached as a dense matrix on CPU when cache_mb allows)."""
+    from gtp_kernels.collect.pipeline import _Projector
     from gtp_kernels.ops.project import project
 
+    params = trainable_parameters(model)
+    return _Projector(project, list(params), {n: p.numel() for n, p in params.items()}, d, "rademacher", "auto",
+                      torch.device("cpu"), [0], cache_mb)
+
+
+def _project(grads, names, projector):
     rows = next(iter(grads.values())).shape[0]
-    out = torch.zeros(rows, d)
-    offset = 0
+    out = torch.zeros(rows, projector.d)
     for name in names:
-        flat = grads[name].reshape(rows, -1)
-        project(flat, d, 0, feature_offset=offset, out=out)
-        offset += flat.shape[1]
+        projector(grads[name].reshape(rows, -1), name, 0, out, 1.0)
     return out
 
 
@@ -113,17 +118,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.examples} examples, batch {args.batch_size}")
-    print(f"{'case':<34}{'batched ex/s':>14}{'loop ex/s':>12}{'ratio':>8}")
+    print(f"{'case':<48}{'batched ex/s':>14}{'loop ex/s':>12}{'ratio':>8}")
     for lora in (True, False):
         model, tokens, pad_id = _setup(args.examples, lora)
         batches = _batches(tokens, pad_id, args.batch_size)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        cases = [(None, "")] + ([(1024, " + project d=1024")] if _projection_available() else [])
-        for project_d, suffix in cases:
-            batched = _rate(run_batched, model, batches, args.examples, args.repeats, project_d=project_d)
-            loop = _rate(run_loop, model, batches, args.examples, args.repeats, project_d=project_d)
+        cases = [(None, "")]
+        if _projection_available():
+            cases.append((make_projector(model, 1024, 2048), " + K1 d=1024 (Pi cached)"))
+            if lora:
+                cases.append((make_projector(model, 1024, 0), " + K1 d=1024 (Pi generated)"))
+        for projector, suffix in cases:
+            batched = _rate(run_batched, model, batches, args.examples, args.repeats, projector=projector)
+            loop = _rate(run_loop, model, batches, args.examples, args.repeats, projector=projector)
             label = f"{'LoRA' if lora else 'full'} P={n_params}{suffix}"
-            print(f"{label:<34}{batched:>14.1f}{loop:>12.1f}{batched / loop:>7.2f}x")
+            print(f"{label:<48}{batched:>14.1f}{loop:>12.1f}{batched / loop:>7.2f}x")
 
 
 # pytest-benchmark entry points (not collected by `pytest tests`).
