@@ -20,6 +20,12 @@ from gtp_kernels.ops.correlate import (
 from conftest import requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The Triton path runs on the GPU where there is one, else through the interpreter on CPU.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_dev(*tensors):
+    return [None if t is None else t.to(DEV) for t in tensors]
 SMALL = KernelConfig(block_n=16, block_d=16, num_warps=4, num_stages=1, num_programs=3)
 # A poisoned partial decodes to row 0 with value float32-max: it would win every column.
 _POISON_KEY = (0x7F7FFFFF << 32) | (2147483647 * 2)
@@ -124,7 +130,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-D{}-m{}-top{}-{}".format(*c[:5]))
 def test_triton_topk_matches_float64(case, dtype):
     n, d, m, m_top, exclude, scale, absolute, config = case
-    A, R, ex, rs = make_problem(n, d, m, dtype, seed=n * 31 + d, exclude=exclude, scale=scale)
+    A, R, ex, rs = on_dev(*make_problem(n, d, m, dtype, seed=n * 31 + d, exclude=exclude, scale=scale))
     values, indices = correlate_topk_triton(A, R, m_top, exclude=ex, row_scale=rs,
                                             absolute=absolute, config=config)
     swaps = assert_topk(values, indices, A, R, m_top, exclude=ex, row_scale=rs, absolute=absolute)
@@ -167,7 +173,9 @@ def test_exact_ties_go_to_lowest_index(dtype, absolute, m_top, path, monkeypatch
     # Powers of two keep the scores exact; a function of the row, so duplicates still tie.
     rs = 2.0 ** (A.float().sum(dim=1).remainder(3) - 1)
     if path == "triton":
-        values, indices = correlate_topk_triton(A, R, m_top, exclude=ex, row_scale=rs, absolute=absolute, config=SMALL)
+        values, indices = correlate_topk_triton(*on_dev(A, R), m_top, exclude=ex.to(DEV), row_scale=rs.to(DEV),
+                                                absolute=absolute, config=SMALL)
+        values, indices = values.cpu(), indices.cpu()
     else:
         values, indices = correlate_topk_reference(A, R, m_top, exclude=ex, row_scale=rs, absolute=absolute)
     S, _, key, expected = oracle(A, R, m_top, ex, rs, absolute)
@@ -186,8 +194,10 @@ def test_nan_and_inf_scores_are_ineligible(path):
     A[[0, 7, 41]] = 0.0
     norms = A.norm(dim=1)
     rs = 1.0 / norms  # inf on the zero rows
-    fn = correlate_topk_triton if path == "triton" else correlate_topk_reference
-    values, indices = fn(A, R, 60, row_scale=rs)
+    if path == "triton":
+        values, indices = (t.cpu() for t in correlate_topk_triton(*on_dev(A, R), 60, row_scale=rs.to(DEV)))
+    else:
+        values, indices = correlate_topk_reference(A, R, 60, row_scale=rs)
     got = set(indices.flatten().tolist())
     assert not got & {0, 7, 41}
     assert (indices[:, -3:] == -1).all() and (values[:, -3:] == -math.inf).all()
@@ -198,9 +208,9 @@ def test_nan_and_inf_scores_are_ineligible(path):
 
 
 def test_strided_rows_and_1d_residual():
-    big = torch.randn(120, 90)
+    big = torch.randn(120, 90, device=DEV)
     A = big[:, 10:77]  # row stride 90, unit stride along D
-    r = torch.randn(67)
+    r = torch.randn(67, device=DEV)
     values, indices = correlate_topk_triton(A, r, 3, config=SMALL)
     assert values.shape == (1, 3)
     assert_topk(values, indices, A.contiguous(), r, 3)
@@ -211,7 +221,8 @@ def test_dispatch():
     ref = correlate_topk_reference(A, R, 4, exclude=ex, row_scale=rs)
     auto = correlate_topk(A, R, 4, exclude=ex, row_scale=rs)  # CPU tensors: the torch path
     assert torch.equal(auto[1], ref[1]) and torch.equal(auto[0], ref[0])
-    tri = correlate_topk(A, R, 4, exclude=ex, row_scale=rs, backend="triton")
+    tri = [t.cpu() for t in correlate_topk(*on_dev(A, R), 4, exclude=ex.to(DEV), row_scale=rs.to(DEV),
+                                           backend="triton")]
     assert torch.equal(tri[1], ref[1])
     assert torch.allclose(tri[0], ref[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend"):
@@ -222,7 +233,7 @@ def test_dispatch():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,d,p,scale", [(1, 1, 1, False), (77, 130, 5, True), (130, 33, 40, False)])
 def test_candidate_scores_match_float64(dtype, n, d, p, scale):
-    A, X, _, rs = make_problem(n, d, p, dtype, seed=n + d + p, scale=scale)
+    A, X, _, rs = on_dev(*make_problem(n, d, p, dtype, seed=n + d + p, scale=scale))
     exact = A.double() @ X.double()
     bound = A.double().abs() @ X.double().abs()
     if rs is not None:
@@ -236,8 +247,8 @@ def test_candidate_scores_match_float64(dtype, n, d, p, scale):
 
 
 def test_candidate_scores_1d_column_and_reference():
-    A = torch.randn(40, 24, dtype=torch.float16)
-    x = torch.randn(24) * 1e-3  # small residuals: fp16 parts are scaled per column
+    A = torch.randn(40, 24, dtype=torch.float16, device=DEV)
+    x = torch.randn(24, device=DEV) * 1e-3  # small residuals: fp16 parts are scaled per column
     out = candidate_scores_triton(A, x)
     ref = candidate_scores_reference(A, x, compute_dtype=torch.float64)
     assert out.shape == (40, 1)

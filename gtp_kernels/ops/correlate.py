@@ -49,8 +49,8 @@ at memory speed (N*D*2 bytes against N*D*32*2 flops at ~1000 TFLOP/s).
 
 Performance model (H200, N = 1M, D = 8192, bf16): one read of A is 16.4 GB, about 3.8 ms at
 the ~4.3 TB/s a device copy reaches: the floor. The dot does N*D*W*2 flops (W = 16 dot
-columns for m <= 4, 32 for m <= 8): 0.27-0.55 PFLOP-ms, i.e. < 0.6 ms of bf16 tensor-core
-time hidden under the loads, so m = 1..8 should cost the same per pass. Per call there are
+columns for m <= 4, 32 for m <= 8): 0.27 / 0.54 TFLOP, i.e. < 0.6 ms of bf16 tensor-core
+time (~1000 TFLOP/s) hidden under the loads, so m = 1..8 should cost the same per pass. Per call there are
 also ~20 tiny torch launches (R split, stage 2, decode): tens of microseconds.
 
 In the interpreter (TRITON_INTERPRET=1) tl.dot on bf16 operands is wrong, so both operands
