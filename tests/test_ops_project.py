@@ -176,8 +176,8 @@ def test_default_out_allocation_and_empty_inputs():
 def test_matches_dense_float64_reference(dtype, kind, n_rows, n_features, d, device):
     """Errors are measured against the float64 product of the *same* (already rounded) inputs, relative
     to sum_p |g_p Pi_jp|: fp32 accumulation over a few hundred terms stays below 1e-5 of it; on GPUs
-    16-bit Gaussian entries are used as a hi+lo pair (~2^-17 relative) and fp32 grads go through
-    tf32x3 (~2^-21), both inside the same bound."""
+    16-bit Gaussian entries are used as a hi+lo pair (~2^-17 relative) and fp32 grads as three exact
+    bf16 pieces, both inside the same bound."""
     torch.manual_seed(n_rows * 1000 + n_features)
     base = torch.randn(n_rows, 2 * n_features + 3, device=device) * 3
     grads = base[:, 1 : 2 * n_features + 1 : 2].to(dtype)  # non-contiguous columns

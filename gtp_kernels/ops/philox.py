@@ -257,10 +257,18 @@ if triton is not None:
         w0, w1, w2, w3 = philox4x32_10_tl(lo, hi, chunk, stream, k0, k1)
         # join(join(w0, w2), join(w1, w3)) has [.., m, i] = w_{2m+i}: flattening gives w0 w1 w2 w3.
         words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_P, N_CALLS * 4))
-        # Bit b moved to bit 31 becomes the float32 sign bit of 1.0 (0x3F800000): no int->float convert.
-        to_top = (31 - tl.arange(0, 32)).to(tl.uint32)
-        sign_bits = (words[:, :, None] << to_top[None, None, :]) & 0x80000000
-        signs = (sign_bits | 0x3F800000).to(tl.float32, bitcast=True)
+        # Spread each word over 32 entries by five joins: join(v, v >> 16) puts the shift 16*k1 on a new
+        # minor axis, then 8*k2, 4*k3, 2*k4, k5, so the flattened minor index k1 k2 k3 k4 k5 (binary) equals
+        # the shift, i.e. entry b holds the word shifted right by b. Joins keep their new axis inside the
+        # thread: a word's 32 signs (32 consecutive columns) stay in one thread, ready for vector stores
+        # to shared memory, at ~1 shift per entry. Bit 0 of the shifted word moved to bit 31 is the
+        # float32 sign bit of 1.0 (0x3F800000): no int->float conversion.
+        spread = tl.join(words, words >> 16)
+        spread = tl.join(spread, spread >> 8)
+        spread = tl.join(spread, spread >> 4)
+        spread = tl.join(spread, spread >> 2)
+        spread = tl.join(spread, spread >> 1)  # [BLOCK_P, N_CALLS * 4, 2, 2, 2, 2, 2]
+        signs = ((spread << 31) | 0x3F800000).to(tl.float32, bitcast=True)
         return tl.reshape(signs, (BLOCK_P, BLOCK_D))
 
     @triton.jit

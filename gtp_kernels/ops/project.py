@@ -10,12 +10,15 @@ gradient of a model can be projected chunk by chunk (layer by layer, each with i
 the same output, and the sum equals the projection of the concatenated gradient.
 
 Kernel layout: grid (d tiles, batch tiles, P splits). Each program loops over its contiguous
-range of P, generating the Pi tile once per iteration for all BLOCK_B rows of its batch tile.
+range of P, generating the Pi tile once per iteration for all BLOCK_B rows of its batch tile, and
+accumulates the transposed product out^T += Pi_tile @ G^T so that the generated tile is the
+register operand of the MMA (no trip through shared memory); the last partial block of a range
+is a separate masked step, so the main loop loads G without per-element masks (vector loads).
 Rademacher tiles are +-1 in the operand dtype (exact in bf16/fp16), and the accumulated result is
 multiplied by scale/sqrt(d) once at the end. Gaussian tiles (float32 normals) are split into a
 high and a low part in 16-bit operand dtypes (two MMAs) so the product keeps ~16 bits of each
-entry; on GPUs fp32 grads use tl.dot with input_precision="tf32x3" (Rademacher) or "ieee"
-(Gaussian). Split-K over P is deterministic: with one split the program updates ``out`` directly; with several, each writes its
+entry; on GPUs fp32 grads are split into three bf16 pieces that sum to them exactly (three MMAs
+against the same exact +-1 tile, Rademacher) or use the plain fp32 "ieee" dot (Gaussian). Split-K over P is deterministic: with one split the program updates ``out`` directly; with several, each writes its
 partial sum into an fp32 workspace (splits x B x d) that is reduced in a fixed order afterwards
 (no atomics), so the same inputs on the same device always give the same bits.
 
@@ -161,6 +164,53 @@ def _project_torch(grads: torch.Tensor, d: int, seed: int, kind: str, feature_of
 
 if triton is not None:
 
+    @triton.jit
+    def _accumulate_block(acc_t, g_ptr, stride_gb, stride_gp, rows, row_ok, p0, p_end, feature_offset, k0, k1,
+                          col_start, GAUSSIAN: tl.constexpr, STREAM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, SPLIT_GAUSSIAN: tl.constexpr, SPLIT_GRADS: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, MASK_P: tl.constexpr):
+        """acc_t (BLOCK_D x BLOCK_B) += Pi tile (BLOCK_D x BLOCK_P) @ G^T tile (BLOCK_P x BLOCK_B).
+
+        The generated tile is the left operand: on Hopper wgmma takes it straight from registers, so
+        it never goes through shared memory; G^T is loaded with P contiguous (vector loads)."""
+        feats = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
+        mask = row_ok[None, :]
+        if MASK_P:  # only the last, partial block of a split
+            mask = mask & (feats < p_end)[:, None]
+        g_t = tl.load(g_ptr + feats[:, None] * stride_gp + rows[None, :] * stride_gb, mask=mask, other=0.0)
+        if not SPLIT_GRADS:
+            g_t = g_t.to(DOT_DTYPE)
+        if GAUSSIAN:
+            z_t = tl.trans(philox.gaussian_normal_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P, BLOCK_D,
+                                                       STREAM))
+            if SPLIT_GAUSSIAN:
+                # 16-bit operands: z = hi + lo (+ ~2^-17 z), two MMAs keep the entry accurate.
+                z_hi = z_t.to(DOT_DTYPE)
+                z_lo = (z_t - z_hi.to(tl.float32)).to(DOT_DTYPE)
+                acc_t = tl.dot(z_hi, g_t, acc_t)
+                acc_t = tl.dot(z_lo, g_t, acc_t)
+            else:
+                acc_t = tl.dot(z_t.to(DOT_DTYPE), g_t, acc_t, input_precision=INPUT_PRECISION)
+        else:
+            signs_t = tl.trans(philox.rademacher_sign_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P,
+                                                           BLOCK_D, STREAM))
+            if SPLIT_GRADS:
+                # fp32 grads on a GPU: g = hi + mid + lo exactly in three bf16 pieces (8 + 8 + 8 bits of
+                # significand), three bf16 MMAs against the exact +-1 tile: fp32-accurate, one generation.
+                signs_t = signs_t.to(tl.bfloat16)
+                g_hi = g_t.to(tl.bfloat16)
+                rest = g_t - g_hi.to(tl.float32)
+                g_mid = rest.to(tl.bfloat16)
+                g_lo = (rest - g_mid.to(tl.float32)).to(tl.bfloat16)
+                acc_t = tl.dot(signs_t, g_hi, acc_t)
+                acc_t = tl.dot(signs_t, g_mid, acc_t)
+                acc_t = tl.dot(signs_t, g_lo, acc_t)
+            elif DOT_DTYPE == tl.float32:
+                acc_t = tl.dot(signs_t, g_t, acc_t, input_precision=INPUT_PRECISION)
+            else:
+                acc_t = tl.dot(signs_t.to(DOT_DTYPE), g_t, acc_t)  # +-1 is exact in bf16/fp16
+        return acc_t
+
     @triton.jit(do_not_specialize=["feature_offset", "seed_lo", "seed_hi", "n_features", "p_per_split"])
     def _project_kernel(
         g_ptr, stride_gb, stride_gp, n_rows, n_features,
@@ -168,7 +218,7 @@ if triton is not None:
         stride_ws, d, feature_offset, seed_lo, seed_hi, multiplier, p_per_split,
         GAUSSIAN: tl.constexpr, STREAM: tl.constexpr, ACCUMULATE: tl.constexpr,
         DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, SPLIT_GAUSSIAN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
+        SPLIT_GRADS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         pid_d = tl.program_id(0)
         pid_b = tl.program_id(1)
@@ -181,37 +231,24 @@ if triton is not None:
         row_ok = rows < n_rows
         p_begin = pid_s.to(tl.int64) * p_per_split
         p_end = tl.minimum(p_begin + p_per_split, n_features)
-        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-        for p0 in range(p_begin, p_end, BLOCK_P):
-            feats = p0 + tl.arange(0, BLOCK_P).to(tl.int64)
-            g = tl.load(g_ptr + rows[:, None] * stride_gb + feats[None, :] * stride_gp,
-                        mask=row_ok[:, None] & (feats < p_end)[None, :], other=0.0)
-            g = g.to(DOT_DTYPE)
-            if GAUSSIAN:
-                z = philox.gaussian_normal_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P, BLOCK_D, STREAM)
-                if SPLIT_GAUSSIAN:
-                    # 16-bit operands: z = hi + lo (+ ~2^-17 z), two MMAs keep the entry accurate.
-                    z_hi = z.to(DOT_DTYPE)
-                    z_lo = (z - z_hi.to(tl.float32)).to(DOT_DTYPE)
-                    acc = tl.dot(g, z_hi, acc)
-                    acc = tl.dot(g, z_lo, acc)
-                else:
-                    acc = tl.dot(g, z.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-            else:
-                signs = philox.rademacher_sign_tile(k0, k1, feature_offset + feats, col_start, BLOCK_P, BLOCK_D,
-                                                    STREAM)
-                if DOT_DTYPE == tl.float32:
-                    acc = tl.dot(g, signs, acc, input_precision=INPUT_PRECISION)
-                else:
-                    acc = tl.dot(g, signs.to(DOT_DTYPE), acc)  # +-1 is exact in bf16/fp16
-        mask = row_ok[:, None] & (cols < d)[None, :]
+        p_full_end = p_begin + (p_end - p_begin) // BLOCK_P * BLOCK_P
+        # Transposed accumulator: out^T tile (BLOCK_D x BLOCK_B), see _accumulate_block.
+        acc_t = tl.zeros((BLOCK_D, BLOCK_B), dtype=tl.float32)
+        for p0 in range(p_begin, p_full_end, BLOCK_P):
+            acc_t = _accumulate_block(acc_t, g_ptr, stride_gb, stride_gp, rows, row_ok, p0, p_end, feature_offset,
+                                      k0, k1, col_start, GAUSSIAN, STREAM, DOT_DTYPE, INPUT_PRECISION,
+                                      SPLIT_GAUSSIAN, SPLIT_GRADS, BLOCK_D, BLOCK_P, False)
+        if p_full_end < p_end:
+            acc_t = _accumulate_block(acc_t, g_ptr, stride_gb, stride_gp, rows, row_ok, p_full_end, p_end,
+                                      feature_offset, k0, k1, col_start, GAUSSIAN, STREAM, DOT_DTYPE,
+                                      INPUT_PRECISION, SPLIT_GAUSSIAN, SPLIT_GRADS, BLOCK_D, BLOCK_P, True)
+        mask = row_ok[None, :] & (cols < d)[:, None]
+        offsets = rows[None, :] * stride_ob + cols[:, None].to(tl.int64) * stride_od
         if ACCUMULATE:
-            ptrs = out_ptr + rows[:, None] * stride_ob + cols[None, :].to(tl.int64) * stride_od
-            current = tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, current + acc * multiplier, mask=mask)
+            current = tl.load(out_ptr + offsets, mask=mask, other=0.0)
+            tl.store(out_ptr + offsets, current + acc_t * multiplier, mask=mask)
         else:
-            ptrs = out_ptr + pid_s.to(tl.int64) * stride_ws + rows[:, None] * stride_ob + cols[None, :] * stride_od
-            tl.store(ptrs, acc, mask=mask)
+            tl.store(out_ptr + pid_s.to(tl.int64) * stride_ws + offsets, acc_t, mask=mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -228,10 +265,13 @@ def _launch_config(n_rows: int, n_features: int, d: int, gaussian: bool, device:
         warps, stages = 4, 1
         default_splits = 1
     else:
-        block_b = 64 if n_rows <= 64 else 128
+        # Compiled for sm_90 offline: the bf16 Rademacher main loop has no register spills at these
+        # sizes (wgmma, Pi tile from registers, G via cp.async). The Pi tile (BLOCK_D x BLOCK_P) is
+        # generated once per BLOCK_B rows, so BLOCK_B is as large as fits. Not tuned on a GPU yet.
+        block_b = min(128, max(32, _next_pow2(n_rows)))
         block_d = 128
         block_p = 32 if gaussian else 64
-        warps = 4 if block_b == 64 else 8
+        warps = 8 if block_b == 128 else 4
         stages = 3
         tiles = triton.cdiv(d, block_d) * triton.cdiv(n_rows, block_b)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -254,19 +294,22 @@ def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_o
     gaussian = kind == "gaussian"
     cfg = _launch_config(n_rows, n_features, d, gaussian, grads.device, n_splits)
     on_gpu = grads.is_cuda and not interpreting()
-    if on_gpu:
-        dot_dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[grads.dtype]
-        # tf32x3 is exact for +-1 and keeps ~fp32 accuracy of the grads; Gaussian entries have 24
-        # significant bits that a tf32 split would round, so fp32 Gaussian uses the plain fp32 dot.
-        precision = "ieee" if gaussian else "tf32x3"
+    split_grads = False
+    if not on_gpu:
+        dot_dtype, precision = tl.float32, "ieee"  # the interpreter's bf16 dot is wrong
+    elif grads.dtype == torch.float32:
+        # Rademacher: three exact bf16 pieces of g against the exact +-1 tile; Gaussian entries have 24
+        # significant bits, so fp32 Gaussian uses the plain fp32 ("ieee") dot.
+        dot_dtype, precision, split_grads = (tl.float32, "ieee", False) if gaussian else (tl.bfloat16, "ieee", True)
     else:
-        dot_dtype, precision = tl.float32, "ieee"
+        dot_dtype = tl.bfloat16 if grads.dtype == torch.bfloat16 else tl.float16
+        precision = "ieee"  # unused for 16-bit operands
     stream = (philox.STREAM_GAUSSIAN if gaussian else philox.STREAM_RADEMACHER) + \
         philox.STREAM_OUTPUT_FACTOR * bool(output_factor)
     seed_lo, seed_hi = philox.seed_key(seed)
     grid = (triton.cdiv(d, cfg["block_d"]), triton.cdiv(n_rows, cfg["block_b"]), cfg["splits"])
     common = dict(GAUSSIAN=gaussian, STREAM=stream, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                  SPLIT_GAUSSIAN=gaussian and dot_dtype != tl.float32, BLOCK_B=cfg["block_b"],
+                  SPLIT_GAUSSIAN=gaussian and dot_dtype != tl.float32, SPLIT_GRADS=split_grads, BLOCK_B=cfg["block_b"],
                   BLOCK_D=cfg["block_d"], BLOCK_P=cfg["block_p"], num_warps=cfg["warps"],
                   num_stages=cfg["stages"])
     if cfg["splits"] == 1:
