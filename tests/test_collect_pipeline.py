@@ -126,3 +126,28 @@ def test_bad_arguments(tmp_path):
         collect_trajectory(tiny_llama, [], tmp_path / "x", tokenizer=tiny_tokenizer())
     with pytest.raises(ValueError, match="tokenizer"):
         collect_trajectory(tiny_llama, [{"text": "a"}], tmp_path / "x")
+
+
+def test_command_line_options_on_a_saved_model_folder(tmp_path, capsys):
+    """`gtp collect` options (add_collect_arguments) on a model + tokenizer saved to disk, loaded offline."""
+    import argparse
+
+    from gtp_kernels.collect.pipeline import add_collect_arguments, collect_from_args
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat_template=True).save_pretrained(folder)
+    data = write_jsonl(tmp_path / "d.jsonl", [{**r, "uid": f"u{i}"} for i, r in enumerate(instruction_records(9, seed=2))])
+    parser = argparse.ArgumentParser()
+    add_collect_arguments(parser)
+    args = parser.parse_args(["--model", str(folder), "--data", data, "--out", str(tmp_path / "store"), "--d", "24",
+                              "--warmup-fraction", "0.5", "--warmup-epochs", "2", "--warmup-lr", "1e-3",
+                              "--lora-r", "2", "--lora-targets", "q_proj,k_proj", "--shard-size", "4", "--id-field", "uid",
+                              "--shared-seed", "--seed", "5", "--dtype", "float16", "--device", "cpu", "--quiet"])
+    store = collect_from_args(args)
+    assert store.ids == [f"u{i}" for i in range(9)] and store.t == 2 and store.d == 24 and store.dtype == np.float16
+    assert store.metadata["projection"]["seeds"] == [5, 5] and store.metadata["model"] == str(folder)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "store" / "warmup" / "checkpoint-1" / "trainable.safetensors"))
+    assert any("k_proj.lora_A" in n for n in trained) and not any("v_proj" in n for n in trained)

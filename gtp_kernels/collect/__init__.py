@@ -1,0 +1,27 @@
+"""Gradient trajectories from transformers models: warm-up, per-example gradients, K1, the store.
+
+    from gtp_kernels.collect import collect_trajectory, open_store
+    pool = collect_trajectory("path/to/model", "pool.jsonl", "pool_store")            # warm-up + Adam grads
+    val = collect_trajectory("path/to/model", "val.jsonl", "val_store",
+                             checkpoints="pool_store/warmup", gradient_type="sgd")    # targets
+    sel = gtp_kernels.select(pool.candidates(), val.mean(), k,
+                             checkpoint_weights=pool.selection_checkpoint_weights)
+    chosen_ids = [pool.ids[i] for i in sel.indices]
+
+transformers and peft are imported only when a model is built or trained.
+"""
+from .data import ExampleFormat, collate, read_jsonl, tokenize_all
+from .less_store import LessGradients, less_to_store, read_less_gradients
+from .per_example import adam_precondition, per_example_gradients, per_example_gradients_loop, trainable_parameters
+from .pipeline import add_collect_arguments, collect_from_args, collect_trajectory
+from .store import StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store
+from .warmup import Checkpoint, LoraSettings, WarmupSettings, load_checkpoints, warmup_train, wrap_for_training
+
+__all__ = [
+    "collect_trajectory", "add_collect_arguments", "collect_from_args",
+    "open_store", "TrajectoryStore", "TrajectoryStoreWriter", "StoreSpec", "StoreError",
+    "read_less_gradients", "less_to_store", "LessGradients",
+    "per_example_gradients", "per_example_gradients_loop", "adam_precondition", "trainable_parameters",
+    "warmup_train", "wrap_for_training", "load_checkpoints", "WarmupSettings", "LoraSettings", "Checkpoint",
+    "ExampleFormat", "read_jsonl", "tokenize_all", "collate",
+]
