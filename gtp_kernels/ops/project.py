@@ -291,6 +291,12 @@ def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_o
                     n_splits: int | None = None) -> None:
     """Triton path; ``n_splits`` overrides the split-K choice (tests use it to exercise both modes)."""
     n_rows, n_features = grads.shape
+    max_rows = 65535 * 32  # grid dimension 1 is limited to 65535 batch tiles (BLOCK_B >= 32 on GPUs)
+    if n_rows > max_rows and not interpreting():
+        for start in range(0, n_rows, max_rows):
+            _project_triton(grads[start:start + max_rows], d, seed, kind, feature_offset,
+                            out_view[start:start + max_rows], multiplier, output_factor, n_splits)
+        return
     gaussian = kind == "gaussian"
     cfg = _launch_config(n_rows, n_features, d, gaussian, grads.device, n_splits)
     on_gpu = grads.is_cuda and not interpreting()
