@@ -151,3 +151,26 @@ def test_command_line_options_on_a_saved_model_folder(tmp_path, capsys):
 
     trained = load_file(str(tmp_path / "store" / "warmup" / "checkpoint-1" / "trainable.safetensors"))
     assert any("k_proj.lora_A" in n for n in trained) and not any("v_proj" in n for n in trained)
+
+
+def test_foreign_peft_checkpoints_give_the_same_rows(pool, tmp_path):
+    """Checkpoints as a transformers Trainer leaves them (peft adapter + torch optimizer state_dict +
+    trainer_state.json) yield the rows our own warm-up folder gives for that checkpoint."""
+    root, data, tokenizer, store = pool
+    (ours,) = [c for c in load_checkpoints(root / "store" / "warmup") if c.name == "checkpoint-2"]
+    model = wrap_for_training(tiny_llama(), "causal_lm", LORA)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for n, value in load_trainable_state(ours, model).items():
+            dict(model.named_parameters())[n].copy_(value)
+    folder = tmp_path / "trainer" / f"checkpoint-{ours.step}"
+    model.save_pretrained(str(folder))
+    moments = torch.load(root / "store" / "warmup" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    torch.save({"state": {i: {"exp_avg": moments["exp_avg"][n], "exp_avg_sq": moments["exp_avg_sq"][n]} for i, n in enumerate(names)},
+                "param_groups": []}, folder / "optimizer.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": ours.step, "learning_rate": 1e-3}]}))
+    foreign = collect_trajectory(tiny_llama, data, tmp_path / "foreign", tokenizer=tokenizer, checkpoints=tmp_path / "trainer",
+                                 seed=1, **COMMON)
+    assert foreign.t == 1 and foreign.metadata["learning_rates"] == [1e-3]
+    want = np.asarray(store.trajectory_view()[:, 1], dtype=np.float64) / math.sqrt(store.checkpoint_weights[1])
+    np.testing.assert_allclose(foreign.trajectory_view()[:, 0], want, rtol=1e-4, atol=1e-5)
