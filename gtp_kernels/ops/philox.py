@@ -38,9 +38,9 @@ float32 ulp. Rademacher signs are integer-only and agree bit for bit everywhere.
 The counter's fourth word c3 is the *stream*: 0 Rademacher, 1 Gaussian, 2 and 3 the same kinds for
 the output-side factor Pi_out of the factored (Kronecker) projection of a linear layer, so that its
 two factors are independent even where their parameter indices coincide. (The formulas above show
-c3 for the plain streams 0 and 1.) The definition does not
-involve the block sizes, the batch size, the device or the number d of rows (a smaller d gives the
-leading rows of a larger one, up to the 1/sqrt(d) scale).
+c3 for the plain streams 0 and 1.) The definition does not involve the block sizes, the batch
+size, the device or the number d of rows (a smaller d gives the leading rows of a larger one, up to
+the 1/sqrt(d) scale).
 
 Implementations: ``philox4x32_10`` (torch, int64 arithmetic, any device) and the Triton functions
 ``philox4x32_10_tl``, ``rademacher_sign_tile``, ``gaussian_normal_tile`` used inside kernels.
