@@ -193,30 +193,32 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     """
     if strategy not in ("auto", "direct", "cached"):
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
-    dtype = opts.resolved_compute_dtype(problem.candidates.dtype)
+    dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
+    f64 = torch.float64  # the k-sized maths (Gram entries, factor, weights, residual)
     A = problem.candidates
     device = A.device
     N, D, m = problem.num_candidates, problem.dim, problem.num_targets
-    fw = problem.feature_weights(dtype)
-    B = problem.targets.to(dtype)
+    fw = problem.feature_weights(f64)
+    fw_c = None if fw is None else fw.to(dtype)
+    B = problem.targets.to(f64)
     BW = B if fw is None else B * fw[:, None]
     lam = float(opts.ridge)
     min_cos = opts.resolved_min_cosine(dtype)
     dep_tol = opts.resolved_dep_tol(dtype)
     max_iters = opts.resolved_max_iters(k)
-    c_bytes = torch.finfo(dtype).bits // 8
 
     if prefetch is None:
         prefetch = 32 if device.type == "cuda" else 16
     capacity = k * m + 2 * prefetch
     if strategy == "auto":
+        c_bytes = torch.finfo(dtype).bits // 8
         strategy = choose_strategy(N, D, k, m, A.element_size(), c_bytes, capacity, _cache_budget_bytes(device))
 
-    state = lsq.lsq_init(m, k, dtype, device)
+    state = lsq.lsq_init(m, k, f64, device)
     base_exclude = problem.exclude
     banned = [set() for _ in range(m)]
     exclude = base_exclude[:, None].repeat(1, m)
-    R = B.clone()
+    R = B.clone()  # residuals, float64
     b_norms = weighted_norm(B.T, fw).tolist()
     r_norms = list(b_norms)
     hist: List[List[float]] = [[x] for x in b_norms]
@@ -224,13 +226,15 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     iterations, rejected, dropped = [0] * m, [0] * m, [0] * m
     first_corr: List[Optional[float]] = [None] * m
     supports: List[List[int]] = [[] for _ in range(m)]
-    weights: List[torch.Tensor] = [torch.zeros(0, dtype=dtype, device=device) for _ in range(m)]
+    # float64 copies of each target's selected rows, in support order (|S| x D, small)
+    support_rows = [torch.empty(0, D, dtype=f64, device=device) for _ in range(m)]
+    weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
     passes = 0
 
     clock = _PhaseClock(phase_seconds, device)
     cache = None
     if strategy == "cached":
-        c0 = candidate_products(A, BW, dtype)  # (N, m): one pass
+        c0 = candidate_products(A, BW.to(dtype), dtype)  # (N, m): one pass
         passes += 1
         cache = _ColumnCache(N, capacity, dtype, device)
 
@@ -244,36 +248,40 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         if not live:
             break
 
+        # 1. correlations and the best candidate per target
         if cache is not None:
-            Wmat = torch.zeros(max(cache.hi, 1), m, dtype=dtype, device=device)
-            for t in live:
-                if supports[t]:
-                    slots = torch.tensor([cache.slot_of[a] for a in supports[t]], device=device)
-                    Wmat[slots, t] = weights[t]
-            scores = torch.addmm(c0, cache.C_T[: max(cache.hi, 1)].T, Wmat, alpha=-1.0)
+            if any(supports[t] for t in live):
+                Wmat = torch.zeros(cache.hi, m, dtype=dtype, device=device)
+                for t in live:
+                    if supports[t]:
+                        slots = torch.tensor([cache.slot_of[a] for a in supports[t]], device=device)
+                        Wmat[slots, t] = weights[t].to(dtype)
+                scores = torch.addmm(c0, cache.C_T[: cache.hi].T, Wmat, alpha=-1.0)
+            else:  # nothing selected yet (the cache may hold only never-written slots)
+                scores = c0.clone()
             key = scores if opts.positive else scores.abs_()
             key.masked_fill_(exclude, -float("inf"))
             best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
         else:
-            RW = R if fw is None else R * fw[:, None]
+            RW = (R if fw is None else R * fw[:, None]).to(dtype)
             best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype)
             passes += 1
         best_val = best_val.tolist()
         best_idx = best_idx.tolist()
         clock.lap("correlation")
 
+        # 2. stop tests on the picks
         new_atoms = [-1] * m
         for t in live:
             iterations[t] += 1
-            j, v = best_idx[t], best_val[t]
-            if v == -float("inf"):
+            if best_val[t] == -float("inf"):
                 stopped[t] = STOP_EXHAUSTED
-                continue
-            new_atoms[t] = j
+            else:
+                new_atoms[t] = best_idx[t]
         picked = [t for t in live if new_atoms[t] >= 0]
         if not picked:
             continue
-        rows = A[[new_atoms[t] for t in picked]].to(dtype)  # (p, D)
+        rows = A[[new_atoms[t] for t in picked]].to(f64)  # (p, D)
         rows_w = rows if fw is None else rows * fw
         diag = (rows_w * rows).sum(dim=1)
         for i, t in enumerate(picked):
@@ -290,49 +298,45 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         picked = [picked[i] for i in go]
         rows, rows_w, diag = rows[go], rows_w[go], diag[go]
 
-        gram_col = torch.zeros(m, k, dtype=dtype, device=device)
-        gram_diag = torch.zeros(m, dtype=dtype, device=device)
-        rhs_new = torch.zeros(m, dtype=dtype, device=device)
+        # 3. cached strategy: make sure the new atoms' columns A W a_j are in the cache,
+        #    fetching the most likely next picks in the same read of A
         if cache is not None:
             wanted = [new_atoms[t] for t in picked]
             missing = cache.missing(wanted)
             if missing:
-                # One read of A: the missing columns plus the most likely next picks.
                 extra: List[int] = []
                 for t in picked:
                     top = torch.topk(key[:, t], min(N, prefetch + 1)).indices.tolist()
                     extra.extend(a for a in top if a not in cache.slot_of)
                 fetch = list(dict.fromkeys(missing + extra))[: len(missing) + prefetch]
                 X = A[fetch].to(dtype)
-                if fw is not None:
-                    X = X * fw
+                if fw_c is not None:
+                    X = X * fw_c
                 pinned = {a for s in supports for a in s} | set(wanted)
                 cache.insert(fetch, candidate_products(A, X.T, dtype), pinned)
                 passes += 1
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
                     raise RuntimeError("column cache too small for the supports")
-            for i, t in enumerate(picked):
-                j = new_atoms[t]
-                col = cache.column(j)
-                if supports[t]:
-                    gram_col[t, : len(supports[t])] = col[torch.tensor(supports[t], device=device)]
-                gram_diag[t] = col[j]
-                rhs_new[t] = c0[j, t]
-        else:
-            for i, t in enumerate(picked):
-                if supports[t]:
-                    gram_col[t, : len(supports[t])] = A[supports[t]].to(dtype) @ rows_w[i]
-                gram_diag[t] = diag[i]
-                rhs_new[t] = rows_w[i] @ B[:, t]
-
         clock.lap("columns")
+
+        # 4. least-squares update (K3), float64 Gram entries from the selected rows
+        gram_col = torch.zeros(m, k, dtype=f64, device=device)
+        gram_diag = torch.zeros(m, dtype=f64, device=device)
+        rhs_new = torch.zeros(m, dtype=f64, device=device)
+        for i, t in enumerate(picked):
+            if supports[t]:
+                gram_col[t, : len(supports[t])] = support_rows[t] @ rows_w[i]
+            gram_diag[t] = diag[i]
+            rhs_new[t] = rows_w[i] @ B[:, t]
         atoms = torch.full((m,), -1, dtype=torch.long, device=device)
         atoms[picked] = torch.tensor([new_atoms[t] for t in picked], device=device)
         status = lsq.lsq_update(state, atoms, gram_col, gram_diag, rhs_new, lam=lam,
                                 positive=opts.positive, dep_tol=dep_tol).tolist()
         sizes = state.size.tolist()
         clock.lap("update")
-        for t in picked:
+
+        # 5. bookkeeping and residuals
+        for i, t in enumerate(picked):
             st, j = status[t], new_atoms[t]
             if st & lsq.STATUS_DEPENDENT:
                 banned[t].add(j)
@@ -342,20 +346,21 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if st & lsq.STATUS_NEW_DROPPED:
                 banned[t].add(j)
                 rejected[t] += 1
-            old = set(supports[t])
-            supports[t] = state.support[t, : sizes[t]].tolist()
+            new_support = state.support[t, : sizes[t]].tolist()
+            pos = {a: p for p, a in enumerate(supports[t])}
+            all_rows = torch.cat([support_rows[t], rows[i : i + 1]])
+            pos[j] = len(supports[t])
+            support_rows[t] = all_rows[[pos[a] for a in new_support]]
+            gone = set(supports[t]) - set(new_support)
+            supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
-            gone = old - set(supports[t])
-            dropped[t] += len(gone - {j})
+            dropped[t] += len(gone)
             exclude[j, t] = True  # selected, or banned if it was dropped as it entered
-            back = [a for a in gone - {j} if a not in banned[t]]
+            back = [a for a in gone if a not in banned[t]]
             if back:  # atoms dropped by NNLS become eligible again
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
-            if supports[t]:
-                R[:, t] = B[:, t] - A[supports[t]].to(dtype).T @ weights[t]
-            else:
-                R[:, t] = B[:, t]
+            R[:, t] = B[:, t] - support_rows[t].T @ weights[t] if supports[t] else B[:, t]
             r_norms[t] = float(weighted_norm(R[:, t], fw))
             hist[t].append(r_norms[t])
             if progress is not None:
