@@ -6,13 +6,21 @@
 // diagonal triangle is solved by one warp with shuffles, two barriers per tile).
 #pragma once
 
+// GTP_CUDA_EMULATION: tests/cuda_emulation/ compiles this file with a host compiler, threads standing in
+// for the block (see there); everything else builds it with nvcc.
+#if !defined(GTP_CUDA_EMULATION)
 #include <cuda_runtime.h>
+#endif
 
 #include "lsq_update_core.h"
 
 namespace gtp {
 
-constexpr int kLsqThreads = 512;  // 16 warps per pursuit
+#ifndef GTP_LSQ_THREADS
+#define GTP_LSQ_THREADS 512  // 16 warps per pursuit; the CPU emulation test also builds it with 64
+#endif
+constexpr int kLsqThreads = GTP_LSQ_THREADS;
+static_assert(kLsqThreads % 32 == 0 && kLsqThreads >= 64 && kLsqThreads <= 1024, "whole warps");
 constexpr int kTile = 32;
 constexpr int kWarps = kLsqThreads / 32;
 
