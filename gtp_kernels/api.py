@@ -194,6 +194,7 @@ def select(
     seed: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
+    backend: str = "auto",
     progress: bool = False,
 ) -> Selection:
     """Select at most k candidates whose non-negative combination matches the target.
@@ -222,6 +223,8 @@ def select(
         seed: for random selection.
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
         device: move the candidates there first (e.g. "cuda").
+        backend: kernels for the N-sized products: "auto" (Triton on CUDA, torch on CPU),
+            "triton" or "torch".
         progress: show a progress bar.
     """
     t0 = time.perf_counter()
@@ -235,6 +238,8 @@ def select(
             raise InputError(f"{label} must be finite and >= 0, got {value}")
     if stop_ratio is not None and not 0 <= stop_ratio < 1:
         raise InputError(f"stop_ratio must lie in [0, 1), got {stop_ratio}")
+    if backend not in ("auto", "triton", "torch"):
+        raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if max_iters is not None and max_iters < 1:
@@ -253,7 +258,8 @@ def select(
             raise InputError(f"align_threshold={align_threshold} excludes every candidate")
     opts = SelectOptions(positive=positive, ridge=float(ridge), tol=float(tol), min_cosine=min_cosine,
                          stop_ratio=stop_ratio, max_iters=max_iters, batch_size=batch_size,
-                         topk_reduce=topk_reduce, seed=seed, compute_dtype=compute_dtype, progress=progress)
+                         topk_reduce=topk_reduce, seed=seed, compute_dtype=compute_dtype, progress=progress,
+                         backend=backend)
     t1 = time.perf_counter()
     spec = METHODS[name]
     bar, tick = _progress_bar(progress, k * problem.num_targets, name)

@@ -120,3 +120,17 @@ def test_cosamp_close_to_exact_on_noisy_problem_with_10x_fewer_passes():
     r_cos = gk.fit_residual(A, B, cos.indices)
     assert r_cos <= 1.05 * r_exact
     assert cos.per_target[0].passes * 10 <= exact.per_target[0].iterations
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fast_on_triton_kernels_equals_reference(strategy):
+    """The driver on the K2 kernels (interpreter on CPU, compiled on GPU), bf16 candidates."""
+    A, B = noisy_problem(300, 48, seed=7, dtype=torch.float32, m=2)
+    A = A.to(torch.bfloat16)
+    if torch.cuda.is_available():
+        A, B = A.cuda(), B.cuda()
+    ref = gk.select(A, B, 6, method="gtp-reference")
+    fast = run_fast(A, B, 6, strategy, prefetch=2, backend="triton")
+    assert_same(fast, ref, 1e-4)
+    cos = gk.select(A, B, 6, method="gtp-cosamp", backend="triton")
+    assert all(len(ts.indices) == 6 for ts in cos.per_target)

@@ -67,6 +67,7 @@ class SelectOptions:
     seed: int = 0
     compute_dtype: Optional[torch.dtype] = None
     progress: bool = False
+    backend: str = "auto"
 
     def resolved_compute_dtype(self, input_dtype: torch.dtype) -> torch.dtype:
         if self.compute_dtype is not None:

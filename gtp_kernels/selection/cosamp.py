@@ -33,20 +33,21 @@ from .common import (
     SelectOptions,
     TargetSelection,
 )
-from .pursuit import candidate_products
+from .pursuit import _use_kernels, candidate_products
 from .reference import weighted_norm
 
 DEFAULT_MAX_PASSES = 8
 
 
-def _top_candidates(A, RW, exclude, batch, positive, dtype):
-    """(m, batch) values and indices of the best masked correlations; one read of A."""
-    if A.is_cuda and dtype == torch.float32:
+def _top_candidates(A, RW, exclude, batch, positive, dtype, backend):
+    """(m, batch) values and indices of the best masked correlations; one read of A (K2)."""
+    if _use_kernels(A, dtype, backend):
         from ..ops.correlate import correlate_topk
 
-        values, idx = correlate_topk(A, RW.contiguous(), batch, exclude=exclude, absolute=not positive)
+        values, idx = correlate_topk(A, RW.contiguous(), batch, exclude=exclude, absolute=not positive,
+                                     backend="triton")
         return (values if positive else values.abs()), idx
-    scores = candidate_products(A, RW, dtype)
+    scores = candidate_products(A, RW, dtype, backend)
     key = (scores if positive else scores.abs()).masked_fill(exclude, -float("inf"))
     values, idx = torch.topk(key, min(batch, key.shape[0]), dim=0, sorted=True)
     return values.T, idx.T
@@ -131,7 +132,7 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
         if not live:
             break
         RW = R if fw is None else R * fw[:, None]
-        values, idx = _top_candidates(A, RW, exclude, batch, opts.positive, dtype)
+        values, idx = _top_candidates(A, RW, exclude, batch, opts.positive, dtype, opts.backend)
         passes += 1
         for t in live:
             ok = values[t] > 0

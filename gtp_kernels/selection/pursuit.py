@@ -52,16 +52,23 @@ from .common import (
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _use_kernels(A: torch.Tensor, dtype: torch.dtype, backend: str) -> bool:
+    """The K2 kernels compute in float32; "auto" uses them on CUDA tensors only."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    return dtype == torch.float32 and (backend == "triton" or (backend == "auto" and A.is_cuda))
+
+
+def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
     """A @ X as an (N, p) matrix in dtype; one read of A.
 
     On CUDA in float32 this is the K2 kernel family (fp32 accumulation over bf16/fp16/fp32
     rows); elsewhere a chunked torch matmul, upcasting A a block of rows at a time.
     """
-    if A.is_cuda and dtype == torch.float32:
+    if _use_kernels(A, dtype, backend):
         from ..ops.correlate import candidate_scores
 
-        return candidate_scores(A, X.contiguous())
+        return candidate_scores(A, X.contiguous(), backend="triton")
     if A.dtype == dtype:
         return A @ X
     out = torch.empty(A.shape[0], X.shape[1], dtype=dtype, device=A.device)
@@ -82,15 +89,16 @@ def _masked_best(scores: torch.Tensor, exclude: torch.Tensor, positive: bool):
     return values, idx
 
 
-def _best_direct(A, RW, exclude, positive, dtype):
-    """One pass: per-column masked argmax of A @ RW."""
-    if A.is_cuda and dtype == torch.float32:
+def _best_direct(A, RW, exclude, positive, dtype, backend):
+    """One pass: per-column masked argmax of A @ RW (K2 on the kernel path)."""
+    if _use_kernels(A, dtype, backend):
         from ..ops.correlate import correlate_topk
 
-        values, idx = correlate_topk(A, RW.contiguous(), 1, exclude=exclude, absolute=not positive)
+        values, idx = correlate_topk(A, RW.contiguous(), 1, exclude=exclude, absolute=not positive,
+                                     backend="triton")
         values, idx = values[:, 0], idx[:, 0]
         return (values if positive else values.abs()), idx
-    return _masked_best(candidate_products(A, RW, dtype), exclude, positive)
+    return _masked_best(candidate_products(A, RW, dtype, backend), exclude, positive)
 
 
 class _ColumnCache:
@@ -234,7 +242,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     clock = _PhaseClock(phase_seconds, device)
     cache = None
     if strategy == "cached":
-        c0 = candidate_products(A, BW.to(dtype), dtype)  # (N, m): one pass
+        c0 = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
         passes += 1
         cache = _ColumnCache(N, capacity, dtype, device)
 
@@ -264,7 +272,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
         else:
             RW = (R if fw is None else R * fw[:, None]).to(dtype)
-            best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype)
+            best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype, opts.backend)
             passes += 1
         best_val = best_val.tolist()
         best_idx = best_idx.tolist()
@@ -313,7 +321,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 if fw_c is not None:
                     X = X * fw_c
                 pinned = {a for s in supports for a in s} | set(wanted)
-                cache.insert(fetch, candidate_products(A, X.T, dtype), pinned)
+                cache.insert(fetch, candidate_products(A, X.T, dtype, opts.backend), pinned)
                 passes += 1
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
                     raise RuntimeError("column cache too small for the supports")
