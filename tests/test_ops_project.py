@@ -374,3 +374,87 @@ def test_cuda_projection_equals_cpu_projection(dtype):
         gpu = project(grads.cuda(), 1000, 8, kind, 2**39).cpu()
         _, magnitude = _dense_reference(grads, 1000, 8, kind, 2**39)
         assert ((gpu.double() - cpu.double()).abs() <= 2e-5 * magnitude).all(), kind
+
+
+# ------------------------------------------------------------------------------------------------
+# Compile the GPU kernel for sm_90 on a CPU machine (Triton's bundled ptxas / cuobjdump)
+# ------------------------------------------------------------------------------------------------
+_SM90_COMPILE = r'''
+import json, os, re, subprocess
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gtp_kernels.ops import project as k1
+
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+fn = k1._project_kernel
+results = []
+cases = [("bf16", "rademacher", n, acc) for n in (32, 64, 256) for acc in (True, False)]
+cases += [("fp16", "rademacher", 64, True), ("fp32", "rademacher", 128, True),
+          ("bf16", "gaussian", 32, False), ("fp32", "gaussian", 128, True)]
+for name, kind, n_rows, accumulate in cases:
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    block_b, block_d, block_p, warps, stages = k1.gpu_blocks(n_rows, kind == "gaussian")
+    consts = dict(k1.kernel_constexprs(dtype, kind, on_gpu=True), ACCUMULATE=accumulate, BLOCK_B=block_b,
+                  BLOCK_D=block_d, BLOCK_P=block_p, stride_gp=1)  # contiguous grads: Triton specialises stride 1
+    sig = {"g_ptr": "*" + name, "stride_gb": "i64", "stride_gp": "constexpr", "n_rows": "i32", "n_features": "i64",
+           "out_ptr": "*fp32", "stride_ob": "i64", "stride_od": "i64", "stride_ws": "i64", "d": "i32",
+           "feature_offset": "i64", "seed_lo": "i64", "seed_hi": "i64", "multiplier": "fp32", "p_per_split": "i64"}
+    sig.update({k: "constexpr" for k in consts})
+    aligned = ("g_ptr", "out_ptr", "stride_gb", "stride_ob", "stride_ws", "p_per_split")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with open("k1.cubin", "wb") as f:
+        f.write(c.asm["cubin"])
+    sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", "k1.cubin"], capture_output=True,
+                          text=True).stdout
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*)", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    back = [(a, int(t.group(1), 16)) for a, op, arg in ins if op.startswith("BRA")
+            for t in [re.search(r"0x([0-9a-f]+)", arg)] if t and int(t.group(1), 16) < a]
+    end, start = max(back, key=lambda ab: ab[0] - ab[1])  # the main loop: the longest backward jump
+    body = [op for a, op, _ in ins if start <= a <= end]
+    results.append(dict(case=f"{name} {kind} B={n_rows} accumulate={accumulate}", shared=c.metadata.shared,
+                        loop_local=sum(op.startswith(("LDL", "STL")) for op in body), loop_len=len(body),
+                        wgmma="wgmma.mma_async" in c.asm["ptx"], cp_async="cp.async" in c.asm["ptx"]))
+print("RESULTS" + json.dumps(results))
+'''
+
+
+@pytest.mark.slow
+def test_kernel_compiles_for_sm90(tmp_path):
+    """The GPU kernel (not the interpreter) compiles for sm_90 with the launch shapes of gpu_blocks():
+    wgmma (except fp32 Gaussian, which uses the fp32 FMA dot) and pipelined cp.async loads, shared memory
+    within a Hopper SM, and a Rademacher main loop free of register spills. (Gaussian loops may spill a
+    little: float64 Box-Muller.)"""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump")):
+        pytest.skip("triton's bundled ptxas/cuobjdump are not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    run = subprocess.run([sys.executable, "-c", _SM90_COMPILE], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.split("RESULTS", 1)[1])
+    assert len(results) == 10
+    for r in results:
+        assert r["shared"] <= 227 * 1024, r
+        assert r["cp_async"], r
+        if r["case"].startswith("fp32 gaussian"):
+            continue  # the plain fp32 ("ieee") dot runs on the FMA units, not wgmma
+        assert r["wgmma"], r
+        if "rademacher" in r["case"]:
+            assert r["loop_local"] == 0, r

@@ -24,6 +24,15 @@ partial sum into an fp32 workspace (splits x B x d) that is reduced in a fixed o
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU) operands are upcast to fp32 before tl.dot
 because its bf16 dot is wrong there.
+
+Performance model (sm_90 SASS of the bf16 Rademacher main loop, compiled offline, not yet timed):
+with BLOCK_B = 128 (8 warps) one iteration generates a 128 x 64 Pi tile in ~285 instructions per
+thread, ~2300 warp instructions per SM, i.e. >= ~570 issue cycles, while its 128x128x64 wgmma needs
+~512 tensor-core cycles: generation and MMA are of the same order, so B >= 128 should land near the
+premade-matrix matmul if wgmma overlaps the generation, and B <= 64 is generation-bound (~460
+instructions per 64 x 128 tile with 4 warps), where the premade matmul is itself bound by reading
+Pi from memory (2 bytes per entry). Gaussian tiles cost ~150 instructions per entry (float64
+Box-Muller), an order of magnitude more: Rademacher is the fast path.
 """
 from __future__ import annotations
 
@@ -255,6 +264,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def gpu_blocks(n_rows: int, gaussian: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_B, BLOCK_D, BLOCK_P, num_warps, num_stages) of the kernel on a GPU.
+
+    Compiled for sm_90 offline (tests/test_ops_project.py::test_kernel_compiles_for_sm90): the main
+    loop has no register spills at these sizes (wgmma, Pi tile from registers, G via cp.async). The Pi
+    tile (BLOCK_D x BLOCK_P) is generated once per BLOCK_B rows, so BLOCK_B is as large as fits. Not
+    tuned on a GPU yet."""
+    block_b = min(128, max(32, _next_pow2(n_rows)))
+    block_p = 16 if gaussian else 64  # Gaussian: float64 Box-Muller spills registers at 32
+    return block_b, 128, block_p, (8 if block_b == 128 else 4), 3
+
+
 def _launch_config(n_rows: int, n_features: int, d: int, gaussian: bool, device: torch.device,
                    n_splits: int | None) -> dict:
     if interpreting() and device.type != "cuda":
@@ -265,14 +286,7 @@ def _launch_config(n_rows: int, n_features: int, d: int, gaussian: bool, device:
         warps, stages = 4, 1
         default_splits = 1
     else:
-        # Compiled for sm_90 offline: the bf16 Rademacher main loop has no register spills at these
-        # sizes (wgmma, Pi tile from registers, G via cp.async). The Pi tile (BLOCK_D x BLOCK_P) is
-        # generated once per BLOCK_B rows, so BLOCK_B is as large as fits. Not tuned on a GPU yet.
-        block_b = min(128, max(32, _next_pow2(n_rows)))
-        block_d = 128
-        block_p = 16 if gaussian else 64  # Gaussian: float64 Box-Muller spills registers at 32
-        warps = 8 if block_b == 128 else 4
-        stages = 3
+        block_b, block_d, block_p, warps, stages = gpu_blocks(n_rows, gaussian)
         tiles = triton.cdiv(d, block_d) * triton.cdiv(n_rows, block_b)
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         want = triton.cdiv(4 * sms, tiles)  # ~4 programs per SM keeps every SM busy
@@ -284,6 +298,26 @@ def _launch_config(n_rows: int, n_features: int, d: int, gaussian: bool, device:
     splits = triton.cdiv(max(n_features, 1), p_per_split)
     return dict(block_b=block_b, block_d=block_d, block_p=block_p, warps=warps, stages=stages,
                 splits=splits, p_per_split=p_per_split)
+
+
+def kernel_constexprs(grads_dtype: torch.dtype, kind: str, on_gpu: bool, output_factor: bool = False) -> dict:
+    """The kernel's compile-time switches for a grads dtype and kind (GPU or interpreter)."""
+    gaussian = kind == "gaussian"
+    split_grads = False
+    if not on_gpu:
+        dot_dtype, precision = tl.float32, "ieee"  # the interpreter's bf16 dot is wrong
+    elif grads_dtype == torch.float32:
+        # Rademacher: three exact bf16 pieces of g against the exact +-1 tile; Gaussian entries have 24
+        # significant bits, so fp32 Gaussian uses the plain fp32 ("ieee") dot.
+        dot_dtype, split_grads = (tl.float32, False) if gaussian else (tl.bfloat16, True)
+        precision = "ieee"
+    else:
+        dot_dtype = tl.bfloat16 if grads_dtype == torch.bfloat16 else tl.float16
+        precision = "ieee"  # unused for 16-bit operands
+    stream = (philox.STREAM_GAUSSIAN if gaussian else philox.STREAM_RADEMACHER) + \
+        philox.STREAM_OUTPUT_FACTOR * bool(output_factor)
+    return dict(GAUSSIAN=gaussian, STREAM=stream, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                SPLIT_GAUSSIAN=gaussian and dot_dtype != tl.float32, SPLIT_GRADS=split_grads)
 
 
 def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
@@ -300,22 +334,9 @@ def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_o
     gaussian = kind == "gaussian"
     cfg = _launch_config(n_rows, n_features, d, gaussian, grads.device, n_splits)
     on_gpu = grads.is_cuda and not interpreting()
-    split_grads = False
-    if not on_gpu:
-        dot_dtype, precision = tl.float32, "ieee"  # the interpreter's bf16 dot is wrong
-    elif grads.dtype == torch.float32:
-        # Rademacher: three exact bf16 pieces of g against the exact +-1 tile; Gaussian entries have 24
-        # significant bits, so fp32 Gaussian uses the plain fp32 ("ieee") dot.
-        dot_dtype, precision, split_grads = (tl.float32, "ieee", False) if gaussian else (tl.bfloat16, "ieee", True)
-    else:
-        dot_dtype = tl.bfloat16 if grads.dtype == torch.bfloat16 else tl.float16
-        precision = "ieee"  # unused for 16-bit operands
-    stream = (philox.STREAM_GAUSSIAN if gaussian else philox.STREAM_RADEMACHER) + \
-        philox.STREAM_OUTPUT_FACTOR * bool(output_factor)
     seed_lo, seed_hi = philox.seed_key(seed)
     grid = (triton.cdiv(d, cfg["block_d"]), triton.cdiv(n_rows, cfg["block_b"]), cfg["splits"])
-    common = dict(GAUSSIAN=gaussian, STREAM=stream, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                  SPLIT_GAUSSIAN=gaussian and dot_dtype != tl.float32, SPLIT_GRADS=split_grads, BLOCK_B=cfg["block_b"],
+    common = dict(**kernel_constexprs(grads.dtype, kind, on_gpu, output_factor), BLOCK_B=cfg["block_b"],
                   BLOCK_D=cfg["block_d"], BLOCK_P=cfg["block_p"], num_warps=cfg["warps"],
                   num_stages=cfg["stages"])
     if cfg["splits"] == 1:
