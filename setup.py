@@ -74,24 +74,28 @@ def _extension_setup() -> dict:
         ext = cpu_extension()
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """Never fails the install: CUDA build failure -> CPU-only retry -> no extension."""
+        """Never fails the install: CUDA build failure -> CPU-only retry -> no extension.
 
-        def build_extension(self, ext):  # noqa: ANN001 - setuptools signature
+        Wraps build_extensions (not build_extension): torch checks nvcc against torch's CUDA version
+        there, before compiling anything.
+        """
+
+        def build_extensions(self) -> None:
             try:
-                super().build_extension(ext)
+                super().build_extensions()
                 return
             except Exception as exc:  # noqa: BLE001
-                _say(f"building {ext.name} failed: {exc}")
-                if not any(s.endswith(".cu") for s in ext.sources):
-                    _say("extension not built; gtp_kernels uses the pure-torch fallback (see csrc/README.md)")
+                _say(f"building gtp_kernels._C failed: {type(exc).__name__}: {exc}")
+            if any(src.endswith(".cu") for e in self.extensions for src in e.sources):
+                _say("retrying with the CPU op only (CUDA tensors will use the pure-torch fallback)")
+                self.extensions = [cpu_extension()]
+                try:
+                    super().build_extensions()
                     return
-            _say("retrying with the CPU op only")
-            cpu = cpu_extension()
-            try:
-                super().build_extension(cpu)
-            except Exception as exc:  # noqa: BLE001
-                _say(f"CPU-only build failed too: {exc}")
-                _say("extension not built; gtp_kernels uses the pure-torch fallback (see csrc/README.md)")
+                except Exception as exc:  # noqa: BLE001
+                    _say(f"CPU-only build failed too: {type(exc).__name__}: {exc}")
+            _say("extension NOT built; gtp_kernels uses its pure-torch fallback (see csrc/README.md)")
+            self.extensions = []  # nothing for the install/inplace steps to copy
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}}
 

@@ -46,13 +46,20 @@ DEFAULT_DEP_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 LsqBackend = Literal["auto", "ext", "torch"]
 
-try:
-    from gtp_kernels import _C  # type: ignore[attr-defined]
+def _load_extension():
+    """(module, None) or (None, reason)."""
+    import importlib
+    import importlib.util
 
-    _EXT_ERROR: str | None = None
-except Exception as exc:  # noqa: BLE001 - missing or broken build: fall back to torch
-    _C = None
-    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    try:
+        if importlib.util.find_spec("gtp_kernels._C") is None:
+            return None, "gtp_kernels._C is not built (pip install --no-build-isolation -e .; see csrc/README.md)"
+        return importlib.import_module("gtp_kernels._C"), None
+    except Exception as exc:  # noqa: BLE001 - broken build (ABI, missing CUDA libs): fall back to torch
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+_C, _EXT_ERROR = _load_extension()
 
 
 def extension_status() -> str:
