@@ -100,14 +100,18 @@ def _projection_available() -> bool:
     return True
 
 
-def _rate(fn, model, batches, n_examples, repeats, **kw) -> float:
-    fn(model, batches[:1], **kw)  # warm-up
-    best = float("inf")
+def _rates(fns, model, batches, n_examples, repeats, **kw) -> list[float]:
+    """Examples/s of each function, runs interleaved and the best run kept (the machine may be
+    shared: interleaving exposes every function to the same background load)."""
+    for fn in fns:
+        fn(model, batches[:1], **kw)  # warm-up
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn(model, batches, **kw)
-        best = min(best, time.perf_counter() - start)
-    return n_examples / best
+        for index, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn(model, batches, **kw)
+            best[index] = min(best[index], time.perf_counter() - start)
+    return [n_examples / b for b in best]
 
 
 def main() -> None:
@@ -129,8 +133,7 @@ def main() -> None:
             if lora:
                 cases.append((make_projector(model, 1024, 0), " + K1 d=1024 (Pi generated)"))
         for projector, suffix in cases:
-            batched = _rate(run_batched, model, batches, args.examples, args.repeats, projector=projector)
-            loop = _rate(run_loop, model, batches, args.examples, args.repeats, projector=projector)
+            batched, loop = _rates([run_batched, run_loop], model, batches, args.examples, args.repeats, projector=projector)
             label = f"{'LoRA' if lora else 'full'} P={n_params}{suffix}"
             print(f"{label:<48}{batched:>14.1f}{loop:>12.1f}{batched / loop:>7.2f}x")
 
