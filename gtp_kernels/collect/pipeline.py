@@ -62,7 +62,11 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-        kwargs: dict[str, Any] = {"dtype": model_dtype} if model_dtype is not None else {}
+        import transformers
+
+        # transformers renamed torch_dtype to dtype in 4.56.
+        dtype_key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
+        kwargs: dict[str, Any] = {dtype_key: model_dtype} if model_dtype is not None else {}
         if task == "causal_lm":
             built = AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
         else:
