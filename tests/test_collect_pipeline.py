@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from collect_tiny import classification_records, instruction_records, tiny_bert_classifier, tiny_llama, tiny_tokenizer, write_jsonl
-from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokenize_all
+from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokenize_all, write_selected_examples
 from gtp_kernels.collect.per_example import adam_precondition, flatten_gradients, per_example_gradients_loop
 from gtp_kernels.collect.pipeline import collect_trajectory
-from gtp_kernels.collect.store import StoreError, open_store
+from gtp_kernels.collect.store import StoreError, is_store, open_store
 from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings, load_adam_moments, load_checkpoints, load_trainable_state, wrap_for_training
 from gtp_kernels.ops.project import projection_matrix
 
@@ -100,10 +100,15 @@ def test_targets_then_select_writes_examples(pool, tmp_path):
     assert 1 <= len(chosen) <= k and len(set(chosen)) == len(chosen)
     residuals = np.asarray(selection.residual_norms)
     assert residuals[-1] < residuals[0]
-    records = {json.loads(line)["id"]: json.loads(line) for line in open(data)}
     out = tmp_path / "selected.jsonl"
-    write_jsonl(out, [records[i] for i in chosen])
-    assert [json.loads(line)["id"] for line in open(out)] == chosen
+    assert write_selected_examples(data, chosen, out, weights=selection.weights.tolist()) == len(chosen)
+    written = [json.loads(line) for line in open(out)]
+    originals = {json.loads(line)["id"]: json.loads(line) for line in open(data)}
+    assert [r["id"] for r in written] == chosen and [r["_rank"] for r in written] == list(range(len(chosen)))
+    assert all(r["instruction"] == originals[r["id"]]["instruction"] for r in written)
+    assert is_store(root / "store") and not is_store(root)
+    with pytest.raises(ValueError, match="not in"):
+        write_selected_examples(data, ["nope"], tmp_path / "bad.jsonl")
 
 
 def test_classification_full_finetune_shared_seed(tmp_path):

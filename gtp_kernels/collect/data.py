@@ -225,3 +225,34 @@ def pad_token_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
+
+
+def write_selected_examples(
+    data: str | os.PathLike,
+    selected_ids: Sequence[str],
+    out: str | os.PathLike,
+    fmt: ExampleFormat = ExampleFormat(),
+    weights: Sequence[float] | None = None,
+) -> int:
+    """Write the selected examples themselves, in selection order, as JSON lines.
+
+    ``data`` is the JSONL file the store was collected from (ids as :func:`read_jsonl` assigns
+    them); each output line is the original record plus ``"_rank"`` (and ``"_weight"``). Written
+    to a temp file and renamed, so a partial file never appears. Returns the number written.
+    """
+    by_id = {example.id: example.record for example in read_jsonl(data, fmt)}
+    ids = [str(i) for i in selected_ids]
+    unknown = [i for i in ids if i not in by_id]
+    if unknown:
+        raise ValueError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
+    if weights is not None and len(weights) != len(ids):
+        raise ValueError(f"weights: {len(weights)} values for {len(ids)} ids")
+    tmp = f"{out}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for rank, example_id in enumerate(ids):
+            record = {**by_id[example_id], "_rank": rank}
+            if weights is not None:
+                record["_weight"] = float(weights[rank])
+            handle.write(json.dumps(record) + "\n")
+    os.replace(tmp, out)
+    return len(ids)

@@ -301,6 +301,11 @@ class TrajectoryStore:
         return out
 
 
+def is_store(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder holding a trajectory-store manifest (cheap: no validation)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: bool = False) -> TrajectoryStore:
     """Open and validate a store.
 
