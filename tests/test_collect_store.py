@@ -159,3 +159,16 @@ def test_bad_shard_arguments(tmp_path):
         writer.write_shard(0, bad)
     with pytest.raises(ValueError, match="unique"):
         StoreSpec(n=2, t=1, d=1, example_ids=["a", "a"])
+
+
+def test_two_writers_filling_disjoint_shards(tmp_path):
+    """Two writers (as two jobs with shards=...) on one store: neither loses the other's shards."""
+    spec = _spec()
+    first, second = TrajectoryStoreWriter(tmp_path / "s", spec), TrajectoryStoreWriter(tmp_path / "s", spec)
+    first.write_shard(0, _rows(spec, 0))
+    second.write_shard(1, _rows(spec, 1))
+    first.write_shard(2, _rows(spec, 2))
+    second.write_shard(3, _rows(spec, 3))
+    store = open_store(tmp_path / "s", verify="sha256")
+    want = np.concatenate([_rows(spec, i) for i in range(spec.n_shards)])
+    np.testing.assert_array_equal(store.trajectory_view(), want)

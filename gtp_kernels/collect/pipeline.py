@@ -224,13 +224,13 @@ def collect_trajectory(
     seeds = [seed + t if seed_mode == "per_checkpoint" else seed for t in range(t_count)]
     spec = StoreSpec(n=len(tokenized), t=t_count, d=d, example_ids=[x.id for x in tokenized], dtype=dtype, shard_size=shard_size, metadata={
         "model": _model_name(model), "task": task, "label2id": label2id,
-        "checkpoints": [c.path for c in ckpts], "learning_rates": [c.learning_rate for c in ckpts],
+        "checkpoints": [str(Path(c.path).resolve()) for c in ckpts], "learning_rates": [c.learning_rate for c in ckpts],
         "checkpoint_weights": weights, "weights_applied": apply_checkpoint_weights, "block_scales": scales,
         "gradient_type": gradient_type, "normalisation": "unit" if normalise else "none",
         "projection": {"kind": kind, "seed": seed, "seeds": seeds, "seed_mode": seed_mode, "d": d},
         "trainable_parameters": int(sum(states[0][n].numel() for n in names)),
         "max_length": max_length, "format": asdict(fmt),
-        "data": str(data) if isinstance(data, (str, os.PathLike)) else "in-memory records",
+        "data": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else "in-memory records",
     })
     writer = TrajectoryStoreWriter(out, spec, resume=resume)
     projector = _Projector(project, names, {n: states[0][n].numel() for n in names}, d, kind, backend, device,

@@ -27,6 +27,9 @@ Row i of ``candidates()`` is a_i = concat_t(block_t) in R^{T*d}; when ``weights_
 blocks already carry c_t = sqrt(w_t), so <a_i, a_j> = sum_t w_t <.,.> and a selection must not
 weight them again (:attr:`TrajectoryStore.selection_checkpoint_weights` is then None).
 
+Several processes may fill disjoint shards of one store at once (``collect_trajectory(shards=...)``):
+manifest updates merge under an exclusive lock on ``STORE/.lock``.
+
 Crash safety: a shard is written to ``.shard-XXXXX.npy.tmp``, flushed, fsync'ed, then
 ``os.replace``d into place; only then is the manifest (also temp file + ``os.replace``) updated
 to list it. A killed collection therefore leaves only listed, complete shards (plus perhaps a
@@ -38,6 +41,7 @@ uninterrupted one bit for bit. :func:`open_store` checks the manifest against th
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -131,6 +135,22 @@ def _write_atomically(path: Path, write) -> None:
         pass
 
 
+@contextlib.contextmanager
+def _manifest_lock(path: Path) -> Iterator[None]:
+    """Exclusive advisory lock on STORE/.lock (POSIX); a no-op where fcntl is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: single-writer only
+        yield
+        return
+    with open(path / ".lock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -205,11 +225,15 @@ class TrajectoryStoreWriter:
         _write_atomically(file, lambda handle: np.save(handle, array, allow_pickle=False))
         entry = {"index": index, "file": file.name, "start": start, "stop": stop,
                  "bytes": file.stat().st_size, "sha256": _sha256(file)}
-        self.manifest["shards"] = sorted(
-            [s for s in self.manifest["shards"] if s["index"] != index] + [entry], key=lambda s: s["index"]
-        )
-        self.manifest["complete"] = len(self.manifest["shards"]) == self.spec.n_shards
-        self._save_manifest()
+        with _manifest_lock(self.path):
+            # Other processes may be filling other shards of this store (``shards=`` splits):
+            # merge what the manifest on disk lists now, under an exclusive lock.
+            on_disk = _read_manifest(self.path)["shards"]
+            merged = {s["index"]: s for s in self.manifest["shards"] + on_disk if s["index"] != index}
+            merged[index] = entry
+            self.manifest["shards"] = [merged[i] for i in sorted(merged)]
+            self.manifest["complete"] = len(self.manifest["shards"]) == self.spec.n_shards
+            self._save_manifest()
 
     def finish(self) -> "TrajectoryStore":
         missing = self.missing_shards()
