@@ -32,7 +32,7 @@ from .data import ExampleFormat, as_examples, collate, label_mapping, pad_token_
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store
 from .warmup import (
-    Checkpoint, LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
+    LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
     load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
 )
 

@@ -30,7 +30,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -342,5 +342,3 @@ def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str,
         raise ValueError(f"checkpoint {checkpoint.name}: optimizer state lacks {missing[0]!r}")
     return {n: (avg[n], avg_sq[n]) for n in names}
 
-
-ModelFactory = Callable[[], torch.nn.Module]
