@@ -9,6 +9,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .collect.store import StoreError
 from .validation import InputError
 
 
@@ -53,11 +54,16 @@ def _add_select(sub) -> None:
                                    "one tensor), select, and write OUT/selection.jsonl (rank, index, weight) "
                                    "and OUT/summary.json atomically.",
                        epilog=_methods_help())
-    p.add_argument("--candidates", required=True, help="(N, D) or (N, T, d) array file")
-    p.add_argument("--target", required=True, help="(D,) or (D, m) array file")
+    p.add_argument("--candidates", required=True,
+                   help="(N, D) or (N, T, d) array file, or a trajectory store folder (gtp collect)")
+    p.add_argument("--target", required=True,
+                   help="(D,) or (D, m) array file, or a store folder (its mean row is the target)")
     p.add_argument("--k", type=int, required=True, help="budget: at most k examples")
     p.add_argument("--method", default=None, help="selection method (see below)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--data", default=None, metavar="JSONL",
+                   help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples")
+    p.add_argument("--id-field", default="id", help="id field of --data records (default: id)")
     p.add_argument("--checkpoint-weights", type=_float_list, default=None, metavar="W1,W2,...",
                    help="per-checkpoint weights (e.g. learning rates)")
     p.add_argument("--num-checkpoints", type=int, default=None, help="T when candidates are flat (N, T*d)")
@@ -83,16 +89,59 @@ def _cmd_select(args) -> int:
     from .api import select
     from .io import load_array, write_selection
 
-    candidates = load_array(args.candidates, "candidates")
-    target = load_array(args.target, "target")
-    sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=args.checkpoint_weights,
-                 num_checkpoints=args.num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
+    from .collect.store import is_store, open_store
+
+    ids = None
+    checkpoint_weights = args.checkpoint_weights
+    if is_store(args.candidates):
+        store = open_store(args.candidates)
+        candidates = store.candidates(as_tensor=True)
+        ids = store.ids
+        if checkpoint_weights is None:
+            checkpoint_weights = store.selection_checkpoint_weights
+        num_checkpoints = store.t
+    else:
+        candidates = load_array(args.candidates, "candidates")
+        num_checkpoints = args.num_checkpoints
+    if args.data is not None and ids is None:
+        raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
+    target = open_store(args.target).mean() if is_store(args.target) else load_array(args.target, "target")
+    sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=checkpoint_weights,
+                 num_checkpoints=num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
                  tol=args.tol, align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,
                  batch_size=args.batch_size, topk_reduce=args.topk_reduce, seed=args.seed,
                  device=args.device, compute_dtype=torch.float64 if args.float64 else None,
                  progress=args.progress)
-    paths = write_selection(args.out, sel)
+    paths = write_selection(args.out, sel, ids=ids)
     print(f"{sel}\nwrote {paths['selection']} and {paths['summary']}")
+    if args.data is not None:
+        from pathlib import Path
+
+        from .collect.data import ExampleFormat, write_selected_examples
+
+        out = Path(args.out) / "selected.jsonl"
+        n = write_selected_examples(args.data, [ids[i] for i in sel.indices], out,
+                                    fmt=ExampleFormat(id_field=args.id_field), weights=sel.weights)
+        print(f"wrote {n} selected examples to {out}")
+    return 0
+
+
+def _add_collect(sub) -> None:
+    from .collect.pipeline import add_collect_arguments
+
+    p = sub.add_parser("collect", help="projected gradient trajectories of a transformers model's examples",
+                       description="Warm up the model (LoRA by default) on a share of the data, or use given "
+                                   "checkpoints; compute every example's per-checkpoint gradient in batches, "
+                                   "project it (K1) and write a resumable trajectory store.")
+    add_collect_arguments(p)
+    p.set_defaults(func=_cmd_collect)
+
+
+def _cmd_collect(args) -> int:
+    from .collect.pipeline import collect_from_args
+
+    store = collect_from_args(args)
+    print(f"store {store.path}: N={len(store)} examples, T={store.t} checkpoints, d={store.d}")
     return 0
 
 
@@ -101,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_select(sub)
+    _add_collect(sub)
     return parser
 
 
@@ -109,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (InputError, FileNotFoundError) as exc:
+    except (InputError, StoreError, FileNotFoundError) as exc:
         print(f"gtp: error: {exc}", file=sys.stderr)
         return 2
 

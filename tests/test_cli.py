@@ -65,3 +65,42 @@ def test_demo_runs_and_gtp_beats_topk_on_duplicates(capsys):
     assert gtp["relative_residual"] < by["topk"]["relative_residual"]
     assert gtp["relative_residual"] < by["random"]["relative_residual"]
     assert gtp["near_duplicates"] < by["topk"]["near_duplicates"]
+
+
+def test_collect_then_select_writes_the_chosen_examples(tmp_path, capsys):
+    """gtp collect (pool, then targets on the pool's checkpoints), gtp select from the stores."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer, write_jsonl
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat_template=True).save_pretrained(folder)
+    pool = write_jsonl(tmp_path / "pool.jsonl",
+                       [{**r, "id": f"pool-{i}"} for i, r in enumerate(instruction_records(12, seed=1))])
+    val = write_jsonl(tmp_path / "val.jsonl",
+                      [{**r, "id": f"val-{i}"} for i, r in enumerate(instruction_records(3, seed=2))])
+    common = ["--d", "16", "--shard-size", "5", "--device", "cpu", "--quiet", "--lora-r", "2"]
+    assert cli_main(["collect", "--model", str(folder), "--data", pool, "--out", str(tmp_path / "pool_store"),
+                     "--warmup-fraction", "0.5", "--warmup-epochs", "2", *common]) == 0
+    assert cli_main(["collect", "--model", str(folder), "--data", val, "--out", str(tmp_path / "val_store"),
+                     "--checkpoints", str(tmp_path / "pool_store" / "warmup"), "--gradient-type", "sgd", *common]) == 0
+    out = tmp_path / "sel"
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool_store"), "--target", str(tmp_path / "val_store"),
+                     "--k", "4", "--out", str(out), "--data", pool]) == 0
+    chosen = [json.loads(x) for x in (out / "selection.jsonl").read_text().splitlines()]
+    assert 1 <= len(chosen) <= 4 and all(c["id"].startswith("pool-") for c in chosen)
+    examples = [json.loads(x) for x in (out / "selected.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in examples] == [c["id"] for c in chosen]  # the examples, in selection order
+    pool_by_id = {json.loads(x)["id"]: json.loads(x) for x in open(pool)}
+    assert all(e["instruction"] == pool_by_id[e["id"]]["instruction"] for e in examples)
+
+
+def test_select_data_without_store_is_refused(tmp_path, capsys):
+    np.save(tmp_path / "A.npy", np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32))
+    np.save(tmp_path / "b.npy", np.ones(4, dtype=np.float32))
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    code = cli_main(["select", "--candidates", str(tmp_path / "A.npy"), "--target", str(tmp_path / "b.npy"),
+                     "--k", "2", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d.jsonl")])
+    assert code == 2 and "trajectory store" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
