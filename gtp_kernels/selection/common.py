@@ -47,8 +47,9 @@ class SelectOptions:
     stop_ratio: guard (SPEC): stop when the best correlation falls below stop_ratio times the
         first iteration's best correlation.
     dep_tol: dependence threshold on the relative Cholesky pivot (None: by compute dtype).
-    max_iters: cap on iterations (argmax steps); None means 2k + 10.
-    batch_size: compressive sampling, candidates merged per pass (None: 2k).
+    max_iters: cap on iterations (argmax steps); None means 2k + 10. For compressive sampling
+        it also caps the sampling passes (None: k).
+    batch_size: compressive sampling, candidates sampled per pass (None: 3k).
     topk_reduce: top-k over m target columns: "mean" (LESS averages over target examples) or "max".
     seed: random selection's seed.
     compute_dtype: float32 or float64 (None: float64 for float64 input, else float32).
