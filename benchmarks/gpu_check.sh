@@ -2,13 +2,20 @@
 # One call on a lent GPU: build the extension, run the GPU tests, time every kernel against
 # its baselines and the hardware floor, print a short table last.
 #
-# Each benchmarks/gpu_*.py is standalone; lines it prints starting with "TABLE " are
+#   benchmarks/gpu_check.sh                      # everything (about 8-10 minutes on an H200)
+#   benchmarks/gpu_check.sh build tests correlate pursuit   # a subset, in this order
+#
+# Parts: build, tests, correlate (K2), pursuit (drivers), lsq (K3), project (K1), collect.
+# Each benchmarks/gpu_<part>.py is standalone; lines it prints starting with "TABLE " are
 # gathered into the final table (format: TABLE | kernel | case | time | vs baseline | note |).
-# Logs go to $OUT (the device tool brings that folder back).
+# Logs go to $OUT (the device tool brings that folder back). Per-part time limits:
+# GTP_TEST_TIMEOUT (default 200 s) and GTP_BENCH_TIMEOUT (default 120 s).
 set -u
 OUT=${OUT:-/tmp/gtp_gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(build tests correlate pursuit lsq project collect)
 start=$(date +%s)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -16,21 +23,30 @@ start=$(date +%s)
   python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
 } | tee "$OUT/device.txt"
 
-echo "== build"
-pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; }
-python -c "import gtp_kernels.ops.lsq as l; print('extension:', l.extension_status())" 2>&1 | tee -a "$OUT/build.log"
-
-echo "== GPU tests"
-timeout ${GTP_TEST_TIMEOUT:-240} python -m pytest tests -q -x -p no:cacheprovider -m "not slow" >"$OUT/tests.log" 2>&1
-echo "pytest exit: $?"; tail -5 "$OUT/tests.log"
-
-for script in benchmarks/gpu_*.py; do
-  name=$(basename "$script" .py)
-  echo "== $name"
-  timeout ${GTP_BENCH_TIMEOUT:-150} python "$script" >"$OUT/$name.log" 2>&1
-  echo "exit: $?"; grep -v '^TABLE ' "$OUT/$name.log" | tail -3
+for part in "${parts[@]}"; do
+  t0=$(date +%s)
+  case "$part" in
+    build)
+      echo "== build"
+      pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; echo "BUILD FAILED"; }
+      python -c "import gtp_kernels.ops.lsq as l; print('extension:', l.extension_status())" 2>&1 | tee -a "$OUT/build.log"
+      ;;
+    tests)
+      echo "== GPU tests"
+      GTP_REQUIRE_EXT=1 timeout "${GTP_TEST_TIMEOUT:-200}" python -m pytest tests -q -p no:cacheprovider -m "not slow" >"$OUT/tests.log" 2>&1
+      echo "pytest exit: $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+      grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+      ;;
+    correlate|pursuit|lsq|project|collect)
+      echo "== gpu_$part"
+      timeout "${GTP_BENCH_TIMEOUT:-120}" python "benchmarks/gpu_$part.py" >"$OUT/gpu_$part.log" 2>&1
+      echo "exit: $?"; grep -v '^TABLE ' "$OUT/gpu_$part.log" | tail -3
+      ;;
+    *) echo "unknown part: $part" ;;
+  esac
+  echo "   ($part: $(($(date +%s) - t0)) s)"
 done
 
 echo
-echo "== summary ($(($(date +%s) - start)) s, $(head -2 "$OUT/device.txt" | tail -1))"
+echo "== summary ($(($(date +%s) - start)) s, $(sed -n 2p "$OUT/device.txt"))"
 cat "$OUT"/gpu_*.log 2>/dev/null | grep '^TABLE ' | sed 's/^TABLE //' | tee "$OUT/summary.md"
