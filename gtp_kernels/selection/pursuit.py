@@ -238,8 +238,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     iterations, rejected, dropped = [0] * m, [0] * m, [0] * m
     first_corr: List[Optional[float]] = [None] * m
     supports: List[List[int]] = [[] for _ in range(m)]
-    # float64 copies of each target's selected rows, in support order (|S| x D, small)
-    support_rows = [torch.empty(0, D, dtype=f64, device=device) for _ in range(m)]
+    # float64 copies of each target's selected rows, in support order (k x D, small)
+    rows_buf = torch.empty(m, k, D, dtype=f64, device=device)
     weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
     passes = 0
 
@@ -337,7 +337,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         rhs_new = torch.zeros(m, dtype=f64, device=device)
         for i, t in enumerate(picked):
             if supports[t]:
-                gram_col[t, : len(supports[t])] = support_rows[t] @ rows_w[i]
+                gram_col[t, : len(supports[t])] = rows_buf[t, : len(supports[t])] @ rows_w[i]
             gram_diag[t] = diag[i]
             rhs_new[t] = rows_w[i] @ B[:, t]
         atoms = torch.full((m,), -1, dtype=torch.long, device=device)
@@ -359,10 +359,14 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 banned[t].add(j)
                 rejected[t] += 1
             new_support = state.support[t, : sizes[t]].tolist()
-            pos = {a: p for p, a in enumerate(supports[t])}
-            all_rows = torch.cat([support_rows[t], rows[i : i + 1]])
-            pos[j] = len(supports[t])
-            support_rows[t] = all_rows[[pos[a] for a in new_support]]
+            n_old = len(supports[t])
+            if new_support == supports[t] + [j]:  # the common case: appended, nothing dropped
+                rows_buf[t, n_old] = rows[i]
+            else:  # NNLS dropped atoms: the factor compacted its order, follow it
+                pos = {a: p for p, a in enumerate(supports[t])}
+                pos[j] = n_old
+                both = torch.cat([rows_buf[t, :n_old], rows[i : i + 1]])
+                rows_buf[t, : len(new_support)] = both[[pos[a] for a in new_support]]
             gone = set(supports[t]) - set(new_support)
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
@@ -372,7 +376,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if back:  # atoms dropped by NNLS become eligible again
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
-            R[:, t] = B[:, t] - support_rows[t].T @ weights[t] if supports[t] else B[:, t]
+            R[:, t] = B[:, t] - rows_buf[t, : sizes[t]].T @ weights[t] if supports[t] else B[:, t]
             r_norms[t] = float(weighted_norm(R[:, t], fw))
             hist[t].append(r_norms[t])
             if progress is not None:
