@@ -88,7 +88,7 @@ def _check_float(t: torch.Tensor, name: str) -> None:
         raise InputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _check_finite(t: torch.Tensor, name: str) -> None:
+def _check_finite(t: torch.Tensor, name: str, row_offset: int = 0) -> None:
     # Chunked so that a memory-mapped pool is checked without a second full-size copy.
     flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
     step = max(1, (1 << 24) // max(1, flat.shape[1]))
@@ -96,7 +96,7 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
         block = flat[start : start + step]
         if not torch.isfinite(block).all():
             bad = (~torch.isfinite(block)).nonzero()[0]
-            row = start + int(bad[0])
+            row = row_offset + start + int(bad[0])
             raise InputError(f"{name} contains NaN or Inf (first at row {row})")
 
 
@@ -158,7 +158,7 @@ def validate_problem(
     if k > N:
         raise InputError(f"k={k} is larger than the pool (N={N} candidates)")
 
-    _check_finite(A, "candidates")
+    zero_rows = _finite_rows_and_zero_rows(A, "candidates")
     _check_finite(b, "target")
     zero_cols = (b == 0).all(dim=0)
     if bool(zero_cols.any()):
@@ -193,13 +193,23 @@ def validate_problem(
                 raise InputError(f"exclude indices must lie in [0, {N})")
             excl[idx.to(A.device)] = True
     # All-zero rows carry no direction: never selectable.
-    excl |= _zero_rows(A)
+    excl |= zero_rows
     return Problem(A, b, T, d, weights, excl)
 
 
-def _zero_rows(A: torch.Tensor) -> torch.Tensor:
-    out = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
+def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> torch.Tensor:
+    """One chunked pass over A: raise on NaN/Inf, return the (N,) mask of all-zero rows.
+
+    A row norm is NaN or Inf exactly when the row holds one, or when it overflows; only then
+    is the chunk checked element by element (which also tells overflow from bad values).
+    """
+    zero = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
     step = max(1, (1 << 24) // max(1, A.shape[1]))
+    acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     for start in range(0, A.shape[0], step):
-        out[start : start + step] = (A[start : start + step] == 0).all(dim=1)
-    return out
+        block = A[start : start + step]
+        norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
+        if not bool(torch.isfinite(norms).all()):
+            _check_finite(block, name, row_offset=start)
+        zero[start : start + step] = norms == 0
+    return zero

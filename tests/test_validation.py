@@ -105,3 +105,14 @@ def test_cli_corrupt_and_missing_files(tmp_path, capsys):
     trunc.write_bytes(trunc.read_bytes()[:100])
     assert cli_main(["select", "--candidates", str(trunc), "--target", str(tmp_path / "b.npy"),
                      "--k", "3", "--out", str(tmp_path / "out")]) == 2
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    big = A.clone()
+    big[2] = 3e38  # the row norm overflows float32; the values are finite
+    sel = gk.select(big, b, 3, method="topk")
+    assert len(sel.indices) == 3
+    zero_row = A.clone()
+    zero_row[5] = 0.0
+    problem = __import__("gtp_kernels.validation", fromlist=["x"]).validate_problem(zero_row, b, 3)
+    assert problem.exclude.tolist() == [i == 5 for i in range(20)]
