@@ -14,9 +14,10 @@ joint selection):
      exact pursuit; the first pick of a pass is the exact global argmax;
   3. a new pass once the best sampled correlation falls below tau: from then on an unsampled
      row may be the better pick;
-  4. once a target holds k atoms, up to REFINE_PASSES CoSaMP refinements: sample the top
-     correlations with the final residual, merge with S, pursue afresh on the Gram of the
-     union (no pass over A) and keep the result if its residual is lower.
+  4. once a target holds k atoms, up to REFINE_PASSES CoSaMP refinements (while the union
+     has at most MAX_REFINE_UNION atoms): sample the top correlations with the final
+     residual, merge with S, pursue afresh on the Gram of the union (no pass over A) and keep
+     the result if its residual is lower.
 
 The sampling passes stop when every target reached k atoms or a stopping rule, or after
 ``max_iters`` passes (default: k, the exact pursuit's count). Cost: passes x N*D plus about
@@ -45,6 +46,7 @@ from .pursuit import _use_kernels, candidate_products
 from .reference import weighted_norm
 
 REFINE_PASSES = 3
+MAX_REFINE_UNION = 1024  # refine only while the union's Gram stays small (|U|^2 D work)
 
 
 def _top_candidates(A, RW, exclude, batch, positive, dtype, backend):
@@ -78,12 +80,13 @@ def pursue_on_gram(gram: torch.Tensor, rhs: torch.Tensor, bb: float, k: int, opt
     banned = torch.zeros(u, dtype=torch.bool, device=gram.device)
     support: List[int] = []
     w = torch.zeros(0, dtype=dtype, device=gram.device)
+    gram_s = torch.empty(u, k, dtype=dtype, device=gram.device)  # G[:, S] in support order
     r2 = bb
     for _ in range(opts.resolved_max_iters(k)):
         if len(support) == k:
             break
         # a_i W r = rhs_i - G[i, S] w for i outside S (the ridge sits on the diagonal only)
-        corr = rhs - gram[:, support] @ w if support else rhs
+        corr = rhs - gram_s[:, : len(support)] @ w if support else rhs
         key = corr if opts.positive else corr.abs()
         key = key.masked_fill(banned, -float("inf"))
         if support:
@@ -105,7 +108,12 @@ def pursue_on_gram(gram: torch.Tensor, rhs: torch.Tensor, bb: float, k: int, opt
             if status & lsq.STATUS_DEPENDENT:
                 continue
         size = int(state.size[0])
-        support = state.support[0, :size].tolist()
+        new_support = state.support[0, :size].tolist()
+        if new_support == support + [j]:
+            gram_s[:, size - 1] = gram[:, j]
+        elif new_support:  # NNLS dropped atoms
+            gram_s[:, :size] = gram[:, new_support]
+        support = new_support
         w = state.weights[0, :size].clone()
         r2 = bb - float(w @ rhs[support]) - lam * float(w @ w) if support else bb
         if r2 < (opts.tol ** 2) * bb:
@@ -121,7 +129,7 @@ class _SampledPursuit:
         self.b, self.fw, self.k, self.opts = b, fw, k, opts
         self.state = lsq.lsq_init(1, k, torch.float64, b.device)
         self.support: List[int] = []
-        self.rows = torch.empty(0, b.shape[0], dtype=torch.float64, device=b.device)
+        self.rows_buf = torch.empty(k, b.shape[0], dtype=torch.float64, device=b.device)
         self.weights = torch.zeros(0, dtype=torch.float64, device=b.device)
         self.r = b.clone()
         self.b_norm = float(weighted_norm(b, fw))
@@ -177,7 +185,7 @@ class _SampledPursuit:
             alive[i] = False
             col = torch.zeros(1, self.k, dtype=torch.float64, device=rows_u.device)
             if self.support:
-                col[0, : len(self.support)] = self.rows @ rows_u_w[i]
+                col[0, : len(self.support)] = self.rows_buf[: len(self.support)] @ rows_u_w[i]
             status = int(lsq.lsq_update(self.state, torch.tensor([j], device=rows_u.device), col,
                                         diag_u[i].reshape(1), (rows_u_w[i] @ self.b).reshape(1),
                                         lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol)[0])
@@ -191,10 +199,14 @@ class _SampledPursuit:
                 self.rejected += 1
             size = int(self.state.size[0])
             new_support = self.state.support[0, :size].tolist()
-            pos = {a: p for p, a in enumerate(self.support)}
-            pos[j] = len(self.support)
-            all_rows = torch.cat([self.rows, rows_u[i : i + 1]])
-            self.rows = all_rows[[pos[a] for a in new_support]]
+            n_old = len(self.support)
+            if new_support == self.support + [j]:
+                self.rows_buf[n_old] = rows_u[i]
+            else:  # NNLS dropped atoms: follow the factor's compacted order
+                pos = {a: p for p, a in enumerate(self.support)}
+                pos[j] = n_old
+                both = torch.cat([self.rows_buf[:n_old], rows_u[i : i + 1]])
+                self.rows_buf[:size] = both[[pos[a] for a in new_support]]
             gone = set(self.support) - set(new_support)
             self.dropped += len(gone)
             self.exclude[j] = True
@@ -203,7 +215,7 @@ class _SampledPursuit:
                     self.exclude[a] = False
             self.support = new_support
             self.weights = self.state.weights[0, :size].clone()
-            self.r = self.b - self.rows.T @ self.weights if self.support else self.b.clone()
+            self.r = self.b - self.rows_buf[:size].T @ self.weights if self.support else self.b.clone()
             self.hist.append(float(weighted_norm(self.r, self.fw)))
             if progress is not None:
                 progress(1)
@@ -228,7 +240,8 @@ class _SampledPursuit:
                 self.exclude[a] = False
         self.support = [union[p] for p in pos]
         self.exclude[torch.tensor(self.support, dtype=torch.long, device=self.exclude.device)] = True
-        self.rows, self.weights, self.r = rows[pos], w, r
+        self.rows_buf[: len(pos)] = rows[pos]
+        self.weights, self.r = w, r
         self.hist.append(r_norm)
         return True
 
@@ -265,7 +278,7 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
             tau = float(values[t][ok][-1]) if full and sample else 0.0
             pursuits[t].pursue_sample(A, sample, max(tau, 0.0), progress)
     # CoSaMP refinement of full supports: sample by the final residual, re-pursue on S + sample
-    refining = [t for t in range(m) if pursuits[t].stopped == STOP_BUDGET]
+    refining = [t for t in range(m) if pursuits[t].stopped == STOP_BUDGET and k + batch <= MAX_REFINE_UNION]
     for _ in range(REFINE_PASSES):
         if not refining:
             break
