@@ -63,13 +63,12 @@ of A still, scores written chunk by chunk (never all N x m at once).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from ._dispatch import interpreting, resolve_backend
+from ._dispatch import resolve_backend
 
 try:  # triton is optional for the torch path
     import triton

@@ -1,7 +1,7 @@
 """What every selection method shares: its options, its per-target result, default tolerances."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
