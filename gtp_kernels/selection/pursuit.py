@@ -15,7 +15,9 @@ Two strategies, picked per problem from N, D, k, m and memory (``strategy="auto"
       c = A W (b - A_S^T w) = c0 - (A W A_S^T) w,   c0 = A W b,
 
   so with the columns C[:, s] = A W a_s of the selected atoms kept in memory an iteration
-  costs N*|S| instead of N*D. The column of a newly selected atom j must come from A: when
+  costs N*|S| instead of N*D. The subtraction cancels as the residual shrinks, so the
+  correlations are re-anchored (one pass, c_base = A W r) each time ||r|| falls by a factor
+  ANCHOR_DROP, and later iterations subtract only the weight changes since the anchor. The column of a newly selected atom j must come from A: when
   it is not cached, one pass computes the columns of j *and* of the next most correlated
   candidates (a skinny GEMM: one read of A for several columns, ``candidate_scores``), so
   later picks usually find their column ready. The Gram entries and A_S W b come out of the
@@ -50,6 +52,8 @@ from .common import (
 )
 
 _CHUNK_ELEMENTS = 1 << 24
+# cached strategy: re-anchor the correlations once ||r|| < ANCHOR_DROP * ||r_anchor||
+ANCHOR_DROP = {torch.float32: 0.1, torch.float64: 1e-6}
 
 
 def _use_kernels(A: torch.Tensor, dtype: torch.dtype, backend: str) -> bool:
@@ -246,9 +250,14 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     clock = _PhaseClock(phase_seconds, device)
     cache = None
     if strategy == "cached":
-        c0 = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
+        # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
+        # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
+        base_c = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
+        base_w: List[Dict[int, float]] = [{} for _ in range(m)]
+        base_norm = list(b_norms)
+        anchor_drop = ANCHOR_DROP[dtype]
         passes += 1
-        cache = _ColumnCache(N, capacity, dtype, device)
+        cache = _ColumnCache(N, capacity + k // 8 + 16, dtype, device)
 
     while True:
         for t in range(m):
@@ -262,15 +271,31 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
 
         # 1. correlations and the best candidate per target
         if cache is not None:
-            if any(supports[t] for t in live):
+            # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
+            # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
+            stale = [t for t in live if r_norms[t] < anchor_drop * base_norm[t]]
+            if stale:
+                RW = (R[:, stale] if fw is None else R[:, stale] * fw[:, None]).to(dtype)
+                base_c[:, stale] = candidate_products(A, RW, dtype, opts.backend)
+                for t in stale:
+                    base_w[t] = dict(zip(supports[t], weights[t].tolist()))
+                    base_norm[t] = r_norms[t]
+                passes += 1
+            moved = {}
+            for t in live:
+                delta = {a: -w for a, w in base_w[t].items()}
+                for a, w in zip(supports[t], weights[t].tolist()):
+                    delta[a] = delta.get(a, 0.0) + w
+                moved[t] = {a: v for a, v in delta.items() if v != 0.0}
+            if any(moved.values()):
                 Wmat = torch.zeros(cache.hi, m, dtype=dtype, device=device)
-                for t in live:
-                    if supports[t]:
-                        slots = torch.tensor([cache.slot_of[a] for a in supports[t]], device=device)
-                        Wmat[slots, t] = weights[t].to(dtype)
-                scores = torch.addmm(c0, cache.C_T[: cache.hi].T, Wmat, alpha=-1.0)
-            else:  # nothing selected yet (the cache may hold only never-written slots)
-                scores = c0.clone()
+                for t, delta in moved.items():
+                    if delta:
+                        slots = torch.tensor([cache.slot_of[a] for a in delta], device=device)
+                        Wmat[slots, t] = torch.tensor(list(delta.values()), dtype=dtype, device=device)
+                scores = torch.addmm(base_c, cache.C_T[: cache.hi].T, Wmat, alpha=-1.0)
+            else:  # nothing moved since the anchor (the cache may hold only unwritten slots)
+                scores = base_c.clone()
             key = scores if opts.positive else scores.abs_()
             key.masked_fill_(exclude, -float("inf"))
             best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
@@ -324,7 +349,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 X = A[fetch].to(dtype)
                 if fw_c is not None:
                     X = X * fw_c
-                pinned = {a for s in supports for a in s} | set(wanted)
+                pinned = {a for s in supports for a in s} | {a for bw in base_w for a in bw} | set(wanted)
                 cache.insert(fetch, candidate_products(A, X.T, dtype, opts.backend), pinned)
                 passes += 1
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
