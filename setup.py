@@ -118,6 +118,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "collect": ["transformers>=4.45", "peft>=0.12"],
+        "plot": ["matplotlib>=3.7"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3", "scipy>=1.10", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["gtp=gtp_kernels.cli:main"]},

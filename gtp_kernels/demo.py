@@ -24,6 +24,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .validation import InputError
+
 
 @dataclass(frozen=True)
 class SyntheticPool:
@@ -107,6 +109,11 @@ def run_demo(k: int = 64, num_candidates: int = 8000, seed: int = 0, method: Opt
     """Run GTP, top-k and random on the synthetic pool at budget k; print a table."""
     from .api import METHODS, fit_residual, select
 
+    if plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the work, not after)
+        except ImportError as exc:
+            raise InputError("--plot needs matplotlib: pip install matplotlib") from exc
     t0 = time.perf_counter()
     pool = make_synthetic_pool(num_candidates=num_candidates, seed=seed)
     echo(f"synthetic pool: N={pool.candidates.shape[0]} candidates, T={pool.candidates.shape[1]} checkpoints, "
@@ -147,13 +154,10 @@ def run_demo(k: int = 64, num_candidates: int = 8000, seed: int = 0, method: Opt
 
 def _plot_residual_curves(A, b, pool, selections, gtp, path) -> None:
     """Relative residual against the number of selected examples, per method."""
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:  # optional dependency
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     from .api import fit_residual
     from .io import _atomic_write_bytes
     import io as _io
@@ -167,7 +171,7 @@ def _plot_residual_curves(A, b, pool, selections, gtp, path) -> None:
         ks = np.unique(np.linspace(1, len(idx), 12).astype(int))
         ax.plot(ks, [fit_residual(A, b, idx[:j], checkpoint_weights=pool.checkpoint_weights) for j in ks],
                 marker="o", label=name)
-    ax.set_xlabel("examples selected")
+    ax.set_xlabel("examples selected (GTP: pursuit steps; NNLS may drop one)")
     ax.set_ylabel("relative residual ||r||/||b||")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
