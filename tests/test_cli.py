@@ -104,3 +104,12 @@ def test_select_data_without_store_is_refused(tmp_path, capsys):
                      "--k", "2", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d.jsonl")])
     assert code == 2 and "trajectory store" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_plot_is_written_atomically(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gtp_kernels.demo import run_demo
+    out = tmp_path / "demo.png"
+    run_demo(k=8, num_candidates=1200, plot=str(out), echo=lambda *_: None)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
