@@ -8,7 +8,8 @@ import torch
 
 from gtp_kernels.ops import project as project_module
 from gtp_kernels.ops.project import project, project_linear_factored, projection_matrix
-from tests.conftest import requires_cuda
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 KINDS = ["rademacher", "gaussian"]
 # Triton-only tests run on the GPU when there is one, else through the interpreter on CPU.
