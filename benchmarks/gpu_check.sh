@@ -39,7 +39,7 @@ for part in "${parts[@]}"; do
       ;;
     correlate|pursuit|lsq|project|collect)
       echo "== gpu_$part"
-      timeout "${GTP_BENCH_TIMEOUT:-120}" python "benchmarks/gpu_$part.py" >"$OUT/gpu_$part.log" 2>&1
+      timeout "${GTP_BENCH_TIMEOUT:-120}" python -u "benchmarks/gpu_$part.py" >"$OUT/gpu_$part.log" 2>&1
       echo "exit: $?"; grep -v '^TABLE ' "$OUT/gpu_$part.log" | tail -3
       ;;
     *) echo "unknown part: $part" ;;
