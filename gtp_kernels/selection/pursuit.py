@@ -118,9 +118,6 @@ class _ColumnCache:
         self._order: List[int] = []  # insertion order, for evicting unpinned columns
         self.hi = 0  # 1 + highest slot in use: products only touch C_T[:hi]
 
-    def column(self, atom: int) -> torch.Tensor:
-        return self.C_T[self.slot_of[atom]]
-
     def missing(self, atoms) -> List[int]:
         return [a for a in dict.fromkeys(atoms) if a not in self.slot_of]
 
