@@ -65,7 +65,7 @@ class _SampledPursuit:
 
     def __init__(self, b: torch.Tensor, fw: Optional[torch.Tensor], k: int, opts: SelectOptions,
                  dtype: torch.dtype, exclude: torch.Tensor):
-        self.b, self.fw, self.k, self.opts = b, fw, k, opts
+        self.b, self.fw, self.k, self.opts, self.dtype = b, fw, k, opts, dtype
         self.state = lsq.lsq_init(1, k, torch.float64, b.device)
         self.support: List[int] = []
         self.rows_buf = torch.empty(k, b.shape[0], dtype=torch.float64, device=b.device)
@@ -86,10 +86,13 @@ class _SampledPursuit:
     def pursue_sample(self, A: torch.Tensor, sample: List[int], tau: float, progress) -> None:
         """Add atoms from the sample until the sample's best falls below the scaled tau."""
         opts = self.opts
-        rows_u = A[sample].to(torch.float64)
-        rows_u_w = rows_u if self.fw is None else rows_u * self.fw
-        diag_u = (rows_u_w * rows_u).sum(dim=1)
-        alive = torch.ones(len(sample), dtype=torch.bool, device=rows_u.device)
+        # Sample correlations in the compute dtype (they only rank the sample; r is exact);
+        # the picked row goes to the float64 least-squares side.
+        rows_c = A[sample].to(self.dtype)
+        fw_c = None if self.fw is None else self.fw.to(self.dtype)
+        rows_c_w = rows_c if fw_c is None else rows_c * fw_c
+        diag_u = (rows_c_w.to(torch.float64) * rows_c.to(torch.float64)).sum(dim=1)
+        alive = torch.ones(len(sample), dtype=torch.bool, device=rows_c.device)
         first = True
         while self.stopped is None:
             if len(self.support) == self.k:
@@ -98,7 +101,7 @@ class _SampledPursuit:
             if self.iterations >= opts.resolved_max_iters(self.k):
                 self.stopped = STOP_MAX_ITERS
                 return
-            corr = rows_u_w @ self.r
+            corr = rows_c_w @ self.r.to(self.dtype)
             key = corr if opts.positive else corr.abs()
             key = key.masked_fill(~alive, -float("inf"))
             i = int(torch.argmax(key)) if key.numel() else 0
@@ -122,11 +125,13 @@ class _SampledPursuit:
             first = False
             j = sample[i]
             alive[i] = False
-            col = torch.zeros(1, self.k, dtype=torch.float64, device=rows_u.device)
+            row = A[j].to(torch.float64)
+            row_w = row if self.fw is None else row * self.fw
+            col = torch.zeros(1, self.k, dtype=torch.float64, device=row.device)
             if self.support:
-                col[0, : len(self.support)] = self.rows_buf[: len(self.support)] @ rows_u_w[i]
-            status = int(lsq.lsq_update(self.state, torch.tensor([j], device=rows_u.device), col,
-                                        diag_u[i].reshape(1), (rows_u_w[i] @ self.b).reshape(1),
+                col[0, : len(self.support)] = self.rows_buf[: len(self.support)] @ row_w
+            status = int(lsq.lsq_update(self.state, torch.tensor([j], device=row.device), col,
+                                        diag_u[i].reshape(1), (row_w @ self.b).reshape(1),
                                         lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol)[0])
             if status & lsq.STATUS_DEPENDENT:
                 self.banned.add(j)
@@ -140,11 +145,11 @@ class _SampledPursuit:
             new_support = self.state.support[0, :size].tolist()
             n_old = len(self.support)
             if new_support == self.support + [j]:
-                self.rows_buf[n_old] = rows_u[i]
+                self.rows_buf[n_old] = row
             else:  # NNLS dropped atoms: follow the factor's compacted order
                 pos = {a: p for p, a in enumerate(self.support)}
                 pos[j] = n_old
-                both = torch.cat([self.rows_buf[:n_old], rows_u[i : i + 1]])
+                both = torch.cat([self.rows_buf[:n_old], row[None]])
                 self.rows_buf[:size] = both[[pos[a] for a in new_support]]
             gone = set(self.support) - set(new_support)
             self.dropped += len(gone)
