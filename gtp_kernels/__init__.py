@@ -9,7 +9,7 @@ Public API::
 from .api import METHODS, MethodSpec, Selection, fit_residual, select
 from .validation import InputError
 
-__all__ = ["select", "Selection", "METHODS", "MethodSpec", "InputError", "fit_residual", "project"]
+__all__ = ["select", "Selection", "METHODS", "MethodSpec", "InputError", "fit_residual", "project", "select_sharded"]
 __version__ = "0.1.0"
 
 
@@ -19,4 +19,8 @@ def __getattr__(name):
         from .ops.project import project
 
         return project
+    if name == "select_sharded":  # torch.distributed users: rows sharded across ranks
+        from .selection.distributed import select_sharded
+
+        return select_sharded
     raise AttributeError(f"module 'gtp_kernels' has no attribute {name!r}")

@@ -194,15 +194,50 @@ class _PhaseClock:
         self._t = now
 
 
+class LocalRows:
+    """Where the candidate rows live: all in this process. Indices are global row numbers.
+
+    The pursuit reaches rows only through this object, so a sharded placement
+    (:class:`gtp_kernels.selection.distributed.ShardedRows`) runs the same loop on each rank.
+    """
+
+    offset = 0
+
+    def best(self, values: torch.Tensor, idx: torch.Tensor):
+        """Per-target best (value, global index) from this process's (value, local index)."""
+        return values, idx
+
+    def top(self, key: torch.Tensor, count: int) -> List[int]:
+        """Global indices of the `count` largest keys (only a prefetch hint)."""
+        values, order = torch.topk(key, min(count, key.numel()))
+        return [int(i) for v, i in zip(values.tolist(), order.tolist()) if v > -float("inf")]
+
+    def fetch(self, A: torch.Tensor, atoms: List[int], dtype: torch.dtype) -> torch.Tensor:
+        """Rows `atoms` (global indices) as a (len, D) tensor, on every process."""
+        return A[atoms].to(dtype)
+
+    def local(self, atoms: List[int]) -> List[int]:
+        """The local row numbers of those `atoms` held here."""
+        return list(atoms)
+
+    def agree(self, flag: bool) -> bool:
+        """True if every process says True (one process: its own answer)."""
+        return flag
+
+
 def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 strategy: str = "auto", prefetch: Optional[int] = None,
-                phase_seconds: Optional[Dict[str, float]] = None) -> List[TargetSelection]:
+                phase_seconds: Optional[Dict[str, float]] = None,
+                placement: Optional[LocalRows] = None) -> List[TargetSelection]:
     """Exact GTP pursuit for all targets at once (see module docstring).
 
     strategy: "auto", "direct" or "cached"; prefetch: columns fetched per pass beyond the
     needed ones (cached); phase_seconds: if a dict, filled with seconds per phase
-    (correlation, columns, update, residual) at the cost of a sync per phase.
+    (correlation, columns, update, residual) at the cost of a sync per phase; placement:
+    where the rows live (default: all here; ShardedRows for torch.distributed, where
+    `problem.candidates` is this rank's shard and every index is global).
     """
+    rows_at = placement if placement is not None else LocalRows()
     if strategy not in ("auto", "direct", "cached"):
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
     dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
@@ -226,6 +261,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         c_bytes = torch.finfo(dtype).bits // 8
         strategy = choose_strategy(N, D, k, m, A.element_size(), c_bytes, capacity, _cache_budget_bytes(device),
                                    device.type == "cuda")
+        strategy = "cached" if rows_at.agree(strategy == "cached") else "direct"
 
     state = lsq.lsq_init(m, k, f64, device)
     base_exclude = problem.exclude
@@ -300,6 +336,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             RW = (R if fw is None else R * fw[:, None]).to(dtype)
             best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype, opts.backend)
             passes += 1
+        best_val, best_idx = rows_at.best(best_val, best_idx)
         best_val = best_val.tolist()
         best_idx = best_idx.tolist()
         clock.lap("correlation")
@@ -315,7 +352,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         picked = [t for t in live if new_atoms[t] >= 0]
         if not picked:
             continue
-        rows = A[[new_atoms[t] for t in picked]].to(f64)  # (p, D)
+        rows = rows_at.fetch(A, [new_atoms[t] for t in picked], f64)  # (p, D)
         rows_w = rows if fw is None else rows * fw
         diag = (rows_w * rows).sum(dim=1)
         for i, t in enumerate(picked):
@@ -340,10 +377,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if missing:
                 extra: List[int] = []
                 for t in picked:
-                    top = torch.topk(key[:, t], min(N, prefetch + 1)).indices.tolist()
+                    top = rows_at.top(key[:, t], prefetch + 1)
                     extra.extend(a for a in top if a not in cache.slot_of)
                 fetch = list(dict.fromkeys(missing + extra))[: len(missing) + prefetch]
-                X = A[fetch].to(dtype)
+                X = rows_at.fetch(A, fetch, dtype)
                 if fw_c is not None:
                     X = X * fw_c
                 pinned = {a for s in supports for a in s} | {a for bw in base_w for a in bw} | set(wanted)
@@ -375,7 +412,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if st & lsq.STATUS_DEPENDENT:
                 banned[t].add(j)
                 rejected[t] += 1
-                exclude[j, t] = True
+                exclude[rows_at.local([j]), t] = True
                 continue
             if st & lsq.STATUS_NEW_DROPPED:
                 banned[t].add(j)
@@ -393,8 +430,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
             dropped[t] += len(gone)
-            exclude[j, t] = True  # selected, or banned if it was dropped as it entered
-            back = [a for a in gone if a not in banned[t]]
+            exclude[rows_at.local([j]), t] = True  # selected, or banned if dropped as it entered
+            back = rows_at.local([a for a in gone if a not in banned[t]])
             if back:  # atoms dropped by NNLS become eligible again
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
