@@ -181,8 +181,11 @@ def validate_problem(
 
     excl = torch.zeros(N, dtype=torch.bool, device=A.device)
     if exclude is not None:
-        e = as_tensor(exclude, "exclude") if isinstance(exclude, (torch.Tensor, np.ndarray)) and \
-            getattr(exclude, "dtype", None) in (torch.bool, np.bool_) else None
+        e = None
+        if isinstance(exclude, torch.Tensor) and exclude.dtype == torch.bool:
+            e = exclude
+        elif isinstance(exclude, np.ndarray) and exclude.dtype == np.bool_:
+            e = torch.from_numpy(exclude)
         if e is not None:
             if e.shape != (N,):
                 raise InputError(f"exclude mask must have shape ({N},), got {tuple(e.shape)}")

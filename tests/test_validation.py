@@ -116,3 +116,16 @@ def test_huge_finite_values_are_not_mistaken_for_inf():
     zero_row[5] = 0.0
     problem = __import__("gtp_kernels.validation", fromlist=["x"]).validate_problem(zero_row, b, 3)
     assert problem.exclude.tolist() == [i == 5 for i in range(20)]
+
+
+@pytest.mark.parametrize("as_mask", [lambda m: m, torch.from_numpy, lambda m: np.flatnonzero(m).tolist()])
+def test_exclude_accepts_numpy_and_torch_masks_and_index_lists(as_mask):
+    mask = np.zeros(20, dtype=bool)
+    mask[[1, 4, 9]] = True
+    sel = gk.select(A, b, 10, method="topk", exclude=as_mask(mask))
+    assert not set(sel.indices.tolist()) & {1, 4, 9}
+
+
+def test_exclude_mask_of_wrong_length_is_refused():
+    with pytest.raises(InputError, match="exclude mask must have shape"):
+        gk.select(A, b, 3, exclude=np.zeros(5, dtype=bool))
