@@ -41,7 +41,7 @@ from .common import (
     SelectOptions,
     TargetSelection,
 )
-from .pursuit import _use_kernels, candidate_products
+from .pursuit import _use_kernels, candidate_products, follow_factor_order
 from .reference import weighted_norm
 
 
@@ -143,14 +143,7 @@ class _SampledPursuit:
                 self.rejected += 1
             size = int(self.state.size[0])
             new_support = self.state.support[0, :size].tolist()
-            n_old = len(self.support)
-            if new_support == self.support + [j]:
-                self.rows_buf[n_old] = row
-            else:  # NNLS dropped atoms: follow the factor's compacted order
-                pos = {a: p for p, a in enumerate(self.support)}
-                pos[j] = n_old
-                both = torch.cat([self.rows_buf[:n_old], row[None]])
-                self.rows_buf[:size] = both[[pos[a] for a in new_support]]
+            follow_factor_order(self.rows_buf, self.support, new_support, j, row)
             gone = set(self.support) - set(new_support)
             self.dropped += len(gone)
             self.exclude[j] = True

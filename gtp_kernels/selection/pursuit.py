@@ -194,6 +194,20 @@ class _PhaseClock:
         self._t = now
 
 
+def follow_factor_order(rows_buf: torch.Tensor, old_support: List[int], new_support: List[int],
+                        new_atom: int, new_row: torch.Tensor) -> None:
+    """Keep rows_buf[p] = row of new_support[p] after an update: the new row is appended, and
+    when the NNLS step dropped atoms the factor compacted its order, which the rows follow."""
+    n_old = len(old_support)
+    if new_support == old_support + [new_atom]:  # the common case: appended, nothing dropped
+        rows_buf[n_old] = new_row
+        return
+    pos = {a: p for p, a in enumerate(old_support)}
+    pos[new_atom] = n_old
+    both = torch.cat([rows_buf[:n_old], new_row[None]])
+    rows_buf[: len(new_support)] = both[[pos[a] for a in new_support]]
+
+
 class LocalRows:
     """Where the candidate rows live: all in this process. Indices are global row numbers.
 
@@ -418,14 +432,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 banned[t].add(j)
                 rejected[t] += 1
             new_support = state.support[t, : sizes[t]].tolist()
-            n_old = len(supports[t])
-            if new_support == supports[t] + [j]:  # the common case: appended, nothing dropped
-                rows_buf[t, n_old] = rows[i]
-            else:  # NNLS dropped atoms: the factor compacted its order, follow it
-                pos = {a: p for p, a in enumerate(supports[t])}
-                pos[j] = n_old
-                both = torch.cat([rows_buf[t, :n_old], rows[i : i + 1]])
-                rows_buf[t, : len(new_support)] = both[[pos[a] for a in new_support]]
+            follow_factor_order(rows_buf[t], supports[t], new_support, j, rows[i])
             gone = set(supports[t]) - set(new_support)
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
