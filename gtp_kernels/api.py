@@ -152,7 +152,7 @@ register_method(MethodSpec(
     exact=True))
 register_method(MethodSpec(
     "gtp-cosamp", gtp_cosamp,
-    "GTP by compressive sampling: pursuit inside the top-2k sample of each pass; a few passes",
+    "GTP by compressive sampling: pursuit inside the top 2*k sample of each pass; a few passes",
     exact=False))
 register_method(MethodSpec(
     "gtp-reference", gtp_reference,
