@@ -431,9 +431,13 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if st & lsq.STATUS_NEW_DROPPED:
                 banned[t].add(j)
                 rejected[t] += 1
-            new_support = state.support[t, : sizes[t]].tolist()
-            follow_factor_order(rows_buf[t], supports[t], new_support, j, rows[i])
-            gone = set(supports[t]) - set(new_support)
+            if st & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
+                new_support = state.support[t, : sizes[t]].tolist()
+                follow_factor_order(rows_buf[t], supports[t], new_support, j, rows[i])
+                gone = set(supports[t]) - set(new_support)
+            else:  # the common case, O(1) here: appended at the end, nothing dropped
+                rows_buf[t, len(supports[t])] = rows[i]
+                new_support, gone = supports[t] + [j], set()
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
             dropped[t] += len(gone)
