@@ -50,7 +50,7 @@ from .common import (
     SelectOptions,
     TargetSelection,
 )
-from .pursuit import _use_kernels, candidate_products, follow_factor_order
+from .pursuit import follow_factor_order, masked_top
 from .reference import weighted_norm
 
 # resample once the residual fell to this fraction of its norm at the pass (see step 3)
@@ -58,21 +58,6 @@ RESAMPLE_DROP = 0.6
 # ... unless the sample's best still beats tau by this factor (a clear gap: the sample holds
 # the answer, as in strongly sparse problems)
 RESAMPLE_GAP = 2.0
-
-
-
-def _top_candidates(A, RW, exclude, batch, positive, dtype, backend):
-    """(m, batch) values and indices of the best masked correlations; one read of A (K2)."""
-    if _use_kernels(A, dtype, backend):
-        from ..ops.correlate import correlate_topk
-
-        values, idx = correlate_topk(A, RW.contiguous(), batch, exclude=exclude, absolute=not positive,
-                                     backend="triton")
-        return (values if positive else values.abs()), idx
-    scores = candidate_products(A, RW, dtype, backend)
-    key = (scores if positive else scores.abs()).masked_fill(exclude, -float("inf"))
-    values, idx = torch.topk(key, min(batch, key.shape[0]), dim=0, sorted=True)
-    return values.T, idx.T
 
 
 class _SampledPursuit:
@@ -198,7 +183,7 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
         # dropped-then-banned rows stay excluded; the user's exclusions always do
         for t in live:
             exclude[:, t] |= base
-        values, idx = _top_candidates(A, RW, exclude, batch, opts.positive, dtype, opts.backend)
+        values, idx = masked_top(A, RW, exclude, batch, opts.positive, dtype, opts.backend)
         passes += 1
         values, idx = values.cpu(), idx.cpu()
         for t in live:

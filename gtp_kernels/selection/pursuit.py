@@ -82,27 +82,23 @@ def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, bac
     return out
 
 
-def _masked_best(scores: torch.Tensor, exclude: torch.Tensor, positive: bool):
-    """Per-column best (value, index) of scores (N, m); |scores| when not positive.
-
-    Ties go to the lowest index (torch.max returns the first maximal value).
-    """
-    key = scores if positive else scores.abs()
-    key = key.masked_fill(exclude, -float("inf"))
-    values, idx = torch.max(key, dim=0)
-    return values, idx
-
-
-def _best_direct(A, RW, exclude, positive, dtype, backend):
-    """One pass: per-column masked argmax of A @ RW (K2 on the kernel path)."""
+def masked_top(A, RW, exclude, count, positive, dtype, backend):
+    """One read of A: per column of A @ RW, the `count` best masked rows as (m, count) values
+    and indices (|scores| ranked when not positive). K2 on the kernel path; in torch, count 1
+    uses torch.max, whose ties go to the lowest index as the reference's argmax does."""
     if _use_kernels(A, dtype, backend):
         from ..ops.correlate import correlate_topk
 
-        values, idx = correlate_topk(A, RW.contiguous(), 1, exclude=exclude, absolute=not positive,
+        values, idx = correlate_topk(A, RW.contiguous(), count, exclude=exclude, absolute=not positive,
                                      backend="triton")
-        values, idx = values[:, 0], idx[:, 0]
         return (values if positive else values.abs()), idx
-    return _masked_best(candidate_products(A, RW, dtype, backend), exclude, positive)
+    scores = candidate_products(A, RW, dtype, backend)
+    key = (scores if positive else scores.abs()).masked_fill(exclude, -float("inf"))
+    if count == 1:
+        values, idx = torch.max(key, dim=0)
+        return values[:, None], idx[:, None]
+    values, idx = torch.topk(key, min(count, key.shape[0]), dim=0, sorted=True)
+    return values.T, idx.T
 
 
 class _ColumnCache:
@@ -283,7 +279,6 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     exclude = base_exclude[:, None].repeat(1, m)
     R = B.clone()  # residuals, float64
     b_norms = weighted_norm(B.T, fw).tolist()
-    r_norms = list(b_norms)
     hist: List[List[float]] = [[x] for x in b_norms]
     stopped: List[Optional[str]] = [None] * m
     iterations, rejected, dropped = [0] * m, [0] * m, [0] * m
@@ -320,13 +315,13 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         if cache is not None:
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
-            stale = [t for t in live if r_norms[t] < anchor_drop * base_norm[t]]
+            stale = [t for t in live if hist[t][-1] < anchor_drop * base_norm[t]]
             if stale:
                 RW = (R[:, stale] if fw is None else R[:, stale] * fw[:, None]).to(dtype)
                 base_c[:, stale] = candidate_products(A, RW, dtype, opts.backend)
                 for t in stale:
                     base_w[t] = dict(zip(supports[t], weights[t].tolist()))
-                    base_norm[t] = r_norms[t]
+                    base_norm[t] = hist[t][-1]
                 passes += 1
             moved = {}
             for t in live:
@@ -348,7 +343,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
         else:
             RW = (R if fw is None else R * fw[:, None]).to(dtype)
-            best_val, best_idx = _best_direct(A, RW, exclude, opts.positive, dtype, opts.backend)
+            best_val, best_idx = (x[:, 0] for x in masked_top(A, RW, exclude, 1, opts.positive, dtype, opts.backend))
             passes += 1
         best_val, best_idx = rows_at.best(best_val, best_idx)
         best_val = best_val.tolist()
@@ -371,7 +366,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         diag = (rows_w * rows).sum(dim=1)
         for i, t in enumerate(picked):
             v = best_val[t]
-            if v <= min_cos * float(diag[i].sqrt()) * r_norms[t]:
+            if v <= min_cos * float(diag[i].sqrt()) * hist[t][-1]:
                 stopped[t], new_atoms[t] = STOP_NO_CORRELATION, -1
             elif first_corr[t] is None:
                 first_corr[t] = v
@@ -447,11 +442,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
             R[:, t] = B[:, t] - rows_buf[t, : sizes[t]].T @ weights[t] if supports[t] else B[:, t]
-            r_norms[t] = float(weighted_norm(R[:, t], fw))
-            hist[t].append(r_norms[t])
+            hist[t].append(float(weighted_norm(R[:, t], fw)))
             if progress is not None:
                 progress(1)
-            if r_norms[t] < opts.tol * b_norms[t]:
+            if hist[t][-1] < opts.tol * b_norms[t]:
                 stopped[t] = STOP_TOLERANCE
         clock.lap("residual")
 
