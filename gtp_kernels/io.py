@@ -98,10 +98,6 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
-def atomic_write_json(path: os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
 def jsonl(records: Iterable[Dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 

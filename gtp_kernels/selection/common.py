@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,7 +14,6 @@ STOP_NO_CORRELATION = "no_correlation"  # best cosine(a_j, r) <= min_cosine: not
 STOP_GUARD = "guard"              # best correlation fell below stop_ratio * the first one
 STOP_EXHAUSTED = "exhausted"      # no eligible candidate left
 STOP_MAX_ITERS = "max_iters"      # iteration cap hit (each argmax, rejected or not, is one iteration)
-STOP_STABLE = "stable"            # compressive sampling: support unchanged between passes
 STOP_NONE = "n/a"                 # non-iterative methods (top-k, random)
 
 
@@ -108,5 +107,3 @@ class TargetSelection:
     dropped: int = 0
     passes: float = 0.0
 
-
-ProgressFn = Optional[Callable[[int], None]]
