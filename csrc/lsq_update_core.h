@@ -81,19 +81,32 @@ struct SerialTeam {
   GTP_HD int64_t max_index(int64_t i) { return i; }
 
   // In place: x0 <- L[:n,:n]^{-1} x0 (and x1 likewise when not null). Row-oriented: rows of L are
-  // contiguous.
+  // contiguous, so each step is a dot product; four partial sums per dot keep the FMA units busy
+  // (one running sum is latency-bound, about 4x slower at k in the hundreds).
   void lower_solve(const T* L, int64_t ld, int64_t n, T* x0, T* x1) {
     for (int64_t i = 0; i < n; ++i) {
       const T* row = L + i * ld;
-      T a0 = x0[i];
-      T a1 = x1 ? x1[i] : T(0);
-      for (int64_t q = 0; q < i; ++q) {
-        a0 -= row[q] * x0[q];
-        if (x1) a1 -= row[q] * x1[q];
+      if (x1) {
+        T a0 = dot4(row, x0, i), a1 = dot4(row, x1, i);
+        x0[i] = (x0[i] - a0) / row[i];
+        x1[i] = (x1[i] - a1) / row[i];
+      } else {
+        x0[i] = (x0[i] - dot4(row, x0, i)) / row[i];
       }
-      x0[i] = a0 / row[i];
-      if (x1) x1[i] = a1 / row[i];
     }
+  }
+
+  static T dot4(const T* a, const T* b, int64_t n) {
+    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
+    int64_t q = 0;
+    for (; q + 4 <= n; q += 4) {
+      s0 += a[q] * b[q];
+      s1 += a[q + 1] * b[q + 1];
+      s2 += a[q + 2] * b[q + 2];
+      s3 += a[q + 3] * b[q + 3];
+    }
+    for (; q < n; ++q) s0 += a[q] * b[q];
+    return (s0 + s1) + (s2 + s3);
   }
 
   // In place: x <- L[:n,:n]^{-T} x. Column-oriented on L^T, i.e. it walks rows of L.
