@@ -184,6 +184,7 @@ def lsq_update(
     positive: bool = True,
     dep_tol: float | None = None,
     backend: LsqBackend = "auto",
+    checked: bool = True,
 ) -> torch.Tensor:
     """Append one atom per pursuit and re-solve, in place on ``state``; returns int32 statuses (m,).
 
@@ -196,12 +197,15 @@ def lsq_update(
         positive: non-negative least squares (Lawson-Hanson) instead of plain least squares.
         dep_tol: relative pivot threshold; ``None`` takes DEFAULT_DEP_TOL[dtype].
         backend: "auto" (compiled op when built for the device, else torch), "ext" or "torch".
+        checked: False skips the Python argument checks (tens of microseconds), for drivers
+            that built every tensor themselves; the compiled op still checks shapes and dtypes.
     """
     if dep_tol is None:
         dep_tol = DEFAULT_DEP_TOL.get(state.L.dtype, 0.0)
     lam = float(lam)
     dep_tol = float(dep_tol)
-    _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
+    if checked:
+        _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
     if _resolve(backend, state.L.device) == "ext":
         return _C.lsq_update(
             state.L, state.size, state.support, state.rhs, state.weights,

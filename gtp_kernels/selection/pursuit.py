@@ -23,6 +23,10 @@ Two strategies, picked per problem from N, D, k, m and memory (``strategy="auto"
   later picks usually find their column ready. The Gram entries and A_S W b come out of the
   cache for free. Memory: N x capacity columns.
 
+``auto`` starts cached when its first iterations cost less than a pass and the columns fit,
+and switches to direct (from the same exact residuals) once the product with the cached
+columns costs a pass: cached pays where |S| << D, direct where the support nears D.
+
 The least-squares step is K3 (``gtp_kernels.ops.lsq.lsq_update``): Cholesky append with
 the dependence test, Lawson-Hanson active-set drop with downdate, batched over targets.
 Each iteration reads the picked indices on the host (one sync), which the stop tests need.
@@ -30,6 +34,7 @@ Each iteration reads the picked indices on the host (one sync), which the stop t
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import time
 from typing import Dict, List, Optional
@@ -155,20 +160,36 @@ def _cache_budget_bytes(device: torch.device) -> int:
     return int(avail * 0.4)
 
 
-def choose_strategy(n: int, dim: int, k: int, m: int, a_bytes: int, c_bytes: int, capacity: int,
-                    budget_bytes: int, on_gpu: bool) -> str:
-    """Pick 'cached' when its columns fit and an iteration costs less than a pass.
+# Passes over A that column fetches cost per cached iteration: about 0.2 misses per iteration
+# with the default prefetch, each a skinny GEMM costing about one pass on a GPU (memory-bound)
+# and about three on a CPU (compute-bound there).
+FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 
-    Costs in passes over A (N*D*a_bytes bytes). direct: 1 per iteration. cached: the product
-    with the cached columns, about (k*m/2 + capacity - k*m) * c_bytes / (D * a_bytes), plus
-    the column fetches. Measured miss rates with the default prefetch are about 0.2 per
-    iteration; a fetch costs about one pass on a GPU (the skinny GEMM is memory-bound) and
-    about three on a CPU (compute-bound there), hence 0.25 and 0.6 passes per iteration.
+
+def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
+    """Cost of one cached iteration in passes over A (N*D*a_bytes bytes): the product with
+    `columns` cached columns (N*columns*c_bytes bytes) plus the expected column fetches."""
+    return columns * c_bytes / (dim * a_bytes) + FETCH_PASSES["cuda" if on_gpu else "cpu"]
+
+
+def switch_columns(dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> int:
+    """Cached columns at which a cached iteration costs a full pass: past it, direct is cheaper."""
+    fetch = FETCH_PASSES["cuda" if on_gpu else "cpu"]
+    return max(1, int((1.0 - fetch) * dim * a_bytes / c_bytes))
+
+
+def choose_strategy(n: int, dim: int, a_bytes: int, c_bytes: int, capacity: int, start_columns: int,
+                    budget_bytes: int, on_gpu: bool) -> str:
+    """Pick 'cached' when its columns fit and its first iterations cost less than a pass.
+
+    Costs in passes over A: direct 1 per iteration; cached grows with the support (see
+    cached_iteration_passes), and the auto pursuit switches to direct once it reaches a pass
+    (switch_columns), so only the start decides. capacity: columns the cache may hold;
+    start_columns: those the first iterations touch (one fetch: needed + prefetched).
     """
     if n * capacity * c_bytes > budget_bytes:
         return "direct"
-    fetch = 0.25 if on_gpu else 0.6
-    cached = (k * m / 2.0 + (capacity - k * m)) * c_bytes / (dim * a_bytes) + fetch
+    cached = cached_iteration_passes(start_columns, dim, a_bytes, c_bytes, on_gpu)
     return "cached" if cached < 0.9 else "direct"
 
 
@@ -198,10 +219,18 @@ def follow_factor_order(rows_buf: torch.Tensor, old_support: List[int], new_supp
     if new_support == old_support + [new_atom]:  # the common case: appended, nothing dropped
         rows_buf[n_old] = new_row
         return
+    # Positions before the first change keep their rows; only the tail moves (the buffer is
+    # k x D, so a whole-buffer gather per drop would cost as much as a pass at small N).
+    first = 0
+    while first < min(n_old, len(new_support)) and old_support[first] == new_support[first]:
+        first += 1
     pos = {a: p for p, a in enumerate(old_support)}
-    pos[new_atom] = n_old
-    both = torch.cat([rows_buf[:n_old], new_row[None]])
-    rows_buf[: len(new_support)] = both[[pos[a] for a in new_support]]
+    source = [pos.get(a, -1) for a in new_support[first:]]  # -1: the new atom's row
+    tail = rows_buf[torch.tensor([max(p, 0) for p in source], dtype=torch.long, device=rows_buf.device)]
+    for q, p in enumerate(source):
+        if p < 0:
+            tail[q] = new_row
+    rows_buf[first : first + len(source)] = tail
 
 
 class LocalRows:
@@ -267,10 +296,16 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     if prefetch is None:
         prefetch = 32 if device.type == "cuda" else 16
     capacity = k * m + 2 * prefetch
+    on_gpu = device.type == "cuda"
+    c_bytes = torch.finfo(dtype).bits // 8
+    # auto: cached while its iterations cost less than a pass, then direct (same selection)
+    switch_at = None
     if strategy == "auto":
-        c_bytes = torch.finfo(dtype).bits // 8
-        strategy = choose_strategy(N, D, k, m, A.element_size(), c_bytes, capacity, _cache_budget_bytes(device),
-                                   device.type == "cuda")
+        switch_at = switch_columns(D, A.element_size(), c_bytes, on_gpu)
+        # the cache never needs more than the columns held when it switches, plus one fetch
+        capacity = min(capacity, switch_at + 2 * prefetch + m)
+        strategy = choose_strategy(N, D, A.element_size(), c_bytes, capacity, m + prefetch,
+                                   _cache_budget_bytes(device), on_gpu)
         strategy = "cached" if rows_at.agree(strategy == "cached") else "direct"
 
     state = lsq.lsq_init(m, k, f64, device)
@@ -288,6 +323,11 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     rows_buf = torch.empty(m, k, D, dtype=f64, device=device)
     weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
     passes = 0
+    # per-iteration K3 inputs, allocated once (entries past a target's support are ignored)
+    gram_col = torch.zeros(m, k, dtype=f64, device=device)
+    gram_diag = torch.zeros(m, dtype=f64, device=device)
+    rhs_new = torch.zeros(m, dtype=f64, device=device)
+    all_targets = list(range(m))
 
     clock = _PhaseClock(phase_seconds, device)
     cache = None
@@ -312,6 +352,11 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             break
 
         # 1. correlations and the best candidate per target
+        if cache is not None and switch_at is not None and cache.hi >= switch_at:
+            # the cached product now costs a pass: continue direct, from the exact residuals
+            cache = base_c = None
+            if phase_seconds is not None:
+                phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
         if cache is not None:
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
@@ -364,9 +409,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         rows = rows_at.fetch(A, [new_atoms[t] for t in picked], f64)  # (p, D)
         rows_w = rows if fw is None else rows * fw
         diag = (rows_w * rows).sum(dim=1)
+        diag_host = diag.tolist()
         for i, t in enumerate(picked):
             v = best_val[t]
-            if v <= min_cos * float(diag[i].sqrt()) * hist[t][-1]:
+            if v <= min_cos * math.sqrt(diag_host[i]) * hist[t][-1]:
                 stopped[t], new_atoms[t] = STOP_NO_CORRELATION, -1
             elif first_corr[t] is None:
                 first_corr[t] = v
@@ -400,18 +446,20 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         clock.lap("columns")
 
         # 4. least-squares update (K3), float64 Gram entries from the selected rows
-        gram_col = torch.zeros(m, k, dtype=f64, device=device)
-        gram_diag = torch.zeros(m, dtype=f64, device=device)
-        rhs_new = torch.zeros(m, dtype=f64, device=device)
         for i, t in enumerate(picked):
             if supports[t]:
-                gram_col[t, : len(supports[t])] = rows_buf[t, : len(supports[t])] @ rows_w[i]
-            gram_diag[t] = diag[i]
-            rhs_new[t] = rows_w[i] @ B[:, t]
-        atoms = torch.full((m,), -1, dtype=torch.long, device=device)
-        atoms[picked] = torch.tensor([new_atoms[t] for t in picked], device=device)
+                torch.mv(rows_buf[t, : len(supports[t])], rows_w[i], out=gram_col[t, : len(supports[t])])
+        rhs_picked = (rows_w * B.T[picked]).sum(dim=1)
+        if picked == all_targets:  # the common case: every target picked, no scatter
+            gram_diag.copy_(diag)
+            rhs_new.copy_(rhs_picked)
+        else:
+            gram_diag[picked] = diag
+            rhs_new[picked] = rhs_picked
+        atoms = torch.tensor(new_atoms, device=device)  # -1: this target sits the update out
+        # every tensor here was built by this loop for this state: skip the argument checks
         status = lsq.lsq_update(state, atoms, gram_col, gram_diag, rhs_new, lam=lam,
-                                positive=opts.positive, dep_tol=dep_tol).tolist()
+                                positive=opts.positive, dep_tol=dep_tol, checked=False).tolist()
         sizes = state.size.tolist()
         clock.lap("update")
 
@@ -421,7 +469,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if st & lsq.STATUS_DEPENDENT:
                 banned[t].add(j)
                 rejected[t] += 1
-                exclude[rows_at.local([j]), t] = True
+                for local_j in rows_at.local([j]):
+                    exclude[local_j, t] = True
                 continue
             if st & lsq.STATUS_NEW_DROPPED:
                 banned[t].add(j)
@@ -436,12 +485,13 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
             dropped[t] += len(gone)
-            exclude[rows_at.local([j]), t] = True  # selected, or banned if dropped as it entered
+            for local_j in rows_at.local([j]):  # selected, or banned if dropped as it entered
+                exclude[local_j, t] = True
             back = rows_at.local([a for a in gone if a not in banned[t]])
             if back:  # atoms dropped by NNLS become eligible again
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
-            R[:, t] = B[:, t] - rows_buf[t, : sizes[t]].T @ weights[t] if supports[t] else B[:, t]
+            R[:, t] = torch.addmv(B[:, t], rows_buf[t, : sizes[t]].T, weights[t], alpha=-1.0) if supports[t] else B[:, t]
             hist[t].append(float(weighted_norm(R[:, t], fw)))
             if progress is not None:
                 progress(1)

@@ -1,0 +1,55 @@
+"""Mechanics of the fast exact pursuit: the row buffer through NNLS drops, and the auto
+strategy's switch from cached to direct (the selection must not change)."""
+import random
+
+import pytest
+import torch
+
+import gtp_kernels as gk
+from gtp_kernels.selection import pursuit
+from gtp_kernels.selection.common import SelectOptions
+from gtp_kernels.selection.pursuit import follow_factor_order, gtp_pursuit
+from gtp_kernels.validation import validate_problem
+from test_pursuit import assert_same, noisy_problem
+
+
+def _naive(rows_by_atom, new_support):
+    return torch.stack([rows_by_atom[a] for a in new_support]) if new_support else None
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_follow_factor_order_matches_gather_after_any_drop(seed):
+    rng = random.Random(seed)
+    n_old, dim = rng.randint(0, 12), 7
+    old = rng.sample(range(100), n_old)
+    new_atom = 100 + seed
+    rows_by_atom = {a: torch.randn(dim, dtype=torch.float64) for a in old + [new_atom]}
+    buf = torch.full((16, dim), float("nan"), dtype=torch.float64)  # poisoned past the support
+    for p, a in enumerate(old):
+        buf[p] = rows_by_atom[a]
+    # what the factor does: drop any subset, keep relative order, the new atom last if kept
+    kept_new = rng.random() < 0.6
+    survivors = [a for a in old if rng.random() < 0.7] if rng.random() < 0.8 else list(old)
+    new_support = survivors + ([new_atom] if kept_new else [])
+    follow_factor_order(buf, old, new_support, new_atom, rows_by_atom[new_atom])
+    expect = _naive(rows_by_atom, new_support)
+    if expect is not None:
+        assert torch.equal(buf[: len(new_support)], expect)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-5)])
+def test_auto_switches_from_cached_to_direct_without_changing_the_selection(m, dtype, rtol):
+    # D = 96: the cached product reaches a pass at ~38 columns (CPU), well before k = 60
+    A, B = noisy_problem(900, 96, seed=11 + m, dtype=dtype, m=m)
+    k = 60
+    switch = pursuit.switch_columns(96, A.element_size(), A.element_size(), on_gpu=False)
+    assert switch < k
+    phases = {}
+    fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8,
+                       phase_seconds=phases)
+    assert phases["strategy"] == "cached"
+    assert 0 < phases["switched_at_support"] < k  # it did switch, part-way
+    assert_same(fast, gk.select(A, B, k, method="gtp-reference"), rtol)
+    # and it read A fewer times than a pass per atom would
+    assert fast[0].passes < sum(len(f.indices) for f in fast) / m + 5
