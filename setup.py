@@ -17,7 +17,7 @@ from setuptools import find_packages, setup
 # printed and gtp_kernels/ops/lsq.py falls back to plain torch. GTP_NO_EXT=1 skips the extension,
 # GTP_NO_CUDA=1 builds the CPU op only.
 _CSRC = "csrc"
-_CPU_SOURCES = [f"{_CSRC}/bindings.cpp", f"{_CSRC}/lsq_update_cpu.cpp"]
+_CPU_SOURCES = [f"{_CSRC}/bindings.cpp", f"{_CSRC}/lsq_update_cpu.cpp", f"{_CSRC}/cpu_vector.cpp"]
 _CUDA_SOURCES = [f"{_CSRC}/lsq_update.cu"]
 _CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (its headers need their own)
 _NVCC_FLAGS = [

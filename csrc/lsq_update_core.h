@@ -70,6 +70,13 @@ struct LsqArgs {
 };
 
 // ---------------------------------------------------------------------------------------------
+// sum_q a[q] * b[q], defined in cpu_vector.cpp (vectorised there for the CPU at hand).
+float cpu_dot(const float* a, const float* b, int64_t n);
+double cpu_dot(const double* a, const double* b, int64_t n);
+// y[q] += alpha * x[q] for q < n, likewise.
+void cpu_axpy(float alpha, const float* x, float* y, int64_t n);
+void cpu_axpy(double alpha, const double* x, double* y, int64_t n);
+
 // One CPU thread as a team of one.
 template <typename T>
 struct SerialTeam {
@@ -81,8 +88,7 @@ struct SerialTeam {
   GTP_HD int64_t max_index(int64_t i) { return i; }
 
   // In place: x0 <- L[:n,:n]^{-1} x0 (and x1 likewise when not null). Row-oriented: rows of L are
-  // contiguous, so each step is a dot product; four partial sums per dot keep the FMA units busy
-  // (one running sum is latency-bound, about 4x slower at k in the hundreds).
+  // contiguous, so each step is a dot product (cpu_dot, vectorised).
   void lower_solve(const T* L, int64_t ld, int64_t n, T* x0, T* x1) {
     for (int64_t i = 0; i < n; ++i) {
       const T* row = L + i * ld;
@@ -96,18 +102,7 @@ struct SerialTeam {
     }
   }
 
-  static T dot4(const T* a, const T* b, int64_t n) {
-    T s0 = T(0), s1 = T(0), s2 = T(0), s3 = T(0);
-    int64_t q = 0;
-    for (; q + 4 <= n; q += 4) {
-      s0 += a[q] * b[q];
-      s1 += a[q + 1] * b[q + 1];
-      s2 += a[q + 2] * b[q + 2];
-      s3 += a[q + 3] * b[q + 3];
-    }
-    for (; q < n; ++q) s0 += a[q] * b[q];
-    return (s0 + s1) + (s2 + s3);
-  }
+  static T dot4(const T* a, const T* b, int64_t n) { return cpu_dot(a, b, n); }
 
   // In place: x <- L[:n,:n]^{-T} x. Column-oriented on L^T, i.e. it walks rows of L.
   void upper_t_solve(const T* L, int64_t ld, int64_t n, T* x) {
@@ -115,7 +110,7 @@ struct SerialTeam {
       const T* row = L + i * ld;
       const T xi = x[i] / row[i];
       x[i] = xi;
-      for (int64_t q = 0; q < i; ++q) x[q] -= row[q] * xi;
+      cpu_axpy(-xi, row, x, i);
     }
   }
 };

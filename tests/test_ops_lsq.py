@@ -353,7 +353,7 @@ def test_cuda_kernel_code_under_cpu_emulation(tmp_path, threads, mode):
         pytest.skip("no C++ compiler")
     exe = tmp_path / f"lsq_emulation_{threads}"
     cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas", f"-DGTP_LSQ_THREADS={threads}",
-           f"-I{CSRC}", f"-I{EMULATION_DIR}", str(EMULATION_DIR / "lsq_emulation.cpp"), "-o", str(exe)]
+           f"-I{CSRC}", f"-I{EMULATION_DIR}", str(EMULATION_DIR / "lsq_emulation.cpp"), str(CSRC / "cpu_vector.cpp"), "-o", str(exe)]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if build.returncode != 0 and "barrier" in build.stderr and "No such file" in build.stderr:
         pytest.skip("the C++ compiler has no C++20 <barrier>")
