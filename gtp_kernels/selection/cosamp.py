@@ -193,7 +193,7 @@ class _SampledPursuit:
         self.sample_short = n_alive < 2 or bounds.exceed(v, alpha, sigma, WRONG_PICKS / self.k)
         return self.sample_short
 
-    def pursue_sample(self, A: torch.Tensor, sample: List[int], bounds: _PassBounds, progress) -> int:
+    def pursue_sample(self, A: torch.Tensor, sample_idx: torch.Tensor, bounds: _PassBounds, progress) -> int:
         """Add atoms from the sample until a row outside it may be the better pick; returns
         the number of argmax steps taken."""
         opts = self.opts
@@ -201,7 +201,8 @@ class _SampledPursuit:
         self.sample_short = False  # set when the pass ends because rows outside may be better
         # Sample correlations in the compute dtype (they only rank the sample; r is exact);
         # the picked row goes to the float64 least-squares side.
-        rows_w = self._weighted(A[sample].to(self.dtype))
+        rows_w = self._weighted(A[sample_idx.to(A.device)].to(self.dtype))
+        sample = sample_idx.tolist()
         picked = torch.zeros(len(sample), dtype=torch.bool, device=rows_w.device)
         n_alive = len(sample)
         r_pass_w = self._weighted(self.r)
@@ -315,15 +316,16 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
         values, idx = masked_top(A, RW, exclude, ranked, opts.positive, dtype, opts.backend)
         passes += 1
         values, idx = values.cpu(), idx.cpu()
+        excluded = exclude.sum(dim=0).tolist()
         for t in live:
             ok = (values[t] > -float("inf")) & (values[t] > 0 if opts.positive else values[t] > -1)
             vals, ids = values[t][ok].to(torch.float64), idx[t][ok]
-            eligible = int((~exclude[:, t]).sum())
+            eligible = n - int(excluded[t])
             # rows not ranked: below the last ranked value, or (list cut short) at most 0
             tau = float(vals[-1]) if len(ids) == ranked else 0.0
             size = sizes[t]
             bounds = _PassBounds(vals[size:], max(tau, 0.0), eligible - len(ids), opts.positive)
-            steps = pursuits[t].pursue_sample(A, ids[:size].tolist(), bounds, progress)
+            steps = pursuits[t].pursue_sample(A, ids[:size], bounds, progress)
             if not opts.batch_size:
                 p = pursuits[t]
                 sizes[t] = next_sample_size(size, p.sample_short, steps, p.iterations, passes, n)
