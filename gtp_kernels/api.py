@@ -152,7 +152,7 @@ register_method(MethodSpec(
     exact=True))
 register_method(MethodSpec(
     "gtp-cosamp", gtp_cosamp,
-    "GTP by compressive sampling: pursuit inside the top 2*k sample of each pass; a few passes",
+    "GTP by compressive sampling: pursuit inside each pass's top-ranked sample while no unsampled row is likely to be better; about k/12 passes",
     exact=False))
 register_method(MethodSpec(
     "gtp-reference", gtp_reference,
@@ -218,7 +218,7 @@ def select(
             or below this (e.g. 0.0 keeps only positively aligned candidates).
         stop_ratio: guard: stop once the best correlation is below stop_ratio times the first.
         max_iters: iteration cap (default 2k + 10).
-        batch_size: compressive sampling's candidates per pass (default 2k).
+        batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
         topk_reduce: "mean" or "max" over target columns, for top-k.
         seed: for random selection.
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).

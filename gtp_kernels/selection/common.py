@@ -48,7 +48,8 @@ class SelectOptions:
     dep_tol: dependence threshold on the relative Cholesky pivot (None: by compute dtype).
     max_iters: cap on iterations (argmax steps); None means 2k + 10. For compressive sampling
         it also caps the sampling passes (None: k).
-    batch_size: compressive sampling, candidates sampled per pass (None: 2k).
+    batch_size: compressive sampling, candidates pursued per pass (None: adaptive, starting at
+        N/12 and doubling or halving with the picks a pass yields; see selection/cosamp.py).
     topk_reduce: top-k over m target columns: "mean" (LESS averages over target examples) or "max".
     seed: random selection's seed.
     compute_dtype: float32 or float64 (None: float64 for float64 input, else float32).
