@@ -169,13 +169,18 @@ FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
     """Cost of one cached iteration in passes over A (N*D*a_bytes bytes): the product with
     `columns` cached columns (N*columns*c_bytes bytes) plus the expected column fetches."""
-    return columns * c_bytes / (dim * a_bytes) + FETCH_PASSES["cuda" if on_gpu else "cpu"]
+    return columns * c_bytes / (dim * a_bytes) + cached_iteration_passes_fixed(on_gpu)
+
+
+def cached_iteration_passes_fixed(on_gpu: bool) -> float:
+    """The part of a cached iteration's cost that does not grow with the columns: the fetches."""
+    return FETCH_PASSES["cuda" if on_gpu else "cpu"]
 
 
 def switch_columns(dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> int:
-    """Cached columns at which a cached iteration costs a full pass: past it, direct is cheaper."""
-    fetch = FETCH_PASSES["cuda" if on_gpu else "cpu"]
-    return max(1, int((1.0 - fetch) * dim * a_bytes / c_bytes))
+    """Cached columns at which a cached iteration costs a full pass (cached_iteration_passes
+    solved for 1): past it, direct is cheaper."""
+    return max(1, int((1.0 - cached_iteration_passes_fixed(on_gpu)) * dim * a_bytes / c_bytes))
 
 
 def choose_strategy(n: int, dim: int, a_bytes: int, c_bytes: int, capacity: int, start_columns: int,
