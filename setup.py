@@ -17,9 +17,20 @@ from setuptools import find_packages, setup
 # printed and gtp_kernels/ops/lsq.py falls back to plain torch. GTP_NO_EXT=1 skips the extension,
 # GTP_NO_CUDA=1 builds the CPU op only.
 _CSRC = "csrc"
-_CPU_SOURCES = [f"{_CSRC}/bindings.cpp", f"{_CSRC}/lsq_update_cpu.cpp", f"{_CSRC}/cpu_vector.cpp"]
+_CPU_SOURCES = [
+    f"{_CSRC}/bindings.cpp",
+    f"{_CSRC}/lsq_update_cpu.cpp",
+    f"{_CSRC}/cpu_vector.cpp",
+    f"{_CSRC}/cpu_rows_dot.cpp",
+]
 _CUDA_SOURCES = [f"{_CSRC}/lsq_update.cu"]
 _CXX_FLAGS = ["-O3"]  # the C++ standard is left to torch (its headers need their own)
+_LINK_FLAGS = []
+if sys.platform.startswith("linux"):
+    # at::parallel_for is a header template: without OpenMP here it runs on one thread
+    # (torch's Linux wheels use the OpenMP backend; the runtime is the one torch loads)
+    _CXX_FLAGS.append("-fopenmp")
+    _LINK_FLAGS.append("-fopenmp")
 _NVCC_FLAGS = [
     "-O3",
     "-gencode=arch=compute_80,code=sm_80",
@@ -57,7 +68,7 @@ def _extension_setup() -> dict:
 
     def cpu_extension():
         return cpp_extension.CppExtension(
-            "gtp_kernels._C", _CPU_SOURCES, extra_compile_args={"cxx": _CXX_FLAGS}
+            "gtp_kernels._C", _CPU_SOURCES, extra_compile_args={"cxx": _CXX_FLAGS}, extra_link_args=_LINK_FLAGS
         )
 
     if want_cuda:
@@ -67,6 +78,7 @@ def _extension_setup() -> dict:
             _CPU_SOURCES + _CUDA_SOURCES,
             define_macros=[("GTP_WITH_CUDA", "1")],
             extra_compile_args={"cxx": _CXX_FLAGS, "nvcc": _NVCC_FLAGS},
+            extra_link_args=_LINK_FLAGS,
         )
     else:
         why = "torch is a CPU build" if torch.version.cuda is None else "nvcc/CUDA_HOME not found"

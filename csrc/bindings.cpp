@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "cpu_rows_dot.h"
 #include "lsq_update.h"
 
 namespace {
@@ -107,6 +108,44 @@ torch::Tensor lsq_update(torch::Tensor L, torch::Tensor size, torch::Tensor supp
   return status;
 }
 
+torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::optional<torch::Tensor> out,
+                       const std::string& isa) {
+  const gtp::RowsDotFn fn = gtp::cpu_rows_dot_variant(isa.c_str());
+  TORCH_CHECK(fn != nullptr, "rows_dot: instruction set '", isa, "' is not available on this CPU/build");
+  // gtp_kernels/ops/products.py validates with readable errors first; these guard direct calls.
+  TORCH_CHECK(A.device().is_cpu() && X.device().is_cpu(), "rows_dot takes CPU tensors");
+  TORCH_CHECK(A.scalar_type() == torch::kFloat32 && X.scalar_type() == torch::kFloat32,
+              "rows_dot takes float32 A and X");
+  TORCH_CHECK(A.dim() == 2 && X.dim() == 2 && A.size(1) == X.size(1),
+              "rows_dot: A (n, D) and X (p, D), got ", A.sizes(), " and ", X.sizes());
+  TORCH_CHECK(A.size(1) <= 1 || A.stride(1) == 1, "rows_dot: A must have unit stride along D");
+  TORCH_CHECK(X.size(1) <= 1 || X.stride(1) == 1, "rows_dot: X must have unit stride along D");
+  const int64_t n = A.size(0), D = A.size(1), p = X.size(0);
+  torch::Tensor Y;
+  if (out.has_value()) {
+    Y = *out;
+    TORCH_CHECK(Y.device().is_cpu() && Y.scalar_type() == torch::kFloat32 && Y.dim() == 2 &&
+                    Y.size(0) == n && Y.size(1) == p && Y.is_contiguous(),
+                "rows_dot: out must be a contiguous float32 CPU tensor of shape (", n, ", ", p, ")");
+  } else {
+    Y = torch::empty({n, p}, A.options());
+  }
+  if (n == 0 || p == 0) return Y;
+  if (D == 0) return Y.zero_();
+  const float* a = A.data_ptr<float>();
+  const float* x = X.data_ptr<float>();
+  float* y = Y.data_ptr<float>();
+  const int64_t lda = A.stride(0), ldx = X.stride(0);
+  // a chunk of at least ~64K multiply-adds per thread, so small products stay on one thread
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, D * p));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    fn(a, lda, begin, end, D, x, ldx, p, y, p);
+  });
+  return Y;
+}
+
+std::string rows_dot_isa() { return gtp::cpu_rows_dot_isa(); }
+
 bool has_cuda() {
 #if defined(GTP_WITH_CUDA)
   return true;
@@ -118,11 +157,16 @@ bool has_cuda() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "gtp_kernels compiled ops (K3 least-squares update)";
+  mod.doc() = "gtp_kernels compiled ops (K3 least-squares update; CPU row products)";
   mod.def("lsq_update", &lsq_update,
           "Batched Cholesky append + (non-negative) least-squares solve, in place; returns status",
           py::arg("L"), py::arg("size"), py::arg("support"), py::arg("rhs"), py::arg("weights"),
           py::arg("new_atom"), py::arg("gram_col"), py::arg("gram_diag"), py::arg("rhs_new"),
           py::arg("lam"), py::arg("positive"), py::arg("dep_tol"));
+  mod.def("rows_dot", &rows_dot,
+          "Y = A @ X.T for float32 CPU A (n, D) and X (p, D), float32 accumulation; returns Y (n, p). "
+          "isa: '' (the widest this CPU has), 'avx512', 'avx2' or 'baseline' (tests)",
+          py::arg("A"), py::arg("X"), py::arg("out") = py::none(), py::arg("isa") = "");
+  mod.def("rows_dot_isa", &rows_dot_isa, "Instruction set rows_dot runs on here: avx512, avx2 or baseline");
   mod.def("has_cuda", &has_cuda, "True when the CUDA kernel was compiled in");
 }

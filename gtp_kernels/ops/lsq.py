@@ -33,6 +33,9 @@ from typing import Literal
 
 import torch
 
+# the compiled extension, shared with ops.products (lsq._C and lsq.extension_status stay here)
+from ._ext import _C, _EXT_ERROR, extension_status  # noqa: F401
+
 STATUS_APPENDED = 1
 STATUS_DEPENDENT = 2
 STATUS_DROPPED = 4
@@ -45,29 +48,6 @@ STATUS_FULL = 32
 DEFAULT_DEP_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 LsqBackend = Literal["auto", "ext", "torch"]
-
-def _load_extension():
-    """(module, None) or (None, reason)."""
-    import importlib
-    import importlib.util
-
-    try:
-        if importlib.util.find_spec("gtp_kernels._C") is None:
-            return None, "gtp_kernels._C is not built (pip install --no-build-isolation -e .; see csrc/README.md)"
-        return importlib.import_module("gtp_kernels._C"), None
-    except Exception as exc:  # noqa: BLE001 - broken build (ABI, missing CUDA libs): fall back to torch
-        return None, f"{type(exc).__name__}: {exc}"
-
-
-_C, _EXT_ERROR = _load_extension()
-
-
-def extension_status() -> str:
-    """``"cpu+cuda"``, ``"cpu"`` (extension built without CUDA) or ``"unavailable: <reason>"``."""
-    if _C is None:
-        return f"unavailable: {_EXT_ERROR}"
-    return "cpu+cuda" if _C.has_cuda() else "cpu"
-
 
 @dataclass
 class LsqState:

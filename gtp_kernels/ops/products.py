@@ -1,0 +1,82 @@
+"""Row products Y = A X^T on CPU: the passes over the candidates where no GPU is used.
+
+For float32 candidates A (N x D) and a few float32 rows X (p x D) the op returns the (N, p)
+matrix of inner products <a_i, x_c>, float32 accumulation (partial sums in vector lanes, so
+the rounding is at most that of a sequential fp32 sum). This is what the pursuits compute on
+CPU once per pass: c = A W r for m residuals (p = m) and, for the cached exact strategy, the
+columns A W a_j of likely-next atoms (p up to ~32).
+
+Backends: ``"ext"``, the compiled kernel in ``csrc/cpu_rows_dot.cpp`` (register-tiled, one
+copy per instruction set: AVX-512, AVX2, baseline, picked at run time); ``"torch"``, the
+plain reference ``A @ X.T`` (MKL on x86). ``"auto"`` takes the kernel for float32 CPU tensors
+when the extension is built, else torch. Why a kernel of our own: on our CPU torch's GEMV
+reads A at about half the bandwidth of a plain read, and its skinny GEMM (p = 2..32) costs
+2-4 GEMVs; the kernel's p <= 8 costs about one read of A (BENCHMARKS.md, "CPU row products").
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+from ._ext import _C, extension_status
+
+ProductsBackend = Literal["auto", "ext", "torch"]
+
+
+def rows_dot_isa() -> Optional[str]:
+    """Instruction set of the compiled kernel here ("avx512", "avx2", "baseline"), or None."""
+    return None if _C is None else _C.rows_dot_isa()
+
+
+def _check(A: torch.Tensor, X: torch.Tensor, out: Optional[torch.Tensor]) -> None:
+    if A.dim() != 2 or X.dim() != 2:
+        raise ValueError(f"row_products takes A (N, D) and X (p, D), got {tuple(A.shape)} and {tuple(X.shape)}")
+    if A.shape[1] != X.shape[1]:
+        raise ValueError(f"A has D = {A.shape[1]} columns but X has {X.shape[1]}")
+    if A.device != X.device:
+        raise ValueError(f"A is on {A.device} but X is on {X.device}")
+    if out is not None and (out.shape != (A.shape[0], X.shape[0]) or out.device != A.device):
+        raise ValueError(f"out must be ({A.shape[0]}, {X.shape[0]}) on {A.device}, got {tuple(out.shape)} on {out.device}")
+
+
+def _ext_ok(A: torch.Tensor, X: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
+    return (
+        _C is not None
+        and A.device.type == "cpu"
+        and A.dtype == torch.float32
+        and X.dtype == torch.float32
+        and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
+    )
+
+
+def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor] = None,
+                 backend: ProductsBackend = "auto", isa: str = "") -> torch.Tensor:
+    """Y = A @ X.T as an (N, p) matrix, one read of A.
+
+    A: (N, D); X: (p, D), same device (a 1-D X is one row). out: optional (N, p) result.
+    Float32 CPU tensors run the compiled kernel under backend "auto" or "ext" (rows need unit
+    stride along D: a non-conforming A or X is made contiguous first); other dtypes and devices
+    compute ``A @ X.T`` in torch, in the dtype torch promotes to. isa: force the kernel's
+    variant ("avx512", "avx2", "baseline"; tests), "" for the widest this CPU has.
+    """
+    if backend not in ("auto", "ext", "torch"):
+        raise ValueError(f"backend must be 'auto', 'ext' or 'torch', got {backend!r}")
+    if X.dim() == 1:
+        X = X[None, :]
+    _check(A, X, out)
+    use_ext = backend != "torch" and _ext_ok(A, X, out)
+    if backend == "ext" and not use_ext:
+        raise RuntimeError(
+            f"backend='ext' needs float32 CPU tensors and the extension ({extension_status()}); "
+            f"got A {A.dtype} on {A.device}, X {X.dtype}"
+        )
+    if use_ext:
+        if A.shape[1] > 1 and A.stride(1) != 1:
+            A = A.contiguous()
+        if X.shape[1] > 1 and X.stride(1) != 1:
+            X = X.contiguous()
+        return _C.rows_dot(A, X, out, isa)
+    if out is None:
+        return A @ X.T
+    return torch.mm(A, X.T, out=out)

@@ -1,0 +1,154 @@
+"""CPU row products Y = A X^T (csrc/cpu_rows_dot.cpp): every instruction-set variant against a
+float64 reference on awkward shapes, strided inputs, out=, thread-count independence, the torch
+path for other dtypes, and bad inputs."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gtp_kernels.ops import products
+from gtp_kernels.ops.products import row_products
+
+EXT = products._C is not None
+needs_ext = pytest.mark.skipif(not EXT, reason=products.extension_status())
+
+
+def _variants():
+    if not EXT:
+        return []
+    out = []
+    for isa in ("avx512", "avx2", "baseline"):
+        try:
+            row_products(torch.ones(1, 1), torch.ones(1, 1), isa=isa)
+            out.append(isa)
+        except RuntimeError:
+            pass  # this CPU lacks it
+    return out
+
+
+VARIANTS = _variants()
+
+
+def test_extension_built_when_required():
+    if os.environ.get("GTP_REQUIRE_EXT") == "1":
+        assert EXT, products.extension_status()
+        assert products.rows_dot_isa() in ("avx512", "avx2", "baseline")
+
+
+def _fp32_bound(A: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """gamma_D * (|A| |X|^T): the worst-case error of any fp32 summation order (plus one
+    rounding of each product), so a correct kernel cannot exceed it."""
+    d = A.shape[1]
+    u = 2.0 ** -24
+    gamma = (d + 1) * u / (1 - (d + 1) * u)
+    return gamma * (A.double().abs() @ X.double().abs().T)
+
+
+def _check(Y: torch.Tensor, A: torch.Tensor, X: torch.Tensor) -> None:
+    ref = A.double() @ X.double().T
+    assert Y.shape == ref.shape and Y.dtype == torch.float32
+    assert torch.isfinite(Y).all()
+    err = (Y.double() - ref).abs()
+    bound = _fp32_bound(A, X)
+    assert (err <= bound).all(), f"max err {err.max():.3e}, bound there {bound.flatten()[err.argmax()]:.3e}"
+
+
+# N below/at/above the 4-row tile, D around the vector widths and the 1024 chunk, p around the
+# 4-column tile (and > 32, where a pursuit's fetch can land)
+SHAPES = [(1, 1, 1), (3, 15, 2), (5, 16, 3), (7, 17, 4), (9, 33, 5), (17, 100, 7), (64, 1023, 8),
+          (131, 1024, 9), (257, 1025, 16), (33, 2049, 17), (41, 3000, 33), (1003, 257, 1)]
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("n,d,p", SHAPES)
+def test_variants_match_float64(isa, n, d, p):
+    g = torch.Generator().manual_seed(n * 1000 + d + p)
+    A = torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) * 10  # rows of mixed scale
+    X = torch.randn(p, d, generator=g)
+    out = torch.full((n, p), float("nan"))  # poisoned: every entry must be written
+    Y = row_products(A, X, out=out, backend="ext", isa=isa)
+    assert Y.data_ptr() == out.data_ptr()
+    _check(Y, A, X)
+
+
+@needs_ext
+def test_variants_agree_closely():
+    """Different lane counts sum in different orders: they differ by fp32 rounding only."""
+    g = torch.Generator().manual_seed(7)
+    A, X = torch.randn(301, 1537, generator=g), torch.randn(6, 1537, generator=g)
+    ys = [row_products(A, X, backend="ext", isa=isa) for isa in VARIANTS]
+    for y in ys[1:]:
+        torch.testing.assert_close(y, ys[0], rtol=0, atol=5e-4)
+
+
+@needs_ext
+def test_strided_rows_and_views():
+    """A with a row stride larger than D (a column slice), X transposed (made contiguous)."""
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(203, 530, generator=g)
+    A = big[:, 7:507]  # stride (530, 1)
+    Xt = torch.randn(500, 6, generator=g)  # X = Xt.T has stride (1, 6)
+    Y = row_products(A, Xt.T, backend="ext")
+    _check(Y, A, Xt.T)
+    Y_rows = row_products(big[1::2, :500], Xt.T, backend="ext")  # every other row
+    _check(Y_rows, big[1::2, :500], Xt.T)
+
+
+@needs_ext
+def test_thread_split_does_not_change_bits():
+    g = torch.Generator().manual_seed(11)
+    A, X = torch.randn(4099, 700, generator=g), torch.randn(5, 700, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = row_products(A, X, backend="ext")
+        torch.set_num_threads(max(2, threads))
+        many = row_products(A, X, backend="ext")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many)
+
+
+@needs_ext
+def test_empty_and_degenerate():
+    assert row_products(torch.randn(0, 5), torch.randn(3, 5), backend="ext").shape == (0, 3)
+    assert row_products(torch.randn(4, 5), torch.randn(0, 5), backend="ext").shape == (4, 0)
+    out = torch.full((4, 3), float("nan"))
+    assert torch.equal(row_products(torch.randn(4, 0), torch.randn(3, 0), out=out, backend="ext"), torch.zeros(4, 3))
+    y = row_products(torch.randn(6, 9), torch.randn(9), backend="ext")  # 1-D X: one row
+    assert y.shape == (6, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_dtypes_take_torch(dtype):
+    g = torch.Generator().manual_seed(5)
+    A, X = torch.randn(19, 33, generator=g).to(dtype), torch.randn(3, 33, generator=g).to(dtype)
+    Y = row_products(A, X)  # auto: the kernel is float32-only, torch computes A @ X.T
+    assert Y.dtype == dtype
+    torch.testing.assert_close(Y, A @ X.T)
+    if EXT:
+        with pytest.raises(RuntimeError, match="float32 CPU"):
+            row_products(A, X, backend="ext")
+
+
+def test_torch_backend_is_the_reference():
+    g = torch.Generator().manual_seed(9)
+    A, X = torch.randn(23, 47, generator=g), torch.randn(4, 47, generator=g)
+    _check(row_products(A, X, backend="torch"), A, X)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="D = 5 columns but X has 6"):
+        row_products(torch.randn(3, 5), torch.randn(2, 6))
+    with pytest.raises(ValueError, match="takes A"):
+        row_products(torch.randn(3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="out must be"):
+        row_products(torch.randn(3, 5), torch.randn(2, 5), out=torch.empty(2, 3))
+    with pytest.raises(ValueError, match="backend"):
+        row_products(torch.randn(3, 5), torch.randn(2, 5), backend="mkl")
+    if EXT:
+        with pytest.raises(RuntimeError, match="not available"):
+            row_products(torch.randn(3, 5), torch.randn(2, 5), isa="sse9")
