@@ -110,8 +110,9 @@ torch::Tensor lsq_update(torch::Tensor L, torch::Tensor size, torch::Tensor supp
 
 torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::optional<torch::Tensor> out,
                        const std::string& isa) {
-  const gtp::RowsDotFn fn = gtp::cpu_rows_dot_variant(isa.c_str());
-  TORCH_CHECK(fn != nullptr, "rows_dot: instruction set '", isa, "' is not available on this CPU/build");
+  const gtp::CpuKernels* kernels = gtp::cpu_kernels(isa.c_str());
+  TORCH_CHECK(kernels != nullptr, "rows_dot: instruction set '", isa, "' is not available on this CPU/build");
+  const gtp::RowsDotFn fn = kernels->rows_dot;
   // gtp_kernels/ops/products.py validates with readable errors first; these guard direct calls.
   TORCH_CHECK(A.device().is_cpu() && X.device().is_cpu(), "rows_dot takes CPU tensors");
   TORCH_CHECK(A.scalar_type() == torch::kFloat32 && X.scalar_type() == torch::kFloat32,
@@ -144,6 +145,63 @@ torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::opti
   return Y;
 }
 
+const gtp::CpuKernels& kernels_for(const std::string& isa, const char* op) {
+  const gtp::CpuKernels* k = gtp::cpu_kernels(isa.c_str());
+  TORCH_CHECK(k != nullptr, op, ": instruction set '", isa, "' is not available on this CPU/build");
+  return *k;
+}
+
+void check_rows_f32(const torch::Tensor& M, const char* op) {
+  TORCH_CHECK(M.device().is_cpu() && M.scalar_type() == torch::kFloat32 && M.dim() == 2,
+              op, ": rows must be a float32 CPU matrix (n, D), got ", M.scalar_type(), " ", M.sizes());
+  TORCH_CHECK(M.size(1) <= 1 || M.stride(1) == 1, op, ": rows must have unit stride along D");
+}
+
+void check_vec_f64(const torch::Tensor& v, int64_t len, const char* op, const char* name) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == torch::kFloat64 && v.dim() == 1 &&
+                  v.size(0) == len && v.is_contiguous(),
+              op, ": ", name, " must be a contiguous float64 CPU vector of length ", len, ", got ",
+              v.scalar_type(), " ", v.sizes());
+}
+
+// out[i] = <M[i], x> in float64 for float32 rows M (n, D); the Gram column of a new atom.
+void rows_dot_f64(const torch::Tensor& M, const torch::Tensor& x, torch::Tensor out, const std::string& isa) {
+  const char* op = "rows_dot_f64";
+  check_rows_f32(M, op);
+  const int64_t n = M.size(0), D = M.size(1);
+  check_vec_f64(x, D, op, "x");
+  check_vec_f64(out, n, op, "out");
+  const auto fn = kernels_for(isa, op).rows_dot_f64;
+  if (n == 0) return;
+  const float* m = M.data_ptr<float>();
+  const double* xp = x.data_ptr<double>();
+  double* y = out.data_ptr<double>();
+  const int64_t ldm = M.stride(0);
+  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 15) / std::max<int64_t>(1, D));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(m, ldm, begin, end, D, xp, y); });
+}
+
+// out = b - M^T w in float64 for float32 rows M (n, D); the residual of a support.
+void rows_combine_f64(const torch::Tensor& M, const torch::Tensor& w, const torch::Tensor& b, torch::Tensor out,
+                      const std::string& isa) {
+  const char* op = "rows_combine_f64";
+  check_rows_f32(M, op);
+  const int64_t n = M.size(0), D = M.size(1);
+  check_vec_f64(w, n, op, "w");
+  check_vec_f64(b, D, op, "b");
+  check_vec_f64(out, D, op, "out");
+  const auto fn = kernels_for(isa, op).rows_combine_f64;
+  if (D == 0) return;
+  const float* m = M.data_ptr<float>();
+  const double* wp = w.data_ptr<double>();
+  const double* bp = b.data_ptr<double>();
+  double* r = out.data_ptr<double>();
+  const int64_t ldm = M.stride(0);
+  // column ranges of at least 512 (the kernel's L1 block) and ~32K multiply-adds
+  const int64_t grain = std::max<int64_t>(512, (int64_t(1) << 15) / std::max<int64_t>(1, n));
+  at::parallel_for(0, D, grain, [&](int64_t begin, int64_t end) { fn(m, ldm, n, begin, end, wp, bp, r); });
+}
+
 std::string rows_dot_isa() { return gtp::cpu_rows_dot_isa(); }
 
 bool has_cuda() {
@@ -167,6 +225,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Y = A @ X.T for float32 CPU A (n, D) and X (p, D), float32 accumulation; returns Y (n, p). "
           "isa: '' (the widest this CPU has), 'avx512', 'avx2' or 'baseline' (tests)",
           py::arg("A"), py::arg("X"), py::arg("out") = py::none(), py::arg("isa") = "");
+  mod.def("rows_dot_f64", &rows_dot_f64,
+          "out[i] = <M[i], x> in float64 for float32 CPU rows M (n, D) and float64 x (D,), in place",
+          py::arg("M"), py::arg("x"), py::arg("out"), py::arg("isa") = "");
+  mod.def("rows_combine_f64", &rows_combine_f64,
+          "out = b - M^T w in float64 for float32 CPU rows M (n, D), float64 w (n,) and b (D,), in place",
+          py::arg("M"), py::arg("w"), py::arg("b"), py::arg("out"), py::arg("isa") = "");
   mod.def("rows_dot_isa", &rows_dot_isa, "Instruction set rows_dot runs on here: avx512, avx2 or baseline");
   mod.def("has_cuda", &has_cuda, "True when the CUDA kernel was compiled in");
 }

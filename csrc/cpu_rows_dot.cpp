@@ -85,13 +85,21 @@ const char* best_isa() {
 
 }  // namespace
 
-RowsDotFn cpu_rows_dot_variant(const char* isa) {
+const CpuKernels* cpu_kernels(const char* isa) {
+#if defined(GTP_X86_VARIANTS)
+  static const CpuKernels avx512{&isa_avx512::rows_dot, &isa_avx512::rows_dot_f64,
+                                 &isa_avx512::rows_combine_f64, "avx512"};
+  static const CpuKernels avx2{&isa_avx2::rows_dot, &isa_avx2::rows_dot_f64, &isa_avx2::rows_combine_f64,
+                               "avx2"};
+#endif
+  static const CpuKernels baseline{&isa_baseline::rows_dot, &isa_baseline::rows_dot_f64,
+                                   &isa_baseline::rows_combine_f64, "baseline"};
   const std::string want = (isa == nullptr || *isa == '\0') ? best_isa() : isa;
 #if defined(GTP_X86_VARIANTS)
-  if (want == "avx512") return has_avx512() ? &isa_avx512::rows_dot : nullptr;
-  if (want == "avx2") return has_avx2() ? &isa_avx2::rows_dot : nullptr;
+  if (want == "avx512") return has_avx512() ? &avx512 : nullptr;
+  if (want == "avx2") return has_avx2() ? &avx2 : nullptr;
 #endif
-  if (want == "baseline") return &isa_baseline::rows_dot;
+  if (want == "baseline") return &baseline;
   return nullptr;
 }
 

@@ -1,4 +1,5 @@
-// CPU row products Y = A X^T in float32 (the CPU twin of K2's candidate_scores), free of torch.
+// CPU row products Y = A X^T in float32 (the CPU twin of K2's candidate_scores) and the float64
+// k-sized side of the pursuits on float32 rows; free of torch.
 #pragma once
 
 #include <cstdint>
@@ -11,11 +12,26 @@ namespace gtp {
 using RowsDotFn = void (*)(const float* A, int64_t lda, int64_t i0, int64_t i1, int64_t D,
                            const float* X, int64_t ldx, int64_t p, float* Y, int64_t ldy);
 
-// The variant for instruction set `isa` ("avx512", "avx2", "baseline"; "" = the widest this CPU
-// has), or nullptr when this CPU or build lacks it.
-RowsDotFn cpu_rows_dot_variant(const char* isa);
+// The pursuits' k-sized side on float32 copies of the selected rows, float64 arithmetic:
+//   RowsDotF64Fn:     y[i] = sum_d M[i, d] x[d]               for rows [i0, i1)
+//   RowsCombineF64Fn: r[d] = b[d] - sum_{i<n} w[i] M[i, d]     for columns [d0, d1)
+using RowsDotF64Fn = void (*)(const float* M, int64_t ldm, int64_t i0, int64_t i1, int64_t D,
+                              const double* x, double* y);
+using RowsCombineF64Fn = void (*)(const float* M, int64_t ldm, int64_t n, int64_t d0, int64_t d1,
+                                  const double* w, const double* b, double* r);
 
-// Name of the variant "" picks here.
+struct CpuKernels {
+  RowsDotFn rows_dot;
+  RowsDotF64Fn rows_dot_f64;
+  RowsCombineF64Fn rows_combine_f64;
+  const char* isa;
+};
+
+// The kernels for instruction set `isa` ("avx512", "avx2", "baseline"; "" = the widest this CPU
+// has), or nullptr when this CPU or build lacks it.
+const CpuKernels* cpu_kernels(const char* isa);
+
+// Name of the variant cpu_kernels("") picks here.
 const char* cpu_rows_dot_isa();
 
 }  // namespace gtp

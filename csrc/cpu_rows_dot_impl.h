@@ -74,4 +74,93 @@ void rows_dot(const float* A, int64_t lda, int64_t i0, int64_t i1, int64_t D, co
       row_tile<1>(A + i * lda + k0, lda, X + k0, ldx, p, std::min(KC, D - k0), Y + i * ldy, ldy, k0 == 0);
 }
 
+// ---- float32 rows, float64 arithmetic: the pursuits' k-sized side ----------------------------
+// The selected rows of a float32 (or bf16/fp16) pool are exact in float32, and a product of two
+// float32 numbers is exact in float64, so keeping those rows in float32 and accumulating in
+// float64 gives the float64 results (up to the summation order) from half the bytes.
+constexpr int kLanesD = GTP_VEC_BYTES / 8;
+typedef double VecD __attribute__((vector_size(GTP_VEC_BYTES)));
+typedef float VecH __attribute__((vector_size(GTP_VEC_BYTES / 2)));  // kLanesD floats
+
+static inline VecD load_widen(const float* p) {
+  VecH h;
+  __builtin_memcpy(&h, p, sizeof(VecH));
+  return __builtin_convertvector(h, VecD);
+}
+
+static inline VecD load_d(const double* p) {
+  VecD v;
+  __builtin_memcpy(&v, p, sizeof(VecD));
+  return v;
+}
+
+static inline void store_d(double* p, VecD v) { __builtin_memcpy(p, &v, sizeof(VecD)); }
+
+template <int R>
+static inline __attribute__((always_inline)) void gram_tile(const float* M, int64_t ldm, int64_t D,
+                                                            const double* x, double* y) {
+  VecD acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = VecD{};
+  int64_t d = 0;
+  for (; d + 2 * kLanesD <= D; d += 2 * kLanesD) {
+    const VecD x0 = load_d(x + d), x1 = load_d(x + d + kLanesD);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] += load_widen(M + r * ldm + d) * x0;
+      acc[r][1] += load_widen(M + r * ldm + d + kLanesD) * x1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const VecD v = acc[r][0] + acc[r][1];
+    double s = 0.0;
+    for (int j = 0; j < kLanesD; ++j) s += v[j];
+    for (int64_t q = d; q < D; ++q) s += double(M[r * ldm + q]) * x[q];
+    y[r] = s;
+  }
+}
+
+// y[i] = sum_d M[i, d] * x[d] in float64, rows [i0, i1) of float32 M.
+void rows_dot_f64(const float* M, int64_t ldm, int64_t i0, int64_t i1, int64_t D, const double* x,
+                  double* y) {
+  int64_t i = i0;
+  for (; i + 4 <= i1; i += 4) gram_tile<4>(M + i * ldm, ldm, D, x, y + i);
+  for (; i < i1; ++i) gram_tile<1>(M + i * ldm, ldm, D, x, y + i);
+}
+
+// r[d] = b[d] - sum_i w[i] M[i, d] in float64, columns [d0, d1) of float32 M (n rows): the
+// rows stream through once per column range while its slice of r stays in L1.
+void rows_combine_f64(const float* M, int64_t ldm, int64_t n, int64_t d0, int64_t d1, const double* w,
+                      const double* b, double* r) {
+  constexpr int64_t kBlock = 512;  // 4 KB of r per range: L1 resident
+  for (int64_t c0 = d0; c0 < d1; c0 += kBlock) {
+    const int64_t c1 = std::min(d1, c0 + kBlock);
+    for (int64_t d = c0; d < c1; ++d) r[d] = b[d];
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {  // four rows per sweep of r: a quarter of the loads/stores of r
+      const double w0 = w[i], w1 = w[i + 1], w2 = w[i + 2], w3 = w[i + 3];
+      const float* m0 = M + i * ldm;
+      const float* m1 = m0 + ldm;
+      const float* m2 = m1 + ldm;
+      const float* m3 = m2 + ldm;
+      int64_t d = c0;
+      for (; d + kLanesD <= c1; d += kLanesD) {
+        VecD acc = load_d(r + d);
+        acc -= w0 * load_widen(m0 + d);
+        acc -= w1 * load_widen(m1 + d);
+        acc -= w2 * load_widen(m2 + d);
+        acc -= w3 * load_widen(m3 + d);
+        store_d(r + d, acc);
+      }
+      for (; d < c1; ++d)
+        r[d] -= w0 * double(m0[d]) + w1 * double(m1[d]) + w2 * double(m2[d]) + w3 * double(m3[d]);
+    }
+    for (; i < n; ++i) {
+      const double wi = w[i];
+      const float* mi = M + i * ldm;
+      int64_t d = c0;
+      for (; d + kLanesD <= c1; d += kLanesD) store_d(r + d, load_d(r + d) - wi * load_widen(mi + d));
+      for (; d < c1; ++d) r[d] -= wi * double(mi[d]);
+    }
+  }
+}
+
 }  // namespace GTP_ISA

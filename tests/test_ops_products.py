@@ -152,3 +152,80 @@ def test_bad_inputs():
     if EXT:
         with pytest.raises(RuntimeError, match="not available"):
             row_products(torch.randn(3, 5), torch.randn(2, 5), isa="sse9")
+
+
+# ---- float32 rows, float64 arithmetic (the pursuits' Gram columns and residuals) ----------
+
+def _f64_bound(M32: torch.Tensor, v: torch.Tensor, n_terms: int) -> torch.Tensor:
+    """Float64 summation of exact products: gamma_n (double) * sum |terms|."""
+    u = 2.0 ** -53
+    return (n_terms + 1) * u / (1 - (n_terms + 1) * u) * v
+
+
+F64_SHAPES = [(0, 5), (1, 1), (3, 7), (4, 8), (5, 9), (9, 17), (31, 511), (64, 512), (77, 1025), (130, 2050)]
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("n,d", F64_SHAPES)
+def test_rows_dot_f64_variants(isa, n, d):
+    g = torch.Generator().manual_seed(n * 7 + d)
+    big = torch.randn(n, d + 3, generator=g) * 3
+    M = big[:, 1 : d + 1]  # row stride d + 3
+    x = torch.randn(d, generator=g, dtype=torch.float64)
+    out = torch.full((n,), float("nan"), dtype=torch.float64)
+    products._C.rows_dot_f64(M, x, out, isa)
+    ref = M.double() @ x
+    assert torch.isfinite(out).all()
+    assert ((out - ref).abs() <= _f64_bound(M, M.double().abs() @ x.abs(), d) + 1e-300).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("n,d", F64_SHAPES)
+def test_rows_residual_f64_variants(isa, n, d):
+    g = torch.Generator().manual_seed(n * 5 + d)
+    M = torch.randn(n, d, generator=g)
+    w = torch.randn(n, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    out = torch.full((d,), float("nan"), dtype=torch.float64)
+    products._C.rows_combine_f64(M, w, b, out, isa)
+    ref = b - M.double().T @ w
+    scale = b.abs() + M.double().abs().T @ w.abs()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).abs() <= _f64_bound(M, scale, n + 1) + 1e-300).all()
+
+
+@pytest.mark.parametrize("rows_dtype", [torch.float32, torch.float64])
+def test_pursuit_side_wrappers_match_float64(rows_dtype):
+    """The wrappers the pursuits call: compiled kernel for float32 rows (when built), torch else."""
+    g = torch.Generator().manual_seed(2)
+    M = torch.randn(37, 300, generator=g).to(rows_dtype)
+    x = torch.randn(300, generator=g, dtype=torch.float64)
+    w = torch.randn(37, generator=g, dtype=torch.float64)
+    b = torch.randn(300, generator=g, dtype=torch.float64)
+    y = products.rows_dot_f64(M, x, torch.full((37,), float("nan"), dtype=torch.float64))
+    torch.testing.assert_close(y, M.double() @ x, rtol=1e-13, atol=1e-12)
+    r = products.rows_residual_f64(M, w, b, torch.full((300,), float("nan"), dtype=torch.float64))
+    torch.testing.assert_close(r, b - M.double().T @ w, rtol=1e-13, atol=1e-12)
+    empty = products.rows_residual_f64(M[:0], w[:0], b, torch.full((300,), float("nan"), dtype=torch.float64))
+    assert torch.equal(empty, b)
+
+
+def test_selected_rows_dtype():
+    f32 = torch.zeros(2, 3)
+    expect = torch.float32 if EXT else torch.float64
+    assert products.selected_rows_dtype(f32) == expect
+    assert products.selected_rows_dtype(f32.to(torch.bfloat16)) == expect  # bf16 is exact in fp32
+    assert products.selected_rows_dtype(f32.double()) == torch.float64  # would round
+
+
+@needs_ext
+def test_f64_side_bad_inputs():
+    M, x = torch.randn(4, 6), torch.randn(6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="float64 CPU vector of length 6"):
+        products._C.rows_dot_f64(M, x.float(), torch.empty(4, dtype=torch.float64), "")
+    with pytest.raises(RuntimeError, match="float32 CPU matrix"):
+        products._C.rows_dot_f64(M.double(), x, torch.empty(4, dtype=torch.float64), "")
+    with pytest.raises(RuntimeError, match="length 4"):
+        products._C.rows_combine_f64(M, x, x, torch.empty(6, dtype=torch.float64), "")

@@ -80,3 +80,45 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
     if out is None:
         return A @ X.T
     return torch.mm(A, X.T, out=out)
+
+
+# ------------------------------------------------------------------------------------------
+# The pursuits' k-sized side: float32 copies of selected rows, float64 arithmetic.
+#
+# Rows taken from a float32 (or bf16/fp16) pool are exact in float32, and the product of two
+# float32 numbers is exact in float64, so the Gram column and the residual computed from float32
+# copies with float64 accumulation equal the float64 ones up to the summation order, from half
+# the bytes (the support's rows are read twice per iteration: at k ~ D that is most of the
+# non-pass work of exact pursuit on CPU).
+
+
+def selected_rows_dtype(candidates: torch.Tensor) -> torch.dtype:
+    """Storage dtype for copies of selected rows: float32 where it is exact (a float32, bf16 or
+    fp16 pool) and the compiled float64-accumulating kernels run (CPU), else float64."""
+    exact_in_f32 = candidates.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if exact_in_f32 and candidates.device.type == "cpu" and _C is not None:
+        return torch.float32
+    return torch.float64
+
+
+def rows_dot_f64(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = rows @ x in float64 (in place): rows (n, D) float32 or float64, x (D,) float64.
+
+    Float32 rows run the compiled kernel on CPU (float64 accumulation of exact products);
+    float64 rows, or float32 ones without the kernel, go through torch in float64.
+    """
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _C is not None:
+        _C.rows_dot_f64(rows, x, out)
+        return out
+    return torch.mv(rows.to(torch.float64), x, out=out)
+
+
+def rows_residual_f64(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = b - rows^T w in float64 (in place): rows (n, D) float32 or float64, w (n,), b (D,)
+    float64; n = 0 gives b. The same dispatch as rows_dot_f64."""
+    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _C is not None:
+        _C.rows_combine_f64(rows, w, b, out)
+        return out
+    if rows.shape[0] == 0:
+        return out.copy_(b)
+    return torch.addmv(b, rows.to(torch.float64).T, w, alpha=-1.0, out=out)

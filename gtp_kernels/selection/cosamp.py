@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.products import row_products
+from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .common import (
     STOP_BUDGET,
@@ -153,12 +153,12 @@ class _SampledPursuit:
     """One target's pursuit state: support, float64 rows and factor, residual."""
 
     def __init__(self, b: torch.Tensor, fw: Optional[torch.Tensor], k: int, opts: SelectOptions,
-                 dtype: torch.dtype, exclude: torch.Tensor):
-        self.b, self.fw, self.k, self.opts, self.dtype = b, fw, k, opts, dtype
+                 dtype: torch.dtype, exclude: torch.Tensor, rows_dtype: torch.dtype = torch.float64):
+        self.b, self.fw, self.k, self.opts, self.dtype = b.contiguous(), fw, k, opts, dtype
         self.fw_c = None if fw is None else fw.to(dtype)
         self.state = lsq.lsq_init(1, k, torch.float64, b.device)
         self.support: List[int] = []
-        self.rows_buf = torch.empty(k, b.shape[0], dtype=torch.float64, device=b.device)
+        self.rows_buf = torch.empty(k, b.shape[0], dtype=rows_dtype, device=b.device)
         self.r = b.clone()
         self.r_c = self._weighted_c(self.r.to(dtype))  # W r in the compute dtype: what ranks rows
         self.b_norm = float(weighted_norm(b, fw))
@@ -280,7 +280,7 @@ class _SampledPursuit:
             n_alive -= 1
             n_old = len(self.support)
             if n_old:
-                torch.mv(self.rows_buf[:n_old], row_w, out=self.gram_col[0, :n_old])
+                rows_dot_f64(self.rows_buf[:n_old], row_w, self.gram_col[0, :n_old])
             self.atom.fill_(j)
             torch.dot(row_w, self.b, out=self.rhs[0])
             status = lsq.lsq_update(self.state, self.atom, self.gram_col, self.diag, self.rhs,
@@ -309,10 +309,7 @@ class _SampledPursuit:
                 if a not in self.banned:
                     self.exclude[a] = False
             self.support = new_support
-            if size:
-                torch.addmv(self.b, self.rows_buf[:size].T, self.state.weights[0, :size], alpha=-1.0, out=self.r)
-            else:
-                self.r.copy_(self.b)
+            rows_residual_f64(self.rows_buf[:size], self.state.weights[0, :size], self.b, self.r)
             self.r_c = self._weighted_c(self.r.to(self.dtype))
             self.hist.append(float(weighted_norm(self.r, self.fw)))
             if progress is not None:
@@ -335,7 +332,8 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
     max_passes = opts.max_iters or k
     exclude = problem.exclude[:, None].repeat(1, m)
     base = problem.exclude
-    pursuits = [_SampledPursuit(B[:, t], fw, k, opts, dtype, exclude[:, t]) for t in range(m)]
+    rows_dtype = selected_rows_dtype(A)  # the selected rows' copies (see ops.products)
+    pursuits = [_SampledPursuit(B[:, t], fw, k, opts, dtype, exclude[:, t], rows_dtype) for t in range(m)]
     passes = 0
     while passes < max_passes:
         live = [t for t in range(m) if pursuits[t].stopped is None]

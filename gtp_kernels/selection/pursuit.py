@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.products import row_products
+from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .reference import weighted_norm
 from .common import (
@@ -330,8 +330,11 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     iterations, rejected, dropped = [0] * m, [0] * m, [0] * m
     first_corr: List[Optional[float]] = [None] * m
     supports: List[List[int]] = [[] for _ in range(m)]
-    # float64 copies of each target's selected rows, in support order (k x D, small)
-    rows_buf = torch.empty(m, k, D, dtype=f64, device=device)
+    # copies of each target's selected rows, in support order (k x D): float32 where that is
+    # exact and the float64-accumulating kernels run (half the bytes), else float64
+    rows_buf = torch.empty(m, k, D, dtype=selected_rows_dtype(A), device=device)
+    b_cols = [B[:, t].contiguous() for t in range(m)]
+    r_col = torch.empty(D, dtype=f64, device=device)
     weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
     passes = 0
     # per-iteration K3 inputs, allocated once (entries past a target's support are ignored)
@@ -459,7 +462,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         # 4. least-squares update (K3), float64 Gram entries from the selected rows
         for i, t in enumerate(picked):
             if supports[t]:
-                torch.mv(rows_buf[t, : len(supports[t])], rows_w[i], out=gram_col[t, : len(supports[t])])
+                rows_dot_f64(rows_buf[t, : len(supports[t])], rows_w[i], gram_col[t, : len(supports[t])])
         rhs_picked = (rows_w * B.T[picked]).sum(dim=1)
         if picked == all_targets:  # the common case: every target picked, no scatter
             gram_diag.copy_(diag)
@@ -502,7 +505,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if back:  # atoms dropped by NNLS become eligible again
                 back_t = torch.tensor(back, device=device)
                 exclude[back_t, t] = base_exclude[back_t]
-            R[:, t] = torch.addmv(B[:, t], rows_buf[t, : sizes[t]].T, weights[t], alpha=-1.0) if supports[t] else B[:, t]
+            R[:, t] = rows_residual_f64(rows_buf[t, : sizes[t]], weights[t], b_cols[t], r_col)
             hist[t].append(float(weighted_norm(R[:, t], fw)))
             if progress is not None:
                 progress(1)
