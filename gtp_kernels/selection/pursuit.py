@@ -171,6 +171,14 @@ def _cache_budget_bytes(device: torch.device) -> int:
 FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 
 
+# auto, CPU: switch to direct once the last MEASURE_ITERATIONS cached iterations took longer on
+# average than the pass that started the pursuit. The model above misses what timing sees:
+# where a pass is cheap (A in L3, small D) a compute-bound column fetch costs up to ~8 passes,
+# not ~3, and the per-iteration bookkeeping is not free (e.g. N = 20k, D = 256, k = 100: cached
+# 1.03x the floor against direct 0.31x). The selection is the same either way.
+MEASURE_ITERATIONS = 16
+
+
 def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
     """Cost of one cached iteration in passes over A (N*D*a_bytes bytes): the product with
     `columns` cached columns (N*columns*c_bytes bytes) plus the expected column fetches."""
@@ -348,12 +356,19 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     if strategy == "cached":
         # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
         # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
+        t0 = time.perf_counter()
         base_c = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
+        pass_seconds = time.perf_counter() - t0
         base_w: List[Dict[int, float]] = [{} for _ in range(m)]
         base_norm = list(b_norms)
         anchor_drop = ANCHOR_DROP[dtype]
         passes += 1
         cache = _ColumnCache(N, capacity + k // 8 + 16, dtype, device)
+    # auto on CPU also switches on measured cost: seconds of the last cached iterations (product
+    # + column fetches, excluding what both strategies do) against one pass over A
+    cached_costs: List[float] = []
+    if cache is None:
+        pass_seconds = 0.0
 
     while True:
         for t in range(m):
@@ -366,11 +381,19 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             break
 
         # 1. correlations and the best candidate per target
+        if cache is not None and switch_at is not None and not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
+            # every MEASURE_ITERATIONS cached iterations (the same ones on every rank): were
+            # they dearer than passes? Then switch now (MEASURE_ITERATIONS' docstring)
+            slower = sum(cached_costs) > MEASURE_ITERATIONS * pass_seconds
+            cached_costs.clear()
+            if rows_at.agree(slower):
+                switch_at = 0
         if cache is not None and switch_at is not None and cache.hi >= switch_at:
             # the cached product now costs a pass: continue direct, from the exact residuals
             cache = base_c = None
             if phase_seconds is not None:
                 phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
+        t_cached = time.perf_counter()
         if cache is not None:
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
@@ -457,6 +480,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 passes += 1
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
                     raise RuntimeError("column cache too small for the supports")
+        if cache is not None:
+            cached_costs.append(time.perf_counter() - t_cached)
         clock.lap("columns")
 
         # 4. least-squares update (K3), float64 Gram entries from the selected rows
