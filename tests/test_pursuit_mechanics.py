@@ -1,5 +1,6 @@
 """Mechanics of the fast exact pursuit: the row buffer through NNLS drops, and the auto
-strategy's switch from cached to direct (the selection must not change)."""
+strategy's switch from cached to direct, by the cost model and by measured time (the
+selection must not change)."""
 import random
 
 import pytest
@@ -53,3 +54,37 @@ def test_auto_switches_from_cached_to_direct_without_changing_the_selection(m, d
     assert_same(fast, gk.select(A, B, k, method="gtp-reference"), rtol)
     # and it read A fewer times than a pass per atom would
     assert fast[0].passes < sum(len(f.indices) for f in fast) / m + 5
+
+
+class _FakeClock:
+    """Clock stand-in: call n returns f(n), so the driver's measured intervals are scripted."""
+
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def __call__(self):
+        self.n += 1
+        return self.f(self.n)
+
+
+@pytest.mark.parametrize("clock,expect_measured_switch", [
+    (lambda n: float(n * n), True),  # cached iterations ever dearer than the first pass: switch
+    (lambda n: 0.0 if n == 1 else 1e9, False),  # the pass "took" 1e9 s: no measured switch
+])
+def test_auto_measured_switch_on_cpu(monkeypatch, clock, expect_measured_switch):
+    """auto on CPU switches after 16 cached iterations measured dearer than a pass; the
+    selection is the reference's either way."""
+    A, B = noisy_problem(900, 256, seed=5, dtype=torch.float64, m=1)
+    k = 60
+    model_switch = pursuit.switch_columns(256, A.element_size(), A.element_size(), on_gpu=False)
+    assert model_switch > k + 2 * 8 + 1  # the model alone would never switch here
+    monkeypatch.setattr(pursuit, "_cpu_seconds", _FakeClock(clock))
+    fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8)
+    monkeypatch.undo()
+    assert_same(fast, gk.select(A, B, k, method="gtp-reference"), 1e-9)
+    passes = fast[0].passes
+    if expect_measured_switch:
+        # cached for 16 iterations (a few fetches), then one pass per remaining iteration
+        assert k - pursuit.MEASURE_ITERATIONS <= passes < k
+    else:
+        assert passes < k / 2

@@ -25,7 +25,12 @@ Two strategies, picked per problem from N, D, k, m and memory (``strategy="auto"
 
 ``auto`` starts cached when its first iterations cost less than a pass and the columns fit,
 and switches to direct (from the same exact residuals) once the product with the cached
-columns costs a pass: cached pays where |S| << D, direct where the support nears D.
+columns costs a pass: cached pays where |S| << D, direct where the support nears D. On CPU
+it also times itself: it switches once 16 cached iterations took longer than passes would.
+
+On CPU the passes and the column fetches run on the compiled row-products kernel
+(:mod:`gtp_kernels.ops.products`), and the selected rows are kept in float32 where that is
+exact, with float64 Gram columns and residuals computed from them.
 
 The least-squares step is K3 (``gtp_kernels.ops.lsq.lsq_update``): Cholesky append with
 the dependence test, Lawson-Hanson active-set drop with downdate, batched over targets.
@@ -167,7 +172,10 @@ def _cache_budget_bytes(device: torch.device) -> int:
 
 # Passes over A that column fetches cost per cached iteration: about 0.2 misses per iteration
 # with the default prefetch, each a skinny GEMM costing about one pass on a GPU (memory-bound)
-# and about three on a CPU (compute-bound there).
+# and about three on a CPU (compute-bound there: 17 columns through ops.products cost 1.3-2.7
+# of its passes, 2.5-3 of torch's GEMV). On CPU the switch points this gives at D = 1024
+# (~410 columns) sit in a flat optimum: forced switches at 100..600 columns measured within
+# 0.79-0.85x / 0.66-0.76x / 0.62-0.65x of the floor at N = 10k / 20k / 40k, k = 800.
 FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 
 
@@ -177,6 +185,10 @@ FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 # not ~3, and the per-iteration bookkeeping is not free (e.g. N = 20k, D = 256, k = 100: cached
 # 1.03x the floor against direct 0.31x). The selection is the same either way.
 MEASURE_ITERATIONS = 16
+# ... measured in CPU seconds of this process (all its threads), not wall time: another job on
+# the machine then inflates neither side, where wall time made a busy spell look like "cached
+# got dearer" and switched a k << D run to direct for good (36 -> 81 passes at N = 100k).
+_cpu_seconds = time.process_time
 
 
 def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
@@ -356,9 +368,9 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     if strategy == "cached":
         # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
         # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
-        t0 = time.perf_counter()
+        t0 = _cpu_seconds()
         base_c = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
-        pass_seconds = time.perf_counter() - t0
+        pass_seconds = _cpu_seconds() - t0
         base_w: List[Dict[int, float]] = [{} for _ in range(m)]
         base_norm = list(b_norms)
         anchor_drop = ANCHOR_DROP[dtype]
@@ -393,7 +405,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             cache = base_c = None
             if phase_seconds is not None:
                 phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
-        t_cached = time.perf_counter()
+        t_cached = _cpu_seconds()
         if cache is not None:
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
@@ -481,7 +493,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
                     raise RuntimeError("column cache too small for the supports")
         if cache is not None:
-            cached_costs.append(time.perf_counter() - t_cached)
+            cached_costs.append(_cpu_seconds() - t_cached)
         clock.lap("columns")
 
         # 4. least-squares update (K3), float64 Gram entries from the selected rows
