@@ -9,12 +9,12 @@ deterministic ties. Both read A once, so the ratio shows what the contract costs
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 
 from gtp_kernels.ops.correlate import correlate_topk
+from timing import median_seconds
 
 # (N, D, dtype, m, m_top): small enough to run in seconds on 2 cores
 CASES = [
@@ -63,13 +63,7 @@ def test_naive_matmul_then_topk(benchmark, case):
 
 
 def _median_ms(fn, repeat=7):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_seconds(fn, repeat) * 1e3
 
 
 if __name__ == "__main__":

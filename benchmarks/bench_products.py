@@ -8,14 +8,13 @@ Also the float64 k-sized side (Gram column, residual) from float32 rows vs torch
 """
 from __future__ import annotations
 
-import statistics
-import time
 
 import pytest
 import torch
 
 from gtp_kernels.ops import products
 from gtp_kernels.ops.products import row_products, rows_dot_f64, rows_residual_f64
+from timing import median_seconds
 
 EXT = products._C is not None
 # (N, D, p)
@@ -58,13 +57,7 @@ def test_read_floor(benchmark, case):
 
 
 def _median_ms(fn, repeat=15):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_seconds(fn, repeat) * 1e3
 
 
 def main() -> None:

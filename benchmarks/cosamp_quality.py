@@ -16,13 +16,13 @@ Seconds are wall clock on a shared machine; read passes and in-sample work inste
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import gtp_kernels as gk
 from gtp_kernels.selection import cosamp
 from pursuit_table import pool
+from timing import timed
 
 GRID = [(n, 1024, k) for n in (10_000, 20_000, 40_000) for k in (50, 200, 800)]
 BIG = [(100_000, 2048, 200), (20_000, 8192, 200)]
@@ -48,12 +48,6 @@ class InSampleCounter:
 
     def __exit__(self, *exc):
         cosamp._SampledPursuit._sample_correlations = self._orig
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 def run_case(n: int, dim: int, k: int, seed: int) -> dict:

@@ -14,8 +14,6 @@ row-products kernel (the passes the drivers make on CPU) and k plain reads of A 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -24,6 +22,7 @@ from gtp_kernels.selection.common import SelectOptions
 from gtp_kernels.selection.pursuit import gtp_pursuit
 from gtp_kernels.ops.products import row_products
 from gtp_kernels.validation import validate_problem
+from timing import median_seconds, timed
 
 
 def pool(n: int, dim: int, seed: int = 0):
@@ -35,23 +34,11 @@ def pool(n: int, dim: int, seed: int = 0):
     return A, b
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
-
-
 def floor_seconds(A, k: int, reps: int = 7, how: str = "torch") -> float:
     """k x the median time of one pass: "torch" A @ r, "kernel" row_products, "read" A.sum()."""
     r = torch.randn(A.shape[1], dtype=A.dtype)
     one = {"torch": lambda: A @ r, "kernel": lambda: row_products(A, r[None]), "read": lambda: A.sum()}[how]
-    one()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        one()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * k
+    return median_seconds(one, reps) * k
 
 
 def run_case(n: int, dim: int, k: int, with_reference: bool = True):

@@ -92,13 +92,15 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
 # non-pass work of exact pursuit on CPU).
 
 
+def _f64_kernels_run(device: torch.device) -> bool:
+    return device.type == "cpu" and _C is not None
+
+
 def selected_rows_dtype(candidates: torch.Tensor) -> torch.dtype:
     """Storage dtype for copies of selected rows: float32 where it is exact (a float32, bf16 or
     fp16 pool) and the compiled float64-accumulating kernels run (CPU), else float64."""
     exact_in_f32 = candidates.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if exact_in_f32 and candidates.device.type == "cpu" and _C is not None:
-        return torch.float32
-    return torch.float64
+    return torch.float32 if exact_in_f32 and _f64_kernels_run(candidates.device) else torch.float64
 
 
 def rows_dot_f64(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ def rows_dot_f64(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torc
     Float32 rows run the compiled kernel on CPU (float64 accumulation of exact products);
     float64 rows, or float32 ones without the kernel, go through torch in float64.
     """
-    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _C is not None:
+    if rows.dtype == torch.float32 and _f64_kernels_run(rows.device):
         _C.rows_dot_f64(rows, x, out)
         return out
     return torch.mv(rows.to(torch.float64), x, out=out)
@@ -116,7 +118,7 @@ def rows_dot_f64(rows: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torc
 def rows_residual_f64(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = b - rows^T w in float64 (in place): rows (n, D) float32 or float64, w (n,), b (D,)
     float64; n = 0 gives b. The same dispatch as rows_dot_f64."""
-    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _C is not None:
+    if rows.dtype == torch.float32 and _f64_kernels_run(rows.device):
         _C.rows_combine_f64(rows, w, b, out)
         return out
     if rows.shape[0] == 0:

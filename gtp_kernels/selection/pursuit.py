@@ -365,6 +365,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
 
     clock = _PhaseClock(phase_seconds, device)
     cache = None
+    # auto on CPU also switches on measured cost: CPU seconds of the last cached iterations
+    # (product + column fetches, not what both strategies do) against one pass over A
+    cached_costs: List[float] = []
+    pass_seconds = 0.0
     if strategy == "cached":
         # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
         # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
@@ -376,11 +380,6 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         anchor_drop = ANCHOR_DROP[dtype]
         passes += 1
         cache = _ColumnCache(N, capacity + k // 8 + 16, dtype, device)
-    # auto on CPU also switches on measured cost: seconds of the last cached iterations (product
-    # + column fetches, excluding what both strategies do) against one pass over A
-    cached_costs: List[float] = []
-    if cache is None:
-        pass_seconds = 0.0
 
     while True:
         for t in range(m):
@@ -393,20 +392,21 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             break
 
         # 1. correlations and the best candidate per target
-        if cache is not None and switch_at is not None and not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
-            # every MEASURE_ITERATIONS cached iterations (the same ones on every rank): were
-            # they dearer than passes? Then switch now (MEASURE_ITERATIONS' docstring)
-            slower = sum(cached_costs) > MEASURE_ITERATIONS * pass_seconds
-            cached_costs.clear()
-            if rows_at.agree(slower):
-                switch_at = 0
-        if cache is not None and switch_at is not None and cache.hi >= switch_at:
-            # the cached product now costs a pass: continue direct, from the exact residuals
-            cache = base_c = None
-            if phase_seconds is not None:
-                phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
-        t_cached = _cpu_seconds()
+        if cache is not None and switch_at is not None:  # auto, still cached
+            # the cached product now costs a pass (model), or MEASURE_ITERATIONS cached
+            # iterations measured dearer than passes (CPU; checked on the same iterations on
+            # every rank): continue direct, from the exact residuals
+            switch = cache.hi >= switch_at
+            if not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
+                slower = sum(cached_costs) > MEASURE_ITERATIONS * pass_seconds
+                cached_costs.clear()
+                switch = rows_at.agree(slower) or switch
+            if switch:
+                cache = base_c = None
+                if phase_seconds is not None:
+                    phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
         if cache is not None:
+            t_cached = _cpu_seconds()
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
             stale = [t for t in live if hist[t][-1] < anchor_drop * base_norm[t]]
