@@ -155,3 +155,21 @@ def test_fast_on_triton_kernels_equals_reference(strategy):
     assert_same(fast, ref, 1e-4)
     cos = gk.select(A, B, 6, method="gtp-cosamp", backend="triton")
     assert all(len(ts.indices) == 6 for ts in cos.per_target)
+
+
+def test_cosamp_sample_size_rule():
+    """Double after a short pass while picks per pass lag; halve after a long pass unless the
+    picks still to come fit in what that pass made (then one more pass of the same sample
+    likely ends the run, where half a sample may need two)."""
+    from gtp_kernels.selection.cosamp import PICKS_PER_PASS, next_sample_size
+
+    n, size = 10_000, 834
+    assert next_sample_size(size, True, 5, 5, 1, n, 45) == 2 * size
+    assert next_sample_size(4000, True, 5, 5, 1, n, 45) == n // 2  # at most N / 2
+    assert next_sample_size(size, True, 5, 5 + PICKS_PER_PASS, 1, n, 45) == size  # picks keep up
+    many = 2 * PICKS_PER_PASS + 9
+    assert next_sample_size(size, False, many, many, 1, n, many + 1) == size // 2
+    assert next_sample_size(size, False, many, many, 1, n, many) == size
+    assert next_sample_size(size, True, many, many, 1, n, 3) == size
+    assert next_sample_size(100, False, many, many, 1, n, 500) == 64  # MIN_SAMPLE floor
+    assert next_sample_size(size, False, 2 * PICKS_PER_PASS, 40, 2, n, 500) == size
