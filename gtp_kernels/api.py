@@ -5,6 +5,8 @@ entries there and never change ``select``'s signature.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -31,6 +33,8 @@ class MethodSpec:
     run: MethodFn
     summary: str
     exact: bool  # selects exactly what gtp-reference selects (same indices, same order)
+    # weights are the fit's coefficients (they scale with the target); False: scores or ones
+    fit_weights: bool = True
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,15 @@ class Selection:
     """The result of :func:`select`.
 
     For one target (m = 1) ``indices``, ``weights`` and ``residual_norms`` are that target's.
-    For m > 1 targets ``indices`` is the union of the targets' supports in order of first
-    selection (the examples to train on), ``weights`` the sum of the weights each target gave
-    them, and ``residual_norms`` an (iterations + 1, m) array (rows past a target's stop repeat
-    its last value); ``per_target`` keeps each target's own result.
+    For m > 1 targets the budget k holds per target: ``indices`` is the union of the targets'
+    supports (up to m * k rows) in order of first selection (the examples to train on),
+    ``weights`` the sum of the weights each target gave them, and ``residual_norms`` an
+    (iterations + 1, m) array (rows past a target's stop repeat its last value);
+    ``per_target`` keeps each target's own result.
+
+    ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
+    methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
+    negative), for ``random`` ones (see ``METHODS[name].fit_weights``).
     """
 
     method: str
@@ -158,8 +167,10 @@ register_method(MethodSpec(
     "gtp-reference", gtp_reference,
     "GTP pursuit in plain PyTorch (a fresh torch.linalg solve per step): the reference", exact=True))
 register_method(MethodSpec(
-    "topk", topk_less, "top-k by the LESS score (checkpoint-weighted cosine with the target)", exact=False))
-register_method(MethodSpec("random", random_selection, "uniformly random eligible rows (seeded)", exact=False))
+    "topk", topk_less, "top-k by the LESS score (checkpoint-weighted cosine with the target)", exact=False,
+    fit_weights=False))
+register_method(MethodSpec("random", random_selection, "uniformly random eligible rows (seeded)", exact=False,
+                           fit_weights=False))
 
 DEFAULT_METHOD = "gtp"
 
@@ -205,11 +216,12 @@ def select(
     Args:
         candidates: A, (N, D) rows, or an (N, T, d) trajectory; torch or numpy, any float dtype.
         target: b, (D,), or (D, m) for m targets pursued together.
-        k: budget, 1 <= k <= N.
+        k: budget per target column, 1 <= k <= N (m targets: up to m * k rows in the union).
         method: a name in METHODS (default: the fastest exact GTP method).
         checkpoint_weights: (T,) lr_t per checkpoint (None: unweighted).
         num_checkpoints: T when candidates are flat (N, T*d).
-        exclude: rows that may never be selected (bool mask or indices).
+        exclude: rows that may never be selected: a bool mask of length N (array, tensor or
+            list of bools) or integer row indices.
         positive: non-negative weights (off: plain orthogonal matching pursuit).
         ridge: lambda.
         tol: stop when the relative residual falls below tol.
@@ -220,12 +232,18 @@ def select(
         max_iters: iteration cap (default 2k + 10).
         batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
         topk_reduce: "mean" or "max" over target columns, for top-k.
-        seed: for random selection.
+        seed: for random selection (an integer >= 0).
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
+            In float32 the candidates' row norms must lie within 2^-50..2^50; targets may have
+            any magnitude (each column is scaled by a power of two inside, exactly).
         device: move the candidates there first (e.g. "cuda").
-        backend: kernels for the N-sized products: "auto" (Triton on CUDA, torch on CPU),
-            "triton" or "torch".
+        backend: kernels for the N-sized products: "auto" (the Triton kernels on CUDA, the
+            compiled row-products kernel on CPU), "triton" or "torch".
         progress: show a progress bar.
+
+    Raises:
+        InputError (a ValueError; InputTypeError also a TypeError) before any work, for bad
+        shapes, dtypes, NaN/Inf, a budget outside 1..N, no selectable row, bad options.
     """
     t0 = time.perf_counter()
     name = DEFAULT_METHOD if method is None else method
@@ -233,41 +251,62 @@ def select(
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
     if compute_dtype not in (None, torch.float32, torch.float64):
         raise InputError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-    for label, value in (("ridge", ridge), ("tol", tol)):
-        if not np.isfinite(value) or value < 0:
-            raise InputError(f"{label} must be finite and >= 0, got {value}")
-    if stop_ratio is not None and not 0 <= stop_ratio < 1:
-        raise InputError(f"stop_ratio must lie in [0, 1), got {stop_ratio}")
+    ridge = _real("ridge", ridge, low=0.0)
+    tol = _real("tol", tol, low=0.0)
+    if min_cosine is not None:
+        min_cosine = _real("min_cosine", min_cosine, low=-1.0, high=1.0)
+    if align_threshold is not None:
+        align_threshold = _real("align_threshold", align_threshold, low=-1.0, high=1.0)
+    if stop_ratio is not None:
+        stop_ratio = _real("stop_ratio", stop_ratio, low=0.0)
+        if not stop_ratio < 1:
+            raise InputError(f"stop_ratio must lie in [0, 1), got {stop_ratio}")
     if backend not in ("auto", "triton", "torch"):
         raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if topk_reduce not in ("mean", "max"):
+        raise InputError(f"topk_reduce must be 'mean' or 'max', got {topk_reduce!r}")
+    for label, value in (("batch_size", batch_size), ("max_iters", max_iters), ("seed", seed)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise InputError(f"{label} must be an integer, got {value!r}")
+    if seed is None or seed < 0:
+        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if max_iters is not None and max_iters < 1:
         raise InputError(f"max_iters must be >= 1, got {max_iters}")
+    dev = None if device is None else _device(device)
 
     problem = validate_problem(candidates, target, k, checkpoint_weights=checkpoint_weights,
-                               num_checkpoints=num_checkpoints, exclude=exclude)
-    if device is not None:
-        dev = torch.device(device)
+                               num_checkpoints=num_checkpoints, exclude=exclude, compute_dtype=compute_dtype)
+    k = int(k)  # numpy integers too
+    if dev is not None:
         problem = Problem(problem.candidates.to(dev), problem.targets.to(dev), problem.num_checkpoints,
                           problem.checkpoint_dim, problem.checkpoint_weights, problem.exclude.to(dev))
+    # Each target column scaled by a power of two to a largest entry in [0.5, 1): exact, and
+    # every method's picks are invariant to it (ridge included: the objective scales by 2^-2e),
+    # while correlations and residual norms of huge or tiny targets stay inside float32.
+    problem, target_scales = _unit_scaled_targets(problem)
     guard_excluded = 0
     if align_threshold is not None:
         problem, guard_excluded = _exclude_misaligned(problem, float(align_threshold))
         if int((~problem.exclude).sum()) == 0:
             raise InputError(f"align_threshold={align_threshold} excludes every candidate")
-    opts = SelectOptions(positive=positive, ridge=float(ridge), tol=float(tol), min_cosine=min_cosine,
-                         stop_ratio=stop_ratio, max_iters=max_iters, batch_size=batch_size,
-                         topk_reduce=topk_reduce, seed=seed, compute_dtype=compute_dtype, progress=progress,
-                         backend=backend)
+    opts = SelectOptions(positive=bool(positive), ridge=ridge, tol=tol, min_cosine=min_cosine,
+                         stop_ratio=stop_ratio, max_iters=None if max_iters is None else int(max_iters),
+                         batch_size=None if batch_size is None else int(batch_size),
+                         topk_reduce=topk_reduce, seed=int(seed), compute_dtype=compute_dtype,
+                         progress=progress, backend=backend)
     t1 = time.perf_counter()
     spec = METHODS[name]
     bar, tick = _progress_bar(progress, k * problem.num_targets, name)
     try:
         per_target = spec.run(problem, k, opts, tick)
+        if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
+            bar.update(max(0, bar.total - bar.n))
     finally:
         if bar is not None:
             bar.close()
+    per_target = [_unscaled(ts, scale, spec.fit_weights) for ts, scale in zip(per_target, target_scales)]
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -284,6 +323,53 @@ def select(
     }
     timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
     return Selection(name, int(k), tuple(per_target), params, timings)
+
+
+def _real(label: str, value: Any, low: float = -float("inf"), high: float = float("inf")) -> float:
+    """A finite real number in [low, high], as float; InputError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{label} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"{label} must be finite and lie in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def _device(device: Union[str, torch.device]) -> torch.device:
+    """A device torch can use here, or InputError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r} is not a torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"device {device!r}: gtp_kernels runs on 'cpu' or 'cuda'")
+    return dev
+
+
+def _unit_scaled_targets(problem: Problem) -> tuple:
+    """The problem with each target column times 2^-e (largest |entry| in [0.5, 1)), in
+    float64 so that the scaling is exact, and the scales 2^e to undo it per column."""
+    peaks = problem.targets.abs().amax(dim=0).to(torch.float64).tolist()
+    exps = [math.frexp(p)[1] for p in peaks]
+    if not any(exps):
+        return problem, [1.0] * len(exps)
+    factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
+                           device=problem.targets.device)
+    scaled = problem.targets.to(torch.float64) * factors
+    return (Problem(problem.candidates, scaled, problem.num_checkpoints, problem.checkpoint_dim,
+                    problem.checkpoint_weights, problem.exclude), [math.ldexp(1.0, e) for e in exps])
+
+
+def _unscaled(ts: TargetSelection, scale: float, fit_weights: bool) -> TargetSelection:
+    """Undo _unit_scaled_targets on one result (exact: a power of two)."""
+    if scale == 1.0:
+        return ts
+    weights = ts.weights * scale if fit_weights else ts.weights
+    return dataclasses.replace(ts, weights=weights, residual_norms=ts.residual_norms * scale)
 
 
 def _exclude_misaligned(problem: Problem, threshold: float) -> tuple:
@@ -321,7 +407,13 @@ def fit_residual(
     problem = validate_problem(candidates, target, 1, checkpoint_weights=checkpoint_weights,
                                num_checkpoints=num_checkpoints)
     fw = problem.feature_weights(torch.float64)
-    idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+    raw = np.asarray(indices)
+    if raw.size and raw.dtype.kind not in "iu":
+        raise InputError(f"indices must be integers, got dtype {raw.dtype}")
+    idx = torch.as_tensor(raw.astype(np.int64).reshape(-1))
+    n = problem.num_candidates
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise InputError(f"indices must lie in [0, {n}), got values from {int(idx.min())} to {int(idx.max())}")
     worst = 0.0
     for t in range(problem.num_targets):
         b = problem.targets[:, t].to(torch.float64)

@@ -15,6 +15,9 @@ import torch
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# candidate row norms that float32 products handle: Gram entries up to 2^100 and down to 2^-100
+# stay normal (float32 spans 2^-126..2^128), with room for sums over D and the weights
+FLOAT32_ROW_NORMS = (2.0 ** -50, 2.0 ** 50)
 
 
 class InputError(ValueError):
@@ -108,6 +111,7 @@ def validate_problem(
     checkpoint_weights: Optional[Union[ArrayLike, Sequence[float]]] = None,
     num_checkpoints: Optional[int] = None,
     exclude: Optional[ArrayLike] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Problem:
     """Check and normalise the inputs of :func:`gtp_kernels.select`.
 
@@ -117,12 +121,20 @@ def validate_problem(
     checkpoint_weights: (T,) non-negative finite weights (e.g. learning rates), not all zero.
     num_checkpoints: T when candidates are given flat as (N, T*d).
     exclude: (N,) bool mask or a sequence of row indices that may never be selected.
+    compute_dtype: the dtype of the N-sized products (None: float64 for float64 candidates,
+        else float32). In float32 the candidates' row norms must lie within 2^-50..2^50
+        (FLOAT32_ROW_NORMS), where products of rows and Gram entries neither overflow nor
+        underflow; targets of any magnitude are fine (select() scales them by a power of two).
     """
     A = as_tensor(candidates, "candidates")
     b = as_tensor(target, "target")
     _check_float(A, "candidates")
     _check_float(b, "target")
 
+    if num_checkpoints is not None:
+        if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, (int, np.integer)):
+            raise InputTypeError(f"num_checkpoints must be an integer, got {num_checkpoints!r}")
+        num_checkpoints = int(num_checkpoints)
     if A.dim() == 3:
         N, T, d = A.shape
         if num_checkpoints is not None and num_checkpoints != T:
@@ -130,7 +142,7 @@ def validate_problem(
         A = A.reshape(N, T * d)
     elif A.dim() == 2:
         N = A.shape[0]
-        T = 1 if num_checkpoints is None else int(num_checkpoints)
+        T = 1 if num_checkpoints is None else num_checkpoints
         if T < 1 or A.shape[1] % T != 0:
             raise InputError(f"num_checkpoints={num_checkpoints} does not divide D={A.shape[1]}")
         d = A.shape[1] // T
@@ -158,7 +170,22 @@ def validate_problem(
     if k > N:
         raise InputError(f"k={k} is larger than the pool (N={N} candidates)")
 
-    zero_rows = _finite_rows_and_zero_rows(A, "candidates")
+    zero_rows, norm_range = _finite_rows_and_zero_rows(A, "candidates")
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
+    low, high = FLOAT32_ROW_NORMS
+    if compute_dtype != torch.float64 and not (norm_range[0] >= low and norm_range[1] <= high):
+        found = []
+        if norm_range[0] < low:
+            found.append("the smallest underflows float32" if norm_range[0] == 0
+                         else f"the smallest is {norm_range[0]:.3g}")
+        if norm_range[1] > high:
+            found.append("the largest overflows float32" if norm_range[1] == float("inf")
+                         else f"the largest is {norm_range[1]:.3g}")
+        raise InputError(
+            f"candidate row norms must lie in {low:.3g}..{high:.3g} for float32 products "
+            f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit) "
+            f"or pass compute_dtype=torch.float64")
     _check_finite(b, "target")
     zero_cols = (b == 0).all(dim=0)
     if bool(zero_cols.any()):
@@ -181,38 +208,76 @@ def validate_problem(
 
     excl = torch.zeros(N, dtype=torch.bool, device=A.device)
     if exclude is not None:
-        e = None
-        if isinstance(exclude, torch.Tensor) and exclude.dtype == torch.bool:
-            e = exclude
-        elif isinstance(exclude, np.ndarray) and exclude.dtype == np.bool_:
-            e = torch.from_numpy(exclude)
-        if e is not None:
-            if e.shape != (N,):
-                raise InputError(f"exclude mask must have shape ({N},), got {tuple(e.shape)}")
-            excl |= e.to(A.device)
+        mask, idx = _exclusion(exclude, N)
+        if mask is not None:
+            excl |= mask.to(A.device)
         else:
-            idx = torch.as_tensor(np.asarray(exclude, dtype=np.int64).reshape(-1))
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= N):
-                raise InputError(f"exclude indices must lie in [0, {N})")
             excl[idx.to(A.device)] = True
     # All-zero rows carry no direction: never selectable.
     excl |= zero_rows
+    if bool(excl.all()):
+        reason = "all-zero or excluded" if exclude is not None else "all-zero"
+        raise InputError(f"no candidate can be selected: all {N} rows are {reason}")
     return Problem(A, b, T, d, weights, excl)
 
 
-def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> torch.Tensor:
-    """One chunked pass over A: raise on NaN/Inf, return the (N,) mask of all-zero rows.
+def _exclusion(exclude: Any, N: int):
+    """(mask, None) for a boolean mask of length N, (None, indices) for integer row indices.
+
+    Booleans are a mask whatever the container (a Python list of bools too: read as integers
+    it would exclude rows 0 and 1); anything else that is not integer is refused, as is uint8
+    (a mask in old torch, indices in numpy).
+    """
+    if isinstance(exclude, torch.Tensor):
+        arr = exclude.detach().cpu().numpy() if exclude.dtype != torch.bfloat16 else None
+        if arr is None:
+            raise InputTypeError("exclude must be a bool mask or integer row indices, got torch.bfloat16")
+    else:
+        try:
+            arr = np.asarray(exclude)
+        except (TypeError, ValueError) as err:
+            raise InputTypeError(f"exclude must be a bool mask or integer row indices ({err})") from None
+    if arr.dtype == np.bool_:
+        if arr.shape != (N,):
+            raise InputError(f"exclude mask must have shape ({N},), got {tuple(arr.shape)}")
+        return torch.from_numpy(np.ascontiguousarray(arr)), None
+    if arr.size == 0:  # e.g. [] (numpy makes it float64): nothing excluded
+        return None, torch.zeros(0, dtype=torch.int64)
+    if arr.dtype == np.uint8:
+        raise InputTypeError("exclude as uint8 is ambiguous (a mask or row indices?): pass a bool mask "
+                             "or int64 indices")
+    if arr.dtype.kind not in "iu":
+        raise InputTypeError(f"exclude must be a bool mask or integer row indices, got dtype {arr.dtype}")
+    idx = torch.from_numpy(arr.astype(np.int64).reshape(-1))
+    if int(idx.min()) < 0 or int(idx.max()) >= N:
+        raise InputError(f"exclude indices must lie in [0, {N}), got values from {int(idx.min())} "
+                         f"to {int(idx.max())}")
+    return None, idx
+
+
+def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
+    """One chunked pass over A: raise on NaN/Inf; return the (N,) mask of all-zero rows and
+    (smallest, largest) norm of the other rows (0 / inf where float32 norms under/overflow).
 
     A row norm is NaN or Inf exactly when the row holds one, or when it overflows; only then
-    is the chunk checked element by element (which also tells overflow from bad values).
+    is the chunk checked element by element (which also tells overflow from bad values). A
+    zero norm is confirmed on the row's values (it underflows for tiny rows).
     """
     zero = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
     step = max(1, (1 << 24) // max(1, A.shape[1]))
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
+    lo, hi = float("inf"), 0.0
     for start in range(0, A.shape[0], step):
         block = A[start : start + step]
         norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(block, name, row_offset=start)
-        zero[start : start + step] = norms == 0
-    return zero
+        is_zero = norms == 0
+        if bool(is_zero.any()):  # a norm also underflows to 0 (float32 rows of ~1e-23): look
+            is_zero[is_zero.clone()] = ~(block[is_zero] != 0).any(dim=1)
+        zero[start : start + step] = is_zero
+        live = norms[~is_zero]
+        if live.numel():
+            lo = min(lo, float(live.min()))
+            hi = max(hi, float(live.max()))
+    return zero, (lo, hi)

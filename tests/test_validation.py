@@ -1,4 +1,6 @@
 """Every bad input raises a clear error before any work; the CLI exits 2 and writes nothing."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +44,22 @@ def nan_at(t, idx):
         (dict(method="nope"), "unknown method"),
         (dict(exclude=[25]), r"exclude indices must lie in \[0, 20\)"),
         (dict(ridge=-1.0), "ridge must be"),
+        (dict(ridge="0.1"), "ridge must be a number"),
+        (dict(tol=float("nan")), "tol must be finite"),
+        (dict(min_cosine=float("nan")), "min_cosine must be finite"),
+        (dict(align_threshold=float("nan")), "align_threshold must be finite"),
+        (dict(stop_ratio=1.0), r"stop_ratio must lie in \[0, 1\)"),
+        (dict(seed=None, method="random"), "seed must be an integer"),
+        (dict(seed=-1, method="random"), "seed must be an integer >= 0"),
+        (dict(topk_reduce="median"), "topk_reduce must be 'mean' or 'max'"),
+        (dict(batch_size=2.5), "batch_size must be an integer"),
+        (dict(num_checkpoints=2.5), "num_checkpoints must be an integer"),
+        (dict(device="nodevice"), "not a torch device"),
+        (dict(device="meta"), "runs on 'cpu' or 'cuda'"),
+        (dict(exclude=np.array([0.5, 1.7])), "bool mask or integer row indices"),
+        (dict(exclude=torch.ones(20, dtype=torch.uint8)), "uint8 is ambiguous"),
+        (dict(exclude=np.ones(20, dtype=bool)), "no candidate can be selected"),
+        (dict(candidates=torch.zeros(20, 12)), "no candidate can be selected: all 20 rows are all-zero"),
         (dict(candidates=[[1.0]]), "torch.Tensor or numpy.ndarray"),
     ],
 )
@@ -110,7 +128,9 @@ def test_cli_corrupt_and_missing_files(tmp_path, capsys):
 def test_huge_finite_values_are_not_mistaken_for_inf():
     big = A.clone()
     big[2] = 3e38  # the row norm overflows float32; the values are finite
-    sel = gk.select(big, b, 3, method="topk")
+    with pytest.raises(gk.InputError, match="the largest overflows float32"):
+        gk.select(big, b, 3, method="topk")  # float32 products would overflow: said, not NaN/Inf
+    sel = gk.select(big, b, 3, method="topk", compute_dtype=torch.float64)
     assert len(sel.indices) == 3
     zero_row = A.clone()
     zero_row[5] = 0.0
@@ -129,3 +149,88 @@ def test_exclude_accepts_numpy_and_torch_masks_and_index_lists(as_mask):
 def test_exclude_mask_of_wrong_length_is_refused():
     with pytest.raises(InputError, match="exclude mask must have shape"):
         gk.select(A, b, 3, exclude=np.zeros(5, dtype=bool))
+
+
+def test_cuda_device_without_cuda_is_an_input_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(InputError, match="CUDA is not available"):
+        gk.select(A, b, 3, device="cuda")
+
+
+def test_exclude_list_of_bools_is_a_mask_not_indices():
+    """[True, True, False, ...] read as integers would exclude rows 0 and 1 only."""
+    target = A[2] + A[3]
+    mask = [i in (2, 3) for i in range(20)]
+    for method in gk.METHODS:
+        sel = gk.select(A, target, 3, method=method, exclude=mask)
+        assert not set(sel.indices.tolist()) & {2, 3}, method
+    assert sorted(gk.select(A, target, 2, exclude=[]).indices.tolist()) == [2, 3]  # empty list: none
+
+
+@pytest.mark.parametrize("method", list(gk.METHODS))
+def test_numpy_integer_budget(method):
+    sel = gk.select(A, b, np.int64(3), method=method)
+    assert sel.k == 3 and type(sel.k) is int and 1 <= len(sel.indices) <= 3
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 70, 2.0 ** -70, 1e30, 1e-30])
+def test_target_magnitude_does_not_change_the_picks(scale):
+    """Targets are scaled by a power of two inside select: the same picks at any magnitude,
+    weights and residual norms scaling with the target (exactly, for a power of two)."""
+    for method in ("gtp", "gtp-cosamp", "gtp-reference", "topk"):
+        ref = gk.select(A, b, 5, method=method)
+        sel = gk.select(A, b.double() * scale, 5, method=method)
+        assert sel.indices.tolist() == ref.indices.tolist(), method
+        expect = ref.weights * scale if gk.METHODS[method].fit_weights else ref.weights
+        exact = math.log2(scale).is_integer()  # then every product rounds as at unit scale
+        np.testing.assert_allclose(sel.weights, expect, rtol=1e-12 if exact else 1e-5)
+        np.testing.assert_allclose(sel.residual_norms, ref.residual_norms * scale, rtol=1e-12 if exact else 1e-5)
+
+
+def test_float32_products_out_of_range_are_refused_float64_works():
+    for scale, side in ((1e20, "largest overflows float32"), (1e-25, "smallest underflows float32"),
+                        (2.0 ** 52, "the largest is")):
+        with pytest.raises(InputError, match=side):
+            gk.select(A * scale, b, 3)
+        # in float64 the same rows are fine and picked as at unit scale (tiny rows are not zero rows)
+        sel = gk.select(A.double() * scale, b, 3, method="gtp")
+        assert sel.indices.tolist() == gk.select(A.double(), b, 3, method="gtp").indices.tolist()
+        sel32 = gk.select(A * scale, b, 3, method="gtp", compute_dtype=torch.float64)
+        assert sel32.indices.tolist() == sel.indices.tolist()
+
+
+def test_progress_bar_completes_for_methods_that_pick_at_once(monkeypatch):
+    import gtp_kernels.api as api
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, x=1):
+            self.n += x
+
+        def close(self):
+            pass
+
+    def fake_progress_bar(enabled, total, desc):
+        bar = Bar(total)
+        return bar, bar.update
+
+    monkeypatch.setattr(api, "_progress_bar", fake_progress_bar)
+    for method in ("topk", "random", "gtp"):
+        bars.clear()
+        gk.select(A, torch.stack([b, -b], dim=1), 3, method=method, progress=True)
+        assert bars[-1].n == bars[-1].total == 6, method
+
+
+def test_fit_residual_checks_its_indices():
+    with pytest.raises(InputError, match=r"indices must lie in \[0, 20\)"):
+        gk.fit_residual(A, b, [1000])
+    with pytest.raises(InputError, match=r"indices must lie in \[0, 20\)"):
+        gk.fit_residual(A, b, [-1])
+    with pytest.raises(InputError, match="indices must be integers"):
+        gk.fit_residual(A, b, [0.5])

@@ -470,8 +470,9 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         go = [i for i, t in enumerate(picked) if new_atoms[t] >= 0]
         if not go:
             continue
-        picked = [picked[i] for i in go]
-        rows, rows_w, diag = rows[go], rows_w[go], diag[go]
+        if len(go) < len(picked):  # some target stopped on its pick: drop its row
+            picked = [picked[i] for i in go]
+            rows, rows_w, diag = rows[go], rows_w[go], diag[go]
 
         # 3. cached strategy: make sure the new atoms' columns A W a_j are in the cache,
         #    fetching the most likely next picks in the same read of A
