@@ -23,6 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from ..validation import InputError
+
 IGNORE_INDEX = -100
 TASKS = ("causal_lm", "classification")
 
@@ -62,20 +64,32 @@ class TokenizedExample:
 
 
 def read_jsonl(path: str | os.PathLike, fmt: ExampleFormat = ExampleFormat()) -> list[Example]:
-    """Read a JSON-lines file; blank lines are skipped, ids must be unique."""
+    """Read a JSON-lines file; blank lines are skipped, ids must be unique.
+
+    A missing, unreadable or malformed file is an :class:`InputError` naming the file (and line).
+    """
     examples: list[Example] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"data: {path} line {line_number + 1} is not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"data: {path} line {line_number + 1} is not a JSON object")
-            example_id = str(record[fmt.id_field]) if fmt.id_field in record else str(line_number)
-            examples.append(Example(example_id, record))
+    if os.path.isdir(path):
+        raise InputError(f"data: {path} is a folder, not a JSON-lines file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise InputError(f"data: {path} line {line_number + 1} is not valid JSON ({error.msg})") from None
+                if not isinstance(record, dict):
+                    raise InputError(f"data: {path} line {line_number + 1} is not a JSON object")
+                example_id = str(record[fmt.id_field]) if fmt.id_field in record else str(line_number)
+                examples.append(Example(example_id, record))
+    except FileNotFoundError:
+        raise InputError(f"data: file {path} does not exist") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"data: {path} is not UTF-8 text ({error.reason} at byte {error.start}); expected JSON lines") from None
+    except OSError as error:
+        raise InputError(f"data: cannot read {path} ({error.strerror or error})") from None
     return as_examples(examples, fmt)
 
 
@@ -92,7 +106,7 @@ def as_examples(data: Iterable[Example | dict[str, Any]], fmt: ExampleFormat = E
     seen: set[str] = set()
     for example in examples:
         if example.id in seen:
-            raise ValueError(f"data: duplicate example id {example.id!r}")
+            raise InputError(f"data: duplicate example id {example.id!r} (ids come from the {fmt.id_field!r} field)")
         seen.add(example.id)
     return examples
 
@@ -102,7 +116,10 @@ def _prompt_response(record: dict[str, Any], fmt: ExampleFormat) -> tuple[list[d
     if fmt.messages_field in record:
         messages = record[fmt.messages_field]
         if not isinstance(messages, list) or not messages:
-            raise ValueError(f"data: field {fmt.messages_field!r} must be a non-empty list of turns")
+            raise InputError(f"data: field {fmt.messages_field!r} must be a non-empty list of turns")
+        for turn in messages:
+            if not isinstance(turn, dict) or "content" not in turn:
+                raise InputError(f"data: field {fmt.messages_field!r} must hold {{'role', 'content'}} turns, got {str(turn)[:60]!r}")
         return messages, None, None
     if fmt.prompt_field in record and fmt.response_field in record:
         prompt = str(record[fmt.prompt_field])
@@ -112,10 +129,38 @@ def _prompt_response(record: dict[str, Any], fmt: ExampleFormat) -> tuple[list[d
         return messages, prompt, str(record[fmt.response_field])
     if fmt.text_field in record:
         return None, None, str(record[fmt.text_field])
-    raise ValueError(
+    raise InputError(
         f"data: a record has none of the fields {fmt.messages_field!r}, "
         f"{fmt.prompt_field!r}+{fmt.response_field!r} or {fmt.text_field!r}: {sorted(record)[:8]}"
     )
+
+
+def check_examples(examples: Sequence[Example], task: str, fmt: ExampleFormat = ExampleFormat()) -> None:
+    """Check every record has the fields ``task`` reads (no tokenizer needed), naming the first
+    that does not; :func:`collect_trajectory` runs this before any model or tokenizer loads."""
+    if task not in TASKS:
+        raise InputError(f"task must be one of {TASKS}, got {task!r}")
+    for example in examples:
+        try:
+            if task == "causal_lm":
+                _prompt_response(example.record, fmt)
+            else:
+                _classification_fields(example, fmt)
+        except InputError as error:
+            message = str(error)
+            if repr(example.id) not in message:
+                message = message.replace("data: ", f"data: example {example.id!r}: ", 1)
+            raise InputError(message) from None
+
+
+def _classification_fields(example: Example, fmt: ExampleFormat) -> tuple[str, str]:
+    record = example.record
+    if fmt.label_field not in record:
+        raise InputError(f"data: example {example.id!r} has no label field {fmt.label_field!r}")
+    text = record.get(fmt.text_field, record.get(fmt.prompt_field))
+    if text is None:
+        raise InputError(f"data: example {example.id!r} has no {fmt.text_field!r} or {fmt.prompt_field!r} field")
+    return str(text), str(record[fmt.label_field])
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -155,15 +200,9 @@ def tokenize_classification(
     example: Example, tokenizer: Any, label2id: dict[str, int], fmt: ExampleFormat = ExampleFormat(), max_length: int = 512
 ) -> TokenizedExample:
     """Tokenise for sequence classification: text (or prompt) plus a class id from ``label_field``."""
-    record = example.record
-    if fmt.label_field not in record:
-        raise ValueError(f"data: example {example.id!r} has no label field {fmt.label_field!r}")
-    text = record.get(fmt.text_field, record.get(fmt.prompt_field))
-    if text is None:
-        raise ValueError(f"data: example {example.id!r} has no {fmt.text_field!r} or {fmt.prompt_field!r} field")
-    label = str(record[fmt.label_field])
+    text, label = _classification_fields(example, fmt)
     if label not in label2id:
-        raise ValueError(f"data: example {example.id!r} has label {label!r}, not one of {sorted(label2id)}")
+        raise InputError(f"data: example {example.id!r} has label {label!r}, not one of {sorted(label2id)}")
     ids = tokenizer(str(text), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
     return TokenizedExample(example.id, list(ids), label=label2id[label])
 
@@ -172,7 +211,7 @@ def label_mapping(examples: Sequence[Example], fmt: ExampleFormat = ExampleForma
     """Sorted distinct labels -> class ids (deterministic whatever the example order)."""
     labels = sorted({str(e.record[fmt.label_field]) for e in examples if fmt.label_field in e.record})
     if not labels:
-        raise ValueError(f"data: no example has the label field {fmt.label_field!r}")
+        raise InputError(f"data: no example has the label field {fmt.label_field!r}")
     return {label: index for index, label in enumerate(labels)}
 
 
@@ -189,13 +228,13 @@ def tokenize_all(
         out = [tokenize_causal(e, tokenizer, fmt, max_length) for e in examples]
         empty = [t.id for t in out if all(label == IGNORE_INDEX for label in t.labels[1:])]
         if empty:
-            raise ValueError(f"data: {len(empty)} example(s) have no target token after truncation (first: {empty[0]!r}); raise max_length")
+            raise InputError(f"data: {len(empty)} example(s) have no target token after truncation (first: {empty[0]!r}); raise max_length")
         return out
     if task == "classification":
         if label2id is None:
             label2id = label_mapping(examples, fmt)
         return [tokenize_classification(e, tokenizer, label2id, fmt, max_length) for e in examples]
-    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    raise InputError(f"task must be one of {TASKS}, got {task!r}")
 
 
 def collate(batch: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -244,7 +283,7 @@ def write_selected_examples(
     ids = [str(i) for i in selected_ids]
     unknown = [i for i in ids if i not in by_id]
     if unknown:
-        raise ValueError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
+        raise InputError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
     if weights is not None and len(weights) != len(ids):
         raise ValueError(f"weights: {len(weights)} values for {len(ids)} ids")
     tmp = f"{out}.tmp"

@@ -14,6 +14,7 @@ average learning rate of each epoch, renormalised) to :func:`less_to_store` or t
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..validation import InputError
 from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter
 
 _DIM = re.compile(r"^dim(\d+)$")
@@ -49,21 +51,21 @@ def _dim_folder(checkpoint: Path, d: int | None) -> Path:
         return checkpoint
     dims = sorted((int(_DIM.match(p.name).group(1)), p) for p in checkpoint.iterdir() if p.is_dir() and _DIM.match(p.name))
     if not dims:
-        raise ValueError(f"LESS folder {checkpoint}: no dim<d> sub-folder")
+        raise InputError(f"LESS folder {checkpoint}: no dim<d> sub-folder")
     if d is None:
         if len(dims) > 1:
-            raise ValueError(f"LESS folder {checkpoint}: several projections {[n for n, _ in dims]}; pass d")
+            raise InputError(f"LESS folder {checkpoint}: several projections {[n for n, _ in dims]}; pass d")
         return dims[0][1]
     for size, folder in dims:
         if size == d:
             return folder
-    raise ValueError(f"LESS folder {checkpoint}: no dim{d} (has {[n for n, _ in dims]})")
+    raise InputError(f"LESS folder {checkpoint}: no dim{d} (has {[n for n, _ in dims]})")
 
 
 def _load_rows(path: Path) -> torch.Tensor:
     rows = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
-        raise ValueError(f"LESS file {path}: expected a 2-D tensor, got {type(rows).__name__} {getattr(rows, 'shape', '')}")
+        raise InputError(f"LESS file {path}: expected a 2-D tensor, got {type(rows).__name__} {getattr(rows, 'shape', '')}")
     return rows.float()
 
 
@@ -73,7 +75,7 @@ def _read_dim_folder(folder: Path, normalized: bool) -> tuple[torch.Tensor, list
         return _load_rows(merged), [str(merged)]
     shards = sorted((int(_SHARD.match(p.name).group(1)), p) for p in folder.iterdir() if _SHARD.match(p.name))
     if not shards:
-        raise ValueError(f"LESS folder {folder}: neither {merged.name} nor grads-*.pt shards")
+        raise InputError(f"LESS folder {folder}: neither {merged.name} nor grads-*.pt shards")
     rows = torch.cat([_load_rows(p) for _, p in shards])
     if normalized:  # what LESS's merge_and_normalize_info does to each shard
         rows = torch.nn.functional.normalize(rows, dim=1)
@@ -85,7 +87,7 @@ def _checkpoint_folders(folder: Path, d: int | None) -> list[Path]:
         return [folder]
     children = [p for p in folder.iterdir() if p.is_dir() and any(_DIM.match(q.name) for q in p.iterdir() if q.is_dir())]
     if not children:
-        raise ValueError(f"LESS folder {folder}: no dim<d> folder in it or in its sub-folders")
+        raise InputError(f"LESS folder {folder}: no dim<d> folder in it or in its sub-folders")
 
     def order(p: Path) -> tuple[int, str]:
         match = _CKPT.search(p.name)
@@ -103,7 +105,7 @@ def read_less_gradients(folder: str | os.PathLike, d: int | None = None, normali
     """
     root = Path(folder)
     if not root.is_dir():
-        raise ValueError(f"LESS folder {root} does not exist")
+        raise InputError(f"LESS folder {root} does not exist")
     blocks, names, files = [], [], []
     for checkpoint in _checkpoint_folders(root, d):
         rows, sources = _read_dim_folder(_dim_folder(checkpoint, d), normalized)
@@ -112,7 +114,7 @@ def read_less_gradients(folder: str | os.PathLike, d: int | None = None, normali
         files.append(sources)
     sizes = {tuple(b.shape) for b in blocks}
     if len(sizes) != 1:
-        raise ValueError(f"LESS folder {root}: checkpoints disagree on (N, d): {dict(zip(names, [tuple(b.shape) for b in blocks]))}")
+        raise InputError(f"LESS folder {root}: checkpoints disagree on (N, d): {dict(zip(names, [tuple(b.shape) for b in blocks]))}")
     return LessGradients(torch.stack(blocks, dim=1), names, files, normalized)
 
 
@@ -128,12 +130,14 @@ def less_to_store(
     """Convert a LESS gradient folder into a trajectory store (weights recorded, not applied)."""
     less = read_less_gradients(folder, d=d, normalized=normalized)
     n, t, dim = less.trajectory.shape
+    if example_ids is not None and len(example_ids) != n:
+        raise InputError(f"example_ids: {len(example_ids)} ids for the {n} rows in {folder}")
     if checkpoint_weights is not None:
         if len(checkpoint_weights) != t:
-            raise ValueError(f"checkpoint_weights: {len(checkpoint_weights)} weights for {t} checkpoints")
+            raise InputError(f"checkpoint_weights: {len(checkpoint_weights)} weights for {t} checkpoints")
         total = float(sum(checkpoint_weights))
-        if total <= 0 or any(w < 0 for w in checkpoint_weights):
-            raise ValueError("checkpoint_weights must be non-negative with a positive sum")
+        if not math.isfinite(total) or total <= 0 or any(not w >= 0 for w in checkpoint_weights):
+            raise InputError("checkpoint_weights must be non-negative with a positive sum")
         weights = [float(w) / total for w in checkpoint_weights]
     else:
         weights = [1.0 / t] * t

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict
@@ -28,9 +29,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .data import ExampleFormat, as_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
+from ..validation import InputError
+from .data import ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
-from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store
+from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
 from .warmup import (
     LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
     load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
@@ -38,12 +40,69 @@ from .warmup import (
 
 GRADIENT_TYPES = ("adam", "sgd")
 SEED_MODES = ("per_checkpoint", "shared")
+BACKENDS = ("auto", "triton", "torch")
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"device: {device!r} is not a device (e.g. auto, cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device: {device!r} asked for, but no CUDA GPU is available here (use --device cpu or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _not_found(what: str, name: str) -> str:
+    return (f"{what}: {name!r} is neither a local model folder nor a model in the local Hugging Face cache; "
+            "nothing is downloaded at run time (pass a folder holding config.json and the weights, "
+            "or fetch the model beforehand)")
+
+
+def _check_model_source(model: Any) -> None:
+    """A model path must be a local folder, or a model id already in the local HF cache (offline)."""
+    name = os.fspath(model)
+    if os.path.exists(name) and not os.path.isdir(name):
+        raise InputError(f"model: {name} is a file; expected a Hugging Face model folder (config.json and the weights)")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        if not os.path.isdir(name):
+            raise InputError(_not_found("model", name)) from None
+        raise InputError(f"model: cannot read the model config in {name} ({_first_line(error)})") from None
+
+
+def _load_tokenizer(source: Any) -> Any:
+    """AutoTokenizer from a local folder (or the local HF cache) only; a clean error otherwise."""
+    name = os.fspath(source)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        if not os.path.isdir(name):
+            raise InputError(_not_found("tokenizer", name)) from None
+        raise InputError(f"tokenizer: cannot load a tokenizer from {name} ({_first_line(error)}); "
+                         "pass a tokenizer folder (--tokenizer)") from None
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -52,11 +111,12 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
     if dtype not in table:
-        raise ValueError(f"model_dtype must be one of {sorted(table)}, got {dtype!r}")
+        raise InputError(f"model_dtype must be one of {sorted(table)}, got {dtype!r}")
     return table[dtype]
 
 
-def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_dtype: torch.dtype | None, seed: int) -> torch.nn.Module:
+def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_dtype: torch.dtype | None, seed: int,
+                 progress: bool = True) -> torch.nn.Module:
     """A fresh base model each call (peft wrapping mutates it); random heads seeded identically."""
     torch.manual_seed(seed)
     if isinstance(model, (str, os.PathLike)):
@@ -67,12 +127,27 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
         # transformers renamed torch_dtype to dtype in 4.56.
         dtype_key = "dtype" if tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
         kwargs: dict[str, Any] = {dtype_key: model_dtype} if model_dtype is not None else {}
-        if task == "causal_lm":
-            built = AutoModelForCausalLM.from_pretrained(str(model), **kwargs)
-        else:
-            id2label = {i: label for label, i in label2id.items()}
-            built = AutoModelForSequenceClassification.from_pretrained(
-                str(model), num_labels=len(label2id), id2label=id2label, label2id=label2id, **kwargs)
+        kwargs["local_files_only"] = True  # offline: a local folder or the local HF cache, never a download
+        name = os.fspath(model)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # quiet: no "Loading weights" bar either
+            hf_logging.disable_progress_bar()
+        try:
+            if task == "causal_lm":
+                built = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            else:
+                id2label = {i: label for label, i in label2id.items()}
+                built = AutoModelForSequenceClassification.from_pretrained(
+                    name, num_labels=len(label2id), id2label=id2label, label2id=label2id, **kwargs)
+        except (OSError, ValueError, KeyError) as error:
+            if not os.path.isdir(name) and not _in_local_cache(name):
+                raise InputError(_not_found("model", name)) from None
+            raise InputError(f"model: cannot load {name} as a {task} model offline ({_first_line(error)})") from None
+        finally:
+            if bars and not progress:
+                hf_logging.enable_progress_bar()
     elif isinstance(model, torch.nn.Module):
         built = copy.deepcopy(model)
     elif callable(model):
@@ -82,6 +157,47 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
     if model_dtype is not None:
         built = built.to(model_dtype)
     return built
+
+
+def _check_resumable(out: Path, resume: bool, n: int, ids: list[str], d: int, dtype: str, shard_size: int, task: str,
+                     gradient_type: str, kind: str, seed: int, seed_mode: str, normalise: bool, weights_applied: bool) -> None:
+    """Refuse, before any model work, to resume a store made with other data or settings (the
+    writer checks the whole spec again once the checkpoints are known)."""
+    if not (out / MANIFEST).exists():
+        if out.is_dir() and any(out.glob("shard-*.npy")):
+            raise StoreError(f"store {out}: holds shard files but no {MANIFEST} (not a store this code wrote)")
+        return
+    if not resume:
+        raise StoreError(f"store {out} already exists (resume it, or choose a new folder)")
+    manifest = _read_manifest(out)
+    meta = manifest.get("metadata") or {}
+    wanted = {"N": (manifest.get("N"), n), "d": (manifest.get("d"), d), "dtype": (manifest.get("dtype"), dtype),
+              "shard_size": (manifest.get("shard_size"), shard_size)}
+    projection = meta.get("projection") or {}
+    for key, value in (("task", task), ("gradient_type", gradient_type), ("normalisation", "unit" if normalise else "none"),
+                       ("weights_applied", weights_applied)):
+        if key in meta:
+            wanted[key] = (meta[key], value)
+    for key, value in (("kind", kind), ("seed", seed), ("seed_mode", seed_mode)):
+        if key in projection:
+            wanted[f"projection {key}"] = (projection[key], value)
+    for key, (have, want) in wanted.items():
+        if have != want:
+            raise StoreError(f"store {out}: cannot resume, its {key!r} differs from this collection's ({have!r} vs {want!r}); "
+                             "choose a new folder")
+    if manifest.get("example_ids") != ids:
+        raise StoreError(f"store {out}: cannot resume, its example ids differ from this data's (collected from other data?); "
+                         "choose a new folder")
+
+
+def _in_local_cache(name: str) -> bool:
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(name, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - only asking whether it is there
+        return False
 
 
 def _model_name(model: Any) -> str:
@@ -127,10 +243,12 @@ def collect_trajectory(
     """Collect the (N, T, d) gradient trajectory of ``data`` into the store folder ``out``.
 
     Args:
-        model: a Hugging Face model folder (loaded offline), an ``nn.Module`` (deep-copied), or a
+        model: a Hugging Face model folder (or a model id already in the local Hugging Face cache;
+            loaded offline, never downloaded), an ``nn.Module`` (deep-copied), or a
             factory returning a fresh, identically initialised module.
         data: a JSONL file or a list of dicts (fields: see :class:`ExampleFormat`).
-        tokenizer: defaults to ``AutoTokenizer.from_pretrained(model)`` for a folder.
+        tokenizer: a tokenizer, or a tokenizer folder; defaults to the model folder's. Folders and
+            model ids load with ``local_files_only=True``: nothing is downloaded.
         task: 'causal_lm' or 'classification'.
         checkpoints: an existing warm-up folder (ours, or ``checkpoint-<n>`` peft adapters); when
             None, warm up on ``warmup.fraction`` of ``data`` into ``<out>/warmup`` (reused if done).
@@ -149,36 +267,109 @@ def collect_trajectory(
         shards: compute only these shard indices (split a collection across jobs); the returned
             store is then possibly incomplete (opened with allow_incomplete).
         on_shard_written: called with each shard index after it is durably written.
+
+    Raises:
+        InputError: a bad option, data file, checkpoint folder or model source, before any model
+            or tokenizer loads (the options, then the data, then the checkpoints, then the model).
+        StoreError: ``out`` is a store that cannot be resumed with these settings.
     """
+    # Every option, the data, the checkpoints and the model source are checked here, before any
+    # model or tokenizer loads, so a mistake is one clear InputError (or StoreError) up front.
     if task not in ("causal_lm", "classification"):
-        raise ValueError(f"task must be 'causal_lm' or 'classification', got {task!r}")
+        raise InputError(f"task must be 'causal_lm' or 'classification', got {task!r}")
     if gradient_type not in GRADIENT_TYPES:
-        raise ValueError(f"gradient_type must be one of {GRADIENT_TYPES}, got {gradient_type!r}")
+        raise InputError(f"gradient_type must be one of {GRADIENT_TYPES}, got {gradient_type!r}")
     if seed_mode not in SEED_MODES:
-        raise ValueError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
+        raise InputError(f"seed_mode must be one of {SEED_MODES}, got {seed_mode!r}")
     if kind not in ("rademacher", "gaussian"):
-        raise ValueError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
-    if d < 1 or batch_size < 1 or shard_size < 1:
-        raise ValueError("d, batch_size and shard_size must be positive")
+        raise InputError(f"kind must be 'rademacher' or 'gaussian', got {kind!r}")
+    if dtype not in STORE_DTYPES:
+        raise InputError(f"dtype (of the store) must be one of {STORE_DTYPES}, got {dtype!r}")
+    if backend not in BACKENDS:
+        raise InputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _positive_int("d (projected dimensions per checkpoint)", d)
+    _positive_int("batch_size", batch_size)
+    _positive_int("shard_size", shard_size)
+    _positive_int("max_length", max_length)
+    _positive_int("vmap_chunk_size", vmap_chunk_size, allow_none=True)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64:
+        raise InputError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    seed = int(seed)
+    if (isinstance(projection_cache_mb, bool) or not isinstance(projection_cache_mb, numbers.Real)
+            or not projection_cache_mb >= 0):
+        raise InputError(f"projection_cache_mb must be a number >= 0, got {projection_cache_mb!r}")
+    if learning_rates is not None:
+        learning_rates = list(learning_rates)
+        if not learning_rates or not all(isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0 for lr in learning_rates):
+            raise InputError(f"learning_rates must be positive numbers, one per checkpoint, got {learning_rates!r}")
+    if shards is not None:
+        shards = list(shards)
+        if not shards:
+            raise InputError("shards: no shard index given")
+        bad = [x for x in shards if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0]
+        if bad:
+            raise InputError(f"shards must be shard indices (integers >= 0), got {bad[0]!r}")
+    if warmup is not None and not isinstance(warmup, WarmupSettings):
+        raise InputError(f"warmup must be a WarmupSettings, got {type(warmup).__name__}")
+    is_path = isinstance(model, (str, os.PathLike))
+    if not is_path and not isinstance(model, torch.nn.Module) and not callable(model):
+        raise InputError(f"model must be a path, an nn.Module or a zero-argument factory, got {type(model).__name__}")
+    if tokenizer is None and not is_path:
+        raise InputError("tokenizer: required when model is not a model folder")
+    from ..ops._dispatch import resolve_backend
     from ..ops.project import project  # K1; imported here so the rest of collect works without it
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} is a file; the store is a folder")
+    if not resume and (out / MANIFEST).exists():
+        raise StoreError(f"store {out} already exists (resume it, or choose a new folder)")
     device = _resolve_device(device)
     model_dtype = _resolve_dtype(model_dtype)
-    if tokenizer is None:
-        if not isinstance(model, (str, os.PathLike)):
-            raise ValueError("tokenizer: required when model is not a model folder")
-        from transformers import AutoTokenizer
+    try:
+        resolve_backend(backend, torch.empty(0, device=device))
+    except (RuntimeError, ValueError) as error:
+        raise InputError(f"backend: {_first_line(error)}") from None
 
-        tokenizer = AutoTokenizer.from_pretrained(str(model))
+    # The data, before any model or tokenizer: file, JSON, ids and the fields the task reads.
     examples = read_jsonl(data, fmt) if isinstance(data, (str, os.PathLike)) else as_examples(data, fmt)
     if not examples:
-        raise ValueError("data: no examples")
-    pad_id = pad_token_id(tokenizer)
+        raise InputError(f"data: no examples in {data}" if isinstance(data, (str, os.PathLike)) else "data: no examples")
+    check_examples(examples, task, fmt)
+    n_shards = -(-len(examples) // shard_size)
+    if shards is not None and max(shards) >= n_shards:
+        raise InputError(f"shards: index {max(shards)} out of range; {len(examples)} examples make {n_shards} shard(s) "
+                         f"of {shard_size} rows (indices 0..{n_shards - 1})")
 
     # Checkpoints: given, or a (possibly finished) warm-up of our own.
     warmup_dir = Path(checkpoints) if checkpoints is not None else out / "warmup"
     warm_manifest = read_warmup_manifest(warmup_dir) if warmup_dir.is_dir() else None
+    if warm_manifest is not None and warm_manifest.get("task", task) != task:
+        raise InputError(f"checkpoints: {warmup_dir} was trained for task {warm_manifest.get('task')!r}, not {task!r}")
+    ckpts = None
+    if checkpoints is not None or warm_manifest is not None:
+        ckpts = load_checkpoints(warmup_dir, learning_rates)
+        t_expected = len(ckpts)
+    else:
+        t_expected = (warmup or WarmupSettings()).epochs
+        if learning_rates is not None and len(learning_rates) != t_expected:
+            raise InputError(f"learning_rates: {len(learning_rates)} values for the {t_expected} checkpoints the warm-up saves")
+    if seed + t_expected > 2**64:
+        raise InputError(f"seed: {seed} + {t_expected} checkpoints leaves [0, 2^64)")
+    if ckpts is not None and gradient_type == "adam":
+        lacking = [c.name for c in ckpts if not (Path(c.path) / "optimizer.pt").is_file()]
+        if lacking:
+            raise InputError(f"checkpoints: {lacking[0]} in {warmup_dir} has no optimizer.pt, so Adam-preconditioned "
+                             "gradients are impossible (collect targets with gradient_type 'sgd')")
+    _check_resumable(out, resume, len(examples), [e.id for e in examples], d, dtype, shard_size, task, gradient_type,
+                     kind, seed, seed_mode, normalise, apply_checkpoint_weights)
+
+    # Only now the model (offline: a local folder or the local HF cache) and the tokenizer.
+    if is_path:
+        _check_model_source(model)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = _load_tokenizer(model if tokenizer is None else tokenizer)
+    pad_id = pad_token_id(tokenizer)
     label2id = None
     if task == "classification":
         label2id = (warm_manifest or {}).get("label2id") or label_mapping(examples, fmt)
@@ -191,17 +382,22 @@ def collect_trajectory(
     else:
         settings = warmup or WarmupSettings()
         lora = settings.lora
-        trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed), task, lora)
+        trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed, progress), task, lora)
         warmup_train(trainee, tokenized, warmup_dir, task, pad_id, settings, label2id, device, progress)
         del trainee
-    ckpts = load_checkpoints(warmup_dir, learning_rates)
+    if ckpts is None:
+        ckpts = load_checkpoints(warmup_dir, learning_rates)
 
     # The model whose forward is differentiated; each checkpoint's trainable values are passed in.
-    net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0)
+    net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0, progress)
     if ckpts[0].layout == "peft":
         from peft import PeftModel
 
-        net = PeftModel.from_pretrained(net, ckpts[0].path, is_trainable=True)
+        try:
+            net = PeftModel.from_pretrained(net, ckpts[0].path, is_trainable=True, local_files_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise InputError(f"checkpoints: cannot load the peft adapter {ckpts[0].path} onto "
+                             f"{_model_name(model)} ({_first_line(error)})") from None
     else:
         net = wrap_for_training(net, task, lora)
     net.to(device).eval()
@@ -257,6 +453,9 @@ def collect_trajectory(
                     d, seeds[t], scales[t], normalise, vmap_chunk_size)
             if bar is not None:
                 bar.update(b1 - b0)
+        if not torch.isfinite(rows).all():
+            raise InputError(f"shard {shard}: the gradients of rows {start}..{stop - 1} are not finite (NaN/Inf); "
+                             "check the model and checkpoints (a diverged warm-up? try model_dtype float32)")
         writer.write_shard(shard, rows.cpu().numpy())
         if on_shard_written is not None:
             on_shard_written(shard)
@@ -326,10 +525,11 @@ class _Projector:
 
 def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``gtp collect`` options (the CLI owner adds them to its sub-parser)."""
-    parser.add_argument("--model", required=True, help="Hugging Face model folder (loaded offline)")
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model folder, or a model id already in the local HF cache (loaded offline, never downloaded)")
     parser.add_argument("--data", required=True, help="JSON-lines file of examples")
     parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model; loaded offline)")
     parser.add_argument("--task", choices=("causal_lm", "classification"), default="causal_lm")
     parser.add_argument("--checkpoints", default=None, help="existing warm-up folder (default: warm up into OUT/warmup)")
     parser.add_argument("--learning-rates", default=None, metavar="LR1,LR2,...", help="override the checkpoints' learning rates")
@@ -371,19 +571,33 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _csv(text: str | None, kind: Callable[[str], Any]) -> list[Any] | None:
-    return None if text is None else [kind(x) for x in text.split(",") if x.strip()]
+def _csv(text: str | None, kind: Callable[[str], Any], option: str = "", example: str = "") -> list[Any] | None:
+    """Parse a comma-separated option value; a bad item is an InputError naming the option."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [kind(x) for x in items]
+    except ValueError:
+        what = "numbers" if kind is float else "integers" if kind is int else "values"
+        raise InputError(f"{option or 'value'}: expected comma-separated {what}{f' like {example}' if example else ''}, "
+                         f"got {text!r}") from None
+    if not values:
+        raise InputError(f"{option or 'value'}: empty list {text!r}{f'; expected e.g. {example}' if example else ''}")
+    return values
 
 
 def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
-    """Run :func:`collect_trajectory` from parsed ``add_collect_arguments`` options."""
-    tokenizer = None
-    if args.tokenizer is not None:
-        from transformers import AutoTokenizer
+    """Run :func:`collect_trajectory` from parsed ``add_collect_arguments`` options.
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    Option values are parsed here and checked (with the data, checkpoints and model source) by
+    :func:`collect_trajectory` before anything loads; mistakes raise :class:`InputError`.
+    """
+    shards = _csv(args.shards, int, "--shards", "0,2,5")
+    learning_rates = _csv(args.learning_rates, float, "--learning-rates", "2e-5,1e-5")
+    targets = _csv(args.lora_targets, str, "--lora-targets", "q_proj,v_proj") if args.lora_targets else None
     lora = None if args.full_finetune else LoraSettings(
-        r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(_csv(args.lora_targets, str)) if args.lora_targets else None)
+        r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(targets) if targets else None)
     warmup = WarmupSettings(fraction=args.warmup_fraction, epochs=args.warmup_epochs, learning_rate=args.warmup_lr,
                             batch_size=args.warmup_batch_size, seed=args.warmup_seed, lora=lora)
     fmt = ExampleFormat(id_field=args.id_field, messages_field=args.messages_field, prompt_field=args.prompt_field,
@@ -391,14 +605,14 @@ def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
                         use_chat_template=not args.no_chat_template)
     started = time.perf_counter()
     store = collect_trajectory(
-        args.model, args.data, args.out, tokenizer=tokenizer, task=args.task, checkpoints=args.checkpoints,
-        learning_rates=_csv(args.learning_rates, float), warmup=warmup, gradient_type=args.gradient_type, d=args.d,
+        args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
+        learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
         seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
         normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
         batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
         model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
         projection_cache_mb=args.projection_cache_mb,
-        resume=not args.no_resume, progress=not args.quiet, shards=_csv(args.shards, int),
+        resume=not args.no_resume, progress=not args.quiet, shards=shards,
     )
     if not args.quiet:
         state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..validation import InputError
 from .data import TokenizedExample, collate
 
 WARMUP_MANIFEST = "warmup.json"
@@ -47,6 +49,16 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
+            raise InputError(f"lora r must be a positive integer, got {self.r!r}")
+        if not _finite(self.alpha) or self.alpha <= 0:
+            raise InputError(f"lora alpha must be positive, got {self.alpha!r}")
+        if not _finite(self.dropout) or not 0 <= self.dropout < 1:
+            raise InputError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and not all(isinstance(m, str) and m for m in self.target_modules):
+            raise InputError(f"lora target_modules must be non-empty module names, got {self.target_modules!r}")
 
     def peft_config(self, task: str) -> Any:
         from peft import LoraConfig, TaskType
@@ -72,12 +84,23 @@ class WarmupSettings:
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not _finite(self.fraction) or not 0 < self.fraction <= 1:
+            raise InputError(f"warm-up fraction must be in (0, 1], got {self.fraction!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise InputError(f"warm-up {name} must be a positive integer, got {value!r}")
+        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+            raise InputError(f"warm-up learning_rate must be positive, got {self.learning_rate!r}")
+        if not _finite(self.weight_decay) or self.weight_decay < 0:
+            raise InputError(f"warm-up weight_decay must be non-negative, got {self.weight_decay!r}")
+        if not _finite(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
+            raise InputError(f"warm-up warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+
+
+def _finite(value: Any) -> bool:
+    """A real (non-bool) number that is not NaN or infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -100,7 +123,12 @@ def wrap_for_training(model: torch.nn.Module, task: str, lora: LoraSettings | No
         return model
     from peft import get_peft_model
 
-    return get_peft_model(model, lora.peft_config(task))
+    try:
+        return get_peft_model(model, lora.peft_config(task))
+    except ValueError as error:  # peft: unknown target modules, no default targets for the architecture
+        targets = ",".join(lora.target_modules) if lora.target_modules else "peft's default"
+        raise InputError(f"lora target_modules ({targets}): {str(error).splitlines()[0]} "
+                         "(choose modules of this model, or warm up without LoRA)") from None
 
 
 def _linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -221,7 +249,15 @@ def _progress(total: int, description: str, enabled: bool) -> Any:
 
 def read_warmup_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(folder) / WARMUP_MANIFEST
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"checkpoints: {path} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list) or not manifest["checkpoints"]:
+        raise InputError(f"checkpoints: {path} lists no checkpoints (not a warm-up folder this code wrote)")
+    return manifest
 
 
 def load_checkpoints(folder: str | os.PathLike, learning_rates: Sequence[float] | None = None) -> list[Checkpoint]:
@@ -230,7 +266,7 @@ def load_checkpoints(folder: str | os.PathLike, learning_rates: Sequence[float] 
     ``trainer_state.json`` or ``learning_rates``."""
     root = Path(folder)
     if not root.is_dir():
-        raise ValueError(f"checkpoints: folder {root} does not exist")
+        raise InputError(f"checkpoints: folder {root} does not exist")
     manifest = read_warmup_manifest(root)
     if manifest is not None:
         checkpoints = [Checkpoint(c["name"], str(root / c["name"]), float(c["learning_rate"]), int(c["step"]), "gtp") for c in manifest["checkpoints"]]
@@ -239,10 +275,10 @@ def load_checkpoints(folder: str | os.PathLike, learning_rates: Sequence[float] 
         for child in root.iterdir():
             if child.is_dir() and child.name.startswith("checkpoint-") and child.name.split("-")[-1].isdigit():
                 if not any((child / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-                    raise ValueError(f"checkpoints: {child} has no adapter_model.safetensors/.bin (only peft adapter checkpoints are read)")
+                    raise InputError(f"checkpoints: {child} has no adapter_model.safetensors/.bin (only peft adapter checkpoints are read)")
                 found.append((int(child.name.split("-")[-1]), child))
         if not found:
-            raise ValueError(f"checkpoints: {root} has neither {WARMUP_MANIFEST} nor checkpoint-<n> folders")
+            raise InputError(f"checkpoints: {root} has neither {WARMUP_MANIFEST} nor checkpoint-<n> folders")
         checkpoints = []
         previous_step = 0
         for step, child in sorted(found):
@@ -250,12 +286,12 @@ def load_checkpoints(folder: str | os.PathLike, learning_rates: Sequence[float] 
             previous_step = step
     if learning_rates is not None:
         if len(learning_rates) != len(checkpoints):
-            raise ValueError(f"learning_rates: {len(learning_rates)} values for {len(checkpoints)} checkpoints")
+            raise InputError(f"learning_rates: {len(learning_rates)} values for {len(checkpoints)} checkpoints")
         for checkpoint, lr in zip(checkpoints, learning_rates):
             checkpoint.learning_rate = float(lr)
     missing = [c.name for c in checkpoints if not (c.learning_rate > 0)]
     if missing:
-        raise ValueError(f"checkpoints: no learning rate known for {missing}; pass learning_rates")
+        raise InputError(f"checkpoints: no learning rate known for {missing}; pass learning_rates")
     return checkpoints
 
 
@@ -286,12 +322,12 @@ def load_trainable_state(checkpoint: Checkpoint, model: torch.nn.Module) -> dict
         state = _peft_adapter_state(checkpoint, model)
     missing = [n for n in names if n not in state]
     if missing:
-        raise ValueError(f"checkpoint {checkpoint.name}: no weights for {len(missing)} trainable parameter(s), e.g. {missing[0]!r} (model and checkpoint differ)")
+        raise InputError(f"checkpoint {checkpoint.name}: no weights for {len(missing)} trainable parameter(s), e.g. {missing[0]!r} (model and checkpoint differ)")
     reference = dict(model.named_parameters())
     out = {}
     for n in names:
         if state[n].shape != reference[n].shape:
-            raise ValueError(f"checkpoint {checkpoint.name}: {n} has shape {tuple(state[n].shape)}, model has {tuple(reference[n].shape)}")
+            raise InputError(f"checkpoint {checkpoint.name}: {n} has shape {tuple(state[n].shape)}, model has {tuple(reference[n].shape)}")
         out[n] = state[n].to(device=reference[n].device, dtype=reference[n].dtype)
     return out
 
@@ -324,21 +360,21 @@ def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str,
     """(exp_avg, exp_avg_sq) per trainable parameter name from the checkpoint's optimizer.pt."""
     path = Path(checkpoint.path) / "optimizer.pt"
     if not path.is_file():
-        raise ValueError(f"checkpoint {checkpoint.name}: no optimizer.pt, so Adam-preconditioned gradients are impossible (use gradient_type='sgd')")
+        raise InputError(f"checkpoint {checkpoint.name}: no optimizer.pt, so Adam-preconditioned gradients are impossible (use gradient_type='sgd')")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "exp_avg" in state and "exp_avg_sq" in state:
         avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
     elif "state" in state:  # torch optimizer state_dict: integer keys in trainable-parameter order
         indexed = state["state"]
         if len(indexed) != len(names):
-            raise ValueError(f"checkpoint {checkpoint.name}: optimizer state has {len(indexed)} entries for {len(names)} trainable parameters")
+            raise InputError(f"checkpoint {checkpoint.name}: optimizer state has {len(indexed)} entries for {len(names)} trainable parameters")
         keys = sorted(indexed)
         avg = {n: indexed[k]["exp_avg"] for n, k in zip(names, keys)}
         avg_sq = {n: indexed[k]["exp_avg_sq"] for n, k in zip(names, keys)}
     else:
-        raise ValueError(f"checkpoint {checkpoint.name}: optimizer.pt has neither exp_avg/exp_avg_sq nor a torch 'state'")
+        raise InputError(f"checkpoint {checkpoint.name}: optimizer.pt has neither exp_avg/exp_avg_sq nor a torch 'state'")
     missing = [n for n in names if n not in avg]
     if missing:
-        raise ValueError(f"checkpoint {checkpoint.name}: optimizer state lacks {missing[0]!r}")
+        raise InputError(f"checkpoint {checkpoint.name}: optimizer state lacks {missing[0]!r}")
     return {n: (avg[n], avg_sq[n]) for n in names}
 
