@@ -28,23 +28,82 @@ def _float_list(text: str) -> List[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
 
 
+def _method_names() -> str:
+    from .api import METHODS
+
+    return ", ".join(METHODS)
+
+
+def _check_method(method: Optional[str]) -> None:
+    from .api import METHODS
+
+    if method is not None and method not in METHODS:
+        raise InputError(f"--method: unknown method {method!r}; choose one of: {_method_names()}")
+
+
+def _check_device(spec: Optional[str]) -> None:
+    """Refuse a --device torch cannot use here, before any work."""
+    if spec is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"--device {spec!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise InputError(f"--device {spec}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return
+    if dev.type == "meta":
+        raise InputError(f"--device {spec}: the meta device holds no data")
+    try:
+        torch.empty(1, device=dev)
+    except Exception as exc:  # the backend is absent from this build or has no device
+        raise InputError(f"--device {spec}: not usable here ({type(exc).__name__})") from None
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run GTP, top-k and random on a built-in synthetic pool",
                        description="Build a synthetic gradient-trajectory pool (no downloads, no GPU) "
                                    "and compare GTP, top-k and random at the same budget.")
     p.add_argument("--k", type=int, default=64, help="budget (default 64)")
-    p.add_argument("--num-candidates", type=int, default=8000, help="pool size (default 8000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", default=None, help="the GTP method to show (default: the fastest exact one)")
-    p.add_argument("--plot", default=None, metavar="PNG", help="also plot residual vs examples selected")
+    p.add_argument("--num-candidates", type=int, default=8000,
+                   help="pool size (default 8000; at least 481: the pool holds 480 near-copies)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pool and of random (>= 0, default 0)")
+    p.add_argument("--method", default=None,
+                   help=f"the GTP method shown first (default: the fastest exact one); one of: {_method_names()}")
+    p.add_argument("--plot", default=None, metavar="FILE",
+                   help="also plot residual vs examples selected; the format follows the suffix (.png, .pdf, .svg, ...)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import min_demo_candidates, run_demo
 
+    # Every argument is checked here, with the flag's name, before the pool is built.
+    _check_method(args.method)
+    if args.num_candidates < min_demo_candidates():
+        raise InputError(f"--num-candidates must be at least {min_demo_candidates()} (the demo pool holds "
+                         f"{min_demo_candidates() - 1} near-copies plus plain examples), got {args.num_candidates}")
+    if not 1 <= args.k <= args.num_candidates:
+        raise InputError(f"--k must lie in [1, --num-candidates={args.num_candidates}], got {args.k}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
     run_demo(k=args.k, num_candidates=args.num_candidates, seed=args.seed, method=args.method, plot=args.plot)
     return 0
+
+
+_VERIFY_HELP = ("how far to check a store against its manifest before using it: 'size' (default) compares "
+                "each shard's byte count and .npy header (fast, catches truncated or rewritten shards); "
+                "'sha256' also checksums every shard (reads all the data once: slow on large stores, catches "
+                "any corruption)")
 
 
 def _add_select(sub) -> None:
@@ -58,12 +117,15 @@ def _add_select(sub) -> None:
                    help="(N, D) or (N, T, d) array file, or a trajectory store folder (gtp collect)")
     p.add_argument("--target", required=True,
                    help="(D,) or (D, m) array file, or a store folder (its mean row is the target)")
-    p.add_argument("--k", type=int, required=True, help="budget: at most k examples")
+    p.add_argument("--k", type=int, required=True,
+                   help="budget: at most k examples per target column; the union of m columns holds up to m*k")
     p.add_argument("--method", default=None, help="selection method (see below)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--data", default=None, metavar="JSONL",
-                   help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples")
+                   help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples "
+                        "(without --data, a selected.jsonl left there by an earlier run is removed)")
     p.add_argument("--id-field", default="id", help="id field of --data records (default: id)")
+    p.add_argument("--verify", choices=("size", "sha256"), default="size", help=_VERIFY_HELP)
     p.add_argument("--checkpoint-weights", type=_float_list, default=None, metavar="W1,W2,...",
                    help="per-checkpoint weights (e.g. learning rates)")
     p.add_argument("--num-checkpoints", type=int, default=None, help="T when candidates are flat (N, T*d)")
@@ -83,46 +145,122 @@ def _add_select(sub) -> None:
     p.set_defaults(func=_cmd_select)
 
 
+SELECTION_FILES = ("selection.jsonl", "summary.json")
+EXAMPLES_FILE = "selected.jsonl"
+
+
+def _read_data(path: str, id_field: str, store_ids) -> dict:
+    """Read --data and check it holds every example of the store; {id: record}."""
+    from pathlib import Path
+
+    from .collect.data import ExampleFormat, read_jsonl
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"--data file not found: {path}")
+    if not p.is_file():
+        raise InputError(f"--data {path} is not a file")
+    try:
+        examples = read_jsonl(p, ExampleFormat(id_field=id_field))
+    except InputError:
+        raise  # already names the file (and line)
+    except (OSError, UnicodeError, ValueError, TypeError) as exc:
+        raise InputError(f"cannot read --data {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    by_id = {e.id: e.record for e in examples}
+    missing = [str(i) for i in store_ids if str(i) not in by_id]
+    if missing:
+        raise InputError(f"--data {path} lacks {len(missing)} of the store's {len(store_ids)} example ids "
+                         f"(first: {missing[0]!r}; ids from field {id_field!r}); was the store collected from it?")
+    return by_id
+
+
+def _selected_examples_text(by_id: dict, selected_ids, weights) -> str:
+    """OUT/selected.jsonl: each chosen record plus _rank and _weight, in selection order
+    (the layout of gtp_kernels.collect.data.write_selected_examples)."""
+    import json
+
+    return "".join(json.dumps({**by_id[str(i)], "_rank": rank, "_weight": float(w)}) + "\n"
+                   for rank, (i, w) in enumerate(zip(selected_ids, weights)))
+
+
+def _selection_line(sel) -> str:
+    rel = sel.relative_residual
+    rel_s = "n/a" if rel is None else f"{rel:.4g}"
+    time_s = f"{sel.timings.get('total_s', float('nan')):.3g}s"
+    if sel.num_targets == 1:
+        return (f"method={sel.method}, k={sel.k}, selected={len(sel.indices)}, "
+                f"relative_residual={rel_s}, time={time_s}")
+    return (f"method={sel.method}, k={sel.k} per target, {sel.num_targets} targets, "
+            f"selected={len(sel.indices)} (union), relative_residual={rel_s} (worst target), time={time_s}")
+
+
 def _cmd_select(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from .api import select
-    from .io import load_array, write_selection
-
     from .collect.store import is_store, open_store
+    from .io import atomic_write_files, check_output_folder, load_array, render_selection
+
+    # Everything that can be checked before the work is checked here; nothing is written
+    # until the selection is done, and then every output is put in place together.
+    _check_method(args.method)
+    _check_device(args.device)
+    if args.k < 1:
+        raise InputError(f"--k must be >= 1, got {args.k}")
+    out = Path(args.out)
+    names = SELECTION_FILES + ((EXAMPLES_FILE,) if args.data is not None else ())
+    check_output_folder(out, "--out", names)
+    candidates_is_store = is_store(args.candidates)
+    if args.data is not None:
+        if not candidates_is_store:
+            raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
+        if Path(args.data).resolve() == (out / EXAMPLES_FILE).resolve():
+            raise InputError(f"--data {args.data} is the output {out / EXAMPLES_FILE}; it would be overwritten")
 
     ids = None
+    by_id = None
     checkpoint_weights = args.checkpoint_weights
-    if is_store(args.candidates):
-        store = open_store(args.candidates)
-        candidates = store.candidates(as_tensor=True)
+    if candidates_is_store:
+        store = open_store(args.candidates, verify=args.verify)
         ids = store.ids
+        if args.data is not None:
+            by_id = _read_data(args.data, args.id_field, ids)
+        candidates = store.candidates(as_tensor=True)
         if checkpoint_weights is None:
             checkpoint_weights = store.selection_checkpoint_weights
         num_checkpoints = store.t
     else:
         candidates = load_array(args.candidates, "candidates")
         num_checkpoints = args.num_checkpoints
-    if args.data is not None and ids is None:
-        raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
-    target = open_store(args.target).mean() if is_store(args.target) else load_array(args.target, "target")
+    target = (open_store(args.target, verify=args.verify).mean() if is_store(args.target)
+              else load_array(args.target, "target"))
     sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=checkpoint_weights,
                  num_checkpoints=num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
                  tol=args.tol, align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,
                  batch_size=args.batch_size, topk_reduce=args.topk_reduce, seed=args.seed,
                  device=args.device, compute_dtype=torch.float64 if args.float64 else None,
                  progress=args.progress)
-    paths = write_selection(args.out, sel, ids=ids)
-    print(f"{sel}\nwrote {paths['selection']} and {paths['summary']}")
-    if args.data is not None:
-        from pathlib import Path
 
-        from .collect.data import ExampleFormat, write_selected_examples
-
-        out = Path(args.out) / "selected.jsonl"
-        n = write_selected_examples(args.data, [ids[i] for i in sel.indices], out,
-                                    fmt=ExampleFormat(id_field=args.id_field), weights=sel.weights)
-        print(f"wrote {n} selected examples to {out}")
+    texts = render_selection(sel, ids=ids)
+    files = {out / name: texts[name].encode("utf-8") for name in SELECTION_FILES}
+    if by_id is not None:
+        chosen = [ids[i] for i in sel.indices.tolist()]
+        files[out / EXAMPLES_FILE] = _selected_examples_text(by_id, chosen, sel.weights.tolist()).encode("utf-8")
+    stale = out / EXAMPLES_FILE
+    remove = [stale] if by_id is None and (stale.is_file() or stale.is_symlink()) else []
+    try:
+        atomic_write_files(files, remove=remove)
+    except OSError as exc:
+        raise InputError(f"cannot write to --out {out}: {exc}") from None
+    print(_selection_line(sel))
+    print(f"wrote {out / SELECTION_FILES[0]} and {out / SELECTION_FILES[1]}")
+    if by_id is not None:
+        print(f"wrote {len(sel.indices)} selected examples to {out / EXAMPLES_FILE}")
+    for path in remove:
+        print(f"removed {path}: an earlier run's examples, which do not match this selection "
+              f"(pass --data to write them)")
     return 0
 
 
@@ -140,8 +278,7 @@ def _add_collect(sub) -> None:
 def _cmd_collect(args) -> int:
     from .collect.pipeline import collect_from_args
 
-    store = collect_from_args(args)
-    print(f"store {store.path}: N={len(store)} examples, T={store.t} checkpoints, d={store.d}")
+    collect_from_args(args)  # prints the store's summary line itself (unless --quiet)
     return 0
 
 

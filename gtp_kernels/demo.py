@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -47,6 +48,8 @@ def make_synthetic_pool(
     copies_per_group: int = 8,
     seed: int = 0,
 ) -> SyntheticPool:
+    if isinstance(seed, (int, np.integer)) and seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     T, d = num_checkpoints, dim
 
@@ -69,7 +72,8 @@ def make_synthetic_pool(
     n_dup = num_duplicate_groups * copies_per_group
     n_plain = num_candidates - n_dup
     if n_plain <= 0:
-        raise ValueError("num_candidates must exceed num_duplicate_groups * copies_per_group")
+        raise InputError(f"num_candidates must exceed num_duplicate_groups * copies_per_group = {n_dup} "
+                         f"(the pool's near-copies), got {num_candidates}")
     skill = rng.integers(0, num_clusters, size=n_plain)
     pool = examples(skill, own=1.0)
 
@@ -104,28 +108,86 @@ def count_near_duplicates(rows: np.ndarray, threshold: float = 0.95) -> int:
     return int((np.tril(cos, k=-1) > threshold).any(axis=1).sum())
 
 
+def _near_copies_by_default() -> int:
+    import inspect
+
+    params = inspect.signature(make_synthetic_pool).parameters
+    return params["num_duplicate_groups"].default * params["copies_per_group"].default
+
+
+_DEMO_NEAR_COPIES = _near_copies_by_default()
+
+
+def min_demo_candidates() -> int:
+    """The smallest pool the demo builds: one plain example more than its near-copies
+    (make_synthetic_pool's defaults), so run_demo can check before building anything."""
+    return _DEMO_NEAR_COPIES + 1
+
+
+def plot_format(path: str) -> str:
+    """The matplotlib format a plot path asks for by its suffix (no suffix: png); checked up front.
+
+    Raises InputError when matplotlib is missing or cannot write that format, or when the path
+    cannot be written (a folder, a missing or read-only parent).
+    """
+    from .io import check_output_file
+
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib: pip install matplotlib") from exc
+    suffix = Path(path).suffix.lower().lstrip(".")
+    fmt = suffix or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise InputError(f"--plot {path}: matplotlib cannot write {suffix!r} files; "
+                         f"use one of: {', '.join(sorted(supported))}")
+    try:  # some formats need more than matplotlib (Pillow plugins, LaTeX): try a small figure with text
+        import io as _io
+
+        probe = Figure(figsize=(1, 1))
+        probe.add_subplot().set_title("x")
+        probe.savefig(_io.BytesIO(), format=fmt)
+    except Exception as exc:
+        raise InputError(f"--plot {path}: matplotlib cannot write {fmt!r} here "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    check_output_file(path, "--plot")
+    return fmt
+
+
 def run_demo(k: int = 64, num_candidates: int = 8000, seed: int = 0, method: Optional[str] = None,
              plot: Optional[str] = None, echo=print) -> List[Dict[str, float]]:
-    """Run GTP, top-k and random on the synthetic pool at budget k; print a table."""
-    from .api import METHODS, fit_residual, select
+    """Run GTP, top-k and random on the synthetic pool at budget k; print a table.
 
-    if plot:
-        try:
-            import matplotlib  # noqa: F401  (checked before the work, not after)
-        except ImportError as exc:
-            raise InputError("--plot needs matplotlib: pip install matplotlib") from exc
+    ``method`` is the GTP method shown first (default: the fastest exact one); any name in
+    METHODS is accepted and shown once. Every argument is checked before the pool is built.
+    """
+    from .api import DEFAULT_METHOD, METHODS, fit_residual, select
+
+    gtp = DEFAULT_METHOD if method is None else method
+    if gtp not in METHODS:
+        raise InputError(f"unknown method {gtp!r}; choose one of: {', '.join(METHODS)}")
+    for label, value in (("k", k), ("num_candidates", num_candidates), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"{label} must be an integer, got {value!r}")
+    if num_candidates < min_demo_candidates():
+        raise InputError(f"num_candidates must be at least {min_demo_candidates()} (the demo pool holds "
+                         f"{min_demo_candidates() - 1} near-copies plus at least one plain example), got {num_candidates}")
+    if not 1 <= k <= num_candidates:
+        raise InputError(f"k must lie in [1, num_candidates={num_candidates}], got {k}")
+    if seed < 0:
+        raise InputError(f"seed must be >= 0, got {seed}")
+    fmt = plot_format(plot) if plot else None  # checked before the work, not after
     t0 = time.perf_counter()
     pool = make_synthetic_pool(num_candidates=num_candidates, seed=seed)
     echo(f"synthetic pool: N={pool.candidates.shape[0]} candidates, T={pool.candidates.shape[1]} checkpoints, "
          f"d={pool.candidates.shape[2]} ({time.perf_counter() - t0:.2f} s to build); budget k={k}")
     A = torch.from_numpy(pool.candidates)
     b = torch.from_numpy(pool.target)
-    gtp = method or "gtp"
-    if gtp not in METHODS:
-        gtp = "gtp-reference"
+    names = [gtp] + [name for name in ("topk", "random") if name != gtp]
     rows = []
     selections = {}
-    for name in (gtp, "topk", "random"):
+    for name in names:
         sel = select(A, b, k, method=name, checkpoint_weights=pool.checkpoint_weights, seed=seed)
         idx = sel.indices
         rel = fit_residual(A, b, idx, checkpoint_weights=pool.checkpoint_weights)
@@ -147,13 +209,17 @@ def run_demo(k: int = 64, num_candidates: int = 8000, seed: int = 0, method: Opt
     echo("rel. residual: ||b - A_S^T w||_W / ||b||_W of the best non-negative fit on the selected rows "
          "(lower is better); near-dups: selected rows with cosine > 0.95 to an earlier pick.")
     if plot:
-        _plot_residual_curves(A, b, pool, selections, gtp, plot)
+        _plot_residual_curves(A, b, pool, selections, plot, fmt)
         echo(f"plot written to {plot}")
     return rows
 
 
-def _plot_residual_curves(A, b, pool, selections, gtp, path) -> None:
-    """Relative residual against the number of selected examples, per method."""
+def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> None:
+    """Relative residual against the number of selected examples, per method.
+
+    Pursuit methods draw their own residual history; methods without one (top-k, random) the
+    best non-negative fit on their first j picks, at a dozen values of j.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,13 +227,16 @@ def _plot_residual_curves(A, b, pool, selections, gtp, path) -> None:
     from .api import fit_residual
     from .io import _atomic_write_bytes
     import io as _io
-    from pathlib import Path
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    hist = selections[gtp].residual_norms
-    ax.plot(np.arange(len(hist)), hist / hist[0], label=gtp)
-    for name in ("topk", "random"):
-        idx = selections[name].indices
+    for name, sel in selections.items():
+        hist = np.asarray(sel.residual_norms, dtype=np.float64)
+        if hist.ndim == 1 and len(hist) and hist[0] > 0:
+            ax.plot(np.arange(len(hist)), hist / hist[0], label=name)
+            continue
+        idx = sel.indices
+        if len(idx) == 0:
+            continue
         ks = np.unique(np.linspace(1, len(idx), 12).astype(int))
         ax.plot(ks, [fit_residual(A, b, idx[:j], checkpoint_weights=pool.checkpoint_weights) for j in ks],
                 marker="o", label=name)
@@ -179,6 +248,6 @@ def _plot_residual_curves(A, b, pool, selections, gtp, path) -> None:
     ax.set_title("Matching the target gradient trajectory")
     buf = _io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
     _atomic_write_bytes(Path(path), buf.getvalue())

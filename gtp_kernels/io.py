@@ -6,6 +6,7 @@ temp-file + ``os.replace`` so a crash never leaves a half-written output.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -51,6 +52,9 @@ def load_array(spec: str, name: str = "array") -> torch.Tensor:
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
+            if key is not None:
+                raise InputError(f"{name}: {path} is a .npy file, which holds one array and has no keys; "
+                                 f"drop ':{key}'")
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
             if arr.dtype.kind != "f":
                 raise InputError(f"{name} ({path}) holds {arr.dtype}, expected floating point")
@@ -62,6 +66,9 @@ def load_array(spec: str, name: str = "array") -> torch.Tensor:
             obj = torch.load(p, map_location="cpu", weights_only=True)
             if isinstance(obj, dict):
                 obj = _only_tensor(obj, path, key)
+            elif key is not None:
+                raise InputError(f"{name}: {path} holds a single {type(obj).__name__}, not a dict of tensors; "
+                                 f"drop ':{key}'")
             if not isinstance(obj, torch.Tensor):
                 raise InputError(f"{name} ({path}) does not hold a tensor")
             out = obj
@@ -78,14 +85,48 @@ def load_array(spec: str, name: str = "array") -> torch.Tensor:
     return out
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+@functools.lru_cache(maxsize=None)
+def _umask() -> int:
+    """The process umask, read once: from /proc where it is shown (no change to process state),
+    else by setting and restoring it (before any file of ours is written)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file."""
+    return 0o666 & ~_umask()
+
+
+def _stage_bytes(path: Path, data: bytes) -> str:
+    """Write data to a temp file next to path (mode as a plain open() gives), fsync; return its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; outputs are ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _stage_bytes(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -98,26 +139,100 @@ def atomic_write_text(path: os.PathLike, text: str) -> None:
     _atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
+def atomic_write_files(files: Dict[os.PathLike, bytes], remove: Iterable[os.PathLike] = ()) -> None:
+    """Write several files as one step: every temp file first, then the renames, back to back.
+
+    ``remove`` lists files to delete once every temp file is written (stale outputs), just
+    before the renames. If staging any file fails, no output is touched and every temp file is
+    removed. (Each rename is atomic; only a crash between them can leave a mix.)
+    """
+    staged = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((_stage_bytes(path, data), path))
+        for path in remove:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            staged.pop(0)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def check_output_file(path: os.PathLike, what: str) -> Path:
+    """Refuse, before any work, an output file path that cannot be written.
+
+    Checks that the path is not a folder (or other non-file), and that its nearest existing
+    ancestor is a writable folder. Creates nothing.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise InputError(f"{what} {p} exists and is not a file")
+    _check_writable_folder(p.parent, what, p)
+    return p
+
+
+def check_output_folder(path: os.PathLike, what: str, files: Sequence[str] = ()) -> Path:
+    """Refuse, before any work, an output folder that cannot hold ``files``. Creates nothing."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} {p} exists and is not a folder")
+    _check_writable_folder(p, what, p)
+    for name in files:
+        f = p / name
+        if f.exists() and not f.is_file():
+            raise InputError(f"{what}: {f} exists and is not a file (it would be overwritten)")
+    return p
+
+
+def _check_writable_folder(folder: Path, what: str, shown: Path) -> None:
+    probe = folder
+    while not probe.exists():
+        if probe.is_symlink():
+            raise InputError(f"{what} {shown}: {probe} is a broken symbolic link")
+        parent = probe.parent
+        if parent == probe:
+            break
+        probe = parent
+    if not probe.is_dir():
+        raise InputError(f"{what} {shown}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {shown}: no permission to write in {probe}")
+
+
 def jsonl(records: Iterable[Dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def render_selection(selection, ids: Optional[Sequence[Any]] = None,
+                     examples: Optional[Sequence[Any]] = None) -> Dict[str, str]:
+    """The text of ``selection.jsonl`` and ``summary.json``, by file name."""
+    records = selection.records(ids)
+    if examples is not None:
+        for rec in records:
+            rec["example"] = examples[rec["index"]]
+    return {"selection.jsonl": jsonl(records),
+            "summary.json": json.dumps(selection.summary(), indent=2) + "\n"}
 
 
 def write_selection(out_dir: os.PathLike, selection, ids: Optional[Sequence[Any]] = None,
                     examples: Optional[Sequence[Any]] = None) -> Dict[str, Path]:
     """Write ``selection.jsonl`` (rank, index, weight[, id, example]) and ``summary.json``.
 
-    Each file is complete or absent: both are rendered in memory first, then renamed into
-    place. Returns the paths written.
+    Each file is complete or absent: both are rendered in memory and staged as temp files
+    first, then renamed into place together. Returns the paths written.
     """
     out = Path(out_dir)
-    records = selection.records(ids)
-    if examples is not None:
-        for rec in records:
-            rec["example"] = examples[rec["index"]]
-    summary = selection.summary()
-    lines = jsonl(records)
-    summary_text = json.dumps(summary, indent=2) + "\n"
+    texts = render_selection(selection, ids, examples)
     paths = {"selection": out / "selection.jsonl", "summary": out / "summary.json"}
-    atomic_write_text(paths["selection"], lines)
-    atomic_write_text(paths["summary"], summary_text)
+    atomic_write_files({paths["selection"]: texts["selection.jsonl"].encode("utf-8"),
+                        paths["summary"]: texts["summary.json"].encode("utf-8")})
     return paths

@@ -1,5 +1,7 @@
 """The gtp command end to end: select from each file format, the demo, --help lists methods."""
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -113,3 +115,177 @@ def test_demo_plot_is_written_atomically(tmp_path):
     run_demo(k=8, num_candidates=1200, plot=str(out), echo=lambda *_: None)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["demo.png"]
+
+
+# --- user-facing defects: every refusal is one line `gtp: error:`, exit 2, nothing written ---
+
+def _tiny_store(folder, n=30, t=2, d=8, seed=0):
+    from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter
+    rows = np.random.default_rng(seed).standard_normal((n, t, d)).astype(np.float32)
+    writer = TrajectoryStoreWriter(folder, StoreSpec(n=n, t=t, d=d, example_ids=[f"ex{i}" for i in range(n)],
+                                                     shard_size=n, metadata={"checkpoint_weights": [0.6, 0.4]}))
+    writer.write_shard(0, rows)
+    writer.finish()
+    return rows
+
+
+def _store_problem(tmp_path, n=30):
+    rows = _tiny_store(tmp_path / "store", n=n)
+    np.save(tmp_path / "b.npy", rows[:3].reshape(3, -1).sum(axis=0))
+    data = tmp_path / "pool.jsonl"
+    data.write_text("".join(json.dumps({"id": f"ex{i}", "text": f"example {i}"}) + "\n" for i in range(n)))
+    return ["select", "--candidates", str(tmp_path / "store"), "--target", str(tmp_path / "b.npy"), "--k", "3"]
+
+
+def _no_work(monkeypatch):
+    """Make the selection itself fail loudly: a refusal must come before it."""
+    import gtp_kernels.api as api
+
+    def boom(*a, **kw):
+        raise AssertionError("select ran")
+    monkeypatch.setattr(api, "select", boom)
+
+
+def _one_line_error(capsys, *needles):
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gtp: error: "), cap.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return cap
+
+
+def test_select_with_data_writes_all_three_files_with_plain_modes(tmp_path, capsys):
+    from gtp_kernels.collect.data import write_selected_examples
+    out = tmp_path / "o"
+    assert cli_main(_store_problem(tmp_path) + ["--out", str(out), "--data", str(tmp_path / "pool.jsonl")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["selected.jsonl", "selection.jsonl", "summary.json"]
+    chosen = [json.loads(x) for x in (out / "selection.jsonl").read_text().splitlines()]
+    write_selected_examples(tmp_path / "pool.jsonl", [c["id"] for c in chosen], tmp_path / "ref.jsonl",
+                            weights=[c["weight"] for c in chosen])
+    assert (out / "selected.jsonl").read_text() == (tmp_path / "ref.jsonl").read_text()
+    umask = os.umask(0o022); os.umask(umask)
+    for p in out.iterdir():  # atomic writes give the mode a plain open() gives, not mkstemp's 0600
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p
+
+
+@pytest.mark.parametrize("problem", ["missing", "lacks_ids", "not_json", "folder"])
+def test_select_bad_data_writes_nothing(tmp_path, capsys, monkeypatch, problem):
+    args = _store_problem(tmp_path)
+    data = tmp_path / "d.jsonl"
+    if problem == "lacks_ids":
+        data.write_text("".join(json.dumps({"id": f"ex{i}", "text": "x"}) + "\n" for i in range(5)))
+    elif problem == "not_json":
+        data.write_text("{not json\n")
+    elif problem == "folder":
+        data.mkdir()
+    _no_work(monkeypatch)
+    assert cli_main(args + ["--out", str(tmp_path / "o"), "--data", str(data)]) == 2
+    cap = _one_line_error(capsys, str(data))
+    assert "wrote" not in cap.out and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("problem", ["out_is_file", "summary_is_folder", "parent_is_file"])
+def test_select_bad_out_is_refused_before_work(tmp_path, capsys, monkeypatch, problem):
+    args = _store_problem(tmp_path)
+    out = tmp_path / "o"
+    if problem == "out_is_file":
+        out.write_text("x")
+    elif problem == "summary_is_folder":
+        (out / "summary.json").mkdir(parents=True)
+    else:
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "o"
+    _no_work(monkeypatch)
+    assert cli_main(args + ["--out", str(out)]) == 2
+    _one_line_error(capsys, str(tmp_path))
+    assert not (tmp_path / "o" / "selection.jsonl").exists()
+
+
+def test_select_rerun_without_data_removes_stale_examples(tmp_path, capsys):
+    args = _store_problem(tmp_path) + ["--out", str(tmp_path / "o")]
+    assert cli_main(args + ["--data", str(tmp_path / "pool.jsonl")]) == 0
+    assert (tmp_path / "o" / "selected.jsonl").exists()
+    capsys.readouterr()
+    assert cli_main(args[:-4] + ["--k", "2", "--out", str(tmp_path / "o")]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["selection.jsonl", "summary.json"]
+
+
+def test_select_multi_target_budget_is_per_target(tmp_path, capsys):
+    A, B, _, _ = planted_problem(80, 30, 4, seed=0, m=2, dtype=torch.float32)
+    np.save(tmp_path / "A.npy", A.numpy()); np.save(tmp_path / "B.npy", B.numpy())
+    assert cli_main(["select", "--candidates", str(tmp_path / "A.npy"), "--target", str(tmp_path / "B.npy"),
+                     "--k", "4", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "k=4 per target, 2 targets" in out and "(union)" in out
+    helptext = subprocess.run([sys.executable, "-m", "gtp_kernels", "select", "--help"], capture_output=True,
+                              text=True).stdout
+    assert "per target column" in " ".join(helptext.split())
+
+
+@pytest.mark.parametrize("argv", [["--num-candidates", "50"], ["--num-candidates", "0"], ["--seed", "-1"],
+                                  ["--method", "bogus"], ["--k", "0"], ["--k", "9000"], ["--plot", "x.foo"]])
+def test_demo_bad_arguments_are_refused_before_the_pool(argv, capsys, monkeypatch, tmp_path):
+    import gtp_kernels.demo as demo
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(demo, "make_synthetic_pool", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("built")))
+    assert cli_main(["demo"] + argv) == 2
+    _one_line_error(capsys, argv[0] if argv[0] != "--plot" else "foo")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_method_topk_shows_each_method_once_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from gtp_kernels.demo import run_demo
+    out = tmp_path / "t.png"
+    rows = run_demo(k=8, num_candidates=1200, method="topk", plot=str(out), echo=lambda *_: None)
+    assert [r["method"] for r in rows] == ["topk", "random"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("suffix,magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_demo_plot_format_follows_the_suffix(tmp_path, suffix, magic):
+    pytest.importorskip("matplotlib")
+    from gtp_kernels.demo import run_demo
+    out = tmp_path / f"demo.{suffix}"
+    run_demo(k=8, num_candidates=1200, plot=str(out), echo=lambda *_: None)
+    assert out.read_bytes()[:len(magic)] == magic
+    umask = os.umask(0o022); os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_select_bad_device_is_refused_up_front(tmp_path, capsys, monkeypatch, device):
+    _no_work(monkeypatch)
+    assert cli_main(_store_problem(tmp_path) + ["--out", str(tmp_path / "o"), "--device", device]) == 2
+    _one_line_error(capsys, "--device")
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_verify_sha256_catches_a_same_size_corruption(tmp_path, capsys):
+    import struct
+    args = _store_problem(tmp_path)
+    shard = tmp_path / "store" / "shard-00000.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-4:] = struct.pack("<f", 0.125)  # same size, finite, different content
+    shard.write_bytes(bytes(raw))
+    assert cli_main(args + ["--out", str(tmp_path / "o1"), "--verify", "size"]) == 0
+    capsys.readouterr()
+    assert cli_main(args + ["--out", str(tmp_path / "o2"), "--verify", "sha256"]) == 2
+    _one_line_error(capsys, "sha256")
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt"])
+def test_key_on_a_single_array_file_is_refused(tmp_path, capsys, fmt):
+    A = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    if fmt == "npy":
+        np.save(tmp_path / "A.npy", A)
+    else:
+        torch.save(torch.from_numpy(A), tmp_path / "A.pt")
+    np.save(tmp_path / "b.npy", np.ones(4, dtype=np.float32))
+    assert cli_main(["select", "--candidates", f"{tmp_path / ('A.' + fmt)}:foo", "--target", str(tmp_path / "b.npy"),
+                     "--k", "2", "--out", str(tmp_path / "o")]) == 2
+    _one_line_error(capsys, ":foo")
+    assert not (tmp_path / "o").exists()
