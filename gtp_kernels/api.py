@@ -114,8 +114,9 @@ class Selection:
         """JSON-ready description: method, parameters, timings, per-target outcome."""
         return {
             "method": self.method,
-            "k": self.k,
-            "selected": int(len(self.indices)),
+            "k": self.k,  # per target column
+            "num_targets": self.num_targets,
+            "selected": int(len(self.indices)),  # the union over targets: up to num_targets * k
             "relative_residual": self.relative_residual,
             "params": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.params.items()},
             "timings_s": self.timings,
@@ -137,7 +138,8 @@ class Selection:
     def __repr__(self) -> str:
         rel = self.relative_residual
         rel_s = "n/a" if rel is None else f"{rel:.4g}"
-        return (f"Selection(method={self.method!r}, k={self.k}, selected={len(self.indices)}, "
+        k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
+        return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}, "
                 f"targets={self.num_targets}, relative_residual={rel_s}, "
                 f"time={self.timings.get('total_s', float('nan')):.3g}s)")
 

@@ -285,13 +285,14 @@ def write_selected_examples(
     if unknown:
         raise InputError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
     if weights is not None and len(weights) != len(ids):
-        raise ValueError(f"weights: {len(weights)} values for {len(ids)} ids")
-    tmp = f"{out}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for rank, example_id in enumerate(ids):
-            record = {**by_id[example_id], "_rank": rank}
-            if weights is not None:
-                record["_weight"] = float(weights[rank])
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, out)
+        raise InputError(f"weights: {len(weights)} values for {len(ids)} ids")
+    lines = []
+    for rank, example_id in enumerate(ids):
+        record = {**by_id[example_id], "_rank": rank}
+        if weights is not None:
+            record["_weight"] = float(weights[rank])
+        lines.append(json.dumps(record) + "\n")
+    from ..io import atomic_write_text  # temp file + rename; removed if writing fails
+
+    atomic_write_text(out, "".join(lines))
     return len(ids)
