@@ -266,18 +266,23 @@ def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
     zero = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
     step = max(1, (1 << 24) // max(1, A.shape[1]))
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
-    lo, hi = float("inf"), 0.0
+    # running extremes stay on the device: one host sync per chunk (the finiteness test), as before
+    lo = torch.full((), float("inf"), dtype=acc, device=A.device)
+    hi = torch.zeros((), dtype=acc, device=A.device)
     for start in range(0, A.shape[0], step):
         block = A[start : start + step]
         norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(block, name, row_offset=start)
         is_zero = norms == 0
-        if bool(is_zero.any()):  # a norm also underflows to 0 (float32 rows of ~1e-23): look
-            is_zero[is_zero.clone()] = ~(block[is_zero] != 0).any(dim=1)
         zero[start : start + step] = is_zero
-        live = norms[~is_zero]
-        if live.numel():
-            lo = min(lo, float(live.min()))
-            hi = max(hi, float(live.max()))
-    return zero, (lo, hi)
+        lo = torch.minimum(lo, norms.masked_fill(is_zero, float("inf")).min())
+        hi = torch.maximum(hi, norms.max())
+    low, high = float(lo), float(hi)
+    if bool(zero.any()):  # a norm also underflows to 0 (float32 rows of ~1e-23): look at the rows
+        rows = zero.nonzero().flatten()
+        underflowed = (A.index_select(0, rows) != 0).any(dim=1)
+        if bool(underflowed.any()):
+            zero[rows[underflowed]] = False
+            low = 0.0
+    return zero, (low, high)
