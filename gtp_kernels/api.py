@@ -20,7 +20,7 @@ from .selection.cosamp import gtp_cosamp
 from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
-from .validation import ArrayLike, InputError, Problem, validate_problem
+from .validation import ArrayLike, InputError, Problem, resolve_device, validate_problem
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
 
@@ -276,7 +276,7 @@ def select(
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if max_iters is not None and max_iters < 1:
         raise InputError(f"max_iters must be >= 1, got {max_iters}")
-    dev = None if device is None else _device(device)
+    dev = None if device is None else resolve_device(device, "device")
 
     problem = validate_problem(candidates, target, k, checkpoint_weights=checkpoint_weights,
                                num_checkpoints=num_checkpoints, exclude=exclude, compute_dtype=compute_dtype)
@@ -335,21 +335,6 @@ def _real(label: str, value: Any, low: float = -float("inf"), high: float = floa
     if not (math.isfinite(value) and low <= value <= high):
         raise InputError(f"{label} must be finite and lie in [{low:g}, {high:g}], got {value}")
     return value
-
-
-def _device(device: Union[str, torch.device]) -> torch.device:
-    """A device torch can use here, or InputError."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"device {device!r} is not a torch device ({err})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r}: CUDA is not available here (torch {torch.__version__})")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"device {device!r}: gtp_kernels runs on 'cpu' or 'cuda'")
-    return dev
 
 
 def _unit_scaled_targets(problem: Problem) -> tuple:

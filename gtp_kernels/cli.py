@@ -43,30 +43,10 @@ def _check_method(method: Optional[str]) -> None:
 
 def _check_device(spec: Optional[str]) -> None:
     """Refuse a --device torch cannot use here, before any work."""
-    if spec is None:
-        return
-    import torch
+    if spec is not None:
+        from .validation import resolve_device
 
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"--device {spec!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
-    if dev.type == "cpu":
-        return
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch is a CPU-only build" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise InputError(f"--device {spec}: CUDA is not available ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return
-    if dev.type == "meta":
-        raise InputError(f"--device {spec}: the meta device holds no data")
-    try:
-        torch.empty(1, device=dev)
-    except Exception as exc:  # the backend is absent from this build or has no device
-        raise InputError(f"--device {spec}: not usable here ({type(exc).__name__})") from None
+        resolve_device(spec, "--device")
 
 
 def _add_demo(sub) -> None:

@@ -72,6 +72,24 @@ class Problem:
         return w.repeat_interleave(self.checkpoint_dim)
 
 
+def resolve_device(spec: Any, what: str = "device") -> torch.device:
+    """A device gtp_kernels can run on here ('cpu', 'cuda', 'cuda:N'), or InputError naming
+    `what` (the argument or flag)."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{what} {spec!r} is not a device torch knows (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"{what} {spec!r}: CUDA is not available ({why}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"{what} {spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise InputError(f"{what} {spec!r}: gtp_kernels runs on cpu or cuda")
+    return dev
+
+
 def as_tensor(x: Any, name: str) -> torch.Tensor:
     """Accept a torch tensor or a numpy array (memory-mapped arrays stay zero-copy)."""
     if isinstance(x, torch.Tensor):

@@ -110,7 +110,7 @@ def test_cuda_device_without_gpu(folder, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     _fails(capsys, ["--model", str(folder / "model"), "--data", str(folder / "pool.jsonl"), "--out", str(tmp_path / "o"),
-                    "--device", "cuda"], "no CUDA GPU")
+                    "--device", "cuda"], "CUDA is not available")
 
 
 def test_data_is_checked_before_model_and_tokenizer(folder, tmp_path, capsys):

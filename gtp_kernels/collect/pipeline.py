@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..validation import InputError
+from ..validation import InputError, resolve_device
 from .data import ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
@@ -46,16 +46,7 @@ BACKENDS = ("auto", "triton", "torch")
 def _resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise InputError(f"device: {device!r} is not a device (e.g. auto, cpu, cuda, cuda:1)") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device: {device!r} asked for, but no CUDA GPU is available here (use --device cpu or auto)")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise InputError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    return resolved
+    return resolve_device(device, "device")
 
 
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
