@@ -57,7 +57,7 @@ def oracle(A, R, m_top, exclude=None, row_scale=None, absolute=False):
     n, m = S.shape
     expected = []
     for j in range(m):
-        ok = [i for i in range(n) if not math.isnan(key[i, j]) and key[i, j] > -math.inf]
+        ok = [i for i in range(n) if math.isfinite(key[i, j])]
         if exclude is not None:
             ex = exclude.cpu()
             ok = [i for i in ok if not bool(ex[i] if ex.dim() == 1 else ex[i, j])]
@@ -205,6 +205,27 @@ def test_nan_and_inf_scores_are_ineligible(path):
     swaps = assert_topk(values[:, :57], indices[:, :57], A, R, 57, row_scale=finite,
                         exclude=torch.isinf(rs))
     assert swaps <= 1
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("absolute", [False, True])
+def test_infinite_scores_are_ineligible_either_sign(path, absolute):
+    """A row scoring +inf or -inf (inf inputs, float32 overflow) is excluded, absolute or not:
+    with absolute=True its key |score| = +inf would otherwise rank first."""
+    A, R, _, _ = make_problem(40, 9, 2, torch.float32, seed=8)
+    A[3, 0], A[11, 2] = float("inf"), -float("inf")
+    A[20] = 3e38  # finite values, scores overflow to +-inf
+    if path == "triton":
+        values, indices = (t.cpu() for t in correlate_topk_triton(*on_dev(A, R), 5, absolute=absolute))
+    else:
+        values, indices = correlate_topk_reference(A, R, 5, absolute=absolute)
+    assert not set(indices.flatten().tolist()) & {3, 11, 20}
+    assert torch.isfinite(values).all()
+    bad = torch.zeros(40, dtype=torch.bool)
+    bad[[3, 11, 20]] = True
+    clean = A.clone()
+    clean[bad] = 1.0
+    assert_topk(values, indices, clean, R, 5, exclude=bad, absolute=absolute)
 
 
 def test_strided_rows_and_1d_residual():

@@ -8,8 +8,9 @@ best rows i under
 
 over the rows not excluded for column j, best first, ties to the lowest row index, padded
 with (value -inf, index -1) when fewer than m_top rows are eligible. A row whose score is
-NaN or -inf (e.g. a zero row scaled by 1/0) is treated as excluded. Values are the signed
-scores in float32, computed with float32 accumulation.
+not finite (NaN or +-inf: a zero row scaled by 1/0, non-finite inputs, float32 overflow) is
+treated as excluded, whether or not absolute. Values are the signed scores in float32,
+computed with float32 accumulation.
 
 Triton path (CUDA, or the interpreter): the N x m score matrix never reaches memory.
 
@@ -206,7 +207,7 @@ def correlate_topk_reference(
         if row_scale is not None:
             score = score * row_scale[start:stop, None].to(compute_dtype)
         key = score.abs() if absolute else score
-        eligible = key > neg_inf  # False for NaN and -inf
+        eligible = torch.isfinite(key)  # NaN, +-inf: out
         if exclude is not None:
             ex = exclude[start:stop]
             eligible = eligible & ~(ex[:, None] if ex.dim() == 1 else ex)
@@ -269,7 +270,7 @@ def _composite_keys_torch(score: torch.Tensor, rows: torch.Tensor, eligible: tor
     """int64 composite keys of float32 scores (n, m) for rows (n,), as the kernel builds them."""
     key = score.abs() if absolute else score
     key = torch.where(key == 0, torch.zeros_like(key), key)  # fold -0 into +0
-    eligible = eligible & (key > float("-inf"))
+    eligible = eligible & torch.isfinite(key)  # NaN, +-inf: out
     bits = key.contiguous().view(torch.int32)
     mapped = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64)
     low = ((2147483647 - rows.to(torch.int64)) * 2)[:, None]
@@ -401,7 +402,8 @@ if triton is not None:
             else:
                 key = score
             key = tl.where(key == 0.0, 0.0, key)  # fold -0 into +0
-            ok = row_ok[:, None] & col_ok[None, :] & (key > float("-inf"))  # NaN, -inf: out
+            finite = (key > float("-inf")) & (key < float("inf"))  # NaN, +-inf: out
+            ok = row_ok[:, None] & col_ok[None, :] & finite
             if HAS_EXCL:
                 ex = tl.load(excl_ptr + rows[:, None] * stride_en + cols[None, :] * stride_em,
                              mask=row_ok[:, None] & col_ok[None, :], other=1)
