@@ -46,6 +46,7 @@ enum LsqStatus : int32_t {
   kNewDropped = 8,   // the removed atoms include the new one
   kInactive = 16,    // new_atom < 0: nothing done
   kFull = 32,        // size == k_max: no room for another atom, nothing done
+  kBadSize = 64,     // size outside [0, k_max]: a corrupt state, nothing done (no write past L)
 };
 
 // Raw views of the batched state and inputs; every array is contiguous.
@@ -192,7 +193,11 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
     return;
   }
   int64_t n = static_cast<int64_t>(a.size[t]);
-  if (n >= K) {
+  if (n < 0 || n > K) {
+    if (rank == 0) a.status[t] = kBadSize;
+    return;
+  }
+  if (n == K) {
     if (rank == 0) a.status[t] = kFull;
     return;
   }

@@ -94,8 +94,9 @@ def test_killed_writer_mid_shard_resumes_bit_for_bit(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True)
     assert result.returncode != 0
     leftovers = sorted(os.listdir(tmp_path / "part"))
-    assert ".shard-00002.npy.tmp" in leftovers and "shard-00002.npy" not in leftovers
+    assert [x for x in leftovers if x.startswith(".shard-00002.npy.") and x.endswith(".tmp")] and "shard-00002.npy" not in leftovers
     writer = TrajectoryStoreWriter(tmp_path / "part", spec)
+    assert not [x for x in os.listdir(tmp_path / "part") if x.endswith(".tmp")]  # its writer is dead: removed
     assert writer.missing_shards() == [2, 3, 4]
     _fill(tmp_path / "part", spec)
     assert _read_bytes(tmp_path / "part") == _read_bytes(tmp_path / "full")

@@ -17,6 +17,7 @@ from gtp_kernels.ops.lsq import (
     STATUS_APPENDED,
     STATUS_DEPENDENT,
     STATUS_DROPPED,
+    STATUS_BAD_SIZE,
     STATUS_FULL,
     STATUS_INACTIVE,
     STATUS_NEW_DROPPED,
@@ -291,6 +292,17 @@ def test_bad_inputs(backend):
         lsq_init(2, 4, torch.float16)
     with pytest.raises(ValueError, match="k_max"):
         lsq_init(2, 0)
+    with pytest.raises(ValueError, match="m must be"):
+        lsq_init(True, 2)
+    for size in (-1, 5):  # a corrupt state: refused by the checks ...
+        bad = lsq_init(2, 4, torch.float64)
+        bad.size[1] = size
+        with pytest.raises(ValueError, match=r"state.size must lie in \[0, k_max=4\]"):
+            call(bad, torch.tensor([-1, 2]), g, d, r)
+        # ... and, unchecked, the op does nothing to that pursuit (no write outside its factor)
+        status = call(bad, torch.tensor([-1, 2]), g, d, r, checked=False)
+        assert status.tolist() == [STATUS_INACTIVE, STATUS_BAD_SIZE]
+        assert (bad.L == 0).all() and (bad.support == -1).all() and bad.size.tolist() == [0, size]
     # Nothing above touched the state.
     assert (st.size == 0).all() and (st.L == 0).all()
 

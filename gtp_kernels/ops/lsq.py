@@ -42,6 +42,7 @@ STATUS_DROPPED = 4
 STATUS_NEW_DROPPED = 8
 STATUS_INACTIVE = 16
 STATUS_FULL = 32
+STATUS_BAD_SIZE = 64  # state.size outside [0, k_max] (a corrupt state): nothing done
 
 #: Default relative pivot threshold by dtype: pivot^2 <= dep_tol * (G_jj + lam) means "dependent",
 #: i.e. the new atom's angle to the span of the support is below about sqrt(dep_tol) radians.
@@ -79,9 +80,9 @@ def lsq_init(
     m: int, k_max: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
 ) -> LsqState:
     """Empty state for m pursuits of capacity k_max."""
-    if not isinstance(m, int) or m < 0:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
         raise ValueError(f"m must be a non-negative int, got {m!r}")
-    if not isinstance(k_max, int) or k_max < 1:
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
         raise ValueError(f"k_max must be a positive int, got {k_max!r}")
     if dtype not in DEFAULT_DEP_TOL:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -134,6 +135,8 @@ def _validate(
         raise ValueError("state.L must be contiguous")
     if state.size.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"state.size must be int32 or int64, got {state.size.dtype}")
+    if m and bool(((state.size < 0) | (state.size > k)).any()):  # one host sync, checked mode only
+        raise ValueError(f"state.size must lie in [0, k_max={k}], got {state.size.tolist()[:8]}")
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
     if not (math.isfinite(dep_tol) and dep_tol >= 0):
@@ -255,7 +258,10 @@ def lsq_update_torch(
         if atom < 0:
             status[t] = STATUS_INACTIVE
             continue
-        if n >= k_max:
+        if n < 0 or n > k_max:
+            status[t] = STATUS_BAD_SIZE
+            continue
+        if n == k_max:
             status[t] = STATUS_FULL
             continue
         L, rhs, w, sup = state.L[t], state.rhs[t], state.weights[t], state.support[t]
