@@ -173,3 +173,305 @@ def test_two_writers_filling_disjoint_shards(tmp_path):
     store = open_store(tmp_path / "s", verify="sha256")
     want = np.concatenate([_rows(spec, i) for i in range(spec.n_shards)])
     np.testing.assert_array_equal(store.trajectory_view(), want)
+
+
+# --- an incomplete store (opened with allow_incomplete=True) -------------------------------------
+
+def _incomplete(tmp_path):
+    """N=10, shard_size=4: shards 0 (rows 0..3) and 2 (rows 8..9) written, shard 1 (rows 4..7) not."""
+    spec = _spec(n=10, shard_size=4)
+    _fill(tmp_path / "s", spec, indices=[0, 2])
+    want = np.concatenate([_rows(spec, i) for i in range(spec.n_shards)]).reshape(10, -1)
+    return spec, open_store(tmp_path / "s", allow_incomplete=True), want
+
+
+def test_incomplete_store_rows_are_indexed_by_shard_number(tmp_path):
+    _, store, want = _incomplete(tmp_path)
+    np.testing.assert_array_equal(store.rows([8, 0, 9, 3]), want[[8, 0, 9, 3]])
+    with pytest.raises(StoreError, match=r"row 4 is in shard 1 \(rows 4\.\.7\), which is not written"):
+        store.rows([4])
+    with pytest.raises(StoreError, match="shard 1"):
+        store.rows([0, 7])
+    with pytest.raises(IndexError):
+        store.rows([10])
+
+
+def test_incomplete_store_whole_store_accessors_refuse(tmp_path):
+    _, store, _ = _incomplete(tmp_path)
+    for call in (store.mean, store.candidates, lambda: store.candidates(as_tensor=True), store.trajectory_view):
+        with pytest.raises(StoreError, match=r"incomplete \(2/3 shards written; missing shard 1\)"):
+            call()
+
+
+def test_incomplete_store_describes_what_is_written(tmp_path):
+    spec, store, want = _incomplete(tmp_path)
+    assert len(store) == store.n == 10 and store.ids == [f"id{i}" for i in range(10)]  # the whole store's rows
+    assert not store.complete and store.written_shards == [0, 2] and store.missing_shards == [1]
+    assert store.n_written == 6
+    got = [(start, stop, np.asarray(array).reshape(stop - start, -1)) for start, stop, array in store.iter_shards()]
+    assert [(a, b) for a, b, _ in got] == [(0, 4), (8, 10)]
+    for start, stop, rows in got:
+        np.testing.assert_array_equal(rows, want[start:stop])
+    written = np.concatenate([rows for _, _, rows in got]).astype(np.float64)
+    np.testing.assert_allclose(np.mean(written, axis=0), want[[0, 1, 2, 3, 8, 9]].astype(np.float64).mean(0))
+    full = _fill(tmp_path / "s", spec).finish()  # resumed to the end: everything available
+    assert full.complete and full.missing_shards == [] and full.n_written == 10
+    np.testing.assert_allclose(full.mean(), want.astype(np.float64).mean(0), rtol=1e-6, atol=1e-6)
+
+
+# --- several writers on one store ------------------------------------------------------------------
+
+def test_second_writer_keeps_a_running_writers_temp_files(tmp_path, monkeypatch):
+    """Writer B opens (resume=True) while writer A is in the middle of writing a shard."""
+    import gtp_kernels.collect.store as store_module
+    spec = _spec()
+    first = TrajectoryStoreWriter(tmp_path / "s", spec)
+    opened = []
+    real_save = np.save
+
+    def save_then_open_second_writer(handle, array, **kw):
+        real_save(handle, array, **kw)
+        if not opened:  # A's shard is now a temp file on disk, not yet renamed
+            assert [p for p in os.listdir(tmp_path / "s") if p.endswith(".tmp")]
+            opened.append(TrajectoryStoreWriter(tmp_path / "s", spec))
+
+    monkeypatch.setattr(store_module.np, "save", save_then_open_second_writer)
+    first.write_shard(0, _rows(spec, 0))  # FileNotFoundError on os.replace when B removed A's temp
+    monkeypatch.setattr(store_module.np, "save", real_save)
+    second = opened[0]
+    second.write_shard(1, _rows(spec, 1))
+    first.write_shard(2, _rows(spec, 2))
+    second.write_shard(3, _rows(spec, 3))
+    assert first.missing_shards() == second.missing_shards() == []
+    store = open_store(tmp_path / "s", verify="sha256")
+    np.testing.assert_array_equal(store.trajectory_view(), np.concatenate([_rows(spec, i) for i in range(spec.n_shards)]))
+    assert not [p for p in os.listdir(tmp_path / "s") if p.endswith(".tmp")]
+
+
+def test_two_processes_fill_disjoint_shards_at_once(tmp_path):
+    """Two processes create one store at the same moment and fill its even / odd shards, each
+    reopening the store (resume=True, which cleans temp files) before every shard."""
+    root = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_collect_store import _spec, _rows
+        from gtp_kernels.collect.store import TrajectoryStoreWriter
+        spec = _spec(n=60, shard_size=2)
+        parity = int(sys.argv[1])
+        start_at = float(sys.argv[2])
+        while time.time() < start_at:
+            time.sleep(0.001)
+        for index in range(parity, spec.n_shards, 2):
+            TrajectoryStoreWriter({str(root)!r}, spec).write_shard(index, _rows(spec, index))
+    """)
+    import time
+    start_at = str(time.time() + 4.0)  # both past their imports, then start together
+    cwd = os.path.dirname(os.path.dirname(__file__))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(p), start_at], cwd=cwd, stderr=subprocess.PIPE)
+             for p in (0, 1)]
+    errors = [proc.communicate(timeout=120)[1].decode() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    spec = _spec(n=60, shard_size=2)
+    store = open_store(root, verify="sha256")
+    np.testing.assert_array_equal(store.trajectory_view(), np.concatenate([_rows(spec, i) for i in range(spec.n_shards)]))
+    assert not [p for p in os.listdir(root) if p.endswith(".tmp")]
+
+
+def test_only_stale_temp_files_are_removed(tmp_path):
+    import socket
+    import time
+    spec = _spec()
+    root = tmp_path / "s"
+    _fill(root, spec, indices=[0])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs (reaped)
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:64] or "host"
+    names = {
+        "dead": f".shard-00001.npy.{host}.{dead.pid}.0123456789abcdef.tmp",
+        "alive": f".shard-00002.npy.{host}.{os.getpid()}.0123456789abcdef.tmp",
+        "other_host": f".manifest.json.elsewhere-{host}.{dead.pid}.0123456789abcdef.tmp",
+        "legacy_fresh": ".shard-00003.npy.tmp",
+        "legacy_old": ".manifest.json.tmp",
+        "other_host_old": f".shard-00001.npy.elsewhere.{dead.pid}.fedcba9876543210.tmp",
+        "not_ours": ".notes.txt.tmp",
+    }
+    for name in names.values():
+        (root / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    for key in ("legacy_old", "other_host_old", "not_ours"):
+        os.utime(root / names[key], (two_days_ago, two_days_ago))
+    TrajectoryStoreWriter(root, spec)
+    left = set(os.listdir(root))
+    assert {names[k] for k in ("alive", "other_host", "legacy_fresh", "not_ours")} <= left
+    assert not {names[k] for k in ("dead", "legacy_old", "other_host_old")} & left
+
+
+# --- a malformed manifest is a StoreError naming the store and the field -----------------------------
+
+def _set(key, value):
+    def mutate(manifest):
+        manifest[key] = value
+    return mutate
+
+
+def _shard0(key, value=None, delete=False):
+    def mutate(manifest):
+        if delete:
+            del manifest["shards"][0][key]
+        else:
+            manifest["shards"][0][key] = value
+    return mutate
+
+
+def _meta(key, value):
+    def mutate(manifest):
+        manifest["metadata"][key] = value
+    return mutate
+
+
+def _dup_id(manifest):
+    manifest["example_ids"][5] = manifest["example_ids"][4]
+
+
+def _int_id(manifest):
+    manifest["example_ids"][3] = 3
+
+
+def _dup_shard(manifest):
+    manifest["shards"][1] = dict(manifest["shards"][0])
+
+
+def _drop_shard(manifest):
+    del manifest["shards"][1]
+
+
+CORRUPTIONS = [
+    ("shard_size_zero", _set("shard_size", 0), "'shard_size'"),
+    ("shard_size_string", _set("shard_size", "4"), "'shard_size'"),
+    ("shard_size_bool", _set("shard_size", True), "'shard_size'"),
+    ("shard_size_mismatch", _set("shard_size", 6), "shards"),
+    ("N_negative", _set("N", -1), "'N'"),
+    ("N_float", _set("N", 23.0), "'N'"),
+    ("T_zero", _set("T", 0), "'T'"),
+    ("d_string", _set("d", "5"), "'d'"),
+    ("dtype_unknown", _set("dtype", "int8"), "'dtype'"),
+    ("version_bool", _set("version", True), "version"),
+    ("shard_without_bytes", _shard0("bytes", delete=True), "'bytes'"),
+    ("shard_bytes_string", _shard0("bytes", "100"), "'bytes'"),
+    ("shard_index_string", _shard0("index", "0"), "'index'"),
+    ("shard_index_out_of_range", _shard0("index", 99), "'index'"),
+    ("shard_file_elsewhere", _shard0("file", "../shard-00000.npy"), "'file'"),
+    ("shard_sha256_null", _shard0("sha256", None), "'sha256'"),
+    ("shard_not_object", _set("shards", [1, 2, 3, 4]), "'shards'"),
+    ("shard_duplicate", _dup_shard, "'shards'"),
+    ("shards_null", _set("shards", None), "'shards'"),
+    ("shards_missing_one", _drop_shard, "complete"),
+    ("example_ids_duplicate", _dup_id, "'example_ids'"),
+    ("example_ids_not_strings", _int_id, "'example_ids'"),
+    ("example_ids_null", _set("example_ids", None), "'example_ids'"),
+    ("complete_string", _set("complete", "false"), "'complete'"),
+    ("complete_false_but_all_listed", _set("complete", False), "'complete'"),
+    ("metadata_list", _set("metadata", []), "'metadata'"),
+    ("checkpoint_weights_length", _meta("checkpoint_weights", [0.5, 0.5]), "checkpoint_weights"),
+    ("checkpoint_weights_nan", _meta("checkpoint_weights", [0.5, float("nan"), 0.5]), "checkpoint_weights"),
+    ("checkpoint_weights_string", _meta("checkpoint_weights", "uniform"), "checkpoint_weights"),
+    ("checkpoint_weights_negative", _meta("checkpoint_weights", [1.5, -0.7, 0.2]), "checkpoint_weights"),
+    ("weights_applied_string", _meta("weights_applied", "no"), "weights_applied"),
+    ("block_scales_length", _meta("block_scales", [1.0]), "block_scales"),
+    ("top_level_list", lambda m: [m], "top level"),
+    ("top_level_null", lambda m: None, "top level"),
+    ("not_utf8", b"\xff\xfe{\"format\": 1}", "UTF-8"),
+    ("not_json", b"{ not json", "not valid JSON"),
+    ("lacks_key", lambda m: {k: v for k, v in m.items() if k != "complete"}, "'complete'"),
+]
+
+
+def _corrupt(root, corruption):
+    manifest_path = root / "manifest.json"
+    if isinstance(corruption, bytes):
+        manifest_path.write_bytes(corruption)
+        return
+    manifest = json.loads(manifest_path.read_text())
+    result = corruption(manifest)
+    manifest_path.write_text(json.dumps(manifest if result is None and corruption.__name__ != "<lambda>" else result))
+
+
+@pytest.mark.parametrize("name,corruption,field", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_malformed_manifest_is_a_store_error(tmp_path, name, corruption, field):
+    root = tmp_path / "s"
+    _fill(root, _spec()).finish()
+    _corrupt(root, corruption)
+    for verify in ("none", "size", "sha256"):
+        with pytest.raises(StoreError) as info:
+            open_store(root, verify=verify, allow_incomplete=True)
+        message = str(info.value)
+        assert message.startswith(f"store {root}: ") and field in message and "\n" not in message, message
+    with pytest.raises(StoreError, match="store"):
+        TrajectoryStoreWriter(root, _spec())  # resuming reads the same manifest
+
+
+@pytest.mark.parametrize("name,corruption,field", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])
+def test_malformed_manifest_through_the_cli(tmp_path, capsys, name, corruption, field):
+    from gtp_kernels.cli import main as cli_main
+    root = tmp_path / "s"
+    _fill(root, _spec()).finish()
+    _corrupt(root, corruption)
+    np.save(tmp_path / "t.npy", np.ones(15, dtype=np.float32))
+    capsys.readouterr()
+    code = cli_main(["select", "--candidates", str(root), "--target", str(tmp_path / "t.npy"), "--k", "2",
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("gtp: error: store ") and field in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+# --- less_to_store checks its input before writing anything ---------------------------------------
+
+def _less_folder(root, rows):
+    import torch
+    for t in range(rows.shape[1]):
+        dim = root / f"run-ckpt{t + 1}-adam" / f"dim{rows.shape[2]}"
+        dim.mkdir(parents=True)
+        torch.save(rows[:, t].clone(), dim / "all_orig.pt")
+        torch.save(rows[:, t].clone(), dim / "all_unormalized.pt")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_less_to_store_non_finite_is_an_input_error_and_writes_nothing(tmp_path, bad):
+    import torch
+    from gtp_kernels.collect.less_store import less_to_store
+    from gtp_kernels.validation import InputError
+    rows = torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(0))
+    rows[6, 1, 3] = bad
+    _less_folder(tmp_path / "grads", rows)
+    for out in (tmp_path / "out", tmp_path / "new" / "deeper" / "out"):
+        with pytest.raises(InputError, match=r"not finite.*row 6.*run-ckpt2-adam"):
+            less_to_store(tmp_path / "grads", out, shard_size=4)
+    assert sorted(os.listdir(tmp_path)) == ["grads"]
+
+
+def test_less_to_store_bad_arguments_and_failed_writes_leave_nothing(tmp_path, monkeypatch):
+    import torch
+    import gtp_kernels.collect.store as store_module
+    from gtp_kernels.collect.less_store import less_to_store
+    from gtp_kernels.validation import InputError
+    _less_folder(tmp_path / "grads", torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(InputError, match="example_ids"):
+        less_to_store(tmp_path / "grads", tmp_path / "out", example_ids=["a"] * 9)
+    with pytest.raises(InputError, match="shard_size"):
+        less_to_store(tmp_path / "grads", tmp_path / "out", shard_size=0)
+    real_write = store_module.TrajectoryStoreWriter.write_shard
+
+    def failing_write(self, index, rows):
+        if index == 1:
+            raise OSError(28, "No space left on device")
+        real_write(self, index, rows)
+
+    monkeypatch.setattr(store_module.TrajectoryStoreWriter, "write_shard", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        less_to_store(tmp_path / "grads", tmp_path / "made" / "out", shard_size=4)
+    assert sorted(os.listdir(tmp_path)) == ["grads"]
+    monkeypatch.setattr(store_module.TrajectoryStoreWriter, "write_shard", real_write)
+    store = less_to_store(tmp_path / "grads", tmp_path / "out", shard_size=4)
+    assert store.complete and store.n == 9

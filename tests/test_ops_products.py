@@ -134,6 +134,15 @@ def test_other_dtypes_take_torch(dtype):
             row_products(A, X, backend="ext")
 
 
+def test_mixed_dtypes_compute_in_the_promoted_dtype():
+    g = torch.Generator().manual_seed(6)
+    A, X = torch.randn(9, 7, generator=g), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    Y = row_products(A, X)
+    assert Y.dtype == torch.float64
+    torch.testing.assert_close(Y, A.double() @ X.T, rtol=1e-12, atol=1e-12)
+    assert row_products(A.half(), X.float()).dtype == torch.float32
+
+
 def test_torch_backend_is_the_reference():
     g = torch.Generator().manual_seed(9)
     A, X = torch.randn(23, 47, generator=g), torch.randn(4, 47, generator=g)

@@ -77,6 +77,8 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
         if X.shape[1] > 1 and X.stride(1) != 1:
             X = X.contiguous()
         return _C.rows_dot(A, X, out, isa)
+    dtype = torch.promote_types(A.dtype, X.dtype)  # mm itself refuses mixed dtypes
+    A, X = A.to(dtype), X.to(dtype)
     if out is None:
         return A @ X.T
     return torch.mm(A, X.T, out=out)
