@@ -67,6 +67,9 @@ def _median_ms(fn, repeat=7):
 
 
 if __name__ == "__main__":
+    from timing import script_help
+
+    script_help(__doc__)
     print(f"{'case':38s} {'op ms':>9s} {'naive ms':>9s} {'op/naive':>9s}")
     for case in CASES:
         n, d, dtype, m, m_top = case

@@ -88,6 +88,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from timing import script_help
+
+    script_help(__doc__)
     if not EXT:
         raise SystemExit(f"the compiled extension is needed: {products.extension_status()}")
     main()

@@ -118,4 +118,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    from timing import script_help
+
+    script_help(__doc__)
     sys.exit(main())

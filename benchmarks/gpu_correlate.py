@@ -215,4 +215,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from timing import script_help
+
+    script_help(__doc__)
     main()

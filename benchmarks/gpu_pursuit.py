@@ -100,9 +100,9 @@ def main():
                                                     phase_seconds=phases), device)
         results[strategy] = (res[0], sec)
         split = ", ".join(f"{p} {v:.2f}s" for p, v in phases.items() if isinstance(v, float))
-        print(f"gtp ({strategy} -> {phases.get('strategy')}): {sec:.2f} s, passes {res[0].passes:g}; "
+        print(f"gtp ({strategy}: {phases.get('strategy')}): {sec:.2f} s, passes {res[0].passes:g}; "
               f"profiled {sec_profiled:.2f} s: {split}")
-        print(f"TABLE | pursuit | {case} gtp {strategy}->{phases.get('strategy')} | {sec:.2f} s | "
+        print(f"TABLE | pursuit | {case} gtp {strategy} ({phases.get('strategy')}) | {sec:.2f} s | "
               f"{sec / floor:.2f} x floor | passes {res[0].passes:g}; {split} |")
     sel, sec = timed(lambda: gk.select(A, b, k, method="gtp-cosamp"), device)
     print(f"TABLE | pursuit | {case} gtp-cosamp | {sec:.2f} s | {sec / floor:.2f} x floor | "

@@ -21,3 +21,11 @@ def median_seconds(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def script_help(doc: str) -> None:
+    """Command-line handling for a script without options: --help prints its docstring, and
+    anything else is refused (rather than silently running the whole benchmark)."""
+    import argparse
+
+    argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

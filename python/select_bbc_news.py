@@ -74,7 +74,7 @@ def main() -> int:
     parser.add_argument("--out", default="bbc_gtp", help="working folder (stores, warm-up, selections)")
     parser.add_argument("--pool-size", type=int, default=300, help="candidate articles (default 300)")
     parser.add_argument("--num-targets", type=int, default=16, help="held-out target articles (default 16)")
-    parser.add_argument("--topic", default="tech", help="target topic: business entertainment politics sport tech")
+    parser.add_argument("--topic", default="tech", help="target topic: business, entertainment, politics, sports or tech")
     parser.add_argument("--k", type=int, default=20, help="articles to select (default 20)")
     parser.add_argument("--d", type=int, default=1024, help="projected dims per checkpoint (default 1024)")
     parser.add_argument("--checkpoints", type=int, default=2, help="T warm-up checkpoints (default 2)")
@@ -99,11 +99,11 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     articles = bbc_articles()
     topics = sorted({a["label"] for a in articles})
     if args.topic not in topics:
         raise SystemExit(f"--topic must be one of {topics}")
+    out.mkdir(parents=True, exist_ok=True)  # only once the arguments are known good
     rng = random.Random(args.seed)
     rng.shuffle(articles)
     targets = [a for a in articles if a["label"] == args.topic][: args.num_targets]

@@ -403,8 +403,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 switch = rows_at.agree(slower) or switch
             if switch:
                 cache = base_c = None
-                if phase_seconds is not None:
-                    phase_seconds["switched_at_support"] = float(max(len(x) for x in supports))  # type: ignore[assignment]
+                if phase_seconds is not None:  # a support size, not seconds
+                    phase_seconds["switched_at_support"] = max(len(x) for x in supports)  # type: ignore[assignment]
         if cache is not None:
             t_cached = _cpu_seconds()
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
@@ -551,8 +551,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 stopped[t] = STOP_TOLERANCE
         clock.lap("residual")
 
-    if phase_seconds is not None:
-        phase_seconds["strategy"] = strategy  # type: ignore[assignment]
+    if phase_seconds is not None:  # what ran: e.g. "cached", or "cached, direct from support size 243"
+        switched = phase_seconds.get("switched_at_support")
+        phase_seconds["strategy"] = (strategy if switched is None  # type: ignore[assignment]
+                                     else f"{strategy}, direct from support size {switched}")
     return [
         TargetSelection(
             indices=np.asarray(supports[t], dtype=np.int64),
