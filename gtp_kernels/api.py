@@ -251,31 +251,20 @@ def select(
     name = DEFAULT_METHOD if method is None else method
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    if compute_dtype not in (None, torch.float32, torch.float64):
-        raise InputError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-    ridge = _real("ridge", ridge, low=0.0)
-    tol = _real("tol", tol, low=0.0)
-    if min_cosine is not None:
-        min_cosine = _real("min_cosine", min_cosine, low=-1.0, high=1.0)
-    if align_threshold is not None:
-        align_threshold = _real("align_threshold", align_threshold, low=-1.0, high=1.0)
-    if stop_ratio is not None:
-        stop_ratio = _real("stop_ratio", stop_ratio, low=0.0)
-        if not stop_ratio < 1:
-            raise InputError(f"stop_ratio must lie in [0, 1), got {stop_ratio}")
-    if backend not in ("auto", "triton", "torch"):
-        raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    common = check_pursuit_options(compute_dtype=compute_dtype, ridge=ridge, tol=tol, min_cosine=min_cosine,
+                                   align_threshold=align_threshold, stop_ratio=stop_ratio, backend=backend,
+                                   max_iters=max_iters)
+    ridge, tol, min_cosine, align_threshold, stop_ratio, max_iters = (
+        common[name] for name in ("ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters"))
     if topk_reduce not in ("mean", "max"):
         raise InputError(f"topk_reduce must be 'mean' or 'max', got {topk_reduce!r}")
-    for label, value in (("batch_size", batch_size), ("max_iters", max_iters), ("seed", seed)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+    for label, value in (("batch_size", batch_size), ("seed", seed)):
+        if value is not None and not _is_integer(value):
             raise InputError(f"{label} must be an integer, got {value!r}")
     if seed is None or seed < 0:
         raise InputError(f"seed must be an integer >= 0, got {seed!r}")
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if max_iters is not None and max_iters < 1:
-        raise InputError(f"max_iters must be >= 1, got {max_iters}")
     dev = None if device is None else resolve_device(device, "device")
 
     problem = validate_problem(candidates, target, k, checkpoint_weights=checkpoint_weights,
@@ -294,7 +283,7 @@ def select(
         if int((~problem.exclude).sum()) == 0:
             raise InputError(f"align_threshold={align_threshold} excludes every candidate")
     opts = SelectOptions(positive=bool(positive), ridge=ridge, tol=tol, min_cosine=min_cosine,
-                         stop_ratio=stop_ratio, max_iters=None if max_iters is None else int(max_iters),
+                         stop_ratio=stop_ratio, max_iters=max_iters,
                          batch_size=None if batch_size is None else int(batch_size),
                          topk_reduce=topk_reduce, seed=int(seed), compute_dtype=compute_dtype,
                          progress=progress, backend=backend)
@@ -325,6 +314,33 @@ def select(
     }
     timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
     return Selection(name, int(k), tuple(per_target), params, timings)
+
+
+def check_pursuit_options(*, compute_dtype, ridge, tol, min_cosine, align_threshold, stop_ratio, backend,
+                          max_iters) -> Dict[str, Any]:
+    """The checks of the options every GTP entry point shares (select, the sharded selects):
+    InputError with the option's name; returns them cleaned (floats, ints)."""
+    if compute_dtype not in (None, torch.float32, torch.float64):
+        raise InputError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    out: Dict[str, Any] = {"ridge": _real("ridge", ridge, low=0.0), "tol": _real("tol", tol, low=0.0)}
+    for name, value in (("min_cosine", min_cosine), ("align_threshold", align_threshold)):
+        out[name] = None if value is None else _real(name, value, low=-1.0, high=1.0)
+    out["stop_ratio"] = None if stop_ratio is None else _real("stop_ratio", stop_ratio, low=0.0)
+    if out["stop_ratio"] is not None and not out["stop_ratio"] < 1:
+        raise InputError(f"stop_ratio must lie in [0, 1), got {out['stop_ratio']}")
+    if backend not in ("auto", "triton", "torch"):
+        raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if max_iters is not None and not _is_integer(max_iters):
+        raise InputError(f"max_iters must be an integer, got {max_iters!r}")
+    if max_iters is not None and max_iters < 1:
+        raise InputError(f"max_iters must be >= 1, got {max_iters}")
+    out["max_iters"] = None if max_iters is None else int(max_iters)
+    return out
+
+
+def _is_integer(value: Any) -> bool:
+    """An int or numpy integer, not a bool."""
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
 def _real(label: str, value: Any, low: float = -float("inf"), high: float = float("inf")) -> float:

@@ -191,19 +191,7 @@ def validate_problem(
     zero_rows, norm_range = _finite_rows_and_zero_rows(A, "candidates")
     if compute_dtype is None:
         compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    low, high = FLOAT32_ROW_NORMS
-    if compute_dtype != torch.float64 and not (norm_range[0] >= low and norm_range[1] <= high):
-        found = []
-        if norm_range[0] < low:
-            found.append("the smallest underflows float32" if norm_range[0] == 0
-                         else f"the smallest is {norm_range[0]:.3g}")
-        if norm_range[1] > high:
-            found.append("the largest overflows float32" if norm_range[1] == float("inf")
-                         else f"the largest is {norm_range[1]:.3g}")
-        raise InputError(
-            f"candidate row norms must lie in {low:.3g}..{high:.3g} for float32 products "
-            f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit) "
-            f"or pass compute_dtype=torch.float64")
+    check_row_norm_range(norm_range, compute_dtype)
     _check_finite(b, "target")
     zero_cols = (b == 0).all(dim=0)
     if bool(zero_cols.any()):
@@ -237,6 +225,24 @@ def validate_problem(
         reason = "all-zero or excluded" if exclude is not None else "all-zero"
         raise InputError(f"no candidate can be selected: all {N} rows are {reason}")
     return Problem(A, b, T, d, weights, excl)
+
+
+def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype) -> None:
+    """InputError when float32 products of rows with norms in (smallest, largest) could
+    overflow or underflow (FLOAT32_ROW_NORMS); nothing to check in float64."""
+    low, high = FLOAT32_ROW_NORMS
+    smallest, largest = norm_range
+    if compute_dtype == torch.float64 or (smallest >= low and largest <= high):
+        return
+    found = []
+    if smallest < low:
+        found.append("the smallest underflows float32" if smallest == 0 else f"the smallest is {smallest:.3g}")
+    if largest > high:
+        found.append("the largest overflows float32" if largest == float("inf") else f"the largest is {largest:.3g}")
+    raise InputError(
+        f"candidate row norms must lie in {low:.3g}..{high:.3g} for float32 products "
+        f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit) "
+        f"or pass compute_dtype=torch.float64")
 
 
 def _exclusion(exclude: Any, N: int):

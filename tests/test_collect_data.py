@@ -1,5 +1,4 @@
 """JSONL reading, chat templates and target-token masks."""
-import json
 
 import pytest
 

@@ -8,7 +8,7 @@ import torch
 
 from collect_tiny import classification_records, instruction_records, tiny_bert_classifier, tiny_llama, tiny_tokenizer, write_jsonl
 from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokenize_all, write_selected_examples
-from gtp_kernels.collect.per_example import adam_precondition, flatten_gradients, per_example_gradients_loop
+from gtp_kernels.collect.per_example import adam_precondition, per_example_gradients_loop
 from gtp_kernels.collect.pipeline import collect_trajectory
 from gtp_kernels.collect.store import StoreError, is_store, open_store
 from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings, load_adam_moments, load_checkpoints, load_trainable_state, wrap_for_training

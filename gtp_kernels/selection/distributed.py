@@ -16,18 +16,30 @@ values each), plus a small one per cache miss. Works with gloo (CPU tensors) and
 Approximate shard-and-merge mode, ``select_shard_and_merge``: each rank selects k from its own
 shard, the union of all ranks' picks (at most world * k rows) is gathered, and a final pursuit
 runs over the union on every rank (as the paper's distributed framework is usually read).
+
+Input checks are collective: each rank checks its own shard and the options as
+:func:`gtp_kernels.select` does, then one exchange (two all-gathers of a few bytes) lets every
+rank raise the same InputError (naming the failing rank) or go on. The budget, the float32
+row-norm range and "some row is selectable" are judged over the whole pool, so a shard may be
+empty, all zero or all excluded. Every rank must pass the same k, target, options and
+candidate dtype (checked in the same exchange).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import replace
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..validation import InputError, Problem, validate_problem
+from ..api import (Selection, _exclude_misaligned, _is_integer, _unit_scaled_targets, _unscaled,
+                   check_pursuit_options)
+from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
+                          as_tensor, check_row_norm_range, validate_problem)
 from .common import SelectOptions
 from .pursuit import LocalRows, gtp_pursuit
 
@@ -86,79 +98,274 @@ class ShardedRows(LocalRows):
         return bool(t.item())
 
 
-def _shard_layout(n_local: int, device: torch.device, group) -> tuple:
-    sizes = torch.tensor([n_local], dtype=torch.int64, device=device)
-    world = dist.get_world_size(group)
-    parts = [torch.empty_like(sizes) for _ in range(world)]
-    dist.all_gather(parts, sizes, group=group)
-    counts = [int(p) for p in parts]
-    rank = dist.get_rank(group)
-    return sum(counts[:rank]), sum(counts)
+def _require_group(what: str) -> None:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{what} needs an initialised torch.distributed process group")
 
 
-def _validated_shard(local_candidates, target, k, checkpoint_weights, num_checkpoints, group):
-    # Validate this shard alone (k checked against the whole pool below).
-    problem = validate_problem(local_candidates, target, 1, checkpoint_weights=checkpoint_weights,
-                               num_checkpoints=num_checkpoints)
-    offset, total = _shard_layout(problem.num_candidates, problem.candidates.device, group)
+def _comm_device(group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_json(payload: Any, group) -> List[Any]:
+    """Every rank's (JSON-able) payload, in rank order: two all-gathers of a few bytes."""
+    data = json.dumps(payload).encode()
+    device, world = _comm_device(group), dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    lengths = [int(s) for s in sizes]
+    buf = torch.zeros(max(lengths), dtype=torch.uint8)
+    buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf, group=group)
+    return [json.loads(bytes(p[:n].cpu().tolist()).decode()) for p, n in zip(parts, lengths)]
+
+
+def _checked_options(o: Dict[str, Any]) -> Dict[str, Any]:
+    """select()'s option checks (check_pursuit_options), plus strategy and prefetch; the
+    cleaned values."""
+    c = dict(o)
+    c.update(check_pursuit_options(compute_dtype=o["compute_dtype"], ridge=o["ridge"], tol=o["tol"],
+                                   min_cosine=o["min_cosine"], align_threshold=o["align_threshold"],
+                                   stop_ratio=o["stop_ratio"], backend=o["backend"], max_iters=o["max_iters"]))
+    if o["prefetch"] is not None and not _is_integer(o["prefetch"]):
+        raise InputError(f"prefetch must be an integer, got {o['prefetch']!r}")
+    if o["prefetch"] is not None and o["prefetch"] < 0:
+        raise InputError(f"prefetch must be >= 0, got {o['prefetch']}")
+    if o["strategy"] not in ("auto", "direct", "cached"):
+        raise InputError(f"strategy must be 'auto', 'direct' or 'cached', got {o['strategy']!r}")
+    c["positive"] = bool(o["positive"])
+    c["prefetch"] = None if o["prefetch"] is None else int(o["prefetch"])
+    return c
+
+
+def _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options):
+    """This rank's part of select()'s checks: (report for the other ranks, local state).
+
+    The shard's shape, dtype, the target, budget and checkpoint arguments are checked by
+    validate_problem on a one-row stand-in of the shard's shape (the shard itself may be empty or
+    all zero: that is judged over the whole pool), its values (NaN/Inf, zero rows, row norms) and
+    `exclude` by validate_problem's own helpers. Errors are reported, not raised, so that every
+    rank can raise the same one.
+    """
+    report: Dict[str, Any] = {"error": None, "rows": None, "n": 0, "selectable": 0, "aligned": 0,
+                              "norms": [float("inf"), 0.0], "setup": None}
+    try:
+        clean = _checked_options(options)
+        A = as_tensor(candidates, "candidates")
+        if A.dim() >= 1:
+            report["rows"] = int(A.shape[0])
+        probe = A
+        if A.dim() in (2, 3) and all(s > 0 for s in A.shape[1:]):
+            probe = torch.ones((1,) + tuple(A.shape[1:]), dtype=A.dtype, device=A.device)
+        k_ok = _is_integer(k) and k >= 1
+        head = validate_problem(probe, target, 1 if k_ok else k, checkpoint_weights=checkpoint_weights,
+                                num_checkpoints=num_checkpoints, compute_dtype=torch.float64)
+        flat = A.reshape(A.shape[0], head.dim)
+        zero_rows, norm_range = _finite_rows_and_zero_rows(flat, "candidates")
+        excl = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
+        if exclude is not None:
+            mask, idx = _exclusion(exclude, flat.shape[0])
+            if mask is not None:
+                excl |= mask.to(flat.device)
+            else:
+                excl[idx.to(flat.device)] = True
+        excl |= zero_rows
+        problem = Problem(flat, head.targets, head.num_checkpoints, head.checkpoint_dim,
+                          head.checkpoint_weights, excl)
+        selectable = int((~excl).sum())
+        # select()'s power-of-two target scaling: exact, picks unchanged, float32 products safe
+        problem, scales = _unit_scaled_targets(problem)
+        guard_excluded = 0
+        if clean["align_threshold"] is not None and selectable:
+            problem, guard_excluded = _exclude_misaligned(problem, clean["align_threshold"])
+        b = head.targets.detach().contiguous()
+        digest = hashlib.sha256(b.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:16]
+        setup = {"k": repr(int(k))}
+        setup.update({name: repr(value) for name, value in clean.items()})
+        setup.update({
+            "candidates dtype": str(A.dtype), "device type": A.device.type,
+            "checkpoints (T, d)": repr((head.num_checkpoints, head.checkpoint_dim)),
+            "target": f"{tuple(b.shape)} {b.dtype} sha256 {digest}",
+            "checkpoint_weights": repr(None if head.checkpoint_weights is None
+                                       else head.checkpoint_weights.tolist()),
+        })
+        report.update(n=int(flat.shape[0]), selectable=selectable, aligned=selectable - guard_excluded,
+                      norms=[float(x) for x in norm_range], setup=setup, guard_excluded=guard_excluded)
+        return report, (problem, scales, clean, A.dtype)
+    except InputError as err:
+        report["error"] = ["type" if isinstance(err, InputTypeError) else "input", str(err)]
+        return report, None
+    except Exception as err:  # a failure, not bad input: the other ranks are told, this one re-raises
+        report["error"] = ["internal", f"{type(err).__name__}: {err}"]
+        return report, err
+
+
+def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold, compute_dtype,
+           candidates_dtype) -> None:
+    """The same verdict on every rank, from every rank's report; raises InputError if any."""
+    errors = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"] is not None]
+    if errors:
+        r, (kind, msg) = errors[0]
+        if kind == "internal":
+            raise RuntimeError(f"select_sharded failed on rank {r}: {msg}")
+        if len(errors) < len(reports) or any(e != errors[0][1] for _, e in errors):
+            rows = [rep["rows"] for rep in reports]
+            where = ""
+            if rows[r] is not None and all(x is not None for x in rows[:r]):
+                start = sum(rows[:r])
+                where = f" (rows {start}..{start + rows[r] - 1} of the pool)" if rows[r] else " (no rows)"
+            msg = f"rank {r}{where}: {msg}"
+        raise (InputTypeError if kind == "type" else InputError)(msg)
+    first = reports[0]["setup"]
+    for r, rep in enumerate(reports[1:], 1):
+        for key, value in rep["setup"].items():
+            if value != first[key]:
+                raise InputError(f"every rank must pass the same {key}: rank {r} has {value}, rank 0 {first[key]}")
+    total = sum(rep["n"] for rep in reports)
     if k > total:
         raise InputError(f"k={k} is larger than the pool (N={total} candidates over all ranks)")
-    return problem, offset, total
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if candidates_dtype == torch.float64 else torch.float32
+    lowest = min(rep["norms"][0] for rep in reports)
+    highest = max(rep["norms"][1] for rep in reports)
+    check_row_norm_range((lowest, highest), compute_dtype)  # validate_problem's test, over the pool
+    if sum(rep["selectable"] for rep in reports) == 0:
+        reason = "all-zero or excluded" if exclude is not None else "all-zero"
+        raise InputError(f"no candidate can be selected: all {total} rows are {reason}")
+    if sum(rep["aligned"] for rep in reports) == 0:
+        raise InputError(f"align_threshold={align_threshold} excludes every candidate")
+
+
+def _prepare(what, candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options, group):
+    """Collective checks; on success this rank's (scaled, guarded) problem and the pool layout."""
+    _require_group(what)
+    report, state = _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options)
+    reports = _all_gather_json(report, group)
+    if isinstance(state, Exception):
+        raise state
+    _judge(reports, k, exclude, options["align_threshold"], options["compute_dtype"],
+           None if state is None else state[3])
+    problem, scales, clean, _ = state
+    rank = dist.get_rank(group)
+    info = {"offset": sum(rep["n"] for rep in reports[:rank]), "total": sum(rep["n"] for rep in reports),
+            "guard_excluded": sum(rep["guard_excluded"] for rep in reports)}
+    return problem, scales, clean, info
+
+
+def _padded(problem: Problem) -> Problem:
+    """An empty shard as one excluded zero row: its correlations are -inf, it never wins (the
+    pursuit needs a row to reduce over; the placement still says it holds none)."""
+    if problem.num_candidates:
+        return problem
+    A = torch.zeros(1, problem.dim, dtype=problem.candidates.dtype, device=problem.candidates.device)
+    return Problem(A, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
+                   problem.checkpoint_weights, torch.ones(1, dtype=torch.bool, device=A.device))
 
 
 def select_sharded(local_candidates, target, k: int, *, group=None, checkpoint_weights=None,
-                   num_checkpoints: Optional[int] = None, strategy: str = "auto",
-                   prefetch: Optional[int] = None, **options):
+                   num_checkpoints: Optional[int] = None, exclude=None, positive: bool = True,
+                   ridge: float = 0.0, tol: float = 1e-6, min_cosine: Optional[float] = None,
+                   align_threshold: Optional[float] = None, stop_ratio: Optional[float] = None,
+                   max_iters: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
+                   backend: str = "auto", strategy: str = "auto", prefetch: Optional[int] = None):
     """Exact GTP over rows sharded across the ranks of `group`; the same result on every rank.
 
     local_candidates: this rank's rows (N_r, D) or (N_r, T, d), rank order = global row order;
-    target: (D,) or (D, m), identical on every rank; options: those of SelectOptions
-    (positive, ridge, tol, min_cosine, stop_ratio, max_iters, compute_dtype, backend);
-    strategy/prefetch: as for the single-process pursuit (the ranks agree on the strategy).
-    Returns a :class:`gtp_kernels.Selection` with global row indices, equal on every rank.
+    any N_r >= 0, and a shard may be all zero or all excluded as long as the pool has a
+    selectable row. target: (D,) or (D, m), identical on every rank. k, checkpoint_weights,
+    num_checkpoints and the options (positive, ridge, tol, min_cosine, align_threshold,
+    stop_ratio, max_iters, compute_dtype, backend) as for :func:`gtp_kernels.select`, the same
+    on every rank; k is checked against the whole pool. exclude: this rank's own rows that may
+    never be selected, as a bool mask of length N_r or local row indices in [0, N_r) (global
+    row g = this rank's offset + local row). strategy/prefetch: as for the single-process
+    pursuit (the ranks agree on the strategy).
+
+    Returns a :class:`gtp_kernels.Selection` with global row indices, equal on every rank and
+    to ``gtp_kernels.select`` on the concatenated rows. Raises InputError on every rank (naming
+    the rank at fault) for bad input on any rank, before the pursuit starts.
     """
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("select_sharded needs an initialised torch.distributed process group")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise InputError(f"k must be an integer >= 1, got {k!r}")
-    problem, offset, _ = _validated_shard(local_candidates, target, k, checkpoint_weights, num_checkpoints, group)
-    placement = ShardedRows(offset, problem.num_candidates, group)
     t0 = time.perf_counter()
-    per_target = gtp_pursuit(problem, k, SelectOptions(**options), strategy=strategy, prefetch=prefetch,
-                             placement=placement)
-    return _selection("gtp-sharded", k, per_target, options, time.perf_counter() - t0, group)
+    options = dict(positive=positive, ridge=ridge, tol=tol, min_cosine=min_cosine,
+                   align_threshold=align_threshold, stop_ratio=stop_ratio, max_iters=max_iters,
+                   compute_dtype=compute_dtype, backend=backend, strategy=strategy, prefetch=prefetch)
+    problem, scales, clean, info = _prepare("select_sharded", local_candidates, target, k, checkpoint_weights,
+                                            num_checkpoints, exclude, options, group)
+    k = int(k)
+    placement = ShardedRows(info["offset"], problem.num_candidates, group)
+    t1 = time.perf_counter()
+    per_target = gtp_pursuit(_padded(problem), k, _select_options(clean), strategy=clean["strategy"],
+                             prefetch=clean["prefetch"], placement=placement)
+    per_target = [_unscaled(ts, s, True) for ts, s in zip(per_target, scales)]
+    return _selection("gtp-sharded", k, per_target, clean, problem, info, t0, t1, group)
 
 
-def _selection(name, k, per_target, options, seconds, group):
-    from ..api import Selection
+def _select_options(clean: Dict[str, Any]) -> SelectOptions:
+    return SelectOptions(positive=clean["positive"], ridge=clean["ridge"], tol=clean["tol"],
+                         min_cosine=clean["min_cosine"], stop_ratio=clean["stop_ratio"],
+                         max_iters=clean["max_iters"], compute_dtype=clean["compute_dtype"],
+                         backend=clean["backend"])
 
-    params = {**{key: str(v) for key, v in options.items()}, "world_size": dist.get_world_size(group)}
-    return Selection(name, int(k), tuple(per_target), params, {"select_s": seconds, "total_s": seconds})
+
+def _selection(name, k, per_target, clean, problem, info, t0, t1, group):
+    if problem.candidates.is_cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    opts = _select_options(clean)
+    params = {key: clean[key] for key in ("positive", "ridge", "tol", "min_cosine", "align_threshold")}
+    params.update({
+        "guard_excluded": info["guard_excluded"], "stop_ratio": clean["stop_ratio"],
+        "max_iters": clean["max_iters"], "backend": clean["backend"],
+        "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
+        "num_candidates": info["total"], "local_candidates": problem.num_candidates, "offset": info["offset"],
+        "dim": problem.dim, "num_targets": problem.num_targets, "num_checkpoints": problem.num_checkpoints,
+        "checkpoint_weights": None if problem.checkpoint_weights is None else problem.checkpoint_weights.tolist(),
+        "device": str(problem.candidates.device), "world_size": dist.get_world_size(group),
+    })
+    if name == "gtp-sharded":
+        params.update(strategy=clean["strategy"], prefetch=clean["prefetch"])
+    timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
+    return Selection(name, int(k), tuple(per_target), params, timings)
 
 
 def select_shard_and_merge(local_candidates, target, k: int, *, group=None, checkpoint_weights=None,
-                           num_checkpoints: Optional[int] = None, **options):
+                           num_checkpoints: Optional[int] = None, exclude=None, positive: bool = True,
+                           ridge: float = 0.0, tol: float = 1e-6, min_cosine: Optional[float] = None,
+                           align_threshold: Optional[float] = None, stop_ratio: Optional[float] = None,
+                           max_iters: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None,
+                           backend: str = "auto"):
     """Approximate mode: pursue k on each shard, then once more over the union of the picks.
 
-    One round of communication (the picked rows); the result is identical on every rank but
-    not, in general, equal to the exact selection. Returns a :class:`gtp_kernels.Selection`.
+    Arguments and checks as for :func:`select_sharded`. One round of communication (the picked
+    rows); the result is identical on every rank but not, in general, equal to the exact
+    selection. Returns a :class:`gtp_kernels.Selection`.
     """
     t0 = time.perf_counter()
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("select_shard_and_merge needs an initialised torch.distributed process group")
-    problem, offset, _ = _validated_shard(local_candidates, target, k, checkpoint_weights, num_checkpoints, group)
-    opts = SelectOptions(**options)
-    k_local = min(k, problem.num_candidates)
-    local = gtp_pursuit(problem, k_local, opts)
-    picks = sorted({int(i) + offset for ts in local for i in ts.indices})
+    options = dict(positive=positive, ridge=ridge, tol=tol, min_cosine=min_cosine,
+                   align_threshold=align_threshold, stop_ratio=stop_ratio, max_iters=max_iters,
+                   compute_dtype=compute_dtype, backend=backend, strategy="auto", prefetch=None)
+    problem, scales, clean, info = _prepare("select_shard_and_merge", local_candidates, target, k,
+                                            checkpoint_weights, num_checkpoints, exclude, options, group)
+    k, offset = int(k), info["offset"]
+    t1 = time.perf_counter()
+    opts = _select_options(clean)
+    picks: List[int] = []
+    if bool((~problem.exclude).any()):  # an empty, all-zero or all-excluded shard picks nothing
+        local = gtp_pursuit(problem, min(k, problem.num_candidates), opts)
+        picks = sorted({int(i) + offset for ts in local for i in ts.indices})
     # every rank learns every rank's picks, then the rows themselves
-    n = torch.tensor([len(picks)], dtype=torch.int64, device=problem.candidates.device)
+    device = _comm_device(group)
+    n = torch.tensor([len(picks)], dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     counts = [torch.empty_like(n) for _ in range(world)]
     dist.all_gather(counts, n, group=group)
-    width = max(int(c) for c in counts)
-    mine = torch.full((width,), -1, dtype=torch.int64, device=n.device)
-    mine[: len(picks)] = torch.tensor(picks, dtype=torch.int64, device=n.device)
+    width = max(1, max(int(c) for c in counts))
+    mine = torch.full((width,), -1, dtype=torch.int64, device=device)
+    mine[: len(picks)] = torch.tensor(picks, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
     union = sorted(int(a) for part in every for a in part.tolist() if a >= 0)
@@ -166,7 +373,8 @@ def select_shard_and_merge(local_candidates, target, k: int, *, group=None, chec
                                                                     problem.candidates.dtype)
     merged = Problem(rows, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
                      problem.checkpoint_weights, torch.zeros(len(union), dtype=torch.bool, device=rows.device))
-    final = gtp_pursuit(merged, min(k, len(union)), opts)
-    per_target = [replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64))
-                  for ts in final]
-    return _selection("gtp-shard-and-merge", k, per_target, options, time.perf_counter() - t0, group)
+    final = gtp_pursuit(_padded(merged), max(1, min(k, len(union))), opts)
+    per_target = [_unscaled(replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64)),
+                            s, True)
+                  for ts, s in zip(final, scales)]
+    return _selection("gtp-shard-and-merge", k, per_target, clean, problem, info, t0, t1, group)
