@@ -251,25 +251,32 @@ def test_second_writer_keeps_a_running_writers_temp_files(tmp_path, monkeypatch)
 def test_two_processes_fill_disjoint_shards_at_once(tmp_path):
     """Two processes create one store at the same moment and fill its even / odd shards, each
     reopening the store (resume=True, which cleans temp files) before every shard."""
+    import gtp_kernels.collect.store as store_module
     root = tmp_path / "s"
+    barrier = tmp_path / "ready"
+    barrier.mkdir()
     script = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_collect_store import _spec, _rows
-        from gtp_kernels.collect.store import TrajectoryStoreWriter
-        spec = _spec(n=60, shard_size=2)
+        import importlib.util, os, sys, time
+        import numpy as np
+        # store.py alone (no torch import, so both start in well under a second)
+        module_spec = importlib.util.spec_from_file_location("standalone_store", {store_module.__file__!r})
+        store = sys.modules["standalone_store"] = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(store)
+        spec = store.StoreSpec(n=60, t=3, d=5, example_ids=[f"id{{i}}" for i in range(60)], shard_size=2,
+                               metadata={{"checkpoint_weights": [0.5, 0.3, 0.2], "weights_applied": False}})
+        def _rows(spec, index):  # as the test module's _rows
+            start, stop = spec.shard_rows(index)
+            return np.random.default_rng(1000 + index).standard_normal((stop - start, spec.t, spec.d)).astype(spec.dtype)
         parity = int(sys.argv[1])
-        start_at = float(sys.argv[2])
-        while time.time() < start_at:
+        open(os.path.join({str(barrier)!r}, str(parity)), "w").close()
+        deadline = time.time() + 60
+        while len(os.listdir({str(barrier)!r})) < 2 and time.time() < deadline:  # both imported: go
             time.sleep(0.001)
         for index in range(parity, spec.n_shards, 2):
-            TrajectoryStoreWriter({str(root)!r}, spec).write_shard(index, _rows(spec, index))
+            store.TrajectoryStoreWriter({str(root)!r}, spec).write_shard(index, _rows(spec, index))
     """)
-    import time
-    start_at = str(time.time() + 4.0)  # both past their imports, then start together
     cwd = os.path.dirname(os.path.dirname(__file__))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(p), start_at], cwd=cwd, stderr=subprocess.PIPE)
-             for p in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(p)], cwd=cwd, stderr=subprocess.PIPE) for p in (0, 1)]
     errors = [proc.communicate(timeout=120)[1].decode() for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], errors
     spec = _spec(n=60, shard_size=2)
@@ -279,14 +286,14 @@ def test_two_processes_fill_disjoint_shards_at_once(tmp_path):
 
 
 def test_only_stale_temp_files_are_removed(tmp_path):
-    import socket
     import time
+    from gtp_kernels.collect.store import _host_tag
     spec = _spec()
     root = tmp_path / "s"
     _fill(root, spec, indices=[0])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # a pid that no longer runs (reaped)
-    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())[:64] or "host"
+    host = _host_tag()  # temp names carry host, pid and a random token: ".<file>.<host>.<pid>.<token>.tmp"
     names = {
         "dead": f".shard-00001.npy.{host}.{dead.pid}.0123456789abcdef.tmp",
         "alive": f".shard-00002.npy.{host}.{os.getpid()}.0123456789abcdef.tmp",
@@ -312,6 +319,7 @@ def test_only_stale_temp_files_are_removed(tmp_path):
 def _set(key, value):
     def mutate(manifest):
         manifest[key] = value
+        return manifest
     return mutate
 
 
@@ -321,29 +329,35 @@ def _shard0(key, value=None, delete=False):
             del manifest["shards"][0][key]
         else:
             manifest["shards"][0][key] = value
+        return manifest
     return mutate
 
 
 def _meta(key, value):
     def mutate(manifest):
         manifest["metadata"][key] = value
+        return manifest
     return mutate
 
 
 def _dup_id(manifest):
     manifest["example_ids"][5] = manifest["example_ids"][4]
+    return manifest
 
 
 def _int_id(manifest):
     manifest["example_ids"][3] = 3
+    return manifest
 
 
 def _dup_shard(manifest):
     manifest["shards"][1] = dict(manifest["shards"][0])
+    return manifest
 
 
 def _drop_shard(manifest):
     del manifest["shards"][1]
+    return manifest
 
 
 CORRUPTIONS = [
@@ -357,13 +371,13 @@ CORRUPTIONS = [
     ("d_string", _set("d", "5"), "'d'"),
     ("dtype_unknown", _set("dtype", "int8"), "'dtype'"),
     ("version_bool", _set("version", True), "version"),
-    ("shard_without_bytes", _shard0("bytes", delete=True), "'bytes'"),
-    ("shard_bytes_string", _shard0("bytes", "100"), "'bytes'"),
-    ("shard_index_string", _shard0("index", "0"), "'index'"),
-    ("shard_index_out_of_range", _shard0("index", 99), "'index'"),
-    ("shard_file_elsewhere", _shard0("file", "../shard-00000.npy"), "'file'"),
-    ("shard_sha256_null", _shard0("sha256", None), "'sha256'"),
-    ("shard_not_object", _set("shards", [1, 2, 3, 4]), "'shards'"),
+    ("shard_without_bytes", _shard0("bytes", delete=True), "'shards[0]' lacks 'bytes'"),
+    ("shard_bytes_string", _shard0("bytes", "100"), "'shards[0].bytes'"),
+    ("shard_index_string", _shard0("index", "0"), "'shards[0].index'"),
+    ("shard_index_out_of_range", _shard0("index", 99), "'shards[0].index'"),
+    ("shard_file_elsewhere", _shard0("file", "../shard-00000.npy"), "'shards[0].file'"),
+    ("shard_sha256_null", _shard0("sha256", None), "'shards[0].sha256'"),
+    ("shard_not_object", _set("shards", [1, 2, 3, 4]), "'shards[0]'"),
     ("shard_duplicate", _dup_shard, "'shards'"),
     ("shards_null", _set("shards", None), "'shards'"),
     ("shards_missing_one", _drop_shard, "complete"),
@@ -392,9 +406,7 @@ def _corrupt(root, corruption):
     if isinstance(corruption, bytes):
         manifest_path.write_bytes(corruption)
         return
-    manifest = json.loads(manifest_path.read_text())
-    result = corruption(manifest)
-    manifest_path.write_text(json.dumps(manifest if result is None and corruption.__name__ != "<lambda>" else result))
+    manifest_path.write_text(json.dumps(corruption(json.loads(manifest_path.read_text()))))
 
 
 @pytest.mark.parametrize("name,corruption,field", CORRUPTIONS, ids=[c[0] for c in CORRUPTIONS])

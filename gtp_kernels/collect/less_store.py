@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -127,9 +128,22 @@ def less_to_store(
     example_ids: Sequence[str] | None = None,
     shard_size: int = 65536,
 ) -> TrajectoryStore:
-    """Convert a LESS gradient folder into a trajectory store (weights recorded, not applied)."""
+    """Convert a LESS gradient folder into a trajectory store (weights recorded, not applied).
+
+    Every input is checked (finite values, ids, weights, shard_size) before anything is
+    created; bad input raises :class:`InputError`. If writing fails midway, the folders this
+    call created are removed again (an ``out`` that existed before, e.g. a store being resumed,
+    is left as it is).
+    """
     less = read_less_gradients(folder, d=d, normalized=normalized)
     n, t, dim = less.trajectory.shape
+    for first in range(0, n, 65536):  # in row blocks: no full-size boolean mask
+        bad = ~torch.isfinite(less.trajectory[first : first + 65536])
+        if bool(bad.any()):
+            row, checkpoint, column = (int(x) for x in bad.nonzero()[0])
+            raise InputError(f"LESS folder {folder}: gradient values are not finite (NaN/Inf), the first at row {first + row}, "
+                             f"column {column} of checkpoint {less.checkpoint_names[checkpoint]} ({less.files[checkpoint][0]}); "
+                             "nothing was written")
     if example_ids is not None and len(example_ids) != n:
         raise InputError(f"example_ids: {len(example_ids)} ids for the {n} rows in {folder}")
     if checkpoint_weights is not None:
@@ -141,16 +155,38 @@ def less_to_store(
         weights = [float(w) / total for w in checkpoint_weights]
     else:
         weights = [1.0 / t] * t
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard_size must be a positive integer, got {shard_size!r}")
     ids = [str(i) for i in (example_ids if example_ids is not None else range(n))]
-    spec = StoreSpec(n=n, t=t, d=dim, example_ids=ids, dtype="float32", shard_size=shard_size, metadata={
-        "source": "LESS", "less_folder": str(Path(folder).resolve()), "checkpoints": less.checkpoint_names,
-        "checkpoint_weights": weights, "weights_applied": False,
-        "normalisation": "unit" if normalized else "none",
-        "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"},
-    })
-    writer = TrajectoryStoreWriter(out, spec, resume=True)
-    data = less.trajectory.numpy()
-    for index in writer.missing_shards():
-        start, stop = spec.shard_rows(index)
-        writer.write_shard(index, np.ascontiguousarray(data[start:stop]))
-    return writer.finish()
+    if len(set(ids)) != n:
+        raise InputError(f"example_ids must be unique ({n - len(set(ids))} duplicate(s))")
+    try:
+        spec = StoreSpec(n=n, t=t, d=dim, example_ids=ids, dtype="float32", shard_size=shard_size, metadata={
+            "source": "LESS", "less_folder": str(Path(folder).resolve()), "checkpoints": less.checkpoint_names,
+            "checkpoint_weights": weights, "weights_applied": False,
+            "normalisation": "unit" if normalized else "none",
+            "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"},
+        })
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    created = _first_missing(Path(out))
+    try:
+        writer = TrajectoryStoreWriter(out, spec, resume=True)
+        data = less.trajectory.numpy()
+        for index in writer.missing_shards():
+            start, stop = spec.shard_rows(index)
+            writer.write_shard(index, np.ascontiguousarray(data[start:stop]))
+        return writer.finish()
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (what creating it makes)."""
+    path = path.absolute()
+    created = None
+    while not path.exists() and path != path.parent:
+        created, path = path, path.parent
+    return created

@@ -28,23 +28,39 @@ blocks already carry c_t = sqrt(w_t), so <a_i, a_j> = sum_t w_t <.,.> and a sele
 weight them again (:attr:`TrajectoryStore.selection_checkpoint_weights` is then None).
 
 Several processes may fill disjoint shards of one store at once (``collect_trajectory(shards=...)``):
-manifest updates merge under an exclusive lock on ``STORE/.lock``.
+each writes its shard files, then merges its entry into the manifest under an exclusive lock on
+``STORE/.lock``, re-reading the manifest inside the lock, so no writer loses another's entries.
 
-Crash safety: a shard is written to ``.shard-XXXXX.npy.tmp``, flushed, fsync'ed, then
-``os.replace``d into place; only then is the manifest (also temp file + ``os.replace``) updated
-to list it. A killed collection therefore leaves only listed, complete shards (plus perhaps a
-stray temp file, removed on resume), and resuming recomputes exactly the unlisted shards.
+Crash safety: a shard is written to a temp file ``.shard-XXXXX.npy.<host>.<pid>.<token>.tmp``,
+flushed, fsync'ed, then ``os.replace``d into place; only then is the manifest (also temp file +
+``os.replace``) updated to list it. A killed collection therefore leaves only listed, complete
+shards (plus perhaps a stray temp file, removed by the next writer once provably stale: see
+:func:`_remove_stale_temps`), and resuming recomputes exactly the unlisted shards.
 Shards are computed independently and deterministically, so a resumed store equals an
-uninterrupted one bit for bit. :func:`open_store` checks the manifest against the files
-(existence, byte size, .npy header shape and dtype, row counts; sha256 with
-``verify="sha256"``) and raises :class:`StoreError` naming the first problem.
+uninterrupted one bit for bit. :func:`open_store` validates the manifest's schema (types, ranges,
+lengths, N against shard_size and the shards listed) and checks it against the files (existence,
+byte size, .npy header shape and dtype, row counts; sha256 with ``verify="sha256"``); every
+problem is a :class:`StoreError` naming the store and the first offending field or file.
+
+An incomplete store (``open_store(..., allow_incomplete=True)``) still describes all N rows
+(``len``, ``n``, ``ids``); the row-level accessors (``rows``, ``iter_shards``) serve the written
+shards and ``rows`` raises :class:`StoreError` for a row in an unwritten shard; the whole-store
+accessors (``candidates``, ``trajectory_view``, ``mean``) refuse, since an answer over the written
+rows alone would silently be a different store. ``complete``, ``written_shards``,
+``missing_shards`` and ``n_written`` say what is there.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import math
+import operator
 import os
+import re
+import secrets
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -55,10 +71,22 @@ FORMAT_NAME = "gtp-trajectory"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STORE_DTYPES = ("float32", "float16")
+# metadata entries that hold one value per checkpoint (checked to have length T when present)
+PER_CHECKPOINT_METADATA = ("checkpoints", "learning_rates", "checkpoint_weights", "block_scales")
+# a temp file untouched for this long is stale whoever wrote it (see _remove_stale_temps)
+STALE_TEMP_SECONDS = 24 * 3600
 
 
 class StoreError(ValueError):
     """A store folder that is missing, corrupt, incomplete or does not match what was asked."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -76,7 +104,7 @@ class StoreSpec:
     def __post_init__(self) -> None:
         for name in ("n", "t", "d", "shard_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"dtype must be one of {STORE_DTYPES}, got {self.dtype!r}")
@@ -118,13 +146,80 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# --- temp files -----------------------------------------------------------------------------------
+#
+# Every temp file carries who wrote it: ".<target>.<host>.<pid>.<token>.tmp" (token: 16 random hex
+# digits, so two writers in one process, or a reused pid, never share a name). A writer opening a
+# store removes only temps that are provably stale:
+#   * written on this host (same host tag) by a pid that no longer runs (os.kill(pid, 0) raises
+#     ProcessLookupError): its writer is dead, nobody will rename it. A pid that was reused since
+#     only keeps the temp longer (never the wrong way round), and our own pid counts as alive
+#     (another writer object of this process may be mid-write);
+#   * or, whatever wrote it (another host on a shared file system, where pids mean nothing; an
+#     older version's ".<target>.tmp" without a pid), untouched for STALE_TEMP_SECONDS (a day): a
+#     temp exists only while one shard is streamed to disk and fsync'ed, seconds to minutes.
+# Only temps of the store's own files (shard-XXXXX.npy, manifest.json) are ever considered.
+# Caveat: processes in separate pid namespaces that share a host name and a store folder look
+# dead to each other; give such containers distinct host names (Docker's default does).
+
+_TEMP_NAME = re.compile(r"^\.(?P<target>shard-\d{5,}\.npy|manifest\.json)"
+                        r"(?:\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{16}))?\.tmp$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's; anything else: do not guess
+        return True
+    return True
+
+
+def _remove_stale_temps(root: Path) -> list[Path]:
+    """Remove the store's temp files whose writer is provably gone (rules above); returns them."""
+    removed = []
+    host = _host_tag()
+    for tmp in root.glob(".*.tmp"):
+        match = _TEMP_NAME.match(tmp.name)
+        if match is None:
+            continue
+        try:
+            age = time.time() - tmp.stat().st_mtime
+        except FileNotFoundError:  # its writer renamed it meanwhile
+            continue
+        dead_here = match["pid"] is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+        if dead_here or age > STALE_TEMP_SECONDS:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
 def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        write(handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     try:  # make the rename itself durable where the platform allows
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -137,7 +232,10 @@ def _write_atomically(path: Path, write) -> None:
 
 @contextlib.contextmanager
 def _manifest_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on STORE/.lock (POSIX); a no-op where fcntl is unavailable."""
+    """Exclusive advisory lock on STORE/.lock (POSIX flock); a no-op where fcntl is unavailable.
+
+    flock locks belong to the open file description, so two writer objects in one process
+    exclude each other as two processes do."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: single-writer only
@@ -151,64 +249,189 @@ def _manifest_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+# --- the manifest ---------------------------------------------------------------------------------
+
 def _read_manifest(path: Path) -> dict[str, Any]:
+    """Read and fully validate ``path/manifest.json``; any problem is a one-line StoreError."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise StoreError(f"store {path}: no {MANIFEST} (not a trajectory store, or never started)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        raw = manifest_path.read_bytes()
+    except OSError as error:
+        raise StoreError(f"store {path}: cannot read {MANIFEST} ({error.strerror or error})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise StoreError(f"store {path}: {MANIFEST} is not UTF-8 text (byte {error.start})") from None
+    try:
+        manifest = json.loads(text)
     except json.JSONDecodeError as error:
-        raise StoreError(f"store {path}: {MANIFEST} is not valid JSON ({error.msg})") from None
-    if manifest.get("format") != FORMAT_NAME:
-        raise StoreError(f"store {path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise StoreError(f"store {path}: format version {manifest.get('version')!r} is not supported (expected {FORMAT_VERSION})")
-    for key in ("N", "T", "d", "dtype", "shard_size", "example_ids", "shards", "complete", "metadata"):
-        if key not in manifest:
-            raise StoreError(f"store {path}: {MANIFEST} lacks {key!r}")
+        raise StoreError(f"store {path}: {MANIFEST} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    except (ValueError, RecursionError) as error:
+        raise StoreError(f"store {path}: {MANIFEST} is not valid JSON ({type(error).__name__})") from None
+    _validate_manifest(path, manifest)
     return manifest
 
 
+def _validate_manifest(path: Path, manifest: Any) -> None:
+    def bad(name: str, problem: str, value: Any = ...) -> StoreError:
+        got = "" if value is ... else f", got {_short(value)}"
+        return StoreError(f"store {path}: {MANIFEST} field {name!r} {problem}{got}")
+
+    if not isinstance(manifest, dict):
+        raise StoreError(f"store {path}: {MANIFEST} top level is a JSON {_json_type(manifest)}, expected an object")
+    if manifest.get("format") != FORMAT_NAME:
+        raise StoreError(f"store {path}: format is {_short(manifest.get('format'))}, expected {FORMAT_NAME!r}")
+    version = manifest.get("version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise StoreError(f"store {path}: format version {_short(version)} is not supported (expected {FORMAT_VERSION})")
+    for key in ("N", "T", "d", "dtype", "shard_size", "example_ids", "shards", "complete", "metadata"):
+        if key not in manifest:
+            raise StoreError(f"store {path}: {MANIFEST} lacks {key!r}")
+    for key in ("N", "T", "d", "shard_size"):
+        if not _is_int(manifest[key]) or manifest[key] < 1:
+            raise bad(key, "must be a positive integer", manifest[key])
+    n, t, shard_size = manifest["N"], manifest["T"], manifest["shard_size"]
+    if manifest["dtype"] not in STORE_DTYPES:
+        raise bad("dtype", f"must be one of {list(STORE_DTYPES)}", manifest["dtype"])
+
+    ids = manifest["example_ids"]
+    if not isinstance(ids, list):
+        raise bad("example_ids", "must be a list of strings", ids)
+    if len(ids) != n:
+        raise StoreError(f"store {path}: {MANIFEST} field 'example_ids' holds {len(ids)} example ids for N={n}")
+    if not all(type(value) is str for value in ids):  # noqa: E721 - exact type, fast on 1M ids
+        position = next(i for i, value in enumerate(ids) if not isinstance(value, str))
+        raise bad("example_ids", f"entry {position} is not a string", ids[position])
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        duplicate = next(value for value in ids if value in seen or seen.add(value))
+        raise bad("example_ids", f"must be unique; {_short(duplicate)} appears more than once")
+
+    metadata = manifest["metadata"]
+    if not isinstance(metadata, dict):
+        raise bad("metadata", "must be an object", metadata)
+    for key in PER_CHECKPOINT_METADATA:
+        value = metadata.get(key)
+        if value is not None and (not isinstance(value, list) or len(value) != t):
+            raise bad(f"metadata.{key}", f"must be a list of T={t} values (one per checkpoint)", value)
+    for key in ("checkpoint_weights", "block_scales"):
+        value = metadata.get(key)
+        if value is not None and not all(_is_finite_number(v) and v >= 0 for v in value):
+            raise bad(f"metadata.{key}", "must hold finite non-negative numbers", value)
+    weights = metadata.get("checkpoint_weights")
+    if weights is not None and not sum(weights) > 0:
+        raise bad("metadata.checkpoint_weights", "must have a positive sum", weights)
+    if "weights_applied" in metadata and not isinstance(metadata["weights_applied"], bool):
+        raise bad("metadata.weights_applied", "must be true or false", metadata["weights_applied"])
+
+    if not isinstance(manifest["complete"], bool):
+        raise bad("complete", "must be true or false", manifest["complete"])
+    shards = manifest["shards"]
+    if not isinstance(shards, list):
+        raise bad("shards", "must be a list of shard entries", shards)
+    n_shards = -(-n // shard_size)
+    seen_index: set[int] = set()
+    for position, entry in enumerate(shards):
+        where = f"shards[{position}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "must be an object", entry)
+        for key in ("index", "file", "start", "stop", "bytes", "sha256"):
+            if key not in entry:
+                raise StoreError(f"store {path}: {MANIFEST} field {where!r} lacks {key!r}")
+        index = entry["index"]
+        if not _is_int(index) or not 0 <= index < n_shards:
+            raise bad(f"{where}.index", f"must be a shard number in [0, {n_shards}) (N={n}, shard_size={shard_size})", index)
+        if index in seen_index:
+            raise bad("shards", f"lists shard {index} twice")
+        seen_index.add(index)
+        if entry["file"] != _shard_file(index):
+            raise bad(f"{where}.file", f"must be {_shard_file(index)!r} for shard {index}", entry["file"])
+        start, stop = index * shard_size, min(n, (index + 1) * shard_size)
+        if (entry["start"], entry["stop"]) != (start, stop) or not (_is_int(entry["start"]) and _is_int(entry["stop"])):
+            raise StoreError(f"store {path}: {MANIFEST} field 'shards' lists rows {_short(entry['start'])}..{_short(entry['stop'])} "
+                             f"for shard {index}, expected {start}..{stop} (N={n}, shard_size={shard_size})")
+        if not _is_int(entry["bytes"]) or entry["bytes"] < 1:
+            raise bad(f"{where}.bytes", "must be a positive integer", entry["bytes"])
+        sha = entry["sha256"]
+        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise bad(f"{where}.sha256", "must be 64 lowercase hex digits", sha)
+    all_listed = len(seen_index) == n_shards
+    if manifest["complete"] and not all_listed:
+        missing = [i for i in range(n_shards) if i not in seen_index]
+        raise StoreError(f"store {path}: {MANIFEST} field 'complete' is true but shard(s) {_short(missing)} of "
+                         f"{n_shards} are not listed")
+    if not manifest["complete"] and all_listed:
+        raise bad("complete", f"is false but all {n_shards} shards are listed (inconsistent)")
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((type(None), "null"), (bool, "boolean"), ((int, float), "number"), (str, "string"), (list, "array")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
 class TrajectoryStoreWriter:
-    """Create a store, or reopen one with the same spec to fill its missing shards."""
+    """Create a store, or reopen one with the same spec to fill its missing shards.
+
+    Several writers (processes, or objects in one process) may fill disjoint shards of one store
+    at once: each shard is written to its own temp file and renamed, then merged into the
+    manifest under ``STORE/.lock``; opening a writer removes only provably stale temp files.
+    """
 
     def __init__(self, path: str | os.PathLike, spec: StoreSpec, resume: bool = True):
         self.path = Path(path)
         self.spec = spec
-        if (self.path / MANIFEST).exists():
-            if not resume:
-                raise StoreError(f"store {self.path} already exists (pass resume=True to continue it, or choose a new folder)")
-            manifest = _read_manifest(self.path)
-            wanted = spec.header()
-            for key, value in wanted.items():
-                if manifest.get(key) != value:
-                    raise StoreError(
-                        f"store {self.path}: cannot resume, its {key!r} differs from this collection's "
-                        f"({_short(manifest.get(key))} vs {_short(value)})"
-                    )
-            self.manifest = manifest
-            for stray in self.path.glob(".*.tmp"):
-                stray.unlink()
-            # Forget listed shards whose file went missing or changed size: they are recomputed.
-            kept = []
-            for shard in manifest["shards"]:
-                file = self.path / shard["file"]
-                if file.is_file() and file.stat().st_size == shard["bytes"]:
-                    kept.append(shard)
-            self.manifest["shards"] = kept
-            self.manifest["complete"] = len(kept) == spec.n_shards
-        else:
-            if self.path.exists() and any(self.path.glob("shard-*.npy")):
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"store {self.path}: exists and is not a folder")
+        if (self.path / MANIFEST).exists() and not resume:
+            raise StoreError(f"store {self.path} already exists (pass resume=True to continue it, or choose a new folder)")
+        if not self.path.exists() or not (self.path / MANIFEST).exists():
+            if self.path.is_dir() and any(self.path.glob("shard-*.npy")):
                 raise StoreError(f"store {self.path}: holds shard files but no {MANIFEST} (not a store this code wrote)")
             self.path.mkdir(parents=True, exist_ok=True)
-            self.manifest = {**spec.header(), "shards": [], "complete": False}
-            self._save_manifest()
+        with _manifest_lock(self.path):  # another writer may be creating or updating it right now
+            if (self.path / MANIFEST).exists():
+                if not resume:
+                    raise StoreError(f"store {self.path} already exists (pass resume=True to continue it, or choose a new folder)")
+                manifest = self._check_spec(_read_manifest(self.path))
+                # Forget listed shards whose file went missing or changed size: they are recomputed.
+                kept = [shard for shard in manifest["shards"] if self._shard_intact(shard)]
+                if len(kept) != len(manifest["shards"]):
+                    manifest["shards"] = kept
+                    manifest["complete"] = len(kept) == spec.n_shards
+                    self.manifest = manifest
+                    self._save_manifest()
+                self.manifest = manifest
+            else:
+                if any(self.path.glob("shard-*.npy")):
+                    raise StoreError(f"store {self.path}: holds shard files but no {MANIFEST} (not a store this code wrote)")
+                self.manifest = {**spec.header(), "shards": [], "complete": False}
+                self._save_manifest()
+        _remove_stale_temps(self.path)
+
+    def _check_spec(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        for key, value in self.spec.header().items():
+            if manifest.get(key) != value:
+                raise StoreError(
+                    f"store {self.path}: cannot resume, its {key!r} differs from this collection's "
+                    f"({_short(manifest.get(key))} vs {_short(value)})"
+                )
+        return manifest
+
+    def _shard_intact(self, shard: dict[str, Any]) -> bool:
+        file = self.path / shard["file"]
+        return file.is_file() and file.stat().st_size == shard["bytes"]
 
     def _save_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=1).encode("utf-8")
         _write_atomically(self.path / MANIFEST, lambda handle: handle.write(text))
 
     def missing_shards(self) -> list[int]:
+        """Shards no writer has listed yet (re-read from disk: other writers may have added some)."""
+        self.manifest = self._check_spec(_read_manifest(self.path))
         done = {shard["index"] for shard in self.manifest["shards"]}
         return [index for index in range(self.spec.n_shards) if index not in done]
 
@@ -226,13 +449,14 @@ class TrajectoryStoreWriter:
         entry = {"index": index, "file": file.name, "start": start, "stop": stop,
                  "bytes": file.stat().st_size, "sha256": _sha256(file)}
         with _manifest_lock(self.path):
-            # Other processes may be filling other shards of this store (``shards=`` splits):
-            # merge what the manifest on disk lists now, under an exclusive lock.
-            on_disk = _read_manifest(self.path)["shards"]
-            merged = {s["index"]: s for s in self.manifest["shards"] + on_disk if s["index"] != index}
+            # Other writers may have listed other shards since we last looked: the manifest on
+            # disk, re-read inside the lock, is the truth; add this shard's entry to it.
+            manifest = self._check_spec(_read_manifest(self.path))
+            merged = {s["index"]: s for s in manifest["shards"]}
             merged[index] = entry
-            self.manifest["shards"] = [merged[i] for i in sorted(merged)]
-            self.manifest["complete"] = len(self.manifest["shards"]) == self.spec.n_shards
+            manifest["shards"] = [merged[i] for i in sorted(merged)]
+            manifest["complete"] = len(merged) == self.spec.n_shards
+            self.manifest = manifest
             self._save_manifest()
 
     def finish(self) -> "TrajectoryStore":
@@ -243,33 +467,66 @@ class TrajectoryStoreWriter:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value)
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
 class TrajectoryStore:
-    """A validated, read-only store. Arrays are memory-mapped; nothing is loaded until asked."""
+    """A validated, read-only store. Arrays are memory-mapped; nothing is loaded until asked.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[np.ndarray]):
+    On an incomplete store (opened with ``allow_incomplete=True``) ``len``, ``n`` and ``ids``
+    still describe all N rows; ``rows`` and ``iter_shards`` serve the written shards (``rows``
+    raises :class:`StoreError` for a row of an unwritten shard); ``candidates``,
+    ``trajectory_view`` and ``mean`` refuse with :class:`StoreError`.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: dict[int, np.ndarray]):
         self.path = path
         self.manifest = manifest
-        self._shards = shards
+        self._shards = dict(sorted(shards.items()))  # shard number -> memmap (rows, T, d)
 
     n = property(lambda self: int(self.manifest["N"]))
     t = property(lambda self: int(self.manifest["T"]))
     d = property(lambda self: int(self.manifest["d"]))
     dtype = property(lambda self: np.dtype(self.manifest["dtype"]))
     metadata = property(lambda self: self.manifest["metadata"])
+    shard_size = property(lambda self: int(self.manifest["shard_size"]))
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    @property
+    def complete(self) -> bool:
+        """True when every shard is written (always, unless opened with ``allow_incomplete``)."""
+        return len(self._shards) == self.n_shards
+
+    @property
+    def written_shards(self) -> list[int]:
+        return list(self._shards)
+
+    @property
+    def missing_shards(self) -> list[int]:
+        return [i for i in range(self.n_shards) if i not in self._shards]
+
+    @property
+    def n_written(self) -> int:
+        """Rows held by the written shards (N when complete)."""
+        return sum(len(array) for array in self._shards.values())
 
     @property
     def ids(self) -> list[str]:
+        """All N example ids in row order, written or not."""
         return list(self.manifest["example_ids"])
 
     @property
     def checkpoint_weights(self) -> list[float]:
         """w_t (sum 1), one per checkpoint; uniform when the manifest names none."""
         weights = self.metadata.get("checkpoint_weights")
-        return [float(w) for w in weights] if weights else [1.0 / self.t] * self.t
+        return [float(w) for w in weights] if weights is not None else [1.0 / self.t] * self.t
 
     @property
     def weights_applied(self) -> bool:
@@ -281,23 +538,41 @@ class TrajectoryStore:
         return None if self.weights_applied else self.checkpoint_weights
 
     def __len__(self) -> int:
+        """N, the store's rows, written or not (see ``n_written``)."""
         return self.n
 
+    def _require_complete(self, what: str) -> None:
+        if not self.complete:
+            missing = self.missing_shards
+            listed = ", ".join(str(i) for i in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            raise StoreError(
+                f"store {self.path}: incomplete ({len(self._shards)}/{self.n_shards} shards written; missing "
+                f"shard{'s' if len(missing) > 1 else ''} {listed}); {what} needs every row: resume the collection, "
+                "or use iter_shards() / rows() for the written rows")
+
     def iter_shards(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(start, stop, memmap (rows, T, d)) per shard, for out-of-core passes."""
-        for entry, array in zip(self.manifest["shards"], self._shards):
-            yield entry["start"], entry["stop"], array
+        """(start, stop, memmap (rows, T, d)) per written shard in row order, for out-of-core passes.
+
+        On an incomplete store only the written shards are yielded (their row ranges say where
+        they belong)."""
+        size = self.shard_size
+        for index, array in self._shards.items():
+            start = index * size
+            yield start, start + len(array), array
 
     def trajectory_view(self) -> np.ndarray:
-        """(N, T, d): the memory map itself for a one-shard store, else a concatenation in memory."""
-        if not self.manifest["complete"]:
-            raise StoreError(f"store {self.path}: incomplete, only its written shards can be iterated (iter_shards)")
-        if len(self._shards) == 1:
-            return self._shards[0]
-        return np.concatenate(self._shards, axis=0)
+        """(N, T, d): the memory map itself for a one-shard store, else a concatenation in memory.
+        Refuses an incomplete store."""
+        self._require_complete("trajectory_view()")
+        arrays = list(self._shards.values())
+        if len(arrays) == 1:
+            return arrays[0]
+        return np.concatenate(arrays, axis=0)
 
     def candidates(self, as_tensor: bool = False, dtype: Any = None) -> Any:
-        """(N, T*d) rows a_i (checkpoint blocks side by side), as NumPy or a torch tensor."""
+        """(N, T*d) rows a_i (checkpoint blocks side by side), as NumPy or a torch tensor.
+        Refuses an incomplete store (row i must be example ids[i])."""
+        self._require_complete("candidates()")
         matrix = self.trajectory_view().reshape(self.n, self.t * self.d)
         if dtype is not None:
             matrix = matrix.astype(dtype, copy=False)
@@ -308,20 +583,32 @@ class TrajectoryStore:
         return matrix
 
     def mean(self) -> np.ndarray:
-        """Mean row (T*d,) computed shard by shard in float64, returned float32 (a target b)."""
+        """Mean row (T*d,) over all N rows, computed shard by shard in float64, returned float32
+        (a target b). Refuses an incomplete store (a mean of some rows is another target)."""
+        self._require_complete("mean()")
         total = np.zeros(self.t * self.d, dtype=np.float64)
         for start, stop, array in self.iter_shards():
             total += array.reshape(stop - start, -1).sum(axis=0, dtype=np.float64)
         return (total / self.n).astype(np.float32)
 
     def rows(self, indices: Sequence[int]) -> np.ndarray:
-        """Rows a_i (len(indices), T*d) gathered without loading the whole store."""
+        """Rows a_i (len(indices), T*d) gathered without loading the whole store.
+
+        Raises IndexError for a row outside [0, N) and StoreError for a row of a shard that is
+        not written (an incomplete store)."""
         out = np.empty((len(indices), self.t * self.d), dtype=self.dtype)
-        size = int(self.manifest["shard_size"])
+        size = self.shard_size
         for position, index in enumerate(indices):
+            index = operator.index(index)
             if not 0 <= index < self.n:
                 raise IndexError(f"row {index} out of range [0, {self.n})")
-            out[position] = self._shards[index // size][index % size].reshape(-1)
+            shard = index // size
+            array = self._shards.get(shard)
+            if array is None:
+                raise StoreError(
+                    f"store {self.path}: row {index} is in shard {shard} (rows {shard * size}..{min(self.n, (shard + 1) * size) - 1}), "
+                    "which is not written yet (incomplete store)")
+            out[position] = array[index - shard * size].reshape(-1)
         return out
 
 
@@ -335,31 +622,28 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
 
     Args:
         verify: "size" (file sizes and .npy headers, fast), "sha256" (also every shard's
-            checksum: reads all data once), or "none" (headers only).
-        allow_incomplete: open a store whose collection has not finished (only its written
-            shards are then iterable; ``candidates`` refuses).
+            checksum: reads all data once), or "none" (headers only). The manifest's schema
+            is validated in every mode.
+        allow_incomplete: open a store whose collection has not finished: ``rows`` and
+            ``iter_shards`` then serve the written shards; ``candidates``, ``trajectory_view``
+            and ``mean`` refuse (see :class:`TrajectoryStore`).
+
+    Raises:
+        StoreError: a missing, malformed, corrupt or (without ``allow_incomplete``) incomplete
+            store, with a one-line message naming the store and the problem.
     """
     if verify not in ("none", "size", "sha256"):
         raise ValueError(f"verify must be 'none', 'size' or 'sha256', got {verify!r}")
     root = Path(path)
-    manifest = _read_manifest(root)
+    manifest = _read_manifest(root)  # schema, types, ranges and consistency checked there
     n, t, d, dtype, shard_size = manifest["N"], manifest["T"], manifest["d"], manifest["dtype"], manifest["shard_size"]
-    if dtype not in STORE_DTYPES:
-        raise StoreError(f"store {root}: dtype {dtype!r} is not one of {STORE_DTYPES}")
-    if len(manifest["example_ids"]) != n:
-        raise StoreError(f"store {root}: {len(manifest['example_ids'])} example ids for N={n}")
     n_shards = -(-n // shard_size)
     if not manifest["complete"] and not allow_incomplete:
         raise StoreError(f"store {root}: incomplete ({len(manifest['shards'])}/{n_shards} shards); resume the collection")
-    arrays = []
-    listed = sorted(manifest["shards"], key=lambda s: s["index"])
-    if manifest["complete"] and [s["index"] for s in listed] != list(range(n_shards)):
-        raise StoreError(f"store {root}: marked complete but lists shards {[s['index'] for s in listed][:10]} of {n_shards}")
-    for entry in listed:
+    arrays = {}
+    for entry in sorted(manifest["shards"], key=lambda s: s["index"]):
         file = root / entry["file"]
-        start, stop = entry["index"] * shard_size, min(n, (entry["index"] + 1) * shard_size)
-        if (entry["start"], entry["stop"]) != (start, stop):
-            raise StoreError(f"store {root}: shard {entry['index']} lists rows {entry['start']}..{entry['stop']}, expected {start}..{stop}")
+        start, stop = entry["start"], entry["stop"]
         if not file.is_file():
             raise StoreError(f"store {root}: shard file {entry['file']} is missing")
         if verify != "none" and file.stat().st_size != entry["bytes"]:
@@ -370,9 +654,9 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
             array = np.load(file, mmap_mode="r", allow_pickle=False)
         except Exception as error:  # numpy raises several types for a broken header
             raise StoreError(f"store {root}: shard {entry['file']} is not a readable .npy file ({error})") from None
-        if array.shape != (stop - start, t, d):
-            raise StoreError(f"store {root}: shard {entry['file']} has shape {array.shape}, expected {(stop - start, t, d)}")
+        if not isinstance(array, np.ndarray) or array.shape != (stop - start, t, d):
+            raise StoreError(f"store {root}: shard {entry['file']} has shape {getattr(array, 'shape', None)}, expected {(stop - start, t, d)}")
         if array.dtype != np.dtype(dtype):
             raise StoreError(f"store {root}: shard {entry['file']} has dtype {array.dtype}, manifest says {dtype}")
-        arrays.append(array)
+        arrays[entry["index"]] = array
     return TrajectoryStore(root, manifest, arrays)
