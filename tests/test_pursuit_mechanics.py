@@ -67,6 +67,43 @@ class _FakeClock:
         return self.f(self.n)
 
 
+class _IntervalClock:
+    """Clock stand-in that scripts intervals: the first reading pair spans the starting pass
+    (pass_cost), pair i after it spans cached iteration i (iteration_cost(i), i from 1)."""
+
+    def __init__(self, pass_cost, iteration_cost):
+        self.pass_cost, self.iteration_cost = pass_cost, iteration_cost
+        self.calls, self.t = 0, 0.0
+
+    def __call__(self):
+        self.calls += 1
+        if self.calls % 2 == 0:  # the end of an interval
+            pair = self.calls // 2
+            self.t += self.pass_cost if pair == 1 else self.iteration_cost(pair - 1)
+        return self.t
+
+
+@pytest.mark.parametrize("iteration_cost,switch", [
+    (lambda i: 100.0 if i == 1 else 0.5, False),  # only the first (sunk: first fetch) is dear
+    (lambda i: 1.2, False),  # dearer than a pass, within the margin: keep the cached columns
+    (lambda i: 1.3, True),  # beyond the margin: switch
+])
+def test_auto_measured_switch_ignores_sunk_cost_and_noise(monkeypatch, iteration_cost, switch):
+    A, B = noisy_problem(900, 256, seed=5, dtype=torch.float64, m=1)
+    k = 60
+    assert pursuit.SWITCH_MARGIN == 1.25
+    monkeypatch.setattr(pursuit, "_cpu_seconds", _IntervalClock(1.0, iteration_cost))
+    phases = {}
+    fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8,
+                       phase_seconds=phases)
+    monkeypatch.undo()
+    assert_same(fast, gk.select(A, B, k, method="gtp-reference"), 1e-9)
+    if switch:  # after the first cached iteration and one window
+        assert phases["switched_at_support"] == 1 + pursuit.MEASURE_ITERATIONS
+    else:
+        assert "switched_at_support" not in phases
+
+
 @pytest.mark.parametrize("clock,expect_measured_switch", [
     (lambda n: float(n * n), True),  # cached iterations ever dearer than the first pass: switch
     (lambda n: 0.0 if n == 1 else 1e9, False),  # the pass "took" 1e9 s: no measured switch

@@ -179,16 +179,24 @@ def _cache_budget_bytes(device: torch.device) -> int:
 FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
 
 
-# auto, CPU: switch to direct once the last MEASURE_ITERATIONS cached iterations took longer on
-# average than the pass that started the pursuit. The model above misses what timing sees:
+# auto, CPU: switch to direct once the last MEASURE_ITERATIONS cached iterations (the first
+# cached iteration aside) took SWITCH_MARGIN times longer on average than the pass that started
+# the pursuit. The model above misses what timing sees:
 # where a pass is cheap (A in L3, small D) a compute-bound column fetch costs up to ~8 passes,
 # not ~3, and the per-iteration bookkeeping is not free (e.g. N = 20k, D = 256, k = 100: cached
 # 1.03x the floor against direct 0.31x). The selection is the same either way.
 MEASURE_ITERATIONS = 16
-# ... measured in CPU seconds of this process (all its threads), not wall time: another job on
-# the machine then inflates neither side, where wall time made a busy spell look like "cached
-# got dearer" and switched a k << D run to direct for good (36 -> 81 passes at N = 100k).
-_cpu_seconds = time.process_time
+# ... measured in CPU seconds of the calling thread, which runs its share of every parallel
+# product: another job on the machine inflates neither side (wall time made a busy spell look
+# like "cached got dearer" and switched a k << D run to direct for good, 36 -> 81 passes at
+# N = 100k), and, unlike the process's CPU time, the reading is exact: Linux adds the other
+# threads' runtime at scheduler ticks, so a 1 ms pass read 1.3-5 ms and runs switched where
+# cached was 15-35% faster (N = 10k, D = 1024, k = 50 and 200; N = 40k, k = 200).
+_cpu_seconds = time.thread_time
+# ... by this factor: the switch is for good, and a window holding one compute-bound column
+# fetch (p = 17 columns: several passes' worth where A sits in L3) whose columns serve later
+# iterations looks dearer than the run it belongs to
+SWITCH_MARGIN = 1.25
 
 
 def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
@@ -368,6 +376,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     # auto on CPU also switches on measured cost: CPU seconds of the last cached iterations
     # (product + column fetches, not what both strategies do) against one pass over A
     cached_costs: List[float] = []
+    cached_iterations = 0
     pass_seconds = 0.0
     if strategy == "cached":
         # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
@@ -398,7 +407,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             # every rank): continue direct, from the exact residuals
             switch = cache.hi >= switch_at
             if not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
-                slower = sum(cached_costs) > MEASURE_ITERATIONS * pass_seconds
+                slower = sum(cached_costs) > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds
                 cached_costs.clear()
                 switch = rows_at.agree(slower) or switch
             if switch:
@@ -494,7 +503,10 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
                     raise RuntimeError("column cache too small for the supports")
         if cache is not None:
-            cached_costs.append(_cpu_seconds() - t_cached)
+            cost = _cpu_seconds() - t_cached
+            if cached_iterations:  # the first one's fetch and first touch of the cache are sunk
+                cached_costs.append(cost)
+            cached_iterations += 1
         clock.lap("columns")
 
         # 4. least-squares update (K3), float64 Gram entries from the selected rows
