@@ -56,72 +56,61 @@ def test_auto_switches_from_cached_to_direct_without_changing_the_selection(m, d
     assert fast[0].passes < sum(len(f.indices) for f in fast) / m + 5
 
 
-class _FakeClock:
-    """Clock stand-in: call n returns f(n), so the driver's measured intervals are scripted."""
+class _SimulatedCost:
+    """Stand-ins for the driver's clock and its products over A: time advances only by the
+    scripted cost of each product (p = 1: a pass; p > 1: a column fetch), so the measured
+    switch sees exactly the costs a test describes."""
 
-    def __init__(self, f):
-        self.f, self.n = f, 0
+    def __init__(self, pass_cost, fetch_cost):
+        self.pass_cost, self.fetch_cost = pass_cost, fetch_cost
+        self.t, self.passes, self.fetches = 0.0, 0, 0
 
-    def __call__(self):
-        self.n += 1
-        return self.f(self.n)
-
-
-class _IntervalClock:
-    """Clock stand-in that scripts intervals: the first reading pair spans the starting pass
-    (pass_cost), pair i after it spans cached iteration i (iteration_cost(i), i from 1)."""
-
-    def __init__(self, pass_cost, iteration_cost):
-        self.pass_cost, self.iteration_cost = pass_cost, iteration_cost
-        self.calls, self.t = 0, 0.0
-
-    def __call__(self):
-        self.calls += 1
-        if self.calls % 2 == 0:  # the end of an interval
-            pair = self.calls // 2
-            self.t += self.pass_cost if pair == 1 else self.iteration_cost(pair - 1)
+    def clock(self):
         return self.t
 
+    def products(self, real):
+        def timed_products(A, X, *args, **kwargs):
+            if X.shape[1] == 1:
+                self.passes += 1
+                self.t += self.pass_cost(self.passes)
+            else:
+                self.fetches += 1
+                self.t += self.fetch_cost(self.fetches)
+            return real(A, X, *args, **kwargs)
+        return timed_products
 
-@pytest.mark.parametrize("iteration_cost,switch", [
-    (lambda i: 100.0 if i == 1 else 0.5, False),  # only the first (sunk: first fetch) is dear
-    (lambda i: 1.2, False),  # dearer than a pass, within the margin: keep the cached columns
-    (lambda i: 1.3, True),  # beyond the margin: switch
+
+@pytest.mark.parametrize("pass_cost,fetch_cost,switch", [
+    # cached iterations (about one fetch in eight) far dearer than passes: switch to direct
+    (lambda i: 1.0, lambda i: 40.0, True),
+    # ... and cheaper: stay cached
+    (lambda i: 1.0, lambda i: 2.0, False),
+    # only the first fetch is dear (with the cache's first touch): sunk, not measured
+    (lambda i: 1.0, lambda i: 1000.0 if i == 1 else 2.0, False),
+    # the starting pass found A in cache (10x cheaper than later ones): the windows look dear
+    # against it, the probe's pass re-measures, and the columns are kept
+    (lambda i: 0.1 if i == 1 else 1.0, lambda i: 2.0, False),
 ])
-def test_auto_measured_switch_ignores_sunk_cost_and_noise(monkeypatch, iteration_cost, switch):
+def test_auto_measured_switch_on_cpu(monkeypatch, pass_cost, fetch_cost, switch):
+    """auto on CPU: a window of 16 cached iterations (after the first) measured dearer than
+    1.25 passes each makes it time one pass again (a re-anchor, used by that iteration) and
+    switch to direct only if the window is dearer than that pass too; the selection is the
+    reference's either way."""
     A, B = noisy_problem(900, 256, seed=5, dtype=torch.float64, m=1)
     k = 60
-    assert pursuit.SWITCH_MARGIN == 1.25
-    monkeypatch.setattr(pursuit, "_cpu_seconds", _IntervalClock(1.0, iteration_cost))
+    model_switch = pursuit.switch_columns(256, A.element_size(), A.element_size(), on_gpu=False)
+    assert model_switch > k + 2 * 8 + 1  # the model alone would never switch here
+    sim = _SimulatedCost(pass_cost, fetch_cost)
+    monkeypatch.setattr(pursuit, "_cpu_seconds", sim.clock)
+    monkeypatch.setattr(pursuit, "candidate_products", sim.products(pursuit.candidate_products))
     phases = {}
     fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8,
                        phase_seconds=phases)
     monkeypatch.undo()
     assert_same(fast, gk.select(A, B, k, method="gtp-reference"), 1e-9)
-    if switch:  # after the first cached iteration and one window
-        assert phases["switched_at_support"] == 1 + pursuit.MEASURE_ITERATIONS
+    if switch:  # the first cached iteration, one window, the probe's iteration; then direct
+        assert phases["switched_at_support"] == 2 + pursuit.MEASURE_ITERATIONS
+        assert fast[0].passes >= k - pursuit.MEASURE_ITERATIONS - 2
     else:
         assert "switched_at_support" not in phases
-
-
-@pytest.mark.parametrize("clock,expect_measured_switch", [
-    (lambda n: float(n * n), True),  # cached iterations ever dearer than the first pass: switch
-    (lambda n: 0.0 if n == 1 else 1e9, False),  # the pass "took" 1e9 s: no measured switch
-])
-def test_auto_measured_switch_on_cpu(monkeypatch, clock, expect_measured_switch):
-    """auto on CPU switches after 16 cached iterations measured dearer than a pass; the
-    selection is the reference's either way."""
-    A, B = noisy_problem(900, 256, seed=5, dtype=torch.float64, m=1)
-    k = 60
-    model_switch = pursuit.switch_columns(256, A.element_size(), A.element_size(), on_gpu=False)
-    assert model_switch > k + 2 * 8 + 1  # the model alone would never switch here
-    monkeypatch.setattr(pursuit, "_cpu_seconds", _FakeClock(clock))
-    fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8)
-    monkeypatch.undo()
-    assert_same(fast, gk.select(A, B, k, method="gtp-reference"), 1e-9)
-    passes = fast[0].passes
-    if expect_measured_switch:
-        # cached for 16 iterations (a few fetches), then one pass per remaining iteration
-        assert k - pursuit.MEASURE_ITERATIONS <= passes < k
-    else:
-        assert passes < k / 2
+        assert fast[0].passes < k / 2

@@ -378,6 +378,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     cached_costs: List[float] = []
     cached_iterations = 0
     pass_seconds = 0.0
+    probe = switch_next = False
     if strategy == "cached":
         # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
         # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
@@ -405,11 +406,14 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             # the cached product now costs a pass (model), or MEASURE_ITERATIONS cached
             # iterations measured dearer than passes (CPU; checked on the same iterations on
             # every rank): continue direct, from the exact residuals
-            switch = cache.hi >= switch_at
+            switch = cache.hi >= switch_at or switch_next
+            probe = False
             if not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
-                slower = sum(cached_costs) > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds
+                window = sum(cached_costs)
                 cached_costs.clear()
-                switch = rows_at.agree(slower) or switch
+                # dearer than the pass measured at the start: time a pass now, under the same
+                # conditions (the start's may have found A in cache), before switching for good
+                probe = rows_at.agree(window > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds)
             if switch:
                 cache = base_c = None
                 if phase_seconds is not None:  # a support size, not seconds
@@ -419,9 +423,15 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
             # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
             stale = [t for t in live if hist[t][-1] < anchor_drop * base_norm[t]]
+            if probe:  # the probe's pass re-anchors every target: this iteration uses it
+                stale = live
             if stale:
                 RW = (R[:, stale] if fw is None else R[:, stale] * fw[:, None]).to(dtype)
+                t_pass = _cpu_seconds()
                 base_c[:, stale] = candidate_products(A, RW, dtype, opts.backend)
+                if probe:
+                    pass_seconds = _cpu_seconds() - t_pass
+                    switch_next = rows_at.agree(window > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds)
                 for t in stale:
                     base_w[t] = dict(zip(supports[t], weights[t].tolist()))
                     base_norm[t] = hist[t][-1]
@@ -504,8 +514,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                     raise RuntimeError("column cache too small for the supports")
         if cache is not None:
             cost = _cpu_seconds() - t_cached
-            if cached_iterations:  # the first one's fetch and first touch of the cache are sunk
-                cached_costs.append(cost)
+            if cached_iterations and not probe:  # the first (its fetch and the cache's first
+                cached_costs.append(cost)  # touch are sunk) and a probe's pass are not measured
             cached_iterations += 1
         clock.lap("columns")
 
