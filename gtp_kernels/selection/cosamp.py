@@ -134,6 +134,7 @@ class _PassBounds:
 
     def __init__(self, tail: torch.Tensor, tau: float, n_beyond: int, positive: bool):
         self.c = torch.cat([tail, tail.new_tensor([tau])])  # descending
+        self.c0 = float(self.c[0])
         self.half_counts = torch.full_like(self.c, 0.5)  # Q(x) = erfc(x / sqrt 2) / 2
         self.half_counts[-1] = 0.5 * n_beyond
         self.rows = len(tail) + n_beyond
@@ -145,11 +146,11 @@ class _PassBounds:
         if self.rows == 0:
             return False
         if sigma == 0.0:
-            return v <= alpha * float(self.c[0])
+            return v <= alpha * self.c0
         scale = 1.0 / (sigma * _SQRT2)
         sides = 1 if self.positive else 2
         # cheap bound first (every row at the largest c); it settles most steps early in a pass
-        if sides * 0.5 * self.rows * math.erfc((v - alpha * float(self.c[0])) * scale) <= limit:
+        if sides * 0.5 * self.rows * math.erfc((v - alpha * self.c0) * scale) <= limit:
             return False
         out = float(self.half_counts.dot(torch.special.erfc(self.c * (-alpha * scale) + v * scale)))
         if not self.positive:
@@ -189,6 +190,8 @@ class _SampledPursuit:
         self.atom = torch.zeros(1, dtype=torch.int64, device=b.device)
         self.diag = torch.zeros(1, dtype=torch.float64, device=b.device)
         self.rhs = torch.zeros(1, dtype=torch.float64, device=b.device)
+        self._diag0, self._rhs0 = self.diag[0], self.rhs[0]  # out= views, made once
+        self._corr_buf: Optional[torch.Tensor] = None
 
     @property
     def weights(self) -> torch.Tensor:
@@ -213,7 +216,10 @@ class _SampledPursuit:
 
     def _sample_correlations(self, rows: torch.Tensor) -> torch.Tensor:
         """c = S W r for the sampled rows (|sample| x D); the in-sample cost of a step."""
-        return row_products(rows, self.r_c)[:, 0]
+        n = rows.shape[0]
+        if self._corr_buf is None or self._corr_buf.shape[0] < n or self._corr_buf.dtype != rows.dtype:
+            self._corr_buf = torch.empty(n, 1, dtype=rows.dtype, device=rows.device)
+        return row_products(rows, self.r_c, out=self._corr_buf[:n])[:, 0]
 
     def _may_be_beaten(self, v: float, corr: torch.Tensor, c_pass: torch.Tensor, picked: torch.Tensor,
                        n_alive: int, r_pass_w: torch.Tensor, rr_pass: float, bounds: _PassBounds) -> bool:
@@ -255,7 +261,7 @@ class _SampledPursuit:
                     self.stopped = STOP_EXHAUSTED
                 return self.iterations - start
             if first:  # r = r_pass: these are the sample's (signed) pass correlations
-                c_pass = corr
+                c_pass = corr.clone()  # corr lives in a buffer the next step overwrites
             key = corr.masked_fill(picked, -float("inf")) if opts.positive else corr.abs().masked_fill_(picked, -float("inf"))
             i = int(torch.argmax(key))
             v = key[i].item()
@@ -268,7 +274,7 @@ class _SampledPursuit:
             j = sample[i]
             row = A[j].to(torch.float64)
             row_w = self._weighted(row)
-            torch.dot(row_w, row, out=self.diag[0])
+            torch.dot(row_w, row, out=self._diag0)
             diag = self.diag.item()
             no_corr = v <= self.min_cos * math.sqrt(diag) * self.hist[-1]
             guard = (self.first_corr is not None and opts.stop_ratio is not None
@@ -290,7 +296,7 @@ class _SampledPursuit:
             if n_old:
                 rows_dot_f64(self.rows_buf[:n_old], row_w, self.gram_col[0, :n_old])
             self.atom.fill_(j)
-            torch.dot(row_w, self.b, out=self.rhs[0])
+            torch.dot(row_w, self.b, out=self._rhs0)
             status = lsq.lsq_update(self.state, self.atom, self.gram_col, self.diag, self.rhs,
                                     lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol,
                                     checked=False).item()
@@ -318,7 +324,10 @@ class _SampledPursuit:
                     self.exclude[a] = False
             self.support = new_support
             rows_residual_f64(self.rows_buf[:size], self.state.weights[0, :size], self.b, self.r)
-            self.r_c = self._weighted_c(self.r.to(self.dtype))
+            if self.fw_c is None:
+                self.r_c.copy_(self.r)  # in place: no allocation per step
+            else:
+                self.r_c = self.r.to(self.dtype) * self.fw_c
             self.hist.append(float(weighted_norm(self.r, self.fw)))
             if progress is not None:
                 progress(1)
