@@ -357,7 +357,8 @@ def _unit_scaled_targets(problem: Problem) -> tuple:
     """The problem with each target column times 2^-e (largest |entry| in [0.5, 1)), in
     float64 so that the scaling is exact, and the scales 2^e to undo it per column."""
     peaks = problem.targets.abs().amax(dim=0).to(torch.float64).tolist()
-    exps = [math.frexp(p)[1] for p in peaks]
+    # clamped so that 2^-e stays a float64 (a subnormal peak, ~1e-310, still lands near 2^-30)
+    exps = [min(1000, max(-1000, math.frexp(p)[1])) for p in peaks]
     if not any(exps):
         return problem, [1.0] * len(exps)
     factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
@@ -407,8 +408,10 @@ def fit_residual(
 
     Puts any selection (top-k, random, GTP) on the same footing; max over target columns.
     """
+    # the fit is computed in float64: no float32 range to respect, and any rows may be given
     problem = validate_problem(candidates, target, 1, checkpoint_weights=checkpoint_weights,
-                               num_checkpoints=num_checkpoints)
+                               num_checkpoints=num_checkpoints, compute_dtype=torch.float64,
+                               require_selectable=False)
     fw = problem.feature_weights(torch.float64)
     raw = np.asarray(indices)
     if raw.size and raw.dtype.kind not in "iu":

@@ -110,9 +110,15 @@ def _stage_bytes(path: Path, data: bytes) -> str:
     """Write data to a temp file next to path (mode as a plain open() gives), fsync; return its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, _new_file_mode())  # mkstemp makes 0600; outputs are ordinary files
-        with os.fdopen(fd, "wb") as f:
+        f = os.fdopen(fd, "wb")  # owns (and closes) fd from here, whatever fails next
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    try:
+        with f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), _new_file_mode())  # mkstemp makes 0600; outputs are ordinary files
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

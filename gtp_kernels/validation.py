@@ -130,6 +130,7 @@ def validate_problem(
     num_checkpoints: Optional[int] = None,
     exclude: Optional[ArrayLike] = None,
     compute_dtype: Optional[torch.dtype] = None,
+    require_selectable: bool = True,
 ) -> Problem:
     """Check and normalise the inputs of :func:`gtp_kernels.select`.
 
@@ -143,6 +144,8 @@ def validate_problem(
         else float32). In float32 the candidates' row norms must lie within 2^-50..2^50
         (FLOAT32_ROW_NORMS), where products of rows and Gram entries neither overflow nor
         underflow; targets of any magnitude are fine (select() scales them by a power of two).
+    require_selectable: refuse a pool whose rows are all zero or excluded (selection does; a
+        fit on given rows, fit_residual, does not need it).
     """
     A = as_tensor(candidates, "candidates")
     b = as_tensor(target, "target")
@@ -221,7 +224,7 @@ def validate_problem(
             excl[idx.to(A.device)] = True
     # All-zero rows carry no direction: never selectable.
     excl |= zero_rows
-    if bool(excl.all()):
+    if require_selectable and bool(excl.all()):
         reason = "all-zero or excluded" if exclude is not None else "all-zero"
         raise InputError(f"no candidate can be selected: all {N} rows are {reason}")
     return Problem(A, b, T, d, weights, excl)
@@ -305,8 +308,10 @@ def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
     low, high = float(lo), float(hi)
     if bool(zero.any()):  # a norm also underflows to 0 (float32 rows of ~1e-23): look at the rows
         rows = zero.nonzero().flatten()
-        underflowed = (A.index_select(0, rows) != 0).any(dim=1)
-        if bool(underflowed.any()):
-            zero[rows[underflowed]] = False
-            low = 0.0
+        for start in range(0, rows.numel(), step):  # a chunk at a time: no copy of every zero row
+            chunk = rows[start : start + step]
+            underflowed = (A.index_select(0, chunk) != 0).any(dim=1)
+            if bool(underflowed.any()):
+                zero[chunk[underflowed]] = False
+                low = 0.0
     return zero, (low, high)

@@ -289,13 +289,13 @@ def test_bad_options_raise_as_select_on_every_rank(error_results, name):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("nan_on_rank1", r"rank 1 \(rows 17..39 of the pool\): candidates contains NaN or Inf \(first at row 3\)"),
-    ("merge_nan_on_rank1", r"rank 1 \(rows 17..39 of the pool\): candidates contains NaN"),
+    ("nan_on_rank1", r"rank 1 \(rows 17..39 of the pool; row numbers below count within the shard\): candidates contains NaN or Inf \(first at row 3\)"),
+    ("merge_nan_on_rank1", r"rank 1 \(rows 17..39 of the pool; row numbers below count within the shard\): candidates contains NaN"),
     ("k_too_big", r"^k=41 is larger than the pool \(N=40 candidates over all ranks\)$"),
     ("all_zero_pool", r"no candidate can be selected: all 40 rows are all-zero"),
     ("k_differs", r"every rank must pass the same k: rank 1 has 7, rank 0 6"),
     ("target_differs", r"every rank must pass the same target: rank 1"),
-    ("exclude_bad_on_rank1", r"rank 1 \(rows 17..39 of the pool\): exclude mask must have shape \(23,\)"),
+    ("exclude_bad_on_rank1", r"rank 1 \(rows 17..39 of the pool; row numbers below count within the shard\): exclude mask must have shape \(23,\)"),
 ])
 def test_bad_input_on_one_rank_raises_on_every_rank(error_results, name, expected):
     """Checks are collective: every rank raises the same InputError, naming the rank at fault,

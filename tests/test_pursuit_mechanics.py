@@ -51,6 +51,9 @@ def test_auto_switches_from_cached_to_direct_without_changing_the_selection(m, d
                        phase_seconds=phases)
     assert phases["strategy"] == f"cached, direct from support size {phases['switched_at_support']}"
     assert 0 < phases["switched_at_support"] < k  # it did switch, part-way
+    # the same dict through a run that does not switch reports that run only
+    gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="direct", phase_seconds=phases)
+    assert phases["strategy"] == "direct" and "switched_at_support" not in phases
     assert_same(fast, gk.select(A, B, k, method="gtp-reference"), rtol)
     # and it read A fewer times than a pass per atom would
     assert fast[0].passes < sum(len(f.indices) for f in fast) / m + 5

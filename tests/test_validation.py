@@ -234,3 +234,20 @@ def test_fit_residual_checks_its_indices():
         gk.fit_residual(A, b, [-1])
     with pytest.raises(InputError, match="indices must be integers"):
         gk.fit_residual(A, b, [0.5])
+
+
+def test_subnormal_and_huge_float64_targets():
+    """The power-of-two target scaling stays inside float64 for any finite target."""
+    A64 = A.double()
+    ref = gk.select(A64, b.double(), 3).indices.tolist()
+    for scale in (1e-310, 1e300):
+        assert gk.select(A64, b.double() * scale, 3).indices.tolist() == ref
+
+
+def test_fit_residual_computes_in_float64_for_any_pool():
+    """fit_residual fits in float64: float32 pools outside select's float32 range, and pools
+    with no selectable row, are scored rather than refused."""
+    big = A * 1e20
+    target = big[:3].sum(dim=0).double()
+    assert gk.fit_residual(big, target, [0, 1, 2]) < 1e-6
+    assert gk.fit_residual(torch.zeros(20, 12), b, [0, 1]) == pytest.approx(1.0)

@@ -218,7 +218,8 @@ def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold,
             where = ""
             if rows[r] is not None and all(x is not None for x in rows[:r]):
                 start = sum(rows[:r])
-                where = f" (rows {start}..{start + rows[r] - 1} of the pool)" if rows[r] else " (no rows)"
+                where = (f" (rows {start}..{start + rows[r] - 1} of the pool; row numbers below count within "
+                         f"the shard)" if rows[r] else " (no rows)")
             msg = f"rank {r}{where}: {msg}"
         raise (InputTypeError if kind == "type" else InputError)(msg)
     first = reports[0]["setup"]

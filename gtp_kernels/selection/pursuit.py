@@ -316,6 +316,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     `problem.candidates` is this rank's shard and every index is global).
     """
     rows_at = placement if placement is not None else LocalRows()
+    if phase_seconds is not None:  # a dict reused across calls must not carry the last run's switch
+        phase_seconds.pop("switched_at_support", None)
     if strategy not in ("auto", "direct", "cached"):
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
     dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
