@@ -10,6 +10,7 @@ row-products kernel (the passes the drivers make on CPU) and k plain reads of A 
     python benchmarks/pursuit_table.py                 # the issue's three shapes
     python benchmarks/pursuit_table.py --grid          # cost growth over N and k
     python benchmarks/pursuit_table.py --quick         # small shapes, a smoke run
+    python benchmarks/pursuit_table.py --grid --plot grid.png   # also a chart of "x floor"
 """
 from __future__ import annotations
 
@@ -76,7 +77,13 @@ def main() -> None:
     ap.add_argument("--grid", action="store_true")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-reference", action="store_true", help="skip the plain reference (slow)")
+    ap.add_argument("--plot", metavar="FILE", help="also chart each method's time / the k-pass floor "
+                                                  "(format from the suffix: .png, .pdf, .svg)")
     args = ap.parse_args()
+    if args.plot:
+        from gtp_kernels.demo import plot_format
+
+        plot_format(args.plot)  # an unwritable format fails now, not after the run
     torch.manual_seed(0)
     if args.quick:
         cases = [(5000, 512, 50), (3000, 256, 100)]
@@ -87,8 +94,12 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| N | D | k | method | seconds | x floor | x kernel-pass floor | passes over A |")
     print("|---|---|---|---|---|---|---|---|")
+    chart = []  # (case label, {method: time / floor})
     for n, dim, k in cases:
         floor, strict, rows, identical, cos_ratio = run_case(n, dim, k, with_reference=not args.no_reference)
+        chart.append((f"N={n // 1000}k D={dim} k={k}",
+                      {"k passes of our kernel": strict["kernel"] / floor,
+                       **{name: sec / floor for name, sec, _ in rows if name not in ("gtp (cached)", "gtp (direct)")}}))
         kf = strict["kernel"]
         print(f"| {n} | {dim} | {k} | k-pass floor (torch A @ r) | {floor:.2f} | 1.00 | {floor / kf:.2f} | {k} |")
         print(f"| {n} | {dim} | {k} | k passes of our kernel | {kf:.2f} | {kf / floor:.2f} | 1.00 | {k} |")
@@ -101,6 +112,53 @@ def main() -> None:
         if "gtp-reference" in secs:
             note += f"; reference / cosamp: {secs['gtp-reference'] / secs['gtp-cosamp']:.1f}x"
         print(f"| {n} | {dim} | {k} | ({note}) | | | | |")
+    if args.plot:
+        save_chart(chart, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def save_chart(chart, path: str) -> None:
+    """Grouped bars, one group per case: each method's time over the k-pass floor (log scale;
+    1 = the floor, what a GEMV-per-atom method pays). Written to a temp file, then renamed."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    from gtp_kernels.demo import plot_format
+
+    methods = list(dict.fromkeys(name for _, ratios in chart for name in ratios))
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(chart)), 4.0))
+    for j, name in enumerate(methods):
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(chart))]
+        ax.bar(xs, [ratios.get(name, float("nan")) for _, ratios in chart], width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ratio_labels = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(ratio_labels)
+    ax.yaxis.set_minor_formatter(ratio_labels)
+    ax.tick_params(axis="y", which="both", labelsize=7)
+    ax.set_xticks(range(len(chart)), [label for label, _ in chart], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("time / k-pass floor (torch A @ r)")
+    ax.set_title(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads: lower is faster")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fmt = plot_format(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".chart.", suffix="." + fmt, dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 if __name__ == "__main__":
