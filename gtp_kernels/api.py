@@ -273,16 +273,16 @@ def select(
     if dev is not None:
         problem = Problem(problem.candidates.to(dev), problem.targets.to(dev), problem.num_checkpoints,
                           problem.checkpoint_dim, problem.checkpoint_weights, problem.exclude.to(dev))
-    # Each target column scaled by a power of two to a largest entry in [0.5, 1): exact, and
-    # every method's picks are invariant to it (ridge included: the objective scales by 2^-2e),
-    # while correlations and residual norms of huge or tiny targets stay inside float32.
-    problem, target_scales = _unit_scaled_targets(problem)
+    # targets and checkpoint weights scaled by powers of two (exact, picks unchanged): float32
+    # products of huge or tiny targets and weights stay in range
+    user_weights = problem.checkpoint_weights  # reported as given
+    problem, scaling = scale_problem(problem)
     guard_excluded = 0
     if align_threshold is not None:
         problem, guard_excluded = _exclude_misaligned(problem, float(align_threshold))
         if int((~problem.exclude).sum()) == 0:
             raise InputError(f"align_threshold={align_threshold} excludes every candidate")
-    opts = SelectOptions(positive=bool(positive), ridge=ridge, tol=tol, min_cosine=min_cosine,
+    opts = SelectOptions(positive=bool(positive), ridge=scaling.ridge(ridge), tol=tol, min_cosine=min_cosine,
                          stop_ratio=stop_ratio, max_iters=max_iters,
                          batch_size=None if batch_size is None else int(batch_size),
                          topk_reduce=topk_reduce, seed=int(seed), compute_dtype=compute_dtype,
@@ -297,7 +297,7 @@ def select(
     finally:
         if bar is not None:
             bar.close()
-    per_target = [_unscaled(ts, scale, spec.fit_weights) for ts, scale in zip(per_target, target_scales)]
+    per_target = scaling.undo(per_target, spec.fit_weights)
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -308,8 +308,7 @@ def select(
         "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
         "num_candidates": problem.num_candidates, "dim": problem.dim, "num_targets": problem.num_targets,
         "num_checkpoints": problem.num_checkpoints,
-        "checkpoint_weights": None if problem.checkpoint_weights is None
-        else problem.checkpoint_weights.tolist(),
+        "checkpoint_weights": None if user_weights is None else user_weights.tolist(),
         "device": str(problem.candidates.device),
     }
     timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
@@ -353,27 +352,55 @@ def _real(label: str, value: Any, low: float = -float("inf"), high: float = floa
     return value
 
 
-def _unit_scaled_targets(problem: Problem) -> tuple:
-    """The problem with each target column times 2^-e (largest |entry| in [0.5, 1)), in
-    float64 so that the scaling is exact, and the scales 2^e to undo it per column."""
+@dataclass(frozen=True)
+class ProblemScaling:
+    """The powers of two select() divides the problem by before any method runs, so that
+    float32 products stay in range whatever the magnitudes: each target column by 2^e (its
+    largest entry then lies in [0.5, 1)) and the checkpoint weights by c = 4^j (the largest in
+    [0.25, 1)). Both are exact, and every method's picks are invariant to them: the objective
+    sum_t w_t ||b^t - A^t x||^2 + lam ||x||^2 is scaled by 2^-2e / c when lam becomes lam / c,
+    and the stopping rules compare ratios. Results are scaled back: fit weights by 2^e,
+    residual norms ||r||_W by 2^e sqrt(c)."""
+
+    target_scales: tuple  # 2^e per target column
+    weight_scale: float = 1.0  # c
+
+    def ridge(self, lam: float) -> float:
+        """lam for the scaled problem."""
+        return lam / self.weight_scale
+
+    def undo(self, per_target, fit_weights: bool) -> list:
+        """The scaled problem's results as the original problem's (exact)."""
+        out = []
+        norm_scale = math.sqrt(self.weight_scale)  # exact: c is a power of four
+        for ts, scale in zip(per_target, self.target_scales):
+            if scale != 1.0 or norm_scale != 1.0:
+                ts = dataclasses.replace(ts, weights=ts.weights * scale if fit_weights else ts.weights,
+                                         residual_norms=ts.residual_norms * (scale * norm_scale))
+            out.append(ts)
+        return out
+
+
+def scale_problem(problem: Problem) -> tuple:
+    """(the scaled problem, its ProblemScaling): see ProblemScaling."""
     peaks = problem.targets.abs().amax(dim=0).to(torch.float64).tolist()
     # clamped so that 2^-e stays a float64 (a subnormal peak, ~1e-310, still lands near 2^-30)
     exps = [min(1000, max(-1000, math.frexp(p)[1])) for p in peaks]
-    if not any(exps):
-        return problem, [1.0] * len(exps)
-    factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
-                           device=problem.targets.device)
-    scaled = problem.targets.to(torch.float64) * factors
-    return (Problem(problem.candidates, scaled, problem.num_checkpoints, problem.checkpoint_dim,
-                    problem.checkpoint_weights, problem.exclude), [math.ldexp(1.0, e) for e in exps])
-
-
-def _unscaled(ts: TargetSelection, scale: float, fit_weights: bool) -> TargetSelection:
-    """Undo _unit_scaled_targets on one result (exact: a power of two)."""
-    if scale == 1.0:
-        return ts
-    weights = ts.weights * scale if fit_weights else ts.weights
-    return dataclasses.replace(ts, weights=weights, residual_norms=ts.residual_norms * scale)
+    targets = problem.targets
+    if any(exps):
+        factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
+                               device=problem.targets.device)
+        targets = problem.targets.to(torch.float64) * factors  # float64: the scaling is exact
+    weights, weight_scale = problem.checkpoint_weights, 1.0
+    if weights is not None:
+        e = math.frexp(float(weights.max()))[1]
+        e = min(1000, max(-1000, e + (e % 2)))  # even: c = 2^e = 4^(e/2), largest weight in [0.25, 1)
+        if e:
+            weight_scale = math.ldexp(1.0, e)
+            weights = weights * math.ldexp(1.0, -e)
+    scaled = Problem(problem.candidates, targets, problem.num_checkpoints, problem.checkpoint_dim, weights,
+                     problem.exclude)
+    return scaled, ProblemScaling(tuple(math.ldexp(1.0, e) for e in exps), weight_scale)
 
 
 def _exclude_misaligned(problem: Problem, threshold: float) -> tuple:

@@ -85,6 +85,9 @@ EQUAL_CASES = {
                 {"k": 6, "ridge": 0.1, "max_iters": 20, "stop_ratio": 0.01, "tol": 1e-8}),
     "huge_target_f32": ((0, 17, 40), None, 2.0 ** 700, True, _same(k=6), {"k": 6}),
     "tiny_target_f32": ((0, 17, 40), None, 2.0 ** -700, True, _same(k=6), {"k": 6}),
+    "tiny_weights_f32": ((0, 17, 40), None, 1.0, True,
+                         _same(k=6, checkpoint_weights=[1e-40, 3e-40], num_checkpoints=2, ridge=1e-42),
+                         {"k": 6, "checkpoint_weights": [1e-40, 3e-40], "num_checkpoints": 2, "ridge": 1e-42}),
     "exclude_local": ((0, 17, 40), None, 1.0, False, lambda r: dict(k=6, **_local_exclude(r)),
                       {"k": 6, "exclude": [2, 5, 20, 33]}),
     "align_threshold": ((0, 17, 40), None, 1.0, False, _same(k=6, align_threshold=0.1),
@@ -256,10 +259,11 @@ def test_options_as_select(pool_results, name):
         assert got[2]["guard_excluded"] == ref.params["guard_excluded"]
 
 
-@pytest.mark.parametrize("name", ["huge_target_f32", "tiny_target_f32"])
+@pytest.mark.parametrize("name", ["huge_target_f32", "tiny_target_f32", "tiny_weights_f32"])
 def test_target_scaling_as_select(pool_results, name):
-    """float64 targets of 2^+-700 with float32 candidates: select() scales them by a power of
-    two inside (without it the float32 products overflow or underflow and nothing is picked)."""
+    """float64 targets of 2^+-700, or checkpoint weights of ~1e-40, with float32 candidates:
+    select() scales them by powers of two inside (without it the float32 products overflow or
+    underflow and nothing, or the wrong rows, are picked)."""
     cuts, pool, scale, f32, _, ref_kw = EQUAL_CASES[name]
     got = _assert_same_on_every_rank(pool_results, name)
     A, B = small_data()

@@ -251,3 +251,24 @@ def test_fit_residual_computes_in_float64_for_any_pool():
     target = big[:3].sum(dim=0).double()
     assert gk.fit_residual(big, target, [0, 1, 2]) < 1e-6
     assert gk.fit_residual(torch.zeros(20, 12), b, [0, 1]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("method", ["gtp", "gtp-cosamp", "gtp-reference", "topk"])
+def test_checkpoint_weight_magnitude_does_not_change_the_picks(method):
+    """Checkpoint weights are scaled by a power of four inside select (ridge with them): the
+    objective only scales, so picks and fit weights are the unit-scale ones, residual norms
+    ||r||_W scale by the square root; extreme weights (1e-40, 1e30) no longer leave float32."""
+    T = 3
+    A3 = torch.randn(40, T * 8, generator=torch.Generator().manual_seed(2))
+    b3 = A3[[1, 5, 9]].T @ torch.tensor([0.5, 1.0, 2.0]) + 0.01 * torch.randn(T * 8, generator=torch.Generator().manual_seed(3))
+    w = torch.tensor([0.5, 1.0, 0.25], dtype=torch.float64)
+    ref = gk.select(A3, b3, 6, method=method, checkpoint_weights=w, num_checkpoints=T, ridge=0.01)
+    for factor in (4.0 ** 40, 4.0 ** -40, 1e-40 / 0.25, 1e30):
+        sel = gk.select(A3, b3, 6, method=method, checkpoint_weights=w * factor, num_checkpoints=T,
+                        ridge=0.01 * factor)
+        assert sel.indices.tolist() == ref.indices.tolist(), factor
+        exact = math.log(factor, 4).is_integer()
+        np.testing.assert_allclose(sel.weights, ref.weights, rtol=1e-12 if exact else 1e-4)
+        np.testing.assert_allclose(sel.residual_norms, ref.residual_norms * math.sqrt(factor),
+                                   rtol=1e-12 if exact else 1e-4)
+        assert sel.params["checkpoint_weights"] == pytest.approx((w * factor).tolist(), rel=1e-15)

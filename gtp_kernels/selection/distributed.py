@@ -36,8 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..api import (Selection, _exclude_misaligned, _is_integer, _unit_scaled_targets, _unscaled,
-                   check_pursuit_options)
+from ..api import Selection, _exclude_misaligned, _is_integer, check_pursuit_options, scale_problem
 from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
                           as_tensor, check_row_norm_range, validate_problem)
 from .common import SelectOptions
@@ -179,7 +178,7 @@ def _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, ex
                           head.checkpoint_weights, excl)
         selectable = int((~excl).sum())
         # select()'s power-of-two target scaling: exact, picks unchanged, float32 products safe
-        problem, scales = _unit_scaled_targets(problem)
+        problem, scales = scale_problem(problem)
         guard_excluded = 0
         if clean["align_threshold"] is not None and selectable:
             problem, guard_excluded = _exclude_misaligned(problem, clean["align_threshold"])
@@ -299,20 +298,22 @@ def select_sharded(local_candidates, target, k: int, *, group=None, checkpoint_w
     k = int(k)
     placement = ShardedRows(info["offset"], problem.num_candidates, group)
     t1 = time.perf_counter()
-    per_target = gtp_pursuit(_padded(problem), k, _select_options(clean), strategy=clean["strategy"],
+    per_target = gtp_pursuit(_padded(problem), k, _select_options(clean, scales), strategy=clean["strategy"],
                              prefetch=clean["prefetch"], placement=placement)
-    per_target = [_unscaled(ts, s, True) for ts, s in zip(per_target, scales)]
-    return _selection("gtp-sharded", k, per_target, clean, problem, info, t0, t1, group)
+    per_target = scales.undo(per_target, True)
+    return _selection("gtp-sharded", k, per_target, clean, problem, scales, info, t0, t1, group)
 
 
-def _select_options(clean: Dict[str, Any]) -> SelectOptions:
-    return SelectOptions(positive=clean["positive"], ridge=clean["ridge"], tol=clean["tol"],
+def _select_options(clean: Dict[str, Any], scaling=None) -> SelectOptions:
+    """The pursuit's options; with the problem's scaling (api.ProblemScaling), its ridge."""
+    ridge = clean["ridge"] if scaling is None else scaling.ridge(clean["ridge"])
+    return SelectOptions(positive=clean["positive"], ridge=ridge, tol=clean["tol"],
                          min_cosine=clean["min_cosine"], stop_ratio=clean["stop_ratio"],
                          max_iters=clean["max_iters"], compute_dtype=clean["compute_dtype"],
                          backend=clean["backend"])
 
 
-def _selection(name, k, per_target, clean, problem, info, t0, t1, group):
+def _selection(name, k, per_target, clean, problem, scales, info, t0, t1, group):
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -324,7 +325,8 @@ def _selection(name, k, per_target, clean, problem, info, t0, t1, group):
         "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
         "num_candidates": info["total"], "local_candidates": problem.num_candidates, "offset": info["offset"],
         "dim": problem.dim, "num_targets": problem.num_targets, "num_checkpoints": problem.num_checkpoints,
-        "checkpoint_weights": None if problem.checkpoint_weights is None else problem.checkpoint_weights.tolist(),
+        "checkpoint_weights": None if problem.checkpoint_weights is None  # as given (undo the scaling)
+        else (problem.checkpoint_weights * scales.weight_scale).tolist(),
         "device": str(problem.candidates.device), "world_size": dist.get_world_size(group),
     })
     if name == "gtp-sharded":
@@ -353,7 +355,7 @@ def select_shard_and_merge(local_candidates, target, k: int, *, group=None, chec
                                             checkpoint_weights, num_checkpoints, exclude, options, group)
     k, offset = int(k), info["offset"]
     t1 = time.perf_counter()
-    opts = _select_options(clean)
+    opts = _select_options(clean, scales)
     picks: List[int] = []
     if bool((~problem.exclude).any()):  # an empty, all-zero or all-excluded shard picks nothing
         local = gtp_pursuit(problem, min(k, problem.num_candidates), opts)
@@ -375,7 +377,6 @@ def select_shard_and_merge(local_candidates, target, k: int, *, group=None, chec
     merged = Problem(rows, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
                      problem.checkpoint_weights, torch.zeros(len(union), dtype=torch.bool, device=rows.device))
     final = gtp_pursuit(_padded(merged), max(1, min(k, len(union))), opts)
-    per_target = [_unscaled(replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64)),
-                            s, True)
-                  for ts, s in zip(final, scales)]
-    return _selection("gtp-shard-and-merge", k, per_target, clean, problem, info, t0, t1, group)
+    per_target = scales.undo([replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64))
+                              for ts in final], True)
+    return _selection("gtp-shard-and-merge", k, per_target, clean, problem, scales, info, t0, t1, group)
