@@ -35,6 +35,9 @@ class MethodSpec:
     exact: bool  # selects exactly what gtp-reference selects (same indices, same order)
     # weights are the fit's coefficients (they scale with the target); False: scores or ones
     fit_weights: bool = True
+    # compares checkpoint blocks by cosine, so scales built into the blocks cancel: a store whose
+    # rows carry sqrt(w_t) must still pass w_t (TrajectoryStore.weights_for)
+    block_scale_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ register_method(MethodSpec(
     "GTP pursuit in plain PyTorch (a fresh torch.linalg solve per step): the reference", exact=True))
 register_method(MethodSpec(
     "topk", topk_less, "top-k by the LESS score (checkpoint-weighted cosine with the target)", exact=False,
-    fit_weights=False))
+    fit_weights=False, block_scale_invariant=True))
 register_method(MethodSpec("random", random_selection, "uniformly random eligible rows (seeded)", exact=False,
                            fit_weights=False))
 

@@ -179,8 +179,8 @@ def _cmd_select(args) -> int:
 
     import torch
 
-    from .api import select
-    from .collect.store import is_store, open_store
+    from .api import DEFAULT_METHOD, METHODS, select
+    from .collect.store import check_compatible, is_store, open_store
     from .io import atomic_write_files, check_output_folder, load_array, render_selection
 
     # Everything that can be checked before the work is checked here; nothing is written
@@ -202,20 +202,26 @@ def _cmd_select(args) -> int:
     ids = None
     by_id = None
     checkpoint_weights = args.checkpoint_weights
+    method_spec = METHODS[args.method or DEFAULT_METHOD]
+    target_store = open_store(args.target, verify=args.verify) if is_store(args.target) else None
     if candidates_is_store:
         store = open_store(args.candidates, verify=args.verify)
+        if target_store is not None:
+            check_compatible(store, target_store)  # e.g. another projection seed: rows in other spaces
+        if checkpoint_weights is not None and store.weights_applied:
+            raise InputError(f"--checkpoint-weights: the rows of {args.candidates} already carry their checkpoint "
+                             "weights (weights_applied); passing weights again would apply them twice")
         ids = store.ids
         if args.data is not None:
             by_id = _read_data(args.data, args.id_field, ids)
         candidates = store.candidates(as_tensor=True)
         if checkpoint_weights is None:
-            checkpoint_weights = store.selection_checkpoint_weights
+            checkpoint_weights = store.weights_for(method_spec.block_scale_invariant)
         num_checkpoints = store.t
     else:
         candidates = load_array(args.candidates, "candidates")
         num_checkpoints = args.num_checkpoints
-    target = (open_store(args.target, verify=args.verify).mean() if is_store(args.target)
-              else load_array(args.target, "target"))
+    target = target_store.mean() if target_store is not None else load_array(args.target, "target")
     sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=checkpoint_weights,
                  num_checkpoints=num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
                  tol=args.tol, align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,

@@ -93,8 +93,9 @@ def main() -> int:
 
     transformers.logging.set_verbosity_error()  # the untrained 5-way head is expected, not news
 
-    from gtp_kernels import select
+    from gtp_kernels import METHODS, select
     from gtp_kernels.collect.pipeline import collect_trajectory
+    from gtp_kernels.collect.store import check_compatible
     from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings
 
     torch.manual_seed(args.seed)
@@ -129,6 +130,7 @@ def main() -> int:
     print(f"collected {candidates.n} + {target_store.n} trajectories (T={candidates.t}, d={candidates.d}) "
           f"in {time.perf_counter() - started:.0f} s; learning rates {candidates.metadata['learning_rates']}")
 
+    check_compatible(candidates, target_store)
     matrix = candidates.candidates()
     target = target_store.mean()
     labels = {a["id"]: a["label"] for a in pool}
@@ -136,8 +138,9 @@ def main() -> int:
     share = sum(a["label"] == args.topic for a in pool) / len(pool)
     print(f"{'method':<14}{'selected':>9}{'on topic':>10}{'rel. residual':>15}   (topic share in pool: {share:.0%})")
     for method in ("gtp", "topk", "random"):
-        selection = select(matrix, target, args.k, method=method,
-                           checkpoint_weights=candidates.selection_checkpoint_weights, seed=args.seed)
+        # top-k compares blocks by cosine, which cancels weights built into the rows: it gets w_t
+        weights_in = candidates.weights_for(METHODS[method].block_scale_invariant)
+        selection = select(matrix, target, args.k, method=method, checkpoint_weights=weights_in, seed=args.seed)
         chosen = [candidates.ids[i] for i in selection.indices.tolist()]
         write_jsonl(out / f"selected_{method}.jsonl", [by_id[i] for i in chosen])
         on_topic = sum(labels[i] == args.topic for i in chosen) / max(1, len(chosen))

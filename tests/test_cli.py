@@ -289,3 +289,68 @@ def test_key_on_a_single_array_file_is_refused(tmp_path, capsys, fmt):
                      "--k", "2", "--out", str(tmp_path / "o")]) == 2
     _one_line_error(capsys, ":foo")
     assert not (tmp_path / "o").exists()
+
+
+def _weighted_store(folder, rows_raw, weights, metadata=None):
+    """A store as gtp collect writes it: blocks carry sqrt(w_t) (weights_applied)."""
+    from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter
+    n, t, d = rows_raw.shape
+    meta = {"checkpoint_weights": list(weights), "weights_applied": True,
+            "projection": {"kind": "rademacher", "seeds": [7, 8], "seed_mode": "per_checkpoint", "d": d}}
+    meta.update(metadata or {})
+    rows = (rows_raw * np.sqrt(np.asarray(weights))[None, :, None]).astype(np.float32)
+    writer = TrajectoryStoreWriter(folder, StoreSpec(n=n, t=t, d=d, example_ids=[f"ex{i}" for i in range(n)],
+                                                     shard_size=n, metadata=meta))
+    writer.write_shard(0, rows)
+    writer.finish()
+    return rows
+
+
+def test_select_topk_on_a_weighted_store_uses_the_learning_rates(tmp_path, capsys):
+    """Top-k's per-block cosine cancels the sqrt(w_t) built into the rows: it must be given w_t
+    (it ranked as if the checkpoints were equally weighted)."""
+    rng = np.random.default_rng(3)
+    raw = rng.standard_normal((40, 2, 6))
+    weights = [0.9, 0.1]
+    rows = _weighted_store(tmp_path / "pool", raw, weights)
+    target = _weighted_store(tmp_path / "val", raw[:4] + 0.3 * rng.standard_normal((4, 2, 6)), weights)
+    b = target.reshape(4, -1).astype(np.float64).mean(axis=0)
+    flat = torch.from_numpy(rows.reshape(40, -1))
+    want = gk.select(flat, torch.from_numpy(b), 8, method="topk", checkpoint_weights=weights, num_checkpoints=2)
+    unweighted = gk.select(flat, torch.from_numpy(b), 8, method="topk", num_checkpoints=2)
+    assert want.indices.tolist() != unweighted.indices.tolist()  # the weights matter here
+    out = tmp_path / "o"
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"),
+                     "--k", "8", "--method", "topk", "--out", str(out)]) == 0
+    got = [json.loads(x)["index"] for x in (out / "selection.jsonl").read_text().splitlines()]
+    assert got == want.indices.tolist()
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"projection": {"kind": "rademacher", "seeds": [99, 100], "seed_mode": "per_checkpoint", "d": 6}},
+     "projection seeds"),
+    ({"normalisation": "none"}, "normalisation"),
+    ({"checkpoint_weights": [0.5, 0.5]}, "checkpoint_weights"),
+])
+def test_select_refuses_stores_from_different_spaces(tmp_path, capsys, monkeypatch, change, needle):
+    rng = np.random.default_rng(4)
+    _weighted_store(tmp_path / "pool", rng.standard_normal((20, 2, 6)), [0.6, 0.4], {"normalisation": "unit"})
+    meta = {"normalisation": "unit", **change}
+    weights = meta.pop("checkpoint_weights", [0.6, 0.4])
+    _weighted_store(tmp_path / "val", rng.standard_normal((3, 2, 6)), weights, meta)
+    _no_work(monkeypatch)
+    out = tmp_path / "o"
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"),
+                     "--k", "3", "--out", str(out)]) == 2
+    _one_line_error(capsys, "do not match", needle)
+    assert not out.exists()
+
+
+def test_select_refuses_weights_twice_on_a_weighted_store(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(5)
+    rows = _weighted_store(tmp_path / "pool", rng.standard_normal((20, 2, 6)), [0.6, 0.4])
+    np.save(tmp_path / "b.npy", rows[:2].reshape(2, -1).sum(axis=0))
+    _no_work(monkeypatch)
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "b.npy"),
+                     "--k", "3", "--out", str(tmp_path / "o"), "--checkpoint-weights", "0.6,0.4"]) == 2
+    _one_line_error(capsys, "--checkpoint-weights", "twice")

@@ -537,6 +537,12 @@ class TrajectoryStore:
         """The weights a selection should still apply: None when the blocks already carry them."""
         return None if self.weights_applied else self.checkpoint_weights
 
+    def weights_for(self, block_scale_invariant: bool) -> list[float] | None:
+        """The checkpoint weights a method should be given: a method that compares blocks by
+        cosine (LESS top-k) cancels the built-in sqrt(w_t) block scales and needs w_t itself;
+        the pursuits take the blocks as they are (``selection_checkpoint_weights``)."""
+        return self.checkpoint_weights if block_scale_invariant else self.selection_checkpoint_weights
+
     def __len__(self) -> int:
         """N, the store's rows, written or not (see ``n_written``)."""
         return self.n
@@ -660,3 +666,45 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
             raise StoreError(f"store {root}: shard {entry['file']} has dtype {array.dtype}, manifest says {dtype}")
         arrays[entry["index"]] = array
     return TrajectoryStore(root, manifest, arrays)
+
+
+# metadata a candidate store and a target store must share for their rows to live in one space
+# (gradient_type may differ: LESS pairs Adam-preconditioned candidates with plain target gradients)
+SHARED_METADATA = ("model", "task", "learning_rates", "checkpoint_weights", "weights_applied", "normalisation")
+SHARED_PROJECTION = ("kind", "seeds", "seed_mode", "d", "library")
+
+
+def check_compatible(candidates: "TrajectoryStore", target: "TrajectoryStore") -> None:
+    """StoreError unless the two stores' rows live in the same space: the same T and d, model,
+    task, checkpoints (by name) and their learning rates and weights, whether the weights are
+    built into the rows, normalisation and projection. Keys one store does not record are not
+    compared (e.g. LESS imports record no model)."""
+    def differ(what: str, a: Any, b: Any) -> StoreError:
+        return StoreError(f"stores {candidates.path} and {target.path} do not match: {what} is {a!r} for the "
+                          f"candidates but {b!r} for the target (collect both with the same settings)")
+
+    if (candidates.t, candidates.d) != (target.t, target.d):
+        raise differ("(T, d)", (candidates.t, candidates.d), (target.t, target.d))
+    ma, mb = candidates.metadata, target.metadata
+    for key in SHARED_METADATA:
+        if key in ma and key in mb and not _same_value(ma[key], mb[key]):
+            raise differ(key, ma[key], mb[key])
+    if "checkpoints" in ma and "checkpoints" in mb:  # by name: the folders may have moved
+        names_a = [Path(str(c)).name for c in ma["checkpoints"]]
+        names_b = [Path(str(c)).name for c in mb["checkpoints"]]
+        if names_a != names_b:
+            raise differ("checkpoints", names_a, names_b)
+    pa, pb = ma.get("projection") or {}, mb.get("projection") or {}
+    for key in SHARED_PROJECTION:
+        if key in pa and key in pb and pa[key] != pb[key]:
+            raise differ(f"projection {key}", pa[key], pb[key])
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal, with floats compared to 1e-9 relative (weights computed the same way twice)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
+                and not isinstance(b, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0))
+    return a == b
