@@ -186,3 +186,37 @@ def test_api_raises_input_errors(tmp_path):
     with pytest.raises(InputError, match="epochs"):
         WarmupSettings(epochs=0)
     assert not (tmp_path / "x").exists()
+
+
+def _llama_classifier(pad):
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from collect_tiny import VOCAB_SIZE
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=pad)).eval()
+
+
+def test_decoder_classifier_pad_id_differing_from_the_batches_is_refused_up_front(tmp_path, capsys):
+    """config.pad_token_id set, but batches padded with another id: one InputError, before any work."""
+    from collect_tiny import classification_records
+
+    records = classification_records(6, seed=1)
+    tok = tiny_tokenizer()  # pads with [PAD] = 0
+    folder = tmp_path / "model"
+    _llama_classifier(5).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    warm = WarmupSettings(fraction=0.5, epochs=1, lora=LoraSettings(r=2, alpha=4))
+    for model in (_llama_classifier(5), lambda: _llama_classifier(5), folder):
+        with pytest.raises(InputError, match="config.pad_token_id is 5, but batches are padded with 0"):
+            collect_trajectory(model, records, tmp_path / "x", tokenizer=tok, task="classification", warmup=warm,
+                               d=8, progress=False, device="cpu")
+        assert not (tmp_path / "x").exists()
+    data = write_jsonl(tmp_path / "cls.jsonl", records)
+    capsys.readouterr()  # save_pretrained's progress bar
+    _fails(capsys, ["--model", str(folder), "--data", data, "--out", str(tmp_path / "x"), "--task", "classification", *QUICK],
+           "pad_token_id is 5")
+    assert not (tmp_path / "x").exists()

@@ -91,3 +91,63 @@ def test_adam_precondition_hand_computed():
 def test_adam_precondition_shape_error():
     with pytest.raises(ValueError, match="moment shape"):
         adam_precondition(torch.zeros(2, 3), torch.zeros(4), torch.zeros(4))
+
+
+def _left_pad(batch):
+    """The same examples, padding moved to the left (labels and mask moved with their tokens)."""
+    length = batch["input_ids"].shape[1]
+    out = {k: v.clone() for k, v in batch.items()}
+    for row in range(length and batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        for key in ("input_ids", "attention_mask") + (("labels",) if batch["labels"].dim() == 2 else ()):
+            out[key][row] = torch.roll(batch[key][row], length - n)
+    return out
+
+
+def tiny_decoder_classifier(arch="llama", pad=None, seed=0, dtype=torch.float32):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from collect_tiny import VOCAB_SIZE
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=128, num_labels=3, pad_token_id=pad)
+        return LlamaForSequenceClassification(config).to(dtype).eval()
+    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128, num_labels=3, pad_token_id=pad)
+    return GPT2ForSequenceClassification(config).to(dtype).eval()
+
+
+@pytest.mark.parametrize("case", ["llama-causal", "gpt2-causal"])
+def test_left_padded_batch_equals_loop(case):
+    """Left padding: explicit position_ids keep absolute-position models (GPT-2) right too."""
+    make, task, tok_kwargs = CASES[case]
+    model = make(dtype=torch.float64)
+    right = _batch(task, tiny_tokenizer(**tok_kwargs), n=5, seed=7)
+    left = _left_pad(right)
+    assert not torch.equal(left["attention_mask"], right["attention_mask"])
+    looped = flatten_gradients(per_example_gradients_loop(model, right, task))
+    assert looped.abs().max() > 1e-3
+    torch.testing.assert_close(flatten_gradients(per_example_gradients_loop(model, left, task)), looped, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(flatten_gradients(per_example_gradients(model, left, task, chunk_size=2)), looped,
+                               rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_decoder_classifier(arch):
+    model = tiny_decoder_classifier(arch, pad=0, dtype=torch.float64)
+    right = _batch("classification", tiny_tokenizer(), n=5, seed=2)
+    looped = flatten_gradients(per_example_gradients_loop(model, right, "classification"))
+    for batch in (right, _left_pad(right)):
+        torch.testing.assert_close(flatten_gradients(per_example_gradients(model, batch, "classification")), looped,
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_refusals_padding_side_and_unset_pad_token_id():
+    # A bidirectional encoder is refused a left-padded batch (some derive positions from the pad id).
+    batch = _batch("classification", tiny_tokenizer(bert_style=True))
+    with pytest.raises(ValueError, match="not right-padded"):
+        per_example_gradients(tiny_bert_classifier(), _left_pad(batch), "classification")
+    # A decoder classifier without config.pad_token_id would pool a padding position: refused.
+    with pytest.raises(ValueError, match="pad_token_id"):
+        per_example_gradients(tiny_decoder_classifier("llama", pad=None), _batch("classification", tiny_tokenizer()), "classification")

@@ -179,3 +179,74 @@ def test_foreign_peft_checkpoints_give_the_same_rows(pool, tmp_path):
     assert foreign.t == 1 and foreign.metadata["learning_rates"] == [1e-3]
     want = np.asarray(store.trajectory_view()[:, 1], dtype=np.float64) / math.sqrt(store.checkpoint_weights[1])
     np.testing.assert_allclose(foreign.trajectory_view()[:, 0], want, rtol=1e-4, atol=1e-5)
+
+
+def _decoder_classifier(arch="llama", pad=None, seed=0):
+    """A tiny decoder classifier whose config leaves pad_token_id unset (as Llama/GPT-2 configs do)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from collect_tiny import VOCAB_SIZE
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, num_labels=3, pad_token_id=pad)).eval()
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                                    num_labels=3, pad_token_id=pad)).eval()
+
+
+@pytest.mark.parametrize("source", ["module", "factory", "folder"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_decoder_classifier_built_by_the_pipeline_pools_real_tokens(arch, source, tmp_path):
+    """The pipeline's model-building path sets an unset config.pad_token_id to collate's pad id, so
+    batched (vmap) per-example gradients equal one unpadded backward per example (float64)."""
+    from gtp_kernels.collect.per_example import flatten_gradients, per_example_gradients
+    from gtp_kernels.collect.pipeline import _build_model
+
+    tokenizer = tiny_tokenizer()
+    pad_id = pad_token_id(tokenizer)
+    reference = _decoder_classifier(arch).double()
+    assert reference.config.pad_token_id is None
+    model = {"module": reference, "factory": lambda: _decoder_classifier(arch)}.get(source)
+    if source == "folder":
+        model = tmp_path / "model"
+        reference.save_pretrained(model)
+    label2id = {"blue": 0, "green": 1, "red": 2}
+    built = _build_model(model, "classification", label2id, torch.float64, 0, False, pad_id)
+    assert built.config.pad_token_id == pad_id and reference.config.pad_token_id is None  # the module passed is untouched
+    tokens = tokenize_all(as_examples(classification_records(6, seed=5)), tokenizer, "classification", label2id=label2id)
+    batch = collate(tokens, pad_id)
+    assert batch["attention_mask"].sum(1).unique().numel() > 1  # padded
+    batched = flatten_gradients(per_example_gradients(built, batch, "classification", chunk_size=4))
+    looped = flatten_gradients(per_example_gradients_loop(reference, batch, "classification"))  # pad id unset: alone, unpadded
+    assert looped.abs().max() > 1e-3
+    torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-12)
+
+
+def test_decoder_classifier_warmup_and_collection(tmp_path):
+    """Warm-up (batches > 1) and collection of a Llama classifier whose config has no pad_token_id;
+    then targets ("sgd", no normalisation) equal an independent projection of looped gradients."""
+    tokenizer = tiny_tokenizer()
+    records = classification_records(10, seed=6)
+    warmup = WarmupSettings(fraction=0.5, epochs=2, learning_rate=1e-3, batch_size=3, lora=LoraSettings(r=2, alpha=4))
+    store = collect_trajectory(_decoder_classifier, records, tmp_path / "pool", tokenizer=tokenizer, task="classification",
+                               warmup=warmup, **{**COMMON, "d": 16})
+    assert (store.n, store.t, store.d) == (10, 2, 16)
+    assert np.isfinite(store.candidates()).all() and np.abs(store.candidates()).max() > 0
+
+    targets = collect_trajectory(_decoder_classifier, records[:5], tmp_path / "val", tokenizer=tokenizer, task="classification",
+                                 checkpoints=tmp_path / "pool" / "warmup", gradient_type="sgd", normalise=False,
+                                 apply_checkpoint_weights=False, **{**COMMON, "d": 16})
+    label2id = targets.metadata["label2id"]
+    model = wrap_for_training(_decoder_classifier(), "classification", LoraSettings(r=2, alpha=4)).eval()  # pad id unset
+    tokens = tokenize_all(as_examples(records[:5]), tokenizer, "classification", label2id=label2id)
+    batch = collate(tokens, pad_token_id(tokenizer))
+    for t, checkpoint in enumerate(load_checkpoints(tmp_path / "pool" / "warmup")):
+        with torch.no_grad():
+            for n, value in load_trainable_state(checkpoint, model).items():
+                dict(model.named_parameters())[n].copy_(value)
+        grads = per_example_gradients_loop(model, batch, "classification")
+        flat = torch.cat([g.reshape(5, -1).double() for g in grads.values()], dim=1)
+        want = flat @ projection_matrix(16, flat.shape[1], seed=t, dtype=torch.float64).T
+        np.testing.assert_allclose(np.asarray(targets.trajectory_view()[:, t], dtype=np.float64), want.numpy(), rtol=2e-4, atol=2e-5)

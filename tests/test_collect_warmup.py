@@ -80,3 +80,29 @@ def test_full_finetune_and_errors(tmp_path):
         load_checkpoints(tmp_path / "nothing")
     with pytest.raises(ValueError, match="fraction"):
         WarmupSettings(fraction=0)
+
+
+def test_decoder_classifier_without_pad_token_id(tmp_path):
+    """warmup_train pads batches > 1 with pad_token_id: an unset config.pad_token_id of a decoder
+    classifier is set to it (transformers would refuse the batch); a differing one is an InputError."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from collect_tiny import VOCAB_SIZE, classification_records
+    from gtp_kernels.validation import InputError
+
+    def classifier(pad):
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, num_labels=3, pad_token_id=pad))
+
+    label2id = {"blue": 0, "green": 1, "red": 2}
+    tokens = tokenize_all(as_examples(classification_records(8, seed=2)), tiny_tokenizer(), "classification", label2id=label2id)
+    settings = WarmupSettings(fraction=1.0, epochs=1, learning_rate=1e-3, batch_size=4, lora=LoraSettings(r=2, alpha=4))
+    model = wrap_for_training(classifier(None), "classification", settings.lora)
+    (checkpoint,) = warmup_train(model, tokens, tmp_path / "warm", "classification", 0, settings, label2id, progress=False)
+    assert model.config.pad_token_id == 0 and checkpoint.step == 2
+    with pytest.raises(InputError, match="pad_token_id is 7"):
+        warmup_train(wrap_for_training(classifier(7), "classification", settings.lora), tokens, tmp_path / "warm7",
+                     "classification", 0, settings, label2id, progress=False)
+    assert not (tmp_path / "warm7").exists()

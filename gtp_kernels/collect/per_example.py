@@ -16,6 +16,13 @@ is passed pre-built: an additive (1, 1, S, S) mask hiding padded keys, and futur
 decoders (transformers passes 4-D masks through unchanged). Padded positions are excluded from
 the loss. Either way g_i equals the gradient of
 example i run alone, unpadded (tests check this in float64 against one backward per example).
+A batch that is not right-padded (e.g. left-padded) gets explicit ``position_ids`` =
+cumsum(mask) - 1 (clamped at 0), so absolute-position models (GPT-2) see each example at the
+positions it has alone; models whose forward takes no ``position_ids``, and bidirectional
+encoders (some, like RoBERTa, derive positions from the pad id themselves), are refused such a
+batch. Decoder classifiers (``...ForSequenceClassification`` of Llama, GPT-2, ...) pool the last
+token that is not ``config.pad_token_id``; with it unset, an example alone in ``vmap`` would pool
+a padding position, so such a model must have it set (to the pad id of the batch).
 
 Adam preconditioning (LESS, training candidates): with the checkpoint's optimizer moments m, v,
 
@@ -70,6 +77,34 @@ def example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch
     raise ValueError(f"task must be 'causal_lm' or 'classification', got {task!r}")
 
 
+def is_right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of the (B, S) mask is ones then zeros (no padding counts as right-padded)."""
+    present = attention_mask != 0
+    return bool((present[:, 1:] <= present[:, :-1]).all())
+
+
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (the model itself otherwise)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def accepts_position_ids(model: torch.nn.Module) -> bool:
+    """True when the (unwrapped) model's forward names a ``position_ids`` argument."""
+    import inspect
+
+    try:
+        return "position_ids" in inspect.signature(_base_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _text_config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    return get_text() if callable(get_text) else config
+
+
 def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, causal: bool) -> torch.Tensor:
     """(S,) 0/1 mask -> (1, 1, S, S) additive mask hiding padded keys (and future keys if causal)."""
     length = attention_mask.shape[-1]
@@ -97,13 +132,19 @@ def per_example_gradients(
     Args:
         model: a transformers model (peft-wrapped or not); put it in eval mode for deterministic
             gradients (dropout off).
-        batch: ``input_ids`` and ``attention_mask`` (B, S), right-padded; ``labels`` (B, S) with
-            -100 off target, or (B,) class ids.
+        batch: ``input_ids`` and ``attention_mask`` (B, S), right-padded (or padded on any side
+            for decoders taking ``position_ids``); ``labels`` (B, S) with -100 off target, or (B,)
+            class ids.
         task: 'causal_lm' or 'classification'.
         params: values for the parameters to differentiate (default: the model's trainable ones);
             e.g. the trainable weights of another checkpoint, without loading them into the model.
         causal_attention: override the encoder/decoder guess made from ``config.model_type``.
         chunk_size: examples per vmap chunk (memory bound); None = the whole batch.
+
+    Raises:
+        ValueError: a missing batch key; a batch not right-padded for a model that cannot take
+            ``position_ids`` (or a bidirectional encoder); a decoder classifier whose
+            ``config.pad_token_id`` is unset (it would pool a padding position).
     """
     for key in ("input_ids", "attention_mask", "labels"):
         if key not in batch:
@@ -113,17 +154,35 @@ def per_example_gradients(
     params = dict(params)
     if causal_attention is None:
         causal_attention = uses_causal_attention(model)
+    config = _text_config(model)
+    if task == "classification" and causal_attention and config is not None and getattr(config, "pad_token_id", None) is None:
+        raise ValueError(
+            f"model: {type(_base_model(model)).__name__} pools the last non-padding token by config.pad_token_id, "
+            "which is unset, so each example would pool a padding position; set model.config.pad_token_id "
+            "to the pad id of the batch")
     mask_dtype = _model_dtype(model)
+    position_ids = None
+    if not is_right_padded(batch["attention_mask"]):
+        if not causal_attention or not accepts_position_ids(model):
+            why = ("a bidirectional encoder" if not causal_attention
+                   else f"{type(_base_model(model)).__name__}.forward takes no position_ids")
+            raise ValueError(f"batch: not right-padded, and positions cannot be given explicitly ({why}); "
+                             "right-pad the batch (as collate does)")
+        position_ids = (batch["attention_mask"].ne(0).long().cumsum(-1) - 1).clamp_min(0)
 
-    def loss_of_one(p: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_of_one(p: dict[str, torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                    positions: torch.Tensor | None) -> torch.Tensor:
         kwargs: dict[str, Any] = {"input_ids": input_ids[None], "attention_mask": _additive_mask(attention_mask, mask_dtype, causal_attention)}
+        if positions is not None:
+            kwargs["position_ids"] = positions[None]
         if task == "causal_lm" or causal_attention:
             kwargs["use_cache"] = False
         logits = functional_call(model, p, args=(), kwargs=kwargs).logits[0]
         return example_loss(logits, labels, task)
 
-    batched = vmap(grad(loss_of_one), in_dims=(None, 0, 0, 0), chunk_size=chunk_size)
-    return batched(params, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    in_dims = (None, 0, 0, 0, None if position_ids is None else 0)
+    batched = vmap(grad(loss_of_one), in_dims=in_dims, chunk_size=chunk_size)
+    return batched(params, batch["input_ids"], batch["attention_mask"], batch["labels"], position_ids)
 
 
 def per_example_gradients_loop(
@@ -131,16 +190,16 @@ def per_example_gradients_loop(
     batch: Mapping[str, torch.Tensor],
     task: str,
 ) -> dict[str, torch.Tensor]:
-    """The one-example-per-backward baseline (as LESS does): each example unpadded, alone, with
-    the model's own forward (its standard attention mask path). Same output layout as
-    :func:`per_example_gradients`."""
+    """The one-example-per-backward baseline (as LESS does): each example unpadded (its
+    non-padding tokens, whatever the padding side), alone, with the model's own forward (its
+    standard attention mask path). Same output layout as :func:`per_example_gradients`."""
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
     rows: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    for row, length in enumerate(lengths):
-        input_ids = batch["input_ids"][row : row + 1, :length]
+    for row in range(batch["input_ids"].shape[0]):
+        present = batch["attention_mask"][row] != 0
+        input_ids = batch["input_ids"][row][present][None]
         kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        labels = batch["labels"][row, :length] if task == "causal_lm" else batch["labels"][row]
+        labels = batch["labels"][row][present] if task == "causal_lm" else batch["labels"][row]
         model.zero_grad(set_to_none=True)
         logits = model(**kwargs).logits[0]
         example_loss(logits, labels, task).backward()

@@ -34,8 +34,8 @@ from .data import ExampleFormat, as_examples, check_examples, collate, label_map
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
 from .warmup import (
-    LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
-    load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
+    LoraSettings, WarmupSettings, align_pad_token_id, check_pad_token_id, checkpoint_weights, load_adam_moments,
+    load_checkpoints, load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
 )
 
 GRADIENT_TYPES = ("adam", "sgd")
@@ -107,8 +107,10 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_dtype: torch.dtype | None, seed: int,
-                 progress: bool = True) -> torch.nn.Module:
-    """A fresh base model each call (peft wrapping mutates it); random heads seeded identically."""
+                 progress: bool = True, pad_id: int | None = None) -> torch.nn.Module:
+    """A fresh base model each call (peft wrapping mutates it); random heads seeded identically.
+    For classification its ``config.pad_token_id`` is aligned with ``pad_id``, the id collate
+    pads with (:func:`align_pad_token_id`: set when unset, a decoder's differing one refused)."""
     torch.manual_seed(seed)
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -147,6 +149,8 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
         raise TypeError(f"model must be a path, an nn.Module or a zero-argument factory, got {type(model).__name__}")
     if model_dtype is not None:
         built = built.to(model_dtype)
+    if pad_id is not None:
+        align_pad_token_id(built, pad_id, task, f"model {_model_name(model)}")
     return built
 
 
@@ -261,7 +265,9 @@ def collect_trajectory(
 
     Raises:
         InputError: a bad option, data file, checkpoint folder or model source, before any model
-            or tokenizer loads (the options, then the data, then the checkpoints, then the model).
+            or tokenizer loads (the options, then the data, then the checkpoints, then the model);
+            for classification, a decoder classifier whose ``config.pad_token_id`` is set and differs
+            from the tokenizer's pad id (an unset one is set to it), before any training or collection.
         StoreError: ``out`` is a store that cannot be resumed with these settings.
     """
     # Every option, the data, the checkpoints and the model source are checked here, before any
@@ -361,6 +367,14 @@ def collect_trajectory(
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(model if tokenizer is None else tokenizer)
     pad_id = pad_token_id(tokenizer)
+    if task == "classification":  # a decoder classifier's pad id must be the batches' (a factory's: when built)
+        if is_path:
+            from transformers import AutoConfig
+
+            check_pad_token_id(AutoConfig.from_pretrained(os.fspath(model), local_files_only=True), pad_id, task,
+                               f"model {_model_name(model)}")
+        elif isinstance(model, torch.nn.Module):
+            check_pad_token_id(model, pad_id, task, f"model {_model_name(model)}")
     label2id = None
     if task == "classification":
         label2id = (warm_manifest or {}).get("label2id") or label_mapping(examples, fmt)
@@ -373,14 +387,14 @@ def collect_trajectory(
     else:
         settings = warmup or WarmupSettings()
         lora = settings.lora
-        trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed, progress), task, lora)
+        trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed, progress, pad_id), task, lora)
         warmup_train(trainee, tokenized, warmup_dir, task, pad_id, settings, label2id, device, progress)
         del trainee
     if ckpts is None:
         ckpts = load_checkpoints(warmup_dir, learning_rates)
 
     # The model whose forward is differentiated; each checkpoint's trainable values are passed in.
-    net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0, progress)
+    net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0, progress, pad_id)
     if ckpts[0].layout == "peft":
         from peft import PeftModel
 

@@ -131,6 +131,55 @@ def wrap_for_training(model: torch.nn.Module, task: str, lora: LoraSettings | No
                          "(choose modules of this model, or warm up without LoRA)") from None
 
 
+def _pad_configs(model_or_config: Any) -> list[Any]:
+    """The config(s) a classifier reads pad_token_id from: the model's config and, for composite
+    (e.g. vision-language) configs, its text config."""
+    config = getattr(model_or_config, "config", None) if isinstance(model_or_config, torch.nn.Module) else model_or_config
+    if config is None:
+        return []
+    configs = [config]
+    get_text = getattr(config, "get_text_config", None)
+    text = get_text() if callable(get_text) else config
+    if text is not None and text is not config:
+        configs.append(text)
+    return configs
+
+
+def _is_decoder_config(config: Any) -> bool:
+    from .per_example import BIDIRECTIONAL_MODEL_TYPES
+
+    return getattr(config, "model_type", None) not in BIDIRECTIONAL_MODEL_TYPES
+
+
+def check_pad_token_id(config: Any, pad_token_id: int, task: str, where: str = "model") -> None:
+    """Raise an InputError when a decoder classifier's ``config.pad_token_id`` is set and differs
+    from ``pad_token_id``, the id its batches are padded with (it pools the last token that is not
+    ``config.pad_token_id``, so it would pool a padding position)."""
+    if task != "classification":
+        return
+    for cfg in _pad_configs(config):
+        have = getattr(cfg, "pad_token_id", None)
+        if have is not None and _is_decoder_config(cfg) and int(have) != int(pad_token_id):
+            raise InputError(
+                f"{where}: config.pad_token_id is {have}, but batches are padded with {pad_token_id} (the tokenizer's pad "
+                "id, else its EOS id); a decoder classifier pools the last token that is not config.pad_token_id, so it "
+                "would pool a padding position. Use the model's own tokenizer, or make the two pad ids agree")
+
+
+def align_pad_token_id(model: torch.nn.Module, pad_token_id: int, task: str, where: str = "model") -> torch.nn.Module:
+    """For classification, set ``model.config.pad_token_id`` to ``pad_token_id`` (the id the
+    batches are padded with) when it is unset, so decoder classifiers (Llama, GPT-2, ...
+    ``ForSequenceClassification``) pool each example's last real token; a decoder's differing
+    pad id is an InputError (:func:`check_pad_token_id`). Returns ``model``."""
+    if task != "classification":
+        return model
+    check_pad_token_id(model, pad_token_id, task, where)
+    for cfg in _pad_configs(model):
+        if getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = int(pad_token_id)
+    return model
+
+
 def _linear_schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)
@@ -149,8 +198,13 @@ def warmup_train(
     progress: bool = True,
 ) -> list[Checkpoint]:
     """Train ``model`` (already wrapped by :func:`wrap_for_training`) on a random ``fraction`` of
-    ``examples`` and save one checkpoint per epoch into ``out_dir``; returns the checkpoints."""
+    ``examples`` and save one checkpoint per epoch into ``out_dir``; returns the checkpoints.
+
+    For classification, an unset ``model.config.pad_token_id`` is set to ``pad_token_id`` (see
+    :func:`align_pad_token_id`); a decoder classifier's differing one is an InputError."""
     from safetensors.torch import save_file
+
+    align_pad_token_id(model, pad_token_id, task)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
