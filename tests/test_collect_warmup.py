@@ -6,6 +6,7 @@ import torch
 
 from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer
 from gtp_kernels.collect.data import as_examples, tokenize_all
+from gtp_kernels.validation import InputError
 from gtp_kernels.collect.warmup import (
     LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints, load_trainable_state,
     warmup_train, wrap_for_training,
@@ -106,3 +107,43 @@ def test_decoder_classifier_without_pad_token_id(tmp_path):
         warmup_train(wrap_for_training(classifier(7), "classification", settings.lora), tokens, tmp_path / "warm7",
                      "classification", 0, settings, label2id, progress=False)
     assert not (tmp_path / "warm7").exists()
+
+
+def _trainer_style_optimizer_state(model, groups):
+    """An AdamW state_dict after one step, with the parameters grouped as given (names lists)."""
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [params[n] for n in group]} for group in groups], lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for p in params.values():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    return opt, opt.state_dict()
+
+
+def test_adam_moments_follow_the_trainers_parameter_groups(tmp_path):
+    """The HF Trainer numbers parameters group by group (weight decay first, then biases and
+    norm weights): the moments must reach the parameter they belong to, not the one at the same
+    position in the model's order; groups we cannot place are refused, not guessed."""
+    from gtp_kernels.collect.warmup import Checkpoint, _no_decay
+
+    model = tiny_llama()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    decay = [n for n in names if not _no_decay(n)]
+    rest = [n for n in names if _no_decay(n)]
+    assert decay and rest and names != decay + rest  # the model's order interleaves the groups
+    opt, state = _trainer_style_optimizer_state(model, [decay, rest])
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    torch.save(state, folder / "optimizer.pt")
+    moments = load_adam_moments(Checkpoint("checkpoint-1", str(folder), 1e-3), names, shapes)
+    params = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(moments[n][0], opt.state[params[n]]["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(moments[n][1], opt.state[params[n]]["exp_avg_sq"], rtol=0, atol=0)
+    # groups split some other way: refused (a shape check catches what the split cannot place)
+    odd = [names[::2], names[1::2]]
+    _, state = _trainer_style_optimizer_state(model, odd)
+    torch.save(state, folder / "optimizer.pt")
+    with pytest.raises(InputError, match="cannot tell which optimizer moments"):
+        load_adam_moments(Checkpoint("checkpoint-1", str(folder), 1e-3), names, shapes)

@@ -415,9 +415,10 @@ def collect_trajectory(
     names = list(trainable_parameters(net))
     states = [load_trainable_state(c, net) for c in ckpts]
     moments = None
+    shapes = {n: tuple(states[0][n].shape) for n in names}  # checks which moments belong to which parameter
     if gradient_type == "adam":
         moments = [{n: (m.to(device, torch.float32).reshape(-1), v.to(device, torch.float32).reshape(-1))
-                    for n, (m, v) in load_adam_moments(c, names).items()} for c in ckpts]
+                    for n, (m, v) in load_adam_moments(c, names, shapes).items()} for c in ckpts]
 
     t_count = len(ckpts)
     weights = checkpoint_weights(ckpts)

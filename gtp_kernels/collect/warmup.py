@@ -410,25 +410,64 @@ def _peft_adapter_state(checkpoint: Checkpoint, model: torch.nn.Module) -> dict[
     return {n: after[n] for n in names}
 
 
-def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(exp_avg, exp_avg_sq) per trainable parameter name from the checkpoint's optimizer.pt."""
+def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str],
+                      shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(exp_avg, exp_avg_sq) per trainable parameter name from the checkpoint's optimizer.pt.
+
+    A torch optimizer state_dict numbers parameters group by group in the order the optimizer
+    was built with. One group: trainable-parameter order. Several (the HF Trainer puts biases and
+    norm weights in a no-decay group): the order that puts each group's names together, read off
+    the names as the Trainer decides (bias/norm: no decay). Every entry is then checked against
+    ``shapes`` (when given): an order that does not fit every shape is refused, rather than
+    preconditioning a gradient with another parameter's moments.
+    """
     path = Path(checkpoint.path) / "optimizer.pt"
     if not path.is_file():
         raise InputError(f"checkpoint {checkpoint.name}: no optimizer.pt, so Adam-preconditioned gradients are impossible (use gradient_type='sgd')")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if "exp_avg" in state and "exp_avg_sq" in state:
         avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    elif "state" in state:  # torch optimizer state_dict: integer keys in trainable-parameter order
+    elif "state" in state:  # torch optimizer state_dict: integer keys, numbered group by group
         indexed = state["state"]
         if len(indexed) != len(names):
             raise InputError(f"checkpoint {checkpoint.name}: optimizer state has {len(indexed)} entries for {len(names)} trainable parameters")
-        keys = sorted(indexed)
-        avg = {n: indexed[k]["exp_avg"] for n, k in zip(names, keys)}
-        avg_sq = {n: indexed[k]["exp_avg_sq"] for n, k in zip(names, keys)}
+        order = _optimizer_order(checkpoint, list(names), state.get("param_groups"), indexed, shapes)
+        avg = {n: indexed[k]["exp_avg"] for n, k in order.items()}
+        avg_sq = {n: indexed[k]["exp_avg_sq"] for n, k in order.items()}
     else:
         raise InputError(f"checkpoint {checkpoint.name}: optimizer.pt has neither exp_avg/exp_avg_sq nor a torch 'state'")
     missing = [n for n in names if n not in avg]
     if missing:
         raise InputError(f"checkpoint {checkpoint.name}: optimizer state lacks {missing[0]!r}")
+    if shapes is not None:
+        for n in names:
+            if avg[n].numel() != math.prod(shapes[n]) or avg_sq[n].numel() != math.prod(shapes[n]):
+                raise InputError(f"checkpoint {checkpoint.name}: optimizer moments for {n!r} have "
+                                 f"{avg[n].numel()} entries, the parameter {math.prod(shapes[n])}")
     return {n: (avg[n], avg_sq[n]) for n in names}
+
+
+def _no_decay(name: str) -> bool:
+    """The HF Trainer's no-weight-decay parameters, by name: biases and norm weights."""
+    lowered = name.lower()
+    return "bias" in lowered or "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_")
+
+
+def _optimizer_order(checkpoint: Checkpoint, names: list, groups, indexed, shapes) -> dict:
+    """{name: state key}: the numbering of a torch optimizer state_dict (see load_adam_moments)."""
+    keys = sorted(indexed)
+    sizes = [len(g.get("params", [])) for g in groups] if isinstance(groups, list) else []
+    if len(sizes) <= 1:
+        orders = [names]
+    else:  # the HF Trainer's two groups: weight decay, then none (either may be empty)
+        decay = [n for n in names if not _no_decay(n)]
+        rest = [n for n in names if _no_decay(n)]
+        orders = [order for order, split in ((decay + rest, [len(decay), len(rest)]),
+                                             (rest + decay, [len(rest), len(decay)])) if sizes == split]
+    for order in orders:
+        if shapes is None or all(indexed[k]["exp_avg"].numel() == math.prod(shapes[n]) for n, k in zip(order, keys)):
+            return dict(zip(order, keys))
+    raise InputError(f"checkpoint {checkpoint.name}: cannot tell which optimizer moments belong to which parameter "
+                     f"({len(sizes)} parameter groups of sizes {sizes}); use gradient_type='sgd', or save the moments "
+                     "by name (exp_avg/exp_avg_sq dicts)")
 
