@@ -12,12 +12,12 @@ timings are in benchmarks/gpu_project.py.
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
 
 from gtp_kernels.ops.project import project
+from timing import median_seconds
 
 CASES = {  # name: (B, P, d)
     "B32-P32k-d1024": (32, 1 << 15, 1024),
@@ -67,25 +67,15 @@ def test_premade_matrix_matmul(benchmark, case):
     benchmark.pedantic(lambda: grads @ pi_t, rounds=5, warmup_rounds=1)
 
 
-def _median_seconds(fn, repeats: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| case | project (Philox, torch) | generate-then-multiply | premade Pi matmul | project / premade |")
     for case in CASES:
         grads, d = _inputs(case)
         pi_t = torch.randint(0, 2, (grads.shape[1], d)).float() * 2 - 1
-        t_project = _median_seconds(lambda: project_counter_based(grads, d, 1))
-        t_trak = _median_seconds(lambda: project_generate_then_multiply(grads, d, 1))
-        t_premade = _median_seconds(lambda: grads @ pi_t)
+        t_project = median_seconds(lambda: project_counter_based(grads, d, 1), 3)
+        t_trak = median_seconds(lambda: project_generate_then_multiply(grads, d, 1), 3)
+        t_premade = median_seconds(lambda: grads @ pi_t, 3)
         print(f"| {case} | {t_project * 1e3:.1f} ms | {t_trak * 1e3:.1f} ms | {t_premade * 1e3:.1f} ms "
               f"| {t_project / t_premade:.1f}x |")
 

@@ -120,8 +120,7 @@ def main() -> None:
 def save_chart(chart, path: str) -> None:
     """Grouped bars, one group per case: each method's time over the k-pass floor (log scale;
     1 = the floor, what a GEMV-per-atom method pays). Written to a temp file, then renamed."""
-    import os
-    import tempfile
+    import io
 
     import matplotlib
 
@@ -130,6 +129,7 @@ def save_chart(chart, path: str) -> None:
     import matplotlib.ticker
 
     from gtp_kernels.demo import plot_format
+    from gtp_kernels.io import atomic_write_bytes
 
     methods = list(dict.fromkeys(name for _, ratios in chart for name in ratios))
     width = 0.8 / len(methods)
@@ -148,17 +148,10 @@ def save_chart(chart, path: str) -> None:
     ax.set_title(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads: lower is faster")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fmt = plot_format(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".chart.", suffix="." + fmt, dir=folder)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=plot_format(path), dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # temp file, then rename
 
 
 if __name__ == "__main__":

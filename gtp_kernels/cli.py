@@ -65,17 +65,11 @@ def _add_demo(sub) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import min_demo_candidates, run_demo
+    from .demo import check_demo_arguments, run_demo
 
-    # Every argument is checked here, with the flag's name, before the pool is built.
-    _check_method(args.method)
-    if args.num_candidates < min_demo_candidates():
-        raise InputError(f"--num-candidates must be at least {min_demo_candidates()} (the demo pool holds "
-                         f"{min_demo_candidates() - 1} near-copies plus plain examples), got {args.num_candidates}")
-    if not 1 <= args.k <= args.num_candidates:
-        raise InputError(f"--k must lie in [1, --num-candidates={args.num_candidates}], got {args.k}")
-    if args.seed < 0:
-        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    # checked here too so that the messages name the flags (run_demo checks the same again)
+    check_demo_arguments(args.k, args.num_candidates, args.seed, args.method,
+                         label=lambda name: "--" + name.replace("_", "-"))
     run_demo(k=args.k, num_candidates=args.num_candidates, seed=args.seed, method=args.method, plot=args.plot)
     return 0
 
@@ -154,15 +148,6 @@ def _read_data(path: str, id_field: str, store_ids) -> dict:
     return by_id
 
 
-def _selected_examples_text(by_id: dict, selected_ids, weights) -> str:
-    """OUT/selected.jsonl: each chosen record plus _rank and _weight, in selection order
-    (the layout of gtp_kernels.collect.data.write_selected_examples)."""
-    import json
-
-    return "".join(json.dumps({**by_id[str(i)], "_rank": rank, "_weight": float(w)}) + "\n"
-                   for rank, (i, w) in enumerate(zip(selected_ids, weights)))
-
-
 def _selection_line(sel) -> str:
     rel = sel.relative_residual
     rel_s = "n/a" if rel is None else f"{rel:.4g}"
@@ -180,6 +165,7 @@ def _cmd_select(args) -> int:
     import torch
 
     from .api import DEFAULT_METHOD, METHODS, select
+    from .collect.data import selected_examples_text
     from .collect.store import check_compatible, is_store, open_store
     from .io import atomic_write_files, check_output_folder, load_array, render_selection
 
@@ -233,7 +219,7 @@ def _cmd_select(args) -> int:
     files = {out / name: texts[name].encode("utf-8") for name in SELECTION_FILES}
     if by_id is not None:
         chosen = [ids[i] for i in sel.indices.tolist()]
-        files[out / EXAMPLES_FILE] = _selected_examples_text(by_id, chosen, sel.weights.tolist()).encode("utf-8")
+        files[out / EXAMPLES_FILE] = selected_examples_text(by_id, chosen, sel.weights.tolist()).encode("utf-8")
     stale = out / EXAMPLES_FILE
     remove = [stale] if by_id is None and (stale.is_file() or stale.is_symlink()) else []
     try:

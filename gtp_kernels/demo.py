@@ -38,14 +38,19 @@ class SyntheticPool:
     target_skills: np.ndarray      # skills the target draws from
 
 
+# the default pool's groups of near-copies (what top-k falls for)
+NEAR_COPY_GROUPS = 60
+COPIES_PER_GROUP = 8
+
+
 def make_synthetic_pool(
     num_candidates: int = 8000,
     num_checkpoints: int = 4,
     dim: int = 256,
     num_clusters: int = 40,
     num_target_skills: int = 6,
-    num_duplicate_groups: int = 60,
-    copies_per_group: int = 8,
+    num_duplicate_groups: int = NEAR_COPY_GROUPS,
+    copies_per_group: int = COPIES_PER_GROUP,
     seed: int = 0,
 ) -> SyntheticPool:
     if isinstance(seed, (int, np.integer)) and seed < 0:
@@ -108,20 +113,30 @@ def count_near_duplicates(rows: np.ndarray, threshold: float = 0.95) -> int:
     return int((np.tril(cos, k=-1) > threshold).any(axis=1).sum())
 
 
-def _near_copies_by_default() -> int:
-    import inspect
-
-    params = inspect.signature(make_synthetic_pool).parameters
-    return params["num_duplicate_groups"].default * params["copies_per_group"].default
-
-
-_DEMO_NEAR_COPIES = _near_copies_by_default()
-
-
 def min_demo_candidates() -> int:
-    """The smallest pool the demo builds: one plain example more than its near-copies
-    (make_synthetic_pool's defaults), so run_demo can check before building anything."""
-    return _DEMO_NEAR_COPIES + 1
+    """The smallest pool the demo builds: one plain example more than its near-copies."""
+    return NEAR_COPY_GROUPS * COPIES_PER_GROUP + 1
+
+
+def check_demo_arguments(k, num_candidates, seed, method: Optional[str], label=lambda name: name) -> str:
+    """InputError for a demo argument run_demo cannot take (label(name) names it: the CLI passes
+    its flags); returns the GTP method to show first."""
+    from .api import DEFAULT_METHOD, METHODS
+
+    gtp = DEFAULT_METHOD if method is None else method
+    if gtp not in METHODS:
+        raise InputError(f"{label('method')}: unknown method {gtp!r}; choose one of: {', '.join(METHODS)}")
+    for name, value in (("k", k), ("num_candidates", num_candidates), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InputError(f"{label(name)} must be an integer, got {value!r}")
+    if num_candidates < min_demo_candidates():
+        raise InputError(f"{label('num_candidates')} must be at least {min_demo_candidates()} (the demo pool holds "
+                         f"{min_demo_candidates() - 1} near-copies plus at least one plain example), got {num_candidates}")
+    if not 1 <= k <= num_candidates:
+        raise InputError(f"{label('k')} must lie in [1, {label('num_candidates')}={num_candidates}], got {k}")
+    if seed < 0:
+        raise InputError(f"{label('seed')} must be >= 0, got {seed}")
+    return gtp
 
 
 def plot_format(path: str) -> str:
@@ -162,21 +177,9 @@ def run_demo(k: int = 64, num_candidates: int = 8000, seed: int = 0, method: Opt
     ``method`` is the GTP method shown first (default: the fastest exact one); any name in
     METHODS is accepted and shown once. Every argument is checked before the pool is built.
     """
-    from .api import DEFAULT_METHOD, METHODS, fit_residual, select
+    from .api import fit_residual, select
 
-    gtp = DEFAULT_METHOD if method is None else method
-    if gtp not in METHODS:
-        raise InputError(f"unknown method {gtp!r}; choose one of: {', '.join(METHODS)}")
-    for label, value in (("k", k), ("num_candidates", num_candidates), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"{label} must be an integer, got {value!r}")
-    if num_candidates < min_demo_candidates():
-        raise InputError(f"num_candidates must be at least {min_demo_candidates()} (the demo pool holds "
-                         f"{min_demo_candidates() - 1} near-copies plus at least one plain example), got {num_candidates}")
-    if not 1 <= k <= num_candidates:
-        raise InputError(f"k must lie in [1, num_candidates={num_candidates}], got {k}")
-    if seed < 0:
-        raise InputError(f"seed must be >= 0, got {seed}")
+    gtp = check_demo_arguments(k, num_candidates, seed, method)
     fmt = plot_format(plot) if plot else None  # checked before the work, not after
     t0 = time.perf_counter()
     pool = make_synthetic_pool(num_candidates=num_candidates, seed=seed)
@@ -225,7 +228,7 @@ def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .api import fit_residual
-    from .io import _atomic_write_bytes
+    from .io import atomic_write_bytes
     import io as _io
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -250,4 +253,4 @@ def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> Non
     fig.tight_layout()
     fig.savefig(buf, format=fmt, dpi=120)
     plt.close(fig)
-    _atomic_write_bytes(Path(path), buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())

@@ -129,20 +129,14 @@ def _stage_bytes(path: Path, data: bytes) -> str:
     return tmp
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _stage_bytes(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
+    """Write bytes to path via a temp file in the same folder and an atomic rename."""
+    atomic_write_files({Path(path): data})
 
 
 def atomic_write_text(path: os.PathLike, text: str) -> None:
     """Write text to path via a temp file in the same folder and an atomic rename."""
-    _atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_files(files: Dict[os.PathLike, bytes], remove: Iterable[os.PathLike] = ()) -> None:

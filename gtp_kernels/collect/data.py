@@ -286,13 +286,20 @@ def write_selected_examples(
         raise InputError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
     if weights is not None and len(weights) != len(ids):
         raise InputError(f"weights: {len(weights)} values for {len(ids)} ids")
+    from ..io import atomic_write_text  # temp file + rename; removed if writing fails
+
+    atomic_write_text(out, selected_examples_text(by_id, ids, weights))
+    return len(ids)
+
+
+def selected_examples_text(by_id: dict[str, dict[str, Any]], selected_ids: Sequence[str],
+                           weights: Sequence[float] | None = None) -> str:
+    """The JSON lines of :func:`write_selected_examples`: each record plus ``"_rank"`` (and
+    ``"_weight"``), in selection order; ``by_id`` maps example ids to records."""
     lines = []
-    for rank, example_id in enumerate(ids):
-        record = {**by_id[example_id], "_rank": rank}
+    for rank, example_id in enumerate(selected_ids):
+        record = {**by_id[str(example_id)], "_rank": rank}
         if weights is not None:
             record["_weight"] = float(weights[rank])
         lines.append(json.dumps(record) + "\n")
-    from ..io import atomic_write_text  # temp file + rename; removed if writing fails
-
-    atomic_write_text(out, "".join(lines))
-    return len(ids)
+    return "".join(lines)
