@@ -67,15 +67,16 @@ def _not_found(what: str, name: str) -> str:
             "or fetch the model beforehand)")
 
 
-def _check_model_source(model: Any) -> None:
-    """A model path must be a local folder, or a model id already in the local HF cache (offline)."""
+def _check_model_source(model: Any) -> Any:
+    """A model path must be a local folder, or a model id already in the local HF cache (offline);
+    returns its config."""
     name = os.fspath(model)
     if os.path.exists(name) and not os.path.isdir(name):
         raise InputError(f"model: {name} is a file; expected a Hugging Face model folder (config.json and the weights)")
     from transformers import AutoConfig
 
     try:
-        AutoConfig.from_pretrained(name, local_files_only=True)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         if not os.path.isdir(name):
             raise InputError(_not_found("model", name)) from None
@@ -362,17 +363,13 @@ def collect_trajectory(
                      kind, seed, seed_mode, normalise, apply_checkpoint_weights)
 
     # Only now the model (offline: a local folder or the local HF cache) and the tokenizer.
-    if is_path:
-        _check_model_source(model)
+    config = _check_model_source(model) if is_path else None
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(model if tokenizer is None else tokenizer)
     pad_id = pad_token_id(tokenizer)
     if task == "classification":  # a decoder classifier's pad id must be the batches' (a factory's: when built)
         if is_path:
-            from transformers import AutoConfig
-
-            check_pad_token_id(AutoConfig.from_pretrained(os.fspath(model), local_files_only=True), pad_id, task,
-                               f"model {_model_name(model)}")
+            check_pad_token_id(config, pad_id, task, f"model {_model_name(model)}")
         elif isinstance(model, torch.nn.Module):
             check_pad_token_id(model, pad_id, task, f"model {_model_name(model)}")
     label2id = None
