@@ -20,7 +20,8 @@ from .selection.cosamp import gtp_cosamp
 from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
-from .validation import ArrayLike, InputError, Problem, resolve_device, validate_problem
+from .validation import (SEED_LIMIT, ArrayLike, InputError, Problem, check_backend, check_bool, check_choice,
+                         check_int, resolve_device, validate_problem)
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
 
@@ -259,13 +260,12 @@ def select(
                                    max_iters=max_iters)
     ridge, tol, min_cosine, align_threshold, stop_ratio, max_iters = (
         common[name] for name in ("ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters"))
-    if topk_reduce not in ("mean", "max"):
-        raise InputError(f"topk_reduce must be 'mean' or 'max', got {topk_reduce!r}")
-    for label, value in (("batch_size", batch_size), ("seed", seed)):
-        if value is not None and not _is_integer(value):
-            raise InputError(f"{label} must be an integer, got {value!r}")
-    if seed is None or seed < 0:
-        raise InputError(f"seed must be an integer >= 0, got {seed!r}")
+    topk_reduce = check_choice(topk_reduce, "topk_reduce", ("mean", "max"))
+    positive = check_bool(positive, "positive")
+    progress = check_bool(progress, "progress")
+    if batch_size is not None and not _is_integer(batch_size):
+        raise InputError(f"batch_size must be an integer, got {batch_size!r}")
+    seed = check_int(seed, "seed", low=0, high=SEED_LIMIT - 1)
     if batch_size is not None and batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     dev = None if device is None else resolve_device(device, "device")
@@ -273,6 +273,7 @@ def select(
     problem = validate_problem(candidates, target, k, checkpoint_weights=checkpoint_weights,
                                num_checkpoints=num_checkpoints, exclude=exclude, compute_dtype=compute_dtype)
     k = int(k)  # numpy integers too
+    check_backend(backend, problem.candidates.device if dev is None else dev)
     if dev is not None:
         problem = Problem(problem.candidates.to(dev), problem.targets.to(dev), problem.num_checkpoints,
                           problem.checkpoint_dim, problem.checkpoint_weights, problem.exclude.to(dev))

@@ -5,6 +5,7 @@ that names the offending argument, so that the CLI can print it as is.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -72,6 +73,107 @@ class Problem:
         return w.repeat_interleave(self.checkpoint_dim)
 
 
+# ---- scalar option checks, shared by every entry point: one message style, raised before any work ----
+
+SEED_LIMIT = 2 ** 64  # seeds are unsigned 64-bit (torch.Generator.manual_seed, the Philox keys)
+
+
+def check_int(value: Any, name: str, *, low: Optional[int] = None, high: Optional[int] = None) -> int:
+    """``value`` as an int: a Python or numpy integer (not a bool, not a float that happens to
+    be whole) within [low, high]. InputTypeError for another type, InputError out of range."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputTypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if low is not None and value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value}")
+    if high is not None and value > high:
+        shown = "2^64 - 1" if high == SEED_LIMIT - 1 else str(high)
+        raise InputError(f"{name} must be an integer <= {shown}, got {value}")
+    return value
+
+
+def check_real(value: Any, name: str, *, low: float = -math.inf, high: float = math.inf,
+               finite: bool = True) -> float:
+    """``value`` as a float: a real Python or numpy number (not a bool, a complex number or a
+    string), finite unless ``finite=False``, within [low, high]. InputTypeError for another
+    type, InputError for NaN/Inf or out of range."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating))):
+        raise InputTypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise InputError(f"{name} must be a finite number, got {value}")
+    if not low <= value <= high:
+        raise InputError(f"{name} must lie in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """``value`` as a bool: True or False (numpy's too), nothing else: ``"no"`` or ``0`` would
+    otherwise be read by truthiness (``"no"`` as True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
+    """``value`` when it is one of ``choices`` (compared by type and value: ``1`` is not
+    ``True``), else InputError listing them."""
+    for choice in choices:
+        if (isinstance(value, type(choice)) and isinstance(value, (bool, np.bool_)) == isinstance(choice, bool)
+                and value == choice):
+            return choice
+    listed = [repr(c) for c in choices]
+    options = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} or {listed[-1]}"
+    raise InputError(f"{name} must be {options}, got {value!r}")
+
+
+def check_real_vector(value: Any, name: str) -> np.ndarray:
+    """A 1-D sequence, numpy array or tensor of real numbers as a float64 numpy array.
+
+    Refuses (InputTypeError) strings and other non-numbers, bools, and complex values (a cast
+    to float would keep only the real part); NaN/Inf and ranges are the caller's to judge.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool or value.device.type == "meta":
+            raise InputTypeError(f"{name} must hold real numbers, got a {value.dtype} tensor on {value.device}")
+        return value.detach().cpu().to(torch.float64).numpy().reshape(value.shape)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iuf":
+            raise InputTypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
+        return value.astype(np.float64)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise InputTypeError(f"{name} must be a sequence of real numbers, got {value!r}")
+    entries = list(value)
+    for i, entry in enumerate(entries):
+        if isinstance(entry, (bool, np.bool_)) or not isinstance(entry, (int, float, np.integer, np.floating)):
+            raise InputTypeError(f"{name} must hold real numbers, got {entry!r} at position {i}")
+    return np.asarray([float(e) for e in entries], dtype=np.float64)
+
+
+def check_backend(backend: Any, device: torch.device, name: str = "backend") -> str:
+    """``backend`` ('auto', 'triton' or 'torch') usable on ``device``: 'triton' needs triton
+    importable and, on the CPU, the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)."""
+    backend = check_choice(backend, name, ("auto", "triton", "torch"))
+    if backend == "triton":
+        from .ops._dispatch import interpreting, triton_available
+
+        if not triton_available():
+            raise InputError(f"{name}='triton': triton cannot be imported here; use 'auto' or 'torch'")
+        if device.type != "cuda" and not interpreting():
+            raise InputError(f"{name}='triton' on {device.type} tensors needs the Triton interpreter "
+                             "(set TRITON_INTERPRET=1 before triton is imported; slow, for testing); "
+                             "use 'auto' or 'torch' on the CPU")
+    return backend
+
+
+def check_device_type(t: torch.Tensor, name: str) -> None:
+    """gtp_kernels computes on cpu or cuda tensors: a meta (or other) device is refused here
+    rather than failing deep inside a method."""
+    if t.device.type not in ("cpu", "cuda"):
+        raise InputError(f"{name} is on the {t.device.type} device; gtp_kernels runs on cpu or cuda tensors"
+                         + (" (a meta tensor holds no values)" if t.device.type == "meta" else ""))
+
+
 def resolve_device(spec: Any, what: str = "device") -> torch.device:
     """A device gtp_kernels can run on here ('cpu', 'cuda', 'cuda:N'), or InputError naming
     `what` (the argument or flag)."""
@@ -91,9 +193,14 @@ def resolve_device(spec: Any, what: str = "device") -> torch.device:
 
 
 def as_tensor(x: Any, name: str) -> torch.Tensor:
-    """Accept a torch tensor or a numpy array (memory-mapped arrays stay zero-copy)."""
+    """Accept a torch tensor or a numpy array (memory-mapped arrays stay zero-copy).
+
+    A tensor that requires grad is read as its values (detached, no copy): selection is not
+    differentiable, and its weights come back as numpy arrays. Tensors must be on cpu or cuda.
+    """
     if isinstance(x, torch.Tensor):
-        return x
+        check_device_type(x, name)
+        return x.detach()
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise InputTypeError(f"{name} must hold floating-point values, got numpy dtype {x.dtype}")
@@ -202,9 +309,7 @@ def validate_problem(
 
     weights = None
     if checkpoint_weights is not None:
-        w = torch.as_tensor(np.asarray(checkpoint_weights, dtype=np.float64)
-                            if not isinstance(checkpoint_weights, torch.Tensor)
-                            else checkpoint_weights.detach().cpu().to(torch.float64))
+        w = torch.from_numpy(check_real_vector(checkpoint_weights, "checkpoint_weights"))
         if w.dim() != 1 or w.shape[0] != T:
             raise InputError(f"checkpoint_weights must have T={T} entries, got shape {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
@@ -260,6 +365,8 @@ def _exclusion(exclude: Any, N: int):
         if arr is None:
             raise InputTypeError("exclude must be a bool mask or integer row indices, got torch.bfloat16")
     else:
+        if isinstance(exclude, (list, tuple)):
+            _refuse_mixed_bools(exclude)
         try:
             arr = np.asarray(exclude)
         except (TypeError, ValueError) as err:
@@ -280,6 +387,16 @@ def _exclusion(exclude: Any, N: int):
         raise InputError(f"exclude indices must lie in [0, {N}), got values from {int(idx.min())} "
                          f"to {int(idx.max())}")
     return None, idx
+
+
+def _refuse_mixed_bools(entries: Sequence[Any]) -> None:
+    """A list holding bools and other values (``[True, 0, 1]``) is neither a mask nor indices:
+    numpy would read it as the integers [1, 0, 1] and exclude rows by accident."""
+    kinds = {isinstance(e, (bool, np.bool_)) for e in entries}
+    if len(kinds) == 2:
+        first = next(i for i, e in enumerate(entries) if not isinstance(e, (bool, np.bool_)))
+        raise InputTypeError(f"exclude mixes bools and other values (position {first} is {entries[first]!r}): "
+                             "pass a bool mask of length N or integer row indices, not both")
 
 
 def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:

@@ -160,6 +160,13 @@ def _run_cases(rank, kind):
             out[name] = _outcome(lambda: select_sharded(_shard(P, cuts, rank), target, **kw))
         out["merge_nan_on_rank1"] = _outcome(lambda: select_shard_and_merge(_shard(_nan_at_20(A), (0, 17, 40), rank),
                                                                             B, 6))
+        # rank 0 in another entry point than rank 1: the same InputError, at once, on both
+        shard = _shard(A, (0, 17, 40), rank)
+        started = time.monotonic()
+        entry = select_shard_and_merge if rank == 0 else select_sharded
+        out["entry_differs"] = _outcome(lambda: entry(shard, B, 6))
+        out["entry_differs_seconds"] = time.monotonic() - started
+        out["after_entry_differs"] = _outcome(lambda: select_sharded(shard, B, 6))
     return out
 
 
@@ -316,3 +323,18 @@ def test_group_usable_after_errors(error_results):
     A, B = small_data()
     _assert_equal_selection(got, gk.select(A, B, 6), "still_works_after")
     assert not math.isnan(got[1][0][1][0])
+
+
+def test_ranks_in_different_entry_points_raise_at_once(error_results):
+    """select_shard_and_merge on rank 0, select_sharded on rank 1: every rank raises the same
+    InputError naming each rank's call, in the first exchange (before, the ranks went on to
+    different collectives and waited for the process group's timeout: 30 min by default, 20 s
+    here); the group still works afterwards."""
+    got = _assert_same_on_every_rank(error_results, "entry_differs")
+    assert got[0] == "error" and got[2], got
+    assert got[3] == ("every rank must call the same entry point: rank 0 select_shard_and_merge, "
+                      "rank 1 select_sharded")
+    assert all(ranks["entry_differs_seconds"] < 10 for ranks in error_results)
+    after = _assert_same_on_every_rank(error_results, "after_entry_differs")
+    A, B = small_data()
+    _assert_equal_selection(after, gk.select(A, B, 6), "after_entry_differs")

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ..api import Selection, _exclude_misaligned, _is_integer, check_pursuit_options, scale_problem
 from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
-                          as_tensor, check_row_norm_range, validate_problem)
+                          as_tensor, check_backend, check_bool, check_row_norm_range, validate_problem)
 from .common import SelectOptions
 from .pursuit import LocalRows, gtp_pursuit
 
@@ -137,7 +137,7 @@ def _checked_options(o: Dict[str, Any]) -> Dict[str, Any]:
         raise InputError(f"prefetch must be >= 0, got {o['prefetch']}")
     if o["strategy"] not in ("auto", "direct", "cached"):
         raise InputError(f"strategy must be 'auto', 'direct' or 'cached', got {o['strategy']!r}")
-    c["positive"] = bool(o["positive"])
+    c["positive"] = check_bool(o["positive"], "positive")
     c["prefetch"] = None if o["prefetch"] is None else int(o["prefetch"])
     return c
 
@@ -156,6 +156,7 @@ def _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, ex
     try:
         clean = _checked_options(options)
         A = as_tensor(candidates, "candidates")
+        check_backend(clean["backend"], A.device)
         if A.dim() >= 1:
             report["rows"] = int(A.shape[0])
         probe = A
@@ -206,7 +207,14 @@ def _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, ex
 
 def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold, compute_dtype,
            candidates_dtype) -> None:
-    """The same verdict on every rank, from every rank's report; raises InputError if any."""
+    """The same verdict on every rank, from every rank's report; raises InputError if any.
+
+    The entry point is judged first: ranks in different functions would go on to different
+    collectives and wait on each other until the process group's timeout."""
+    entries = [rep.get("entry") for rep in reports]
+    if any(e != entries[0] for e in entries):
+        calls = ", ".join(f"rank {r} {e or 'another collective'}" for r, e in enumerate(entries))
+        raise InputError(f"every rank must call the same entry point: {calls}")
     errors = [(r, rep["error"]) for r, rep in enumerate(reports) if rep["error"] is not None]
     if errors:
         r, (kind, msg) = errors[0]
@@ -245,6 +253,7 @@ def _prepare(what, candidates, target, k, checkpoint_weights, num_checkpoints, e
     """Collective checks; on success this rank's (scaled, guarded) problem and the pool layout."""
     _require_group(what)
     report, state = _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options)
+    report["entry"] = what
     reports = _all_gather_json(report, group)
     if isinstance(state, Exception):
         raise state
