@@ -272,3 +272,93 @@ def test_checkpoint_weight_magnitude_does_not_change_the_picks(method):
         np.testing.assert_allclose(sel.residual_norms, ref.residual_norms * math.sqrt(factor),
                                    rtol=1e-12 if exact else 1e-4)
         assert sel.params["checkpoint_weights"] == pytest.approx((w * factor).tolist(), rel=1e-15)
+
+
+# --- type gaps: each a clear InputError / InputTypeError before any work (issue 14, item 14) ---
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(checkpoint_weights=["a", 1.0], num_checkpoints=2), "checkpoint_weights must hold real numbers, got 'a'"),
+    (dict(checkpoint_weights=np.array([1 + 2j, 1.0]), num_checkpoints=2), "real numbers, got numpy dtype complex128"),
+    (dict(checkpoint_weights=torch.tensor([1 + 2j, 1.0]), num_checkpoints=2), "real numbers, got a torch.complex64"),
+    (dict(checkpoint_weights=[True, 1.0], num_checkpoints=2), "real numbers, got True"),
+    (dict(positive="no"), "positive must be True or False, got 'no'"),
+    (dict(positive=0), "positive must be True or False"),
+    (dict(progress="yes"), "progress must be True or False"),
+    (dict(exclude=[True, 0, 1]), "exclude mixes bools and other values"),
+    (dict(seed=2 ** 70, method="random"), r"seed must be an integer <= 2\^64 - 1"),
+    (dict(seed=2 ** 64, method="random"), r"seed must be an integer <= 2\^64 - 1"),
+    (dict(seed=1.0, method="random"), "seed must be an integer"),
+])
+def test_type_gaps_are_input_type_errors(kwargs, match):
+    """Each of these was read wrongly or crashed: strings in the weights (ValueError), complex
+    weights (cut to their real part), positive="no" (True), [True, 0, 1] (rows 1, 0, 1),
+    seed=2**70 (torch's ValueError deep in random)."""
+    args = dict(candidates=A, target=b, k=3)
+    args.update(kwargs)
+    with pytest.raises(InputError, match=match) as err:
+        gk.select(args.pop("candidates"), args.pop("target"), args.pop("k"), **args)
+    assert isinstance(err.value, TypeError) == ("<=" not in match)  # a range error is no TypeError
+
+
+def test_largest_seed_works():
+    sel = gk.select(A, b, 3, method="random", seed=2 ** 64 - 1)
+    assert len(sel.indices) == 3
+
+
+@pytest.mark.parametrize("method", sorted(gk.METHODS))
+def test_meta_tensors_are_refused(method):
+    with pytest.raises(InputError, match="candidates is on the meta device"):
+        gk.select(A.to("meta"), b, 3, method=method)
+    with pytest.raises(InputError, match="candidates is on the meta device"):
+        gk.select(A.to("meta"), b.to("meta"), 3, method=method)
+
+
+@pytest.mark.parametrize("method", sorted(gk.METHODS))
+def test_tensors_that_require_grad_are_read_as_values(method):
+    """gtp, gtp-cosamp and topk raised RuntimeError on them; selection reads values only."""
+    want = gk.select(A, b, 4, method=method)
+    got = gk.select(A.clone().requires_grad_(), b.clone().requires_grad_(), 4, method=method)
+    assert got.indices.tolist() == want.indices.tolist()
+    np.testing.assert_array_equal(got.weights, want.weights)
+
+
+@pytest.mark.parametrize("method", ["gtp", "gtp-cosamp", "topk"])
+def test_triton_backend_on_cpu_without_the_interpreter_is_refused(method, monkeypatch):
+    # triton reads TRITON_INTERPRET when it and the kernels are imported: import them first
+    pytest.importorskip("triton")
+    import gtp_kernels.ops.correlate  # noqa: F401
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(InputError, match="needs the Triton interpreter .*TRITON_INTERPRET=1"):
+        gk.select(A, b, 3, method=method, backend="triton")
+
+
+def test_triton_backend_on_cpu_runs_in_the_interpreter():
+    # tests/conftest.py sets TRITON_INTERPRET=1: the kernels run, and pick what torch picks
+    got = gk.select(A, b, 3, backend="triton")
+    want = gk.select(A, b, 3, backend="torch")
+    assert got.indices.tolist() == want.indices.tolist()
+
+
+def test_option_helpers():
+    from gtp_kernels.validation import InputTypeError, check_bool, check_choice, check_int, check_real
+    assert check_int(np.int64(3), "n", low=1) == 3 and type(check_int(np.int64(3), "n")) is int
+    for bad in (True, 2.0, "2", None):
+        with pytest.raises(InputTypeError, match="n must be an integer"):
+            check_int(bad, "n")
+    with pytest.raises(InputError, match="n must be an integer >= 1, got 0"):
+        check_int(0, "n", low=1)
+    assert check_real(np.float32(0.5), "x", low=0, high=1) == 0.5
+    for bad in (1j, "0.5", False, None):
+        with pytest.raises(InputTypeError, match="x must be a real number"):
+            check_real(bad, "x")
+    with pytest.raises(InputError, match="finite"):
+        check_real(float("inf"), "x")
+    assert check_real(float("inf"), "x", finite=False) == float("inf")
+    with pytest.raises(InputError, match=r"x must lie in \[0, 1\], got 2.0"):
+        check_real(2, "x", low=0, high=1)
+    assert check_bool(np.bool_(True), "f") is True
+    with pytest.raises(InputError, match="f must be True or False, got 1"):
+        check_bool(1, "f")
+    assert check_choice("max", "r", ("mean", "max")) == "max"
+    with pytest.raises(InputError, match=r"r must be 1, 2 or 3, got True"):
+        check_choice(True, "r", (1, 2, 3))
