@@ -71,3 +71,55 @@ def test_less_errors(tmp_path):
     assert read_less_gradients(tmp_path / "dims" / "c", d=8).d == 8
     with pytest.raises(ValueError, match="checkpoint_weights"):
         less_to_store(tmp_path / "two" / "a-ckpt1", tmp_path / "s", checkpoint_weights=[1.0, 2.0])
+
+
+class _Payload:
+    """A pickled object: torch.load(weights_only=True) refuses it (nothing of it runs)."""
+
+    def __reduce__(self):
+        return (print, ("payload ran",))
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("pickled", "refused, it holds pickled Python objects"),
+    ("truncated", "not a readable torch tensor file"),
+    ("not_torch", "not a readable torch tensor file"),
+    ("integer_rows", "expected floating-point gradients"),
+])
+def test_less_unreadable_files_are_input_errors(tmp_path, problem, match, capsys):
+    """UnpicklingError, RuntimeError and friends from torch.load became InputError naming the file."""
+    from gtp_kernels.validation import InputError
+    rows = _trajectory(n=6, t=1, d=8)[:, 0]
+    _write_less_checkpoint(tmp_path / "g" / "run-ckpt1", rows, 8)
+    bad = tmp_path / "g" / "run-ckpt1" / "dim8" / "all_orig.pt"
+    if problem == "pickled":
+        torch.save({"rows": _Payload()}, bad)
+    elif problem == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif problem == "not_torch":
+        bad.write_text("rows")
+    else:
+        torch.save(torch.ones(6, 8, dtype=torch.int64), bad)
+    with pytest.raises(InputError, match=match) as err:
+        less_to_store(tmp_path / "g", tmp_path / "store")
+    assert str(bad) in str(err.value)
+    assert not (tmp_path / "store").exists()
+    assert "payload ran" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(checkpoint_weights=["a"]), "checkpoint_weights must hold real numbers"),
+    (dict(checkpoint_weights=[1 + 1j]), "checkpoint_weights must hold real numbers"),
+    (dict(checkpoint_weights=np.ones((1, 1))), "one weight per checkpoint"),
+    (dict(d="8"), "d must be an integer"),
+    (dict(normalized="yes"), "normalized must be True or False"),
+    (dict(shard_size=2.0), "shard_size must be an integer"),
+    (dict(example_ids=5), "example_ids must be a sequence"),
+])
+def test_less_to_store_bad_arguments_are_input_errors(tmp_path, kwargs, match):
+    """These raised TypeError (or read a complex weight's real part) instead of InputError."""
+    from gtp_kernels.validation import InputError
+    _write_less_checkpoint(tmp_path / "g" / "run-ckpt1", _trajectory(n=6, t=1, d=8)[:, 0], 8)
+    with pytest.raises(InputError, match=match):
+        less_to_store(tmp_path / "g", tmp_path / "store", **kwargs)
+    assert not (tmp_path / "store").exists()

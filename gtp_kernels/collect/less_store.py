@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..validation import InputError
+from ..validation import InputError, InputTypeError, check_bool, check_int, check_real_vector
 from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter
 
 _DIM = re.compile(r"^dim(\d+)$")
@@ -64,10 +65,36 @@ def _dim_folder(checkpoint: Path, d: int | None) -> Path:
 
 
 def _load_rows(path: Path) -> torch.Tensor:
-    rows = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        rows = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused it: nothing of it ran
+        raise InputError(f"LESS file {path}: refused, it holds pickled Python objects besides tensors, which are "
+                         f"not loaded ({_first_line(error)})") from None
+    except OSError as error:
+        raise InputError(f"LESS file {path}: cannot read it ({error.strerror or error})") from None
+    except Exception as error:  # truncated or not a torch file: torch raises RuntimeError, EOFError, ...
+        raise InputError(f"LESS file {path}: not a readable torch tensor file ({type(error).__name__}: "
+                         f"{_first_line(error)})") from None
     if not isinstance(rows, torch.Tensor) or rows.dim() != 2:
         raise InputError(f"LESS file {path}: expected a 2-D tensor, got {type(rows).__name__} {getattr(rows, 'shape', '')}")
+    if not rows.is_floating_point():
+        raise InputError(f"LESS file {path}: expected floating-point gradients, got {rows.dtype}")
     return rows.float()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else type(error).__name__
+
+
+def _check_arguments(folder, d, normalized) -> Path:
+    """read_less_gradients' arguments, as InputError(TypeError) before any file is read."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputTypeError(f"folder must be a path, got {folder!r}")
+    if d is not None:
+        check_int(d, "d", low=1)
+    check_bool(normalized, "normalized")
+    return Path(folder)
 
 
 def _read_dim_folder(folder: Path, normalized: bool) -> tuple[torch.Tensor, list[str]]:
@@ -104,7 +131,7 @@ def read_less_gradients(folder: str | os.PathLike, d: int | None = None, normali
     ``False`` reads ``all_unormalized.pt``; without the merged file the ``grads-*.pt`` shards
     are concatenated in count order (and normalised when asked).
     """
-    root = Path(folder)
+    root = _check_arguments(folder, d, normalized)
     if not root.is_dir():
         raise InputError(f"LESS folder {root} does not exist")
     blocks, names, files = [], [], []
@@ -135,6 +162,17 @@ def less_to_store(
     call created are removed again (an ``out`` that existed before, e.g. a store being resumed,
     is left as it is).
     """
+    _check_arguments(folder, d, normalized)
+    if not isinstance(out, (str, os.PathLike)):
+        raise InputTypeError(f"out must be a path, got {out!r}")
+    shard_size = check_int(shard_size, "shard_size", low=1)
+    if checkpoint_weights is not None:
+        weights_given = check_real_vector(checkpoint_weights, "checkpoint_weights")
+        if weights_given.ndim != 1:
+            raise InputError(f"checkpoint_weights must be one weight per checkpoint, got shape {weights_given.shape}")
+        checkpoint_weights = weights_given.tolist()
+    if example_ids is not None and (isinstance(example_ids, (str, bytes)) or not hasattr(example_ids, "__len__")):
+        raise InputTypeError(f"example_ids must be a sequence of ids, got {type(example_ids).__name__}")
     less = read_less_gradients(folder, d=d, normalized=normalized)
     n, t, dim = less.trajectory.shape
     for first in range(0, n, 65536):  # in row blocks: no full-size boolean mask
@@ -155,8 +193,6 @@ def less_to_store(
         weights = [float(w) / total for w in checkpoint_weights]
     else:
         weights = [1.0 / t] * t
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise InputError(f"shard_size must be a positive integer, got {shard_size!r}")
     ids = [str(i) for i in (example_ids if example_ids is not None else range(n))]
     if len(set(ids)) != n:
         raise InputError(f"example_ids must be unique ({n - len(set(ids))} duplicate(s))")
