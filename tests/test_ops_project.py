@@ -459,3 +459,55 @@ def test_kernel_compiles_for_sm90(tmp_path):
         assert r["wgmma"], r
         if "rademacher" in r["case"]:
             assert r["loop_local"] == 0, r
+
+
+# ------------------------------------------------------------------------------------------------
+# Non-finite values: one reduction over the output, an InputError naming the input row
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_grads_are_an_input_error(backend, bad):
+    """NaN/Inf in grads went through silently into the projection."""
+    from gtp_kernels.validation import InputError
+    grads = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
+    grads[3, 17] = bad
+    with pytest.raises(InputError, match=r"grads contains NaN or Inf \(first in row 3\)"):
+        project(grads, 16, 5, backend=backend)
+    out = torch.full((5, 20), 2.0)
+    with pytest.raises(InputError, match="out\\[:, out_columns\\] now holds the non-finite result"):
+        project(grads, 16, 5, out=out, out_columns=slice(4, 20), backend=backend)
+    assert (out[:, :4] == 2.0).all()  # columns outside out_columns untouched
+    got = project(grads, 16, 5, backend=backend, check_finite=False)  # opted out: passes through
+    assert not torch.isfinite(got[3]).all() and torch.isfinite(got[[0, 1, 2, 4]]).all()
+
+
+def test_float32_overflow_is_an_input_error():
+    from gtp_kernels.validation import InputError
+    grads = torch.full((2, 64), 3e38)  # finite, but the sums of 64 of them overflow float32
+    with pytest.raises(InputError, match="the projection overflowed float32"):
+        project(grads, 4, 0, kind="rademacher", scale=64.0, backend="torch")
+
+
+def test_factored_projection_checks_real_tokens_only():
+    from gtp_kernels.validation import InputError
+    g = torch.Generator().manual_seed(2)
+    inputs, out_grads = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 5, generator=g)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    inputs[1, 3] = float("nan")  # padding: masked out, fine
+    assert torch.isfinite(project_linear_factored(inputs, out_grads, 2, 2, 0, token_mask=mask, backend="torch")).all()
+    out_grads[2, 0, 1] = float("inf")  # a real token
+    with pytest.raises(InputError, match=r"out_grads contains NaN or Inf \(first in row 2\)"):
+        project_linear_factored(inputs, out_grads, 2, 2, 0, token_mask=mask, backend="torch")
+
+
+def test_project_errors_are_input_errors():
+    from gtp_kernels.validation import InputError, InputTypeError
+    g = torch.randn(4, 10)
+    with pytest.raises(InputTypeError, match="check_finite must be True or False"):
+        project(g, 8, 0, check_finite="no")
+    with pytest.raises(InputTypeError, match="grads"):
+        project(g.double(), 8, 0)
+    with pytest.raises(InputError, match="d must be"):
+        project(g, 0, 0)

@@ -42,6 +42,7 @@ import torch
 
 from gtp_kernels.ops import philox
 from gtp_kernels.ops._dispatch import interpreting, resolve_backend
+from gtp_kernels.validation import InputError, InputTypeError, check_bool
 
 try:
     import triton
@@ -63,34 +64,34 @@ _WORKSPACE_LIMIT_BYTES = 1 << 30
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def _check_grads(name: str, grads, ndim: int) -> torch.Tensor:
     if not isinstance(grads, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(grads).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(grads).__name__}")
     if grads.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(grads.shape)}")
+        raise InputError(f"{name} must be {ndim}-D, got shape {tuple(grads.shape)}")
     if grads.dtype not in GRAD_DTYPES:
-        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {grads.dtype}")
+        raise InputTypeError(f"{name} must be bfloat16, float16 or float32, got {grads.dtype}")
     return grads
 
 
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+        raise InputTypeError(f"scale must be a float, got {type(scale).__name__}")
     if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise InputError(f"scale must be finite, got {scale}")
     return float(scale)
 
 
 def _check_offset(feature_offset, n_features: int) -> int:
     _check_int("feature_offset", feature_offset, 0)
     if feature_offset + n_features - 1 > MAX_GLOBAL_INDEX:
-        raise ValueError(f"feature_offset + n_features must stay below 2^63, got {feature_offset} + {n_features}")
+        raise InputError(f"feature_offset + n_features must stay below 2^63, got {feature_offset} + {n_features}")
     return feature_offset
 
 
@@ -99,25 +100,25 @@ def _output_view(out, out_columns, n_rows: int, n_cols: int, device: torch.devic
     if out_columns is None:
         out_columns = slice(0, n_cols)
     if not isinstance(out_columns, slice):
-        raise TypeError(f"out_columns must be a slice, got {type(out_columns).__name__}")
+        raise InputTypeError(f"out_columns must be a slice, got {type(out_columns).__name__}")
     if out_columns.step not in (None, 1):
-        raise ValueError(f"out_columns must have step 1, got {out_columns.step}")
+        raise InputError(f"out_columns must have step 1, got {out_columns.step}")
     start = 0 if out_columns.start is None else out_columns.start
     stop = start + n_cols if out_columns.stop is None else out_columns.stop
     if not isinstance(start, int) or not isinstance(stop, int) or start < 0 or stop - start != n_cols:
-        raise ValueError(f"out_columns must select {n_cols} columns [start, start + {n_cols}), got {out_columns}")
+        raise InputError(f"out_columns must select {n_cols} columns [start, start + {n_cols}), got {out_columns}")
     if out is None:
         out = torch.zeros(n_rows, stop, dtype=torch.float32, device=device)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        raise InputTypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype != torch.float32:
-        raise TypeError(f"out must be float32, got {out.dtype}")
+        raise InputTypeError(f"out must be float32, got {out.dtype}")
     if out.dim() != 2 or out.shape[0] != n_rows:
-        raise ValueError(f"out must have shape ({n_rows}, n_cols), got {tuple(out.shape)}")
+        raise InputError(f"out must have shape ({n_rows}, n_cols), got {tuple(out.shape)}")
     if stop > out.shape[1]:
-        raise ValueError(f"out_columns {out_columns} exceed out's {out.shape[1]} columns")
+        raise InputError(f"out_columns {out_columns} exceed out's {out.shape[1]} columns")
     if out.device != device:
-        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+        raise InputError(f"out is on {out.device} but the inputs are on {device}")
     return out, out[:, start:stop]
 
 
@@ -361,6 +362,25 @@ def _project_triton(grads: torch.Tensor, d: int, seed: int, kind: str, feature_o
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_finite_result(out_view: torch.Tensor, given_out: bool, inputs: dict, check: bool) -> None:
+    """One reduction over the written (B, d) columns: a NaN/Inf input always reaches them (each
+    Pi entry is nonzero), and so does a float32 overflow. InputError saying which, naming the
+    first bad input row; only the error path reads the inputs again."""
+    if not check or out_view.numel() == 0 or bool(torch.isfinite(out_view).all()):
+        return
+    for name, t in inputs.items():
+        bad = ~torch.isfinite(t.reshape(t.shape[0], -1))
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0])
+            why = f"{name} contains NaN or Inf (first in row {row})"
+            break
+    else:
+        why = ("the projection overflowed float32" + (" (or out held NaN/Inf before)" if given_out else "")
+               + ": scale the gradients down")
+    where = "; out[:, out_columns] now holds the non-finite result" if given_out else ""
+    raise InputError(f"project: {why}{where} (check_finite=False skips this check)")
+
+
 def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
                   out_view: torch.Tensor, multiplier: float, backend: str, output_factor: bool = False) -> None:
     if grads.shape[0] == 0 or grads.shape[1] == 0:
@@ -373,7 +393,7 @@ def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_off
 
 def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", feature_offset: int = 0,
             out: torch.Tensor | None = None, out_columns: slice | None = None, scale: float = 1.0,
-            backend: str = "auto") -> torch.Tensor:
+            backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """out[:, out_columns] += scale * grads @ Pi^T and return out.
 
     grads: (B, P) bfloat16/float16/float32, any strides. Pi (d x P):
@@ -384,15 +404,22 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     allocated as zeros (B, out_columns.stop) if None. out_columns: the d columns receiving the
     result, default slice(0, d). Accumulation is in float32.
     backend: "auto" (Triton on CUDA tensors, torch otherwise), "triton" or "torch".
+    check_finite: after the projection, one reduction over the B x d columns written (small
+    next to the B x P input; on CUDA it waits for the kernel) raises InputError when any is
+    NaN/Inf: grads holding NaN/Inf, or a result overflowing float32. A given ``out`` has then
+    been accumulated into. Pass False in a loop that checks its own results.
     """
     _check_grads("grads", grads, 2)
+    check_finite = check_bool(check_finite, "check_finite")
     _check_int("d", d, 1)
     philox.check_seed(seed)
     philox.check_kind(kind)
     _check_offset(feature_offset, grads.shape[1])
     scale = _check_scale(scale)
+    given_out = out is not None
     out, out_view = _output_view(out, out_columns, grads.shape[0], d, grads.device)
     _project_into(grads, d, seed, kind, feature_offset, out_view, scale * _inv_sqrt(d), backend)
+    _check_finite_result(out_view, given_out, {"grads": grads}, check_finite)
     return out
 
 
@@ -400,7 +427,7 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
                             kind: str = "rademacher", feature_offset: int = 0,
                             token_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
                             out_columns: slice | None = None, scale: float = 1.0,
-                            backend: str = "auto") -> torch.Tensor:
+                            backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """Projected per-example weight gradient of a linear layer y = W x, W (n_out x n_in), under
     Pi = Pi_out (x) Pi_in, without forming per-example gradients:
 
@@ -419,15 +446,17 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
     feature_offset + a, Pi_out on its own Philox stream (counter word c3 + 2) so the two factors are
     independent. Entries of the Kronecker matrix are +-1/sqrt(d_out d_in) (Rademacher) or products of
     two independent N(0, 1/d) normals (Gaussian: not itself Gaussian, still a JL projection).
-    out receives d_out*d_in columns (default slice(0, d_out*d_in)).
+    out receives d_out*d_in columns (default slice(0, d_out*d_in)). check_finite: as for
+    :func:`project` (non-finite values at masked-out padding positions are fine).
     """
     _check_grads("inputs", inputs, 3)
+    check_finite = check_bool(check_finite, "check_finite")
     _check_grads("out_grads", out_grads, 3)
     if inputs.shape[:2] != out_grads.shape[:2]:
-        raise ValueError(f"inputs and out_grads must share (B, S), got {tuple(inputs.shape)} and "
+        raise InputError(f"inputs and out_grads must share (B, S), got {tuple(inputs.shape)} and "
                          f"{tuple(out_grads.shape)}")
     if inputs.device != out_grads.device:
-        raise ValueError(f"inputs ({inputs.device}) and out_grads ({out_grads.device}) must be on one device")
+        raise InputError(f"inputs ({inputs.device}) and out_grads ({out_grads.device}) must be on one device")
     _check_int("d_in", d_in, 1)
     _check_int("d_out", d_out, 1)
     philox.check_seed(seed)
@@ -438,11 +467,12 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
     scale = _check_scale(scale)
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
-            raise TypeError(f"token_mask must be a torch.Tensor or None, got {type(token_mask).__name__}")
+            raise InputTypeError(f"token_mask must be a torch.Tensor or None, got {type(token_mask).__name__}")
         if tuple(token_mask.shape) != (n_batch, n_tokens):
-            raise ValueError(f"token_mask must have shape ({n_batch}, {n_tokens}), got {tuple(token_mask.shape)}")
+            raise InputError(f"token_mask must have shape ({n_batch}, {n_tokens}), got {tuple(token_mask.shape)}")
         if token_mask.device != inputs.device:
-            raise ValueError(f"token_mask is on {token_mask.device} but inputs are on {inputs.device}")
+            raise InputError(f"token_mask is on {token_mask.device} but inputs are on {inputs.device}")
+    given_out = out is not None
     out, out_view = _output_view(out, out_columns, n_batch, d_out * d_in, inputs.device)
     if n_batch == 0 or n_tokens == 0:
         return out
@@ -463,4 +493,9 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
     # sum_s (Pi_out delta_s)(Pi_in x_s)^T for every example: one batched (d_out x S) @ (S x d_in).
     per_example = torch.bmm(delta_proj.transpose(1, 2), x_proj)
     out_view += per_example.reshape(n_batch, d_out * d_in) * scale
+    if check_finite and not bool(torch.isfinite(out_view).all()):
+        keep = (torch.ones(n_batch, n_tokens, dtype=torch.bool, device=inputs.device) if token_mask is None
+                else token_mask.to(torch.bool))[:, :, None]
+        _check_finite_result(out_view, given_out, {"inputs": torch.where(keep, inputs, 0),
+                                                   "out_grads": torch.where(keep, out_grads, 0)}, True)
     return out
