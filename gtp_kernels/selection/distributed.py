@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ..api import Selection, _exclude_misaligned, _is_integer, check_pursuit_options, scale_problem
 from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
                           as_tensor, check_row_norm_range, validate_problem)
-from .common import SelectOptions
+from .common import SelectOptions, warn_early_stops
 from .pursuit import LocalRows, gtp_pursuit
 
 
@@ -314,6 +314,7 @@ def _select_options(clean: Dict[str, Any], scaling=None) -> SelectOptions:
 
 
 def _selection(name, k, per_target, clean, problem, scales, info, t0, t1, group):
+    warn_early_stops(per_target, k, clean["tol"], stacklevel=4)
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()
