@@ -197,7 +197,7 @@ def validate_problem(
     zero_rows, norm_range = _finite_rows_and_zero_rows(A, "candidates")
     if compute_dtype is None:
         compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    check_row_norm_range(norm_range, compute_dtype)
+    check_row_norm_range(norm_range, compute_dtype, A.dtype)
     _check_finite(b, "target")
     zero_cols = (b == 0).all(dim=0)
     if bool(zero_cols.any()):
@@ -233,10 +233,14 @@ def validate_problem(
     return Problem(A, b, T, d, weights, excl)
 
 
-def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype) -> None:
+def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype,
+                         candidates_dtype: torch.dtype = torch.float64) -> None:
     """InputError when products of rows with norms in (smallest, largest) could overflow or
-    underflow in the compute dtype (FLOAT32_ROW_NORMS, FLOAT64_ROW_NORMS)."""
+    underflow in the compute dtype (FLOAT32_ROW_NORMS, FLOAT64_ROW_NORMS). Rows of a narrower
+    dtype always fit float64 products (their norms, taken in float32, may read inf or 0)."""
     wide = compute_dtype == torch.float64
+    if wide and candidates_dtype != torch.float64:
+        return
     low, high = FLOAT64_ROW_NORMS if wide else FLOAT32_ROW_NORMS
     name = "float64" if wide else "float32"
     smallest, largest = norm_range

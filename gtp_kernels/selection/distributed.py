@@ -233,7 +233,7 @@ def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold,
         compute_dtype = torch.float64 if candidates_dtype == torch.float64 else torch.float32
     lowest = min(rep["norms"][0] for rep in reports)
     highest = max(rep["norms"][1] for rep in reports)
-    check_row_norm_range((lowest, highest), compute_dtype)  # validate_problem's test, over the pool
+    check_row_norm_range((lowest, highest), compute_dtype, candidates_dtype)  # validate_problem's, over the pool
     if sum(rep["selectable"] for rep in reports) == 0:
         reason = "all-zero or excluded" if exclude is not None else "all-zero"
         raise InputError(f"no candidate can be selected: all {total} rows are {reason}")
