@@ -15,13 +15,16 @@
 
 namespace {
 
+// Multiply-adds per parallel chunk of the CPU row products (see rows_dot).
+constexpr int64_t kParallelGrainMacs = int64_t(1) << 20;
+
 template <typename T, typename SizeT>
 gtp::LsqArgs<T, SizeT> make_args(torch::Tensor& L, torch::Tensor& size, torch::Tensor& support,
                                  torch::Tensor& rhs, torch::Tensor& weights,
                                  const torch::Tensor& new_atom, const torch::Tensor& gram_col,
                                  const torch::Tensor& gram_diag, const torch::Tensor& rhs_new,
                                  torch::Tensor& status, torch::Tensor& work, double lam,
-                                 bool positive, double dep_tol) {
+                                 bool positive, double dep_tol, double weight_tol) {
   gtp::LsqArgs<T, SizeT> a;
   a.L = L.data_ptr<T>();
   a.size = size.data_ptr<SizeT>();
@@ -38,6 +41,7 @@ gtp::LsqArgs<T, SizeT> make_args(torch::Tensor& L, torch::Tensor& size, torch::T
   a.k_max = L.size(1);
   a.lam = static_cast<T>(lam);
   a.dep_tol = static_cast<T>(dep_tol);
+  a.weight_tol = static_cast<T>(weight_tol);
   a.positive = positive;
   return a;
 }
@@ -65,7 +69,7 @@ void run(const gtp::LsqArgs<T, SizeT>& a, const torch::Device& device) {
 torch::Tensor lsq_update(torch::Tensor L, torch::Tensor size, torch::Tensor support,
                          torch::Tensor rhs, torch::Tensor weights, torch::Tensor new_atom,
                          torch::Tensor gram_col, torch::Tensor gram_diag, torch::Tensor rhs_new,
-                         double lam, bool positive, double dep_tol) {
+                         double lam, bool positive, double dep_tol, double weight_tol) {
   // gtp_kernels/ops/lsq.py validates with readable errors first; these guard direct calls.
   TORCH_CHECK(L.dim() == 3 && L.size(1) == L.size(2), "L must be (m, k_max, k_max)");
   const int64_t m = L.size(0), k = L.size(1);
@@ -92,16 +96,16 @@ torch::Tensor lsq_update(torch::Tensor L, torch::Tensor size, torch::Tensor supp
   check(rhs_new, "rhs_new", {m}, dt);
 
   auto status = torch::empty({m}, torch::dtype(torch::kInt32).device(dev));
-  auto work = torch::empty({m, 2 * k}, L.options());
+  auto work = torch::empty({m, 3 * k}, L.options());
   if (m == 0) return status;
   AT_DISPATCH_FLOATING_TYPES(dt, "gtp_lsq_update", [&] {
     if (size.scalar_type() == torch::kInt32) {
       run(make_args<scalar_t, int32_t>(L, size, support, rhs, weights, new_atom, gram_col,
-                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol),
+                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol, weight_tol),
           dev);
     } else {
       run(make_args<scalar_t, int64_t>(L, size, support, rhs, weights, new_atom, gram_col,
-                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol),
+                                       gram_diag, rhs_new, status, work, lam, positive, dep_tol, weight_tol),
           dev);
     }
   });
@@ -137,8 +141,12 @@ torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::opti
   const float* x = X.data_ptr<float>();
   float* y = Y.data_ptr<float>();
   const int64_t lda = A.stride(0), ldx = X.stride(0);
-  // a chunk of at least ~64K multiply-adds per thread, so small products stay on one thread
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / std::max<int64_t>(1, D * p));
+  // a chunk of at least ~1M multiply-adds (~0.2 ms) per thread, so small products stay on the calling
+  // thread: waking OpenMP workers costs more than they save below that, and on a shared machine a
+  // parallel region waits for a descheduled worker (2000 x 256 rows: 0.09 ms on one thread, ~30 ms
+  // as 8 chunks on 2 busy cores; float32 pools ran 3x slower than float64 ones, whose torch GEMV
+  // stays on one thread)
+  const int64_t grain = std::max<int64_t>(16, kParallelGrainMacs / std::max<int64_t>(1, D * p));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     fn(a, lda, begin, end, D, x, ldx, p, y, p);
   });
@@ -177,7 +185,7 @@ void rows_dot_f64(const torch::Tensor& M, const torch::Tensor& x, torch::Tensor 
   const double* xp = x.data_ptr<double>();
   double* y = out.data_ptr<double>();
   const int64_t ldm = M.stride(0);
-  const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 15) / std::max<int64_t>(1, D));
+  const int64_t grain = std::max<int64_t>(16, kParallelGrainMacs / 2 / std::max<int64_t>(1, D));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { fn(m, ldm, begin, end, D, xp, y); });
 }
 
@@ -197,8 +205,8 @@ void rows_combine_f64(const torch::Tensor& M, const torch::Tensor& w, const torc
   const double* bp = b.data_ptr<double>();
   double* r = out.data_ptr<double>();
   const int64_t ldm = M.stride(0);
-  // column ranges of at least 512 (the kernel's L1 block) and ~32K multiply-adds
-  const int64_t grain = std::max<int64_t>(512, (int64_t(1) << 15) / std::max<int64_t>(1, n));
+  // column ranges of at least 512 (the kernel's L1 block) and ~512K multiply-adds (see rows_dot)
+  const int64_t grain = std::max<int64_t>(512, kParallelGrainMacs / 2 / std::max<int64_t>(1, n));
   at::parallel_for(0, D, grain, [&](int64_t begin, int64_t end) { fn(m, ldm, n, begin, end, wp, bp, r); });
 }
 
@@ -220,7 +228,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Batched Cholesky append + (non-negative) least-squares solve, in place; returns status",
           py::arg("L"), py::arg("size"), py::arg("support"), py::arg("rhs"), py::arg("weights"),
           py::arg("new_atom"), py::arg("gram_col"), py::arg("gram_diag"), py::arg("rhs_new"),
-          py::arg("lam"), py::arg("positive"), py::arg("dep_tol"));
+          py::arg("lam"), py::arg("positive"), py::arg("dep_tol"), py::arg("weight_tol") = 0.0);
   mod.def("rows_dot", &rows_dot,
           "Y = A @ X.T for float32 CPU A (n, D) and X (p, D), float32 accumulation; returns Y (n, p). "
           "isa: '' (the widest this CPU has), 'avx512', 'avx2' or 'baseline' (tests)",

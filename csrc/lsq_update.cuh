@@ -122,6 +122,19 @@ struct BlockTeam {
     return out;
   }
 
+  // out[r] = ||L[r, :r+1]|| for r < n: one warp per row, lanes along it. Team synchronised on exit.
+  __device__ void row_norms(const T* L, int64_t ld, int64_t n, T* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int64_t r = warp; r < n; r += kWarps) {
+      const T* row = L + r * ld;
+      T acc = T(0);
+      for (int64_t q = lane; q <= r; q += 32) acc += row[q] * row[q];
+      acc = warp_sum(acc);
+      if (lane == 0) out[r] = sqrt(acc);
+    }
+    __syncthreads();
+  }
+
   // Loads the lower triangle of the diagonal block L[s:s+rows, s:s+rows] into shared memory.
   __device__ void load_tile(const T* L, int64_t ld, int64_t s, int rows) {
     for (int e = threadIdx.x; e < kTile * kTile; e += kLsqThreads) {

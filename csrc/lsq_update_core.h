@@ -4,15 +4,22 @@
 // atoms, in factor order), the support S, the right-hand side A_S b, and the weights w_S.
 // update_pursuit() appends one atom and re-solves:
 //
-//   append   y = L^{-1} g,  pivot^2 = (G_jj + lam) - ||y||^2.
-//            pivot^2 <= dep_tol * (G_jj + lam) (or not finite): the atom is numerically in the span
-//            of the support -> kDependent, nothing changes. Else L gets the row [y^T, pivot].
+//   append   y = L^{-1} g,  pivot^2 = (G_jj + lam) - ||y||^2 (the new diagonal of the factor, squared).
+//            The atom is numerically in the span of the support -> kDependent, nothing changes, when
+//            pivot^2 <= dep_tol * (G_jj + lam) (sin^2 of its angle to the span below dep_tol), or
+//            pivot^2 <= eps * s^2 with s = sum_i |c_i| ||L_i||, c = L^{-T} y its coefficients on the
+//            support and ||L_i|| = sqrt(G_ii + lam) the row norms: the rounding error of pivot^2, which
+//            the Gram matrix's squared conditioning makes far larger than eps * G_jj when the support is
+//            ill-conditioned (an exactly dependent atom then scores pivot^2 / G_jj ~ 1e-10, not ~1e-16);
+//            or when it is not finite. Else L gets the row [y^T, pivot].
 //   solve    u = L^{-1} rhs (kept up to date through appends and removals), z = L^{-T} u.
 //            positive = false: w = z.
 //            positive = true:  Lawson-Hanson inner loop warm-started from the previous weights with
 //            the new atom at 0: if all z_i > 0 accept w = z; else alpha = min over {z_i <= 0} of
 //            w_i / (w_i - z_i), w += alpha (z - w), remove every atom with w_i <= 0 (the arg-min one
-//            always), repeat. Removing row/column p of the factor is a rank-one update of the
+//            always), repeat. An accepted w whose atoms include negligible ones, z_i ||L_i|| <=
+//            weight_tol * ||u|| (the atom's share of the fit ||A_S^T w|| = ||u|| is within rounding of
+//            zero), removes them as if their weight were 0, and repeats. Removing row/column p of the factor is a rank-one update of the
 //            trailing block, done by Givens rotations on the columns of L with row p deleted; the
 //            same rotations carry u along (L_{-p} Q = [L' 0], so u' = (Q^T u)[:n-1]).
 //
@@ -62,12 +69,25 @@ struct LsqArgs {
   const T* gram_diag;     // (m,)
   const T* rhs_new;       // (m,)
   int32_t* status;        // (m,) output
-  T* work;                // (m, 2 * k_max) scratch: u = L^{-1} rhs and z
+  T* work;                // (m, 3 * k_max) scratch: u = L^{-1} rhs, z, and the factor's row norms
   int64_t m;
   int64_t k_max;
   T lam;
   T dep_tol;
+  T weight_tol;           // positive only: drop atoms with z_i ||L_i|| <= weight_tol ||u|| (0: off)
   bool positive;
+};
+
+// Machine epsilon, usable in device code without relaxed constexpr.
+template <typename T>
+struct Eps;
+template <>
+struct Eps<float> {
+  static constexpr float value = 1.1920928955078125e-7f;
+};
+template <>
+struct Eps<double> {
+  static constexpr double value = 2.220446049250313e-16;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -105,6 +125,11 @@ struct SerialTeam {
 
   static T dot4(const T* a, const T* b, int64_t n) { return cpu_dot(a, b, n); }
 
+  // out[i] = ||L[i, :i+1]|| for i < n.
+  void row_norms(const T* L, int64_t ld, int64_t n, T* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::sqrt(cpu_dot(L + i * ld, L + i * ld, i + 1));
+  }
+
   // In place: x <- L[:n,:n]^{-T} x. Column-oriented on L^T, i.e. it walks rows of L.
   void upper_t_solve(const T* L, int64_t ld, int64_t n, T* x) {
     for (int64_t i = n - 1; i >= 0; --i) {
@@ -121,7 +146,7 @@ struct SerialTeam {
 // The team must be synchronised on entry; it is on exit.
 template <class Team, typename T>
 GTP_HD void remove_position(Team& team, T* L, int64_t ld, int64_t n, int64_t p, T* u, T* rhs,
-                            T* w, int64_t* support) {
+                            T* w, int64_t* support, T* norms) {
   const int rank = team.rank();
   const int nthreads = team.size();
   // New row c (p <= c < n-1) is old row c+1 after the column rotations c' < c. Rotation c mixes
@@ -157,18 +182,20 @@ GTP_HD void remove_position(Team& team, T* L, int64_t ld, int64_t n, int64_t p, 
   for (int64_t base = p; base < n - 1; base += nthreads) {
     const int64_t i = base + rank;
     const bool active = i < n - 1;
-    T rhs_v = T(0), w_v = T(0);
+    T rhs_v = T(0), w_v = T(0), n_v = T(0);
     int64_t s_v = -1;
     if (active) {
       rhs_v = rhs[i + 1];
       w_v = w[i + 1];
       s_v = support[i + 1];
+      n_v = norms[i + 1];  // a row's norm is sqrt(G_ii + lam): the rotations keep it
     }
     team.sync();
     if (active) {
       rhs[i] = rhs_v;
       w[i] = w_v;
       support[i] = s_v;
+      norms[i] = n_v;
     }
     team.sync();
   }
@@ -205,8 +232,9 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
   int64_t* support = a.support + t * K;
   T* rhs = a.rhs + t * K;
   T* w = a.weights + t * K;
-  T* u = a.work + t * 2 * K;
+  T* u = a.work + t * 3 * K;
   T* z = u + K;
+  T* norms = z + K;
   const T* g = a.gram_col + t * K;
   T* row_n = L + n * K;
 
@@ -217,16 +245,24 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
   }
   team.sync();
   team.lower_solve(L, K, n, row_n, u);
+  team.row_norms(L, K, n, norms);
   T yy = T(0), uy = T(0);
   for (int64_t i = rank; i < n; i += nthreads) {
     yy += row_n[i] * row_n[i];
     uy += row_n[i] * u[i];
+    z[i] = row_n[i];
   }
   yy = team.sum(yy);
-  uy = team.sum(uy);
+  uy = team.sum(uy);  // the sums end with a barrier: z is complete
+  // c = L^{-T} y, the atom's coefficients on the support; s = sum |c_i| ||L_i||
+  team.upper_t_solve(L, K, n, z);
+  T s = T(0);
+  for (int64_t i = rank; i < n; i += nthreads) s += fabs(z[i]) * norms[i];
+  s = team.sum(s);
   const T diag = a.gram_diag[t] + a.lam;
   const T pivot2 = diag - yy;
-  if (!(diag > T(0)) || !(pivot2 > a.dep_tol * diag) || !(pivot2 < T(INFINITY))) {
+  if (!(diag > T(0)) || !(pivot2 > a.dep_tol * diag) || !(pivot2 > Eps<T>::value * s * s) ||
+      !(pivot2 < T(INFINITY))) {
     team.sync();
     for (int64_t i = rank; i < n; i += nthreads) row_n[i] = T(0);
     if (rank == 0) a.status[t] = kDependent;
@@ -239,6 +275,7 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
     rhs[n] = a.rhs_new[t];
     w[n] = T(0);
     u[n] = (a.rhs_new[t] - uy) / pivot;
+    norms[n] = sqrt(diag);
   }
   int32_t status = kAppended;
   int64_t new_pos = n;
@@ -270,11 +307,25 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
     }
     team.argmin(alpha, blocking);
     if (blocking == INT64_MAX) {
-      for (int64_t i = rank; i < n; i += nthreads) w[i] = z[i];
-      break;
-    }
-    for (int64_t i = rank; i < n; i += nthreads) {
-      w[i] = i == blocking ? T(0) : w[i] + alpha * (z[i] - w[i]);
+      // Every z_i > 0: accept w = z, except atoms whose share of the fit is within rounding of 0.
+      if (!(a.weight_tol > T(0))) {
+        for (int64_t i = rank; i < n; i += nthreads) w[i] = z[i];
+        break;
+      }
+      T uu = T(0);
+      for (int64_t i = rank; i < n; i += nthreads) uu += u[i] * u[i];
+      const T floor = a.weight_tol * sqrt(team.sum(uu));
+      int64_t last = -1;
+      for (int64_t i = rank; i < n; i += nthreads) {
+        const bool negligible = z[i] * norms[i] <= floor;
+        w[i] = negligible ? T(0) : z[i];
+        if (negligible) last = i;
+      }
+      if (team.max_index(last) < 0) break;
+    } else {
+      for (int64_t i = rank; i < n; i += nthreads) {
+        w[i] = i == blocking ? T(0) : w[i] + alpha * (z[i] - w[i]);
+      }
     }
     team.sync();
     // Remove every atom at or below zero, highest position first so lower positions stay valid.
@@ -285,7 +336,7 @@ GTP_HD void update_pursuit(Team& team, const LsqArgs<T, SizeT>& a, int64_t t) {
       }
       p = team.max_index(p);
       if (p < 0) break;
-      remove_position(team, L, K, n, p, u, rhs, w, support);
+      remove_position(team, L, K, n, p, u, rhs, w, support, norms);
       status |= kDropped;
       if (p == new_pos) {
         status |= kNewDropped;

@@ -7,9 +7,10 @@ Public API::
     sel.indices, sel.weights, sel.residual_norms    # selection order, NNLS weights, history
 """
 from .api import METHODS, MethodSpec, Selection, fit_residual, select
+from .selection.common import EarlyStopWarning
 from .validation import InputError
 
-__all__ = ["select", "Selection", "METHODS", "MethodSpec", "InputError", "fit_residual", "project", "select_sharded"]
+__all__ = ["select", "Selection", "METHODS", "MethodSpec", "InputError", "EarlyStopWarning", "fit_residual", "project", "select_sharded"]
 __version__ = "0.1.0"
 
 

@@ -18,7 +18,7 @@ import torch
 from .selection.baselines import random_selection, topk_less
 from .selection.cosamp import gtp_cosamp
 from .selection.pursuit import gtp_pursuit
-from .selection.common import SelectOptions, TargetSelection
+from .selection.common import SelectOptions, TargetSelection, warn_early_stops
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
 from .validation import (SEED_LIMIT, ArrayLike, InputError, Problem, check_backend, check_bool, check_choice,
                          check_int, resolve_device, validate_problem)
@@ -302,6 +302,7 @@ def select(
         if bar is not None:
             bar.close()
     per_target = scaling.undo(per_target, spec.fit_weights)
+    warn_early_stops(per_target, k, tol)  # EarlyStopWarning: rounding floor or dependence
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()

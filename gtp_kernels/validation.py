@@ -19,6 +19,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # candidate row norms that float32 products handle: Gram entries up to 2^100 and down to 2^-100
 # stay normal (float32 spans 2^-126..2^128), with room for sums over D and the weights
 FLOAT32_ROW_NORMS = (2.0 ** -50, 2.0 ** 50)
+# ... and float64 ones, likewise (float64 spans 2^-1022..2^1024): rows of norm ~1e155 overflowed
+# their Gram entries (an empty selection, "no_correlation"), ~1e-160 underflowed them
+FLOAT64_ROW_NORMS = (2.0 ** -400, 2.0 ** 400)
 
 
 class InputError(ValueError):
@@ -301,7 +304,7 @@ def validate_problem(
     zero_rows, norm_range = _finite_rows_and_zero_rows(A, "candidates")
     if compute_dtype is None:
         compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
-    check_row_norm_range(norm_range, compute_dtype)
+    check_row_norm_range(norm_range, compute_dtype, A.dtype)
     _check_finite(b, "target")
     zero_cols = (b == 0).all(dim=0)
     if bool(zero_cols.any()):
@@ -335,22 +338,28 @@ def validate_problem(
     return Problem(A, b, T, d, weights, excl)
 
 
-def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype) -> None:
-    """InputError when float32 products of rows with norms in (smallest, largest) could
-    overflow or underflow (FLOAT32_ROW_NORMS); nothing to check in float64."""
-    low, high = FLOAT32_ROW_NORMS
+def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype,
+                         candidates_dtype: torch.dtype = torch.float64) -> None:
+    """InputError when products of rows with norms in (smallest, largest) could overflow or
+    underflow in the compute dtype (FLOAT32_ROW_NORMS, FLOAT64_ROW_NORMS). Rows of a narrower
+    dtype always fit float64 products (their norms, taken in float32, may read inf or 0)."""
+    wide = compute_dtype == torch.float64
+    if wide and candidates_dtype != torch.float64:
+        return
+    low, high = FLOAT64_ROW_NORMS if wide else FLOAT32_ROW_NORMS
+    name = "float64" if wide else "float32"
     smallest, largest = norm_range
-    if compute_dtype == torch.float64 or (smallest >= low and largest <= high):
+    if smallest >= low and largest <= high:
         return
     found = []
     if smallest < low:
-        found.append("the smallest underflows float32" if smallest == 0 else f"the smallest is {smallest:.3g}")
+        found.append(f"the smallest underflows {name}" if smallest == 0 else f"the smallest is {smallest:.3g}")
     if largest > high:
-        found.append("the largest overflows float32" if largest == float("inf") else f"the largest is {largest:.3g}")
+        found.append(f"the largest overflows {name}" if largest == float("inf") else f"the largest is {largest:.3g}")
+    advice = "" if wide else " or pass compute_dtype=torch.float64"
     raise InputError(
-        f"candidate row norms must lie in {low:.3g}..{high:.3g} for float32 products "
-        f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit) "
-        f"or pass compute_dtype=torch.float64")
+        f"candidate row norms must lie in {low:.3g}..{high:.3g} for {name} products "
+        f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit){advice}")
 
 
 def _exclusion(exclude: Any, N: int):

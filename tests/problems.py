@@ -1,6 +1,7 @@
 """Random selection problems with known answers, shared by the pursuit tests."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -41,3 +42,23 @@ def nnls_drop_problem(dtype=torch.float64):
     noise += 0.2 * e[3]
     A = torch.cat([torch.stack([a1, a2, a3]), noise / noise.norm(dim=1, keepdim=True)])
     return A.to(dtype), b.to(dtype)
+
+
+def clustered_problem(seed: int):
+    """A small pool of clusters of near-copies (a centre, scaled by up to 10%, plus noise of norm
+    1e-12..1e-3 of it), a target mixing 5 rows (plus 1% noise half the time) and a budget.
+
+    Issue 14: gtp and gtp-reference kept different near-copies (of negligible weight) on such
+    pools. Returns A (N, D) float64, b (D,), k."""
+    rs = np.random.RandomState(seed)
+    D = int(rs.choice([8, 16, 24]))
+    clusters, per = int(rs.randint(3, 8)), int(rs.randint(2, 6))
+    spread = 10.0 ** rs.uniform(-12, -3)
+    centres = rs.randn(clusters, D)
+    A = np.concatenate([c * (1 + 0.1 * rs.rand(per, 1)) + spread * rs.randn(per, D) for c in centres])
+    A = A[rs.permutation(len(A))]
+    mix = rs.choice(len(A), min(len(A), 5), replace=False)
+    b = A[mix].T @ (rs.rand(len(mix)) + 0.1)
+    if rs.rand() < 0.5:
+        b = b + 0.01 * np.linalg.norm(b) / np.sqrt(D) * rs.randn(D)
+    return A, b, int(rs.randint(2, min(len(A), 2 * D)))

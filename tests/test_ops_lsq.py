@@ -372,3 +372,67 @@ def test_cuda_kernel_code_under_cpu_emulation(tmp_path, threads, mode):
     assert build.returncode == 0, build.stderr[-4000:]
     run = subprocess.run([str(exe)] + ([mode] if mode == "quick" else []), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ALL OK"), run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def _ill_conditioned_basis(D: int, cond_exp: float, seed: int) -> tuple:
+    """D rows spanning R^D with condition number 10^cond_exp, and a generator for more rows."""
+    g = torch.Generator().manual_seed(seed)
+    Q1, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    Q2, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    return Q1 @ torch.diag(torch.logspace(0, -cond_exp, D, dtype=torch.float64)) @ Q2, g
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("seed", [2, 3])
+def test_atom_dependent_on_an_ill_conditioned_support_is_rejected(backend_device, seed):
+    """Issue 14: pivot^2 from the Gram matrix carries the support's squared conditioning, so an
+    exactly dependent atom scored pivot^2 / G_jj above the fixed 1e-10 (seeds 2 and 3 here: 3 and
+    7 of 200 random directions, all in the span of a full-rank support of condition 1e4, were
+    appended). The rounding bound eps * (sum |c_i| ||a_i||)^2 refuses every one."""
+    backend, device = backend_device
+    D = 32
+    S, g = _ill_conditioned_basis(D, 4.0, seed)
+    state = lsq_init(1, D + 1, torch.float64, device)
+
+    def offer(st, a):
+        n = int(st.size[0])
+        gram_col = torch.zeros(1, D + 1, dtype=torch.float64)
+        gram_col[0, :n] = S[st.support[0, :n].cpu()] @ a
+        return lsq_update(st, torch.tensor([n], device=device), gram_col.to(device), (a @ a).reshape(1).to(device),
+                          torch.full((1,), 0.5, dtype=torch.float64, device=device), positive=False,
+                          backend=backend).item()
+
+    for j in range(D):  # the support itself is well within dep_tol: every row is appended
+        assert offer(state, S[j]) == STATUS_APPENDED, j
+    for a in torch.randn(200, D, generator=g, dtype=torch.float64):
+        before = state.clone()
+        assert offer(state, a) == STATUS_DEPENDENT
+        assert torch.equal(before.L, state.L) and torch.equal(before.size, state.size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_negligible_nnls_weight_is_dropped(backend_device, dtype):
+    """Issue 14: an atom whose NNLS weight is positive but a negligible share of the fit (here
+    1e-12 of it: rounding could as well have made it -1e-12) leaves the support as if its weight
+    were 0, by default; weight_tol=0 keeps it."""
+    backend, device = backend_device
+    D = 6
+    A = torch.eye(D, dtype=torch.float64)[:3] * torch.tensor([[1.0], [2.0], [0.5]], dtype=torch.float64)
+    A[2, 0] = 0.1  # not orthogonal to the first atom
+    share = 1e-12 if dtype == torch.float64 else 1e-7
+    B = (A[0] + A[1] + share * A[2] / A[2].norm())[None]
+    for weight_tol, kept in ((None, 2), (0.0, 3)):
+        prob = Problem(A, B, k_max=3, dtype=dtype, device=device)
+        assert prob.step([0], backend, positive=True).tolist() == [STATUS_APPENDED]
+        assert prob.step([1], backend, positive=True).tolist() == [STATUS_APPENDED]
+        status = lsq_update(prob.state, *prob.inputs([2]), positive=True, weight_tol=weight_tol,
+                            backend=backend).cpu().tolist()
+        if kept == 2:
+            assert status == [STATUS_APPENDED | STATUS_DROPPED | STATUS_NEW_DROPPED]
+        else:
+            assert status == [STATUS_APPENDED]
+        assert int(prob.state.size[0]) == kept
+        w = prob.state.weights[0, :kept].cpu().double()
+        assert (w > 0).all()
+        torch.testing.assert_close(w[:2], torch.ones(2, dtype=torch.float64), rtol=TOL[dtype], atol=0)

@@ -1,4 +1,6 @@
 """The plain-PyTorch GTP reference and the baselines against SPEC's properties."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,61 @@ def test_guards_align_threshold_and_stop_ratio():
     early = gk.select(A, b, 60, stop_ratio=0.5)
     assert early.per_target[0].stopped_by == "guard"
     assert len(early.indices) < 60
+
+
+def _span_problem():
+    """Issue 14's repro: 100 rows in R^64 (scaled by 10) and a target in the span of 5 of them."""
+    A = np.random.RandomState(6).randn(100, 64) * 10
+    rs = np.random.RandomState(1)
+    support = rs.choice(100, 5, replace=False)
+    return A, A[support].T @ (rs.rand(5) + 0.5), sorted(support.tolist())
+
+
+@pytest.mark.parametrize("method", ["gtp", "gtp-reference", "gtp-cosamp"])
+@pytest.mark.parametrize("positive", [False, True])
+def test_tol_zero_stops_at_the_residual_floor_with_a_warning(method, positive):
+    """tol=0 on a target exactly in the span of 5 rows: pursuit went on picking from rounding noise
+    (65 rows of rank 64, weights up to 2.1 where the largest true one is 1.38). It stops once the
+    residual is rounding noise, says so (stopped_by, EarlyStopWarning), and keeps the 5 rows."""
+    A, b, support = _span_problem()
+    with pytest.warns(gk.EarlyStopWarning, match="rounding floor"):
+        sel = gk.select(A, b, 100, method=method, positive=positive, tol=0.0)
+    assert sorted(sel.indices.tolist()) == support
+    assert sel.per_target[0].stopped_by == "residual_floor"
+    assert sel.relative_residual < 1e-14
+    assert issubclass(gk.EarlyStopWarning, RuntimeWarning)
+
+
+def test_multiple_of_one_row_gtp_and_reference_agree():
+    """b = 2 * A[4], k = 3, tol = 0: gtp gave [4, 14, 13] (or [4, 45, 52]), the reference [4]
+    (or [4, 45, 15]): picks after an exact fit were rounding noise. Both now stop at [4]."""
+    A, _, _ = _span_problem()
+    for method in ("gtp", "gtp-reference", "gtp-cosamp"):
+        with pytest.warns(gk.EarlyStopWarning):
+            sel = gk.select(A, 2 * A[4], 3, method=method, positive=False, tol=0.0)
+        assert sel.indices.tolist() == [4], method
+        np.testing.assert_allclose(sel.weights, [2.0], rtol=1e-14)
+
+
+@pytest.mark.parametrize("method", ["gtp", "gtp-reference", "gtp-cosamp"])
+def test_stop_on_linear_dependence_warns(method):
+    """Every candidate left is within 1e-7 of the span of the selection (so it still correlates
+    with the residual): pursuit refuses them as dependent and stops short of k; it warns (as
+    scikit-learn's OMP does), besides stopped_by and the rejected count."""
+    g = torch.Generator().manual_seed(11)
+    basis = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    near = torch.randn(8, 4, generator=g, dtype=torch.float64) @ basis
+    A = torch.cat([basis, near + 1e-7 * torch.randn(8, 16, generator=g, dtype=torch.float64)])
+    b = torch.randn(16, generator=g, dtype=torch.float64)  # not in the span: tol is out of reach
+    with pytest.warns(gk.EarlyStopWarning, match="linearly dependent"):
+        sel = gk.select(A, b, 10, method=method, positive=False)
+    ts = sel.per_target[0]
+    assert len(ts.indices) == 4 and ts.rejected > 0 and ts.stopped_by in ("exhausted", "max_iters")
+
+
+def test_no_warning_when_the_budget_or_tol_is_reached():
+    A, b, _ = _span_problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gk.EarlyStopWarning)
+        assert gk.select(A, b, 100).per_target[0].stopped_by == "tolerance"  # default tol = 1e-6
+        assert gk.select(A, b, 3).per_target[0].stopped_by == "budget"

@@ -362,3 +362,20 @@ def test_option_helpers():
     assert check_choice("max", "r", ("mean", "max")) == "max"
     with pytest.raises(InputError, match=r"r must be 1, 2 or 3, got True"):
         check_choice(True, "r", (1, 2, 3))
+
+def test_float64_products_out_of_range_are_refused():
+    """Issue 14: float64 rows of norm ~1e155 overflowed their Gram entries (an empty selection,
+    'no_correlation'), ~1e-160 underflowed them (gtp-reference: 1 row and an infinite residual,
+    gtp: 5 rows). Refused like float32 ones; inside 2^-400..2^400 the picks are the unit-scale ones."""
+    A64, b64 = A.double(), b.double()
+    for scale, side in ((1e155, "the largest"), (1e-160, "the smallest"), (2.0 ** 410, "the largest is")):
+        for method in ("gtp", "gtp-reference"):
+            with pytest.raises(InputError, match=f"for float64 products.*{side}"):
+                gk.select(A64 * scale, b64, 5, method=method)
+    ref = gk.select(A64, b64, 5, method="gtp").indices.tolist()
+    for scale in (2.0 ** 390, 2.0 ** -390):
+        for method in ("gtp", "gtp-reference", "gtp-cosamp"):
+            sel = gk.select(A64 * scale, b64, 5, method=method)
+            assert sel.indices.tolist() == gk.select(A64, b64, 5, method=method).indices.tolist(), (scale, method)
+        assert sel.relative_residual < 1
+    assert gk.select(A64 * 2.0 ** 390, b64, 5).indices.tolist() == ref

@@ -4,14 +4,22 @@ Each of m pursuits keeps the lower Cholesky factor ``L`` of ``G_S + lam*I`` (``G
 its selected atoms, in factor order), the support, the right-hand side ``A_S b`` and the weights.
 :func:`lsq_update` appends one atom per pursuit and re-solves:
 
-* append: ``y = L^{-1} g``, ``pivot^2 = (G_jj + lam) - ||y||^2``. If ``pivot^2 <= dep_tol*(G_jj+lam)``
-  (or it is not finite) the atom is numerically in the span of the support: ``STATUS_DEPENDENT``, the
-  state is left bit-for-bit unchanged. Otherwise ``L`` gains the row ``[y^T, pivot]``.
+* append: ``y = L^{-1} g``, ``pivot^2 = (G_jj + lam) - ||y||^2`` (the factor's new diagonal, squared).
+  The atom is numerically in the span of the support (``STATUS_DEPENDENT``, the state is left
+  bit-for-bit unchanged) if ``pivot^2 <= dep_tol*(G_jj+lam)`` (sin^2 of its angle to the span), or if
+  ``pivot^2 <= eps * s^2`` with ``s = sum_i |c_i| ||L_i||``, ``c = L^{-T} y`` (its coefficients on the
+  support) and ``||L_i|| = sqrt(G_ii + lam)``: that is the rounding error of ``pivot^2``, which grows
+  with the square of the support's conditioning because the factor comes from the Gram matrix (an
+  exactly dependent atom scored ``pivot^2 / G_jj = 1.2e-10`` against a fixed 1e-10); or if it is not
+  finite. Otherwise ``L`` gains the row ``[y^T, pivot]``.
 * solve, ``positive=False``: ``w = L^{-T} L^{-1} rhs`` (ridge least squares on the support).
 * solve, ``positive=True``: Lawson-Hanson inner loop warm-started from the previous weights with the
   new atom at weight 0. ``z`` = unconstrained solution on the support; if all ``z_i > 0``, ``w = z``;
   else ``alpha = min_{z_i <= 0} w_i / (w_i - z_i)``, ``w += alpha (z - w)``, every atom whose weight is
-  now ``<= 0`` (the arg-min one always) leaves the factor, repeat. A removal is a Cholesky downdate
+  now ``<= 0`` (the arg-min one always) leaves the factor, repeat. When all ``z_i > 0``, atoms whose
+  share of the fit is negligible, ``z_i ||L_i|| <= weight_tol * ||u||`` (``u = L^{-1} rhs``, so
+  ``||u|| = ||A_S^T z||``), leave the factor as if their weight were 0 and the loop repeats: such a
+  weight is within rounding of zero, and whether it came out +1e-15 or -1e-15 must not decide a pick. A removal is a Cholesky downdate
   of the factor itself (no Gram matrix needed): the rows below the removed one are re-triangularised
   by Givens rotations (compiled op) or a QR of the same block (torch fallback).
 
@@ -47,6 +55,9 @@ STATUS_BAD_SIZE = 64  # state.size outside [0, k_max] (a corrupt state): nothing
 #: Default relative pivot threshold by dtype: pivot^2 <= dep_tol * (G_jj + lam) means "dependent",
 #: i.e. the new atom's angle to the span of the support is below about sqrt(dep_tol) radians.
 DEFAULT_DEP_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+#: Default negligible-weight threshold by dtype (positive=True): an atom whose share of the fit,
+#: z_i ||a_i|| / ||A_S^T z||, is at or below it is dropped.
+DEFAULT_WEIGHT_TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
 
 LsqBackend = Literal["auto", "ext", "torch"]
 
@@ -166,6 +177,7 @@ def lsq_update(
     lam: float = 0.0,
     positive: bool = True,
     dep_tol: float | None = None,
+    weight_tol: float | None = None,
     backend: LsqBackend = "auto",
     checked: bool = True,
 ) -> torch.Tensor:
@@ -179,23 +191,31 @@ def lsq_update(
         lam: ridge term of G_S + lam*I (must be the same on every call for a state).
         positive: non-negative least squares (Lawson-Hanson) instead of plain least squares.
         dep_tol: relative pivot threshold; ``None`` takes DEFAULT_DEP_TOL[dtype].
+        weight_tol: negligible share of the fit (positive only); ``None`` takes
+            DEFAULT_WEIGHT_TOL[dtype], 0 keeps every positive weight.
         backend: "auto" (compiled op when built for the device, else torch), "ext" or "torch".
         checked: False skips the Python argument checks (tens of microseconds), for drivers
             that built every tensor themselves; the compiled op still checks shapes and dtypes.
     """
     if dep_tol is None:
         dep_tol = DEFAULT_DEP_TOL.get(state.L.dtype, 0.0)
+    if weight_tol is None:
+        weight_tol = DEFAULT_WEIGHT_TOL.get(state.L.dtype, 0.0)
     lam = float(lam)
     dep_tol = float(dep_tol)
+    weight_tol = float(weight_tol)
     if checked:
         _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
+        if not (math.isfinite(weight_tol) and weight_tol >= 0):
+            raise ValueError(f"weight_tol must be finite and >= 0, got {weight_tol}")
     if _resolve(backend, state.L.device) == "ext":
         return _C.lsq_update(
             state.L, state.size, state.support, state.rhs, state.weights,
-            new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol,
+            new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol, weight_tol,
         )
     return lsq_update_torch(
-        state, new_atom, gram_col, gram_diag, rhs_new, lam=lam, positive=positive, dep_tol=dep_tol
+        state, new_atom, gram_col, gram_diag, rhs_new, lam=lam, positive=positive, dep_tol=dep_tol,
+        weight_tol=weight_tol,
     )
 
 
@@ -217,7 +237,7 @@ def _tri_upper_t(L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(L.mT, x[:, None], upper=True)[:, 0]
 
 
-def _remove_position(L: torch.Tensor, n: int, p: int, rhs, w, support) -> None:
+def _remove_position(L: torch.Tensor, n: int, p: int, rhs, w, support, norms) -> None:
     """Delete row/column p of the factor L[:n, :n] and entry p of the per-atom arrays, in place.
 
     With row p deleted, the trailing rows M = L[p+1:n, p:n] satisfy M M^T = L33 L33^T + l32 l32^T,
@@ -232,7 +252,7 @@ def _remove_position(L: torch.Tensor, n: int, p: int, rhs, w, support) -> None:
         L[p : n - 1, p : n - 1] = (R.mT * signs[None, :]).tril()
     L[n - 1, :n] = 0
     L[:n, n - 1] = 0
-    for arr, fill in ((rhs, 0), (w, 0), (support, -1)):
+    for arr, fill in ((rhs, 0), (w, 0), (support, -1), (norms, 0)):
         arr[p : n - 1] = arr[p + 1 : n].clone()
         arr[n - 1] = fill
 
@@ -247,6 +267,7 @@ def lsq_update_torch(
     lam: float,
     positive: bool,
     dep_tol: float,
+    weight_tol: float = 0.0,
 ) -> torch.Tensor:
     """Pure-torch twin of the compiled op (inputs assumed validated)."""
     m, k_max = state.m, state.k_max
@@ -266,14 +287,20 @@ def lsq_update_torch(
             continue
         L, rhs, w, sup = state.L[t], state.rhs[t], state.weights[t], state.support[t]
         y = _tri_lower(L[:n, :n], gram_col[t, :n])
+        norms = torch.zeros(k_max, dtype=L.dtype, device=L.device)
+        norms[:n] = torch.linalg.vector_norm(L[:n, :n], dim=1)  # sqrt(G_ii + lam)
+        coef = _tri_upper_t(L[:n, :n], y)  # the atom's coefficients on the support
+        s = float((coef.abs() * norms[:n]).sum())
         diag = gram_diag[t] + lam
         pivot2 = diag - torch.dot(y, y)
         d, p2 = float(diag), float(pivot2)
-        if not (d > 0 and p2 > dep_tol * d and math.isfinite(p2)):
+        eps = torch.finfo(L.dtype).eps
+        if not (d > 0 and p2 > dep_tol * d and p2 > eps * s * s and math.isfinite(p2)):
             status[t] = STATUS_DEPENDENT
             continue
         L[n, :n] = y
         L[n, n] = torch.sqrt(pivot2)
+        norms[n] = math.sqrt(d)
         sup[n] = atom
         rhs[n] = rhs_new[t]
         w[n] = 0
@@ -287,16 +314,20 @@ def lsq_update_torch(
                 break
             nonpos = (z <= 0).nonzero().flatten()
             if nonpos.numel() == 0:
-                w[:n] = z
-                break
-            wi, zi = w[nonpos], z[nonpos]
-            ratios = torch.where(wi > 0, wi / (wi - zi), torch.zeros_like(wi))
-            blocking = int(nonpos[torch.argmin(ratios)])  # argmin returns the first minimum
-            alpha = ratios.min()
-            w[:n] = w[:n] + alpha * (z - w[:n])
-            w[blocking] = 0
+                # accepted, but for atoms whose share of the fit ||u|| = ||L^{-1} rhs|| is negligible
+                negligible = z * norms[:n] <= weight_tol * torch.linalg.vector_norm(_tri_lower(L[:n, :n], rhs[:n]))
+                w[:n] = torch.where(negligible, torch.zeros_like(z), z)
+                if not (weight_tol > 0 and bool(negligible.any())):
+                    break
+            else:
+                wi, zi = w[nonpos], z[nonpos]
+                ratios = torch.where(wi > 0, wi / (wi - zi), torch.zeros_like(wi))
+                blocking = int(nonpos[torch.argmin(ratios)])  # argmin returns the first minimum
+                alpha = ratios.min()
+                w[:n] = w[:n] + alpha * (z - w[:n])
+                w[blocking] = 0
             for p in reversed((~(w[:n] > 0)).nonzero().flatten().tolist()):
-                _remove_position(L, n, p, rhs, w, sup)
+                _remove_position(L, n, p, rhs, w, sup, norms)
                 st |= STATUS_DROPPED
                 if p == new_pos:
                     st |= STATUS_NEW_DROPPED

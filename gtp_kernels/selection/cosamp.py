@@ -91,9 +91,11 @@ from .common import (
     STOP_GUARD,
     STOP_MAX_ITERS,
     STOP_NO_CORRELATION,
+    STOP_RESIDUAL_FLOOR,
     STOP_TOLERANCE,
     SelectOptions,
     TargetSelection,
+    residual_floor,
 )
 from .pursuit import follow_factor_order, masked_top
 from .reference import weighted_norm
@@ -176,6 +178,10 @@ class _SampledPursuit:
         self.banned: set = set()
         self.min_cos = opts.resolved_min_cosine(dtype)
         self.dep_tol = opts.resolved_dep_tol(dtype)
+        self.weight_tol = opts.resolved_weight_tol(dtype)
+        # ||a||_W of picked atoms, and of the support in factor order (the residual floor)
+        self.norm_of: dict = {}
+        self.sup_norms = torch.zeros(k, dtype=torch.float64, device=b.device)
         self.max_iters = opts.resolved_max_iters(k)
         self.first_corr: Optional[float] = None
         self.stopped: Optional[str] = None
@@ -276,6 +282,7 @@ class _SampledPursuit:
             row_w = self._weighted(row)
             torch.dot(row_w, row, out=self._diag0)
             diag = self.diag.item()
+            self.norm_of[j] = math.sqrt(diag)
             no_corr = v <= self.min_cos * math.sqrt(diag) * self.hist[-1]
             guard = (self.first_corr is not None and opts.stop_ratio is not None
                      and v < opts.stop_ratio * self.first_corr)
@@ -299,7 +306,7 @@ class _SampledPursuit:
             torch.dot(row_w, self.b, out=self._rhs0)
             status = lsq.lsq_update(self.state, self.atom, self.gram_col, self.diag, self.rhs,
                                     lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol,
-                                    checked=False).item()
+                                    weight_tol=self.weight_tol, checked=False).item()
             if status & lsq.STATUS_DEPENDENT:
                 self.banned.add(j)
                 self.exclude[j] = True
@@ -312,10 +319,12 @@ class _SampledPursuit:
                 size = int(self.state.size[0])
                 new_support = self.state.support[0, :size].tolist()
                 follow_factor_order(self.rows_buf, self.support, new_support, j, row)
+                self.sup_norms[:size] = torch.tensor([self.norm_of[a] for a in new_support], dtype=torch.float64)
                 gone = set(self.support) - set(new_support)
             else:  # appended at the end, nothing dropped
                 size = n_old + 1
                 self.rows_buf[n_old] = row
+                self.sup_norms[n_old] = self.norm_of[j]
                 new_support, gone = self.support + [j], set()
             self.dropped += len(gone)
             self.exclude[j] = True
@@ -333,6 +342,9 @@ class _SampledPursuit:
                 progress(1)
             if self.hist[-1] < opts.tol * self.b_norm:
                 self.stopped = STOP_TOLERANCE
+            elif size and self.hist[-1] <= residual_floor(self.dtype, self.b_norm, self.state.weights[0, :size],
+                                                          self.sup_norms[:size]):
+                self.stopped = STOP_RESIDUAL_FLOOR
         return self.iterations - start
 
 

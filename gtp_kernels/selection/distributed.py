@@ -39,7 +39,7 @@ import torch.distributed as dist
 from ..api import Selection, _exclude_misaligned, _is_integer, check_pursuit_options, scale_problem
 from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
                           as_tensor, check_backend, check_bool, check_row_norm_range, validate_problem)
-from .common import SelectOptions
+from .common import SelectOptions, warn_early_stops
 from .pursuit import LocalRows, gtp_pursuit
 
 
@@ -241,7 +241,7 @@ def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold,
         compute_dtype = torch.float64 if candidates_dtype == torch.float64 else torch.float32
     lowest = min(rep["norms"][0] for rep in reports)
     highest = max(rep["norms"][1] for rep in reports)
-    check_row_norm_range((lowest, highest), compute_dtype)  # validate_problem's test, over the pool
+    check_row_norm_range((lowest, highest), compute_dtype, candidates_dtype)  # validate_problem's, over the pool
     if sum(rep["selectable"] for rep in reports) == 0:
         reason = "all-zero or excluded" if exclude is not None else "all-zero"
         raise InputError(f"no candidate can be selected: all {total} rows are {reason}")
@@ -323,6 +323,7 @@ def _select_options(clean: Dict[str, Any], scaling=None) -> SelectOptions:
 
 
 def _selection(name, k, per_target, clean, problem, scales, info, t0, t1, group):
+    warn_early_stops(per_target, k, clean["tol"], stacklevel=4)
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
     t2 = time.perf_counter()

@@ -57,9 +57,11 @@ from .common import (
     STOP_GUARD,
     STOP_MAX_ITERS,
     STOP_NO_CORRELATION,
+    STOP_RESIDUAL_FLOOR,
     STOP_TOLERANCE,
     SelectOptions,
     TargetSelection,
+    residual_floor,
 )
 
 _CHUNK_ELEMENTS = 1 << 24
@@ -332,6 +334,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     lam = float(opts.ridge)
     min_cos = opts.resolved_min_cosine(dtype)
     dep_tol = opts.resolved_dep_tol(dtype)
+    weight_tol = opts.resolved_weight_tol(dtype)
     max_iters = opts.resolved_max_iters(k)
 
     if prefetch is None:
@@ -366,6 +369,9 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     b_cols = [B[:, t].contiguous() for t in range(m)]
     r_col = torch.empty(D, dtype=f64, device=device)
     weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
+    # ||a||_W of each target's picked atoms, and of its support in factor order (the residual floor)
+    norm_of: List[Dict[int, float]] = [{} for _ in range(m)]
+    sup_norms = torch.zeros(m, k, dtype=f64, device=device)
     passes = 0
     # per-iteration K3 inputs, allocated once (entries past a target's support are ignored)
     gram_col = torch.zeros(m, k, dtype=f64, device=device)
@@ -482,6 +488,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         diag_host = diag.tolist()
         for i, t in enumerate(picked):
             v = best_val[t]
+            norm_of[t][new_atoms[t]] = math.sqrt(diag_host[i])
             if v <= min_cos * math.sqrt(diag_host[i]) * hist[t][-1]:
                 stopped[t], new_atoms[t] = STOP_NO_CORRELATION, -1
             elif first_corr[t] is None:
@@ -535,7 +542,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
         atoms = torch.tensor(new_atoms, device=device)  # -1: this target sits the update out
         # every tensor here was built by this loop for this state: skip the argument checks
         status = lsq.lsq_update(state, atoms, gram_col, gram_diag, rhs_new, lam=lam,
-                                positive=opts.positive, dep_tol=dep_tol, checked=False).tolist()
+                                positive=opts.positive, dep_tol=dep_tol, weight_tol=weight_tol,
+                                checked=False).tolist()
         sizes = state.size.tolist()
         clock.lap("update")
 
@@ -554,9 +562,11 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
             if st & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
                 new_support = state.support[t, : sizes[t]].tolist()
                 follow_factor_order(rows_buf[t], supports[t], new_support, j, rows[i])
+                sup_norms[t, : len(new_support)] = torch.tensor([norm_of[t][a] for a in new_support], dtype=f64)
                 gone = set(supports[t]) - set(new_support)
             else:  # the common case, O(1) here: appended at the end, nothing dropped
                 rows_buf[t, len(supports[t])] = rows[i]
+                sup_norms[t, len(supports[t])] = norm_of[t][j]
                 new_support, gone = supports[t] + [j], set()
             supports[t] = new_support
             weights[t] = state.weights[t, : sizes[t]].clone()
@@ -573,6 +583,8 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
                 progress(1)
             if hist[t][-1] < opts.tol * b_norms[t]:
                 stopped[t] = STOP_TOLERANCE
+            elif sizes[t] and hist[t][-1] <= residual_floor(dtype, b_norms[t], weights[t], sup_norms[t, : sizes[t]]):
+                stopped[t] = STOP_RESIDUAL_FLOOR
         clock.lap("residual")
 
     if phase_seconds is not None:  # what ran: e.g. "cached", or "cached, direct from support size 243"

@@ -15,20 +15,25 @@ Pursuit (SPEC algorithm 1), one atom per iteration:
     repeat: c = A W r over rows not in S and not excluded;
             j = argmax c (argmax |c| when positivity is off), ties to the lowest index;
             stop if cos(a_j, r)_W <= min_cosine, or c_j < stop_ratio * c_first (guard);
-            reject j for good if it is numerically dependent on S:
-                pivot^2 = G_jj + lambda - G_jS G_SS^{-1} G_Sj <= dep_tol * (G_jj + lambda);
+            reject j for good if it is numerically dependent on S: with c = G_SS^{-1} G_Sj
+                pivot^2 = G_jj + lambda - G_jS c <= dep_tol * (G_jj + lambda), or
+                pivot^2 <= eps * (sum_i |c_i| sqrt(G_ii + lambda))^2 (its rounding error);
             S = S + {j}; w = NNLS on S (Lawson-Hanson inner loop, warm-started, see below);
             r = b - A_S^T w_S
-    until |S| = k, ||r||_W < tol ||b||_W, or max_iters iterations.
+    until |S| = k, ||r||_W < tol ||b||_W, ||r||_W at the rounding floor
+    (common.residual_floor: about eps ||b||_W), or max_iters iterations.
 
 NNLS step (the active set of Lawson-Hanson, whose outer loop *is* the signed argmax above):
 start from the previous weights with the new atom at 0; z = unconstrained solution on S;
 while some z_i <= 0: alpha = min_{z_i <= 0} w_i / (w_i - z_i), w += alpha (z - w), drop every
-atom with w_i <= 0 (the arg-min one at least), re-solve. An atom dropped as it enters is
-excluded for good (it cannot make progress, and re-picking it would loop).
+atom with w_i <= 0 (the arg-min one at least), re-solve. Once all z_i > 0, atoms whose share
+of the fit is negligible, z_i sqrt(G_ii + lambda) <= weight_tol * sqrt(rhs . z) (= ||A_S^T z||),
+are dropped likewise and the loop re-solves. An atom dropped as it enters is excluded for good
+(it cannot make progress, and re-picking it would loop).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import numpy as np
@@ -41,9 +46,11 @@ from .common import (
     STOP_GUARD,
     STOP_MAX_ITERS,
     STOP_NO_CORRELATION,
+    STOP_RESIDUAL_FLOOR,
     STOP_TOLERANCE,
     SelectOptions,
     TargetSelection,
+    residual_floor,
 )
 
 
@@ -55,21 +62,30 @@ def weighted_norm(x: torch.Tensor, feature_weights: Optional[torch.Tensor]) -> t
 
 
 def nnls_active_set_step(
-    gram: torch.Tensor, rhs: torch.Tensor, w_start: torch.Tensor
+    gram: torch.Tensor, rhs: torch.Tensor, w_start: torch.Tensor, weight_tol: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lawson-Hanson inner loop on a fixed candidate set, warm-started at w_start >= 0.
 
     Returns (w, keep): keep[i] is False for atoms dropped from the set; w holds the weights
-    of the kept atoms (positive). gram is G_PP + lambda I, rhs is A_P W b.
+    of the kept atoms (positive). gram is G_PP + lambda I, rhs is A_P W b. weight_tol > 0 also
+    drops atoms whose share of the fit, z_i sqrt(gram_ii) / ||A_P^T z||, is at most weight_tol.
     """
     keep = torch.ones(rhs.shape[0], dtype=torch.bool, device=rhs.device)
     w = w_start.clone()
+    norms = torch.sqrt(torch.diagonal(gram))
     while bool(keep.any()):
         idx = keep.nonzero().flatten()
         z = torch.linalg.solve(gram[idx][:, idx], rhs[idx])
         if bool((z > 0).all()):
             w = torch.zeros_like(w)
             w[idx] = z
+            # ||A_P^T z||^2 = z . rhs at the least-squares solution
+            fit = math.sqrt(max(float(torch.dot(z, rhs[idx])), 0.0))
+            negligible = z * norms[idx] <= weight_tol * fit
+            if weight_tol > 0 and bool(negligible.any()):
+                w[idx[negligible]] = 0
+                keep[idx[negligible]] = False
+                continue
             return w, keep
         wi = w[idx]
         neg = z <= 0
@@ -141,6 +157,8 @@ def _pursue_one_target(
     lam = float(opts.ridge)
     min_cos = opts.resolved_min_cosine(dtype)
     dep_tol = opts.resolved_dep_tol(dtype)
+    weight_tol = opts.resolved_weight_tol(dtype)
+    eps = torch.finfo(dtype).eps
     max_iters = opts.resolved_max_iters(k)
     banned = banned.clone()
     support: List[int] = []
@@ -179,18 +197,22 @@ def _pursue_one_target(
         rows_w = rows if fw is None else rows * fw
         gram = rows_w @ rows.T + lam * torch.eye(len(cand), dtype=dtype, device=A.device)
         g_jj = gram[-1, -1]
+        rounding = 0.0  # eps * s^2, s = sum_i |c_i| ||a_i||: the rounding error of pivot2
         if support:
             g_sj = gram[:-1, -1]
-            pivot2 = g_jj - g_sj @ torch.linalg.solve(gram[:-1, :-1], g_sj)
+            coef = torch.linalg.solve(gram[:-1, :-1], g_sj)  # a_j's coefficients on the support
+            pivot2 = g_jj - g_sj @ coef
+            s = float((coef.abs() * torch.sqrt(torch.diagonal(gram)[:-1])).sum())
+            rounding = eps * s * s
         else:
             pivot2 = g_jj
-        if not bool(pivot2 > dep_tol * g_jj):
+        if not (bool(pivot2 > dep_tol * g_jj) and float(pivot2) > rounding):
             banned[j] = True
             rejected += 1
             continue
         rhs = rows_w @ b
         if opts.positive:
-            w_new, keep = nnls_active_set_step(gram, rhs, torch.cat([w, w.new_zeros(1)]))
+            w_new, keep = nnls_active_set_step(gram, rhs, torch.cat([w, w.new_zeros(1)]), weight_tol)
             if not bool(keep[-1]):
                 banned[j] = True
                 rejected += 1
@@ -206,6 +228,9 @@ def _pursue_one_target(
             progress(1)
         if norms[-1] < opts.tol * b_norm:
             stopped = STOP_TOLERANCE
+            break
+        if support and norms[-1] <= residual_floor(dtype, b_norm, w, row_norms[support]):
+            stopped = STOP_RESIDUAL_FLOOR
             break
     else:
         if len(support) == k:

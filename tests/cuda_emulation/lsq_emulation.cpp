@@ -37,7 +37,7 @@ struct Batch {
   std::vector<int32_t> status;
   Batch(int64_t m_, int64_t K_)
       : m(m_), K(K_), L(m_ * K_ * K_, T(0)), rhs(m_ * K_, T(0)), w(m_ * K_, T(0)), gcol(m_ * K_),
-        gdiag(m_), rnew(m_), work(m_ * 2 * K_, T(NAN)), size(m_, 0), support(m_ * K_, -1),
+        gdiag(m_), rnew(m_), work(m_ * 3 * K_, T(NAN)), size(m_, 0), support(m_ * K_, -1),
         atom(m_, -1), status(m_, -99) {}
 
   LsqArgs<T, int64_t> args(double lam, bool positive, double dep_tol) {
@@ -45,7 +45,7 @@ struct Batch {
     a.L = L.data(); a.size = size.data(); a.support = support.data(); a.rhs = rhs.data();
     a.weights = w.data(); a.new_atom = atom.data(); a.gram_col = gcol.data();
     a.gram_diag = gdiag.data(); a.rhs_new = rnew.data(); a.status = status.data();
-    a.work = work.data(); a.m = m; a.k_max = K; a.lam = T(lam); a.dep_tol = T(dep_tol);
+    a.work = work.data(); a.m = m; a.k_max = K; a.lam = T(lam); a.dep_tol = T(dep_tol); a.weight_tol = T(positive ? 1e-6 : 0.0);  // exercises the negligible-weight drop
     a.positive = positive;
     return a;
   }
