@@ -200,7 +200,7 @@ def _cmd_select(args) -> int:
         ids = store.ids
         if args.data is not None:
             by_id = _read_data(args.data, args.id_field, ids)
-        candidates = store.candidates(as_tensor=True)
+        candidates = store.rows_source()  # the memory-mapped shards, read a chunk at a time
         if checkpoint_weights is None:
             checkpoint_weights = store.weights_for(method_spec.block_scale_invariant)
         num_checkpoints = store.t

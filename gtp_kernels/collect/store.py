@@ -580,13 +580,25 @@ class TrajectoryStore:
         Refuses an incomplete store (row i must be example ids[i])."""
         self._require_complete("candidates()")
         matrix = self.trajectory_view().reshape(self.n, self.t * self.d)
-        if dtype is not None:
-            matrix = matrix.astype(dtype, copy=False)
+        owned = len(self._shards) > 1  # concatenated in memory: already a copy of our own
+        if dtype is not None and np.dtype(dtype) != matrix.dtype:
+            matrix, owned = matrix.astype(dtype), True
         if as_tensor:
             import torch
 
-            return torch.from_numpy(np.array(matrix, copy=True))
+            # one copy at most: the memory map itself would be a read-only tensor of the file
+            return torch.from_numpy(matrix if owned else np.array(matrix, copy=True))
         return matrix
+
+    def rows_source(self) -> Any:
+        """The N rows a_i (N, T*d) as a :class:`gtp_kernels.selection.rows.RowSource` over the
+        memory-mapped shards, in row order: selection reads them a chunk at a time in the
+        store's dtype and never concatenates them (``select(store, ...)`` uses this). Refuses
+        an incomplete store."""
+        self._require_complete("rows_source()")
+        from ..selection.rows import RowSource
+
+        return RowSource(list(self._shards.values()))
 
     def mean(self) -> np.ndarray:
         """Mean row (T*d,) over all N rows, computed shard by shard in float64, returned float32
