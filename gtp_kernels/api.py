@@ -20,8 +20,9 @@ from .selection.cosamp import gtp_cosamp
 from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection, warn_early_stops
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
-from .validation import (SEED_LIMIT, ArrayLike, InputError, Problem, check_backend, check_bool, check_choice,
-                         check_int, resolve_device, validate_problem)
+from .selection.rows import row_chunks
+from .validation import (SEED_LIMIT, ArrayLike, CandidatesLike, InputError, Problem, check_backend, check_bool,
+                         check_choice, check_int, resolve_device, validate_problem)
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
 
@@ -191,7 +192,7 @@ def _progress_bar(enabled: bool, total: int, desc: str):
 
 
 def select(
-    candidates: ArrayLike,
+    candidates: CandidatesLike,
     target: ArrayLike,
     k: int,
     *,
@@ -221,6 +222,8 @@ def select(
 
     Args:
         candidates: A, (N, D) rows, or an (N, T, d) trajectory; torch or numpy, any float dtype.
+            Or rows in blocks, read a chunk at a time and never concatenated: a trajectory
+            store (its memory-mapped shards), a list of arrays, or a selection.rows.RowSource.
         target: b, (D,), or (D, m) for m targets pursued together.
         k: budget per target column, 1 <= k <= N (m targets: up to m * k rows in the union).
         method: a name in METHODS (default: the fastest exact GTP method).
@@ -416,11 +419,10 @@ def _exclude_misaligned(problem: Problem, threshold: float) -> tuple:
     Bw = B if fw is None else B * fw[:, None]
     b_norms = weighted_norm(B.T, fw)
     best = torch.full((problem.num_candidates,), -float("inf"), dtype=dtype, device=B.device)
-    step = max(1, (1 << 24) // max(1, problem.dim))
-    for start in range(0, problem.num_candidates, step):
-        a = problem.candidates[start : start + step].to(dtype)
+    for start, a in row_chunks(problem.candidates, 1 << 24):  # a tensor or a row source
+        a = a.to(dtype)
         cos = (a @ Bw) / (weighted_norm(a, fw)[:, None].clamp_min(torch.finfo(dtype).tiny) * b_norms)
-        best[start : start + step] = cos.amax(dim=1)
+        best[start : start + a.shape[0]] = cos.amax(dim=1)
     misaligned = (best <= threshold) & ~problem.exclude
     excl = problem.exclude | misaligned
     return (Problem(problem.candidates, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
@@ -428,7 +430,7 @@ def _exclude_misaligned(problem: Problem, threshold: float) -> tuple:
 
 
 def fit_residual(
-    candidates: ArrayLike,
+    candidates: CandidatesLike,
     target: ArrayLike,
     indices: Sequence[int],
     *,

@@ -75,9 +75,10 @@ def _cmd_demo(args) -> int:
 
 
 _VERIFY_HELP = ("how far to check a store against its manifest before using it: 'size' (default) compares "
-                "each shard's byte count and .npy header (fast, catches truncated or rewritten shards); "
-                "'sha256' also checksums every shard (reads all the data once: slow on large stores, catches "
-                "any corruption)")
+                "each shard's byte count, whole .npy header and a checksum of a fixed sample of its data "
+                "(fast: ~256 KiB a shard; catches truncated, rewritten, swapped or replaced shards and header "
+                "changes); 'sha256' also checksums every byte (reads all the data once: slow on large stores, "
+                "catches any corruption, e.g. one flipped byte outside the sample)")
 
 
 def _add_select(sub) -> None:
@@ -200,7 +201,7 @@ def _cmd_select(args) -> int:
         ids = store.ids
         if args.data is not None:
             by_id = _read_data(args.data, args.id_field, ids)
-        candidates = store.candidates(as_tensor=True)
+        candidates = store.rows_source()  # the memory-mapped shards, read a chunk at a time
         if checkpoint_weights is None:
             checkpoint_weights = store.weights_for(method_spec.block_scale_invariant)
         num_checkpoints = store.t

@@ -13,7 +13,12 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .selection.rows import RowSource, RowSourceError, RowSourceTypeError, gather_rows, row_chunks
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
+# candidates: an array, or rows in blocks (a RowSource, a list of arrays, or an object with a
+# rows_source() method such as a TrajectoryStore), read a chunk at a time
+CandidatesLike = Union[torch.Tensor, np.ndarray, RowSource, Sequence[ArrayLike], Any]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # candidate row norms that float32 products handle: Gram entries up to 2^100 and down to 2^-100
@@ -37,7 +42,8 @@ class Problem:
     """A validated selection problem.
 
     Attributes:
-        candidates: A, (N, D), the candidate feature rows, on the caller's device and dtype.
+        candidates: A, (N, D), the candidate feature rows, on the caller's device and dtype: a
+            tensor, or a RowSource (blocks read a chunk at a time; see selection.rows).
         targets: B, (D, m), one target column per pursuit.
         num_checkpoints: T (1 when no trajectory structure was given).
         checkpoint_dim: d, with D = T * d.
@@ -45,7 +51,7 @@ class Problem:
         exclude: (N,) bool, rows that may never be selected (all-zero rows, user exclusions).
     """
 
-    candidates: torch.Tensor
+    candidates: Union[torch.Tensor, RowSource]
     targets: torch.Tensor
     num_checkpoints: int
     checkpoint_dim: int
@@ -214,6 +220,30 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     raise InputTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
+def as_candidates(x: Any, name: str = "candidates") -> Union[torch.Tensor, RowSource]:
+    """A tensor for a tensor or numpy array (as as_tensor); a RowSource for a RowSource, a list
+    or tuple of arrays (row blocks in order), or an object with a ``rows_source()`` method (a
+    TrajectoryStore: its memory-mapped shards). Nothing is copied."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        return as_tensor(x, name)
+    if isinstance(x, RowSource):
+        return x
+    make = getattr(x, "rows_source", None)
+    if callable(make):
+        x = make()
+        if not isinstance(x, RowSource):
+            raise InputTypeError(f"{name}.rows_source() must return a RowSource, got {type(x).__name__}")
+        return x
+    if isinstance(x, (list, tuple)):
+        try:
+            return RowSource(x)
+        except RowSourceError as err:
+            error = InputTypeError if isinstance(err, RowSourceTypeError) else InputError
+            raise error(f"{name} given as a list of row blocks: {err}") from None
+    raise InputTypeError(f"{name} must be a torch.Tensor, numpy.ndarray, a list of row blocks or a RowSource "
+                         f"(e.g. a trajectory store), got {type(x).__name__}")
+
+
 def _check_float(t: torch.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise InputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -257,31 +287,34 @@ def validate_problem(
     require_selectable: refuse a pool whose rows are all zero or excluded (selection does; a
         fit on given rows, fit_residual, does not need it).
     """
-    A = as_tensor(candidates, "candidates")
+    A = as_candidates(candidates, "candidates")
     b = as_tensor(target, "target")
     _check_float(A, "candidates")
     _check_float(b, "target")
+    # a row source is (N, D), or (N, T, d) when its blocks are trajectories; its rows stay flat
+    a_shape = tuple(A.shape) if isinstance(A, torch.Tensor) else (A.num_rows,) + A.row_shape
 
     if num_checkpoints is not None:
         if isinstance(num_checkpoints, bool) or not isinstance(num_checkpoints, (int, np.integer)):
             raise InputTypeError(f"num_checkpoints must be an integer, got {num_checkpoints!r}")
         num_checkpoints = int(num_checkpoints)
-    if A.dim() == 3:
-        N, T, d = A.shape
+    if len(a_shape) == 3:
+        N, T, d = a_shape
         if num_checkpoints is not None and num_checkpoints != T:
             raise InputError(f"num_checkpoints={num_checkpoints} but candidates have T={T} checkpoints")
-        A = A.reshape(N, T * d)
-    elif A.dim() == 2:
-        N = A.shape[0]
+        if isinstance(A, torch.Tensor):
+            A = A.reshape(N, T * d)
+    elif len(a_shape) == 2:
+        N = a_shape[0]
         T = 1 if num_checkpoints is None else num_checkpoints
-        if T < 1 or A.shape[1] % T != 0:
-            raise InputError(f"num_checkpoints={num_checkpoints} does not divide D={A.shape[1]}")
-        d = A.shape[1] // T
+        if T < 1 or a_shape[1] % T != 0:
+            raise InputError(f"num_checkpoints={num_checkpoints} does not divide D={a_shape[1]}")
+        d = a_shape[1] // T
     else:
-        raise InputError(f"candidates must be (N, D) or (N, T, d), got shape {tuple(A.shape)}")
+        raise InputError(f"candidates must be (N, D) or (N, T, d), got shape {a_shape}")
     D = A.shape[1]
     if N == 0 or D == 0:
-        raise InputError(f"candidates are empty (shape {tuple(A.shape)})")
+        raise InputError(f"candidates are empty (shape {a_shape})")
 
     if b.dim() == 1:
         b = b.reshape(-1, 1)
@@ -408,7 +441,7 @@ def _refuse_mixed_bools(entries: Sequence[Any]) -> None:
                              "pass a bool mask of length N or integer row indices, not both")
 
 
-def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
+def _finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> tuple:
     """One chunked pass over A: raise on NaN/Inf; return the (N,) mask of all-zero rows and
     (smallest, largest) norm of the other rows (0 / inf where float32 norms under/overflow).
 
@@ -422,13 +455,12 @@ def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
     # running extremes stay on the device: one host sync per chunk (the finiteness test), as before
     lo = torch.full((), float("inf"), dtype=acc, device=A.device)
     hi = torch.zeros((), dtype=acc, device=A.device)
-    for start in range(0, A.shape[0], step):
-        block = A[start : start + step]
+    for start, block in row_chunks(A, 1 << 24):  # a row source: a chunk of a block at a time
         norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(block, name, row_offset=start)
         is_zero = norms == 0
-        zero[start : start + step] = is_zero
+        zero[start : start + block.shape[0]] = is_zero
         lo = torch.minimum(lo, norms.masked_fill(is_zero, float("inf")).min())
         hi = torch.maximum(hi, norms.max())
     low, high = float(lo), float(hi)
@@ -436,7 +468,7 @@ def _finite_rows_and_zero_rows(A: torch.Tensor, name: str) -> tuple:
         rows = zero.nonzero().flatten()
         for start in range(0, rows.numel(), step):  # a chunk at a time: no copy of every zero row
             chunk = rows[start : start + step]
-            underflowed = (A.index_select(0, chunk) != 0).any(dim=1)
+            underflowed = (gather_rows(A, chunk) != 0).any(dim=1)
             if bool(underflowed.any()):
                 zero[chunk[underflowed]] = False
                 low = 0.0

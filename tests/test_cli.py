@@ -265,16 +265,117 @@ def test_select_bad_device_is_refused_up_front(tmp_path, capsys, monkeypatch, de
 
 def test_select_verify_sha256_catches_a_same_size_corruption(tmp_path, capsys):
     import struct
-    args = _store_problem(tmp_path)
+
+    from gtp_kernels.collect.store import SAMPLE_BLOCK_BYTES
+    # a shard larger than the default's sample (4 x 64 KiB), changed between two sampled blocks
+    rows = _tiny_store(tmp_path / "store", n=30, t=2, d=4096)
+    np.save(tmp_path / "b.npy", rows[:3].reshape(3, -1).sum(axis=0))
+    args = ["select", "--candidates", str(tmp_path / "store"), "--target", str(tmp_path / "b.npy"), "--k", "3"]
     shard = tmp_path / "store" / "shard-00000.npy"
     raw = bytearray(shard.read_bytes())
-    raw[-4:] = struct.pack("<f", 0.125)  # same size, finite, different content
+    at = 128 + SAMPLE_BLOCK_BYTES + 4000
+    raw[at : at + 4] = struct.pack("<f", 0.125)  # same size, finite, different content
     shard.write_bytes(bytes(raw))
     assert cli_main(args + ["--out", str(tmp_path / "o1"), "--verify", "size"]) == 0
     capsys.readouterr()
     assert cli_main(args + ["--out", str(tmp_path / "o2"), "--verify", "sha256"]) == 2
     _one_line_error(capsys, "sha256")
     assert not (tmp_path / "o2").exists()
+    raw[-4:] = struct.pack("<f", 0.125)  # inside the last sampled block: the default sees it too
+    shard.write_bytes(bytes(raw))
+    assert cli_main(args + ["--out", str(tmp_path / "o3")]) == 2
+    _one_line_error(capsys, "sampled checksum")
+
+
+def test_select_refuses_swapped_shards_and_a_flipped_fortran_order_by_default(tmp_path, capsys):
+    from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter
+    rows = np.random.default_rng(0).standard_normal((30, 2, 8)).astype(np.float32)
+    writer = TrajectoryStoreWriter(tmp_path / "store", StoreSpec(n=30, t=2, d=8, example_ids=[f"ex{i}" for i in range(30)],
+                                                                 shard_size=10))
+    for index in range(3):
+        writer.write_shard(index, rows[10 * index : 10 * index + 10])
+    writer.finish()
+    np.save(tmp_path / "b.npy", rows[:3].reshape(3, -1).sum(axis=0))
+    args = ["select", "--candidates", str(tmp_path / "store"), "--target", str(tmp_path / "b.npy"), "--k", "3"]
+    first, second = tmp_path / "store" / "shard-00000.npy", tmp_path / "store" / "shard-00001.npy"
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    assert cli_main(args + ["--out", str(tmp_path / "o1")]) == 2
+    _one_line_error(capsys, "shard-00000.npy holds the data of shard-00001.npy", "swapped")
+    first.write_bytes(a)
+    second.write_bytes(b.replace(b"'fortran_order': False", b"'fortran_order': True "))
+    assert cli_main(args + ["--out", str(tmp_path / "o2")]) == 2
+    _one_line_error(capsys, "shard-00001.npy has a .npy header that differs")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_select_on_a_store_reads_its_shards_in_place(tmp_path, capsys, monkeypatch):
+    """No copy of the whole store: the shards are read through a row source, a chunk at a time."""
+    from gtp_kernels.collect.store import TrajectoryStore
+
+    def whole_copy(*a, **kw):
+        raise AssertionError("the whole store was copied into memory")
+    monkeypatch.setattr(TrajectoryStore, "candidates", whole_copy)
+    monkeypatch.setattr(TrajectoryStore, "trajectory_view", whole_copy)
+    args = _store_problem(tmp_path)
+    assert cli_main(args + ["--out", str(tmp_path / "o"), "--method", "gtp-cosamp"]) == 0
+    want = gk.select(np.load(tmp_path / "store" / "shard-00000.npy"), np.load(tmp_path / "b.npy"), 3,
+                     method="gtp-cosamp", checkpoint_weights=[0.6, 0.4])
+    got = [json.loads(line)["index"] for line in (tmp_path / "o" / "selection.jsonl").read_text().splitlines()]
+    assert got == want.indices.tolist()
+
+
+_PEAK_ANON = r"""
+import sys, threading, time
+import torch, numpy
+from gtp_kernels.cli import main
+def anon():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
+base = anon(); peak = [base]; done = threading.Event()
+def poll():
+    while not done.is_set():
+        peak[0] = max(peak[0], anon()); time.sleep(0.002)
+thread = threading.Thread(target=poll, daemon=True); thread.start()
+assert main(sys.argv[1:]) == 0
+done.set(); thread.join()
+print("PEAK", max(peak[0], anon()) - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RssAnon from /proc")
+def test_select_from_a_store_needs_no_more_memory_than_from_one_npy(tmp_path):
+    """Peak anonymous memory of `gtp select` on a 64 MB fp16 store, against the same rows as one
+    memory-mapped .npy: the store used to be copied twice (+2x its size); now both read in chunks."""
+    from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter
+    n, t, d = 8192, 2, 2048
+    spec = StoreSpec(n=n, t=t, d=d, example_ids=[f"ex{i}" for i in range(n)], dtype="float16", shard_size=4096,
+                     metadata={"checkpoint_weights": [0.5, 0.5]})
+    writer = TrajectoryStoreWriter(tmp_path / "store", spec)
+    npy = np.lib.format.open_memmap(tmp_path / "rows.npy", mode="w+", dtype=np.float16, shape=(n, t * d))
+    rng = np.random.default_rng(0)
+    for index in range(spec.n_shards):
+        rows = rng.standard_normal((4096, t * d), dtype=np.float32).astype(np.float16)
+        writer.write_shard(index, rows.reshape(4096, t, d))
+        npy[index * 4096 : (index + 1) * 4096] = rows
+    npy.flush()
+    del npy
+    writer.finish()
+    np.save(tmp_path / "b.npy", np.load(tmp_path / "rows.npy", mmap_mode="r")[:5].astype(np.float32).sum(axis=0))
+    store_bytes = n * t * d * 2
+    peaks = {}
+    for name, extra in (("store", []), ("rows.npy", ["--checkpoint-weights", "0.5,0.5", "--num-checkpoints", "2"])):
+        proc = subprocess.run([sys.executable, "-c", _PEAK_ANON, "select", "--candidates", str(tmp_path / name),
+                               "--target", str(tmp_path / "b.npy"), "--k", "4", "--method", "gtp-cosamp",
+                               "--out", str(tmp_path / f"out-{name}"), *extra],
+                              capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peaks[name] = int(proc.stdout.split("PEAK")[-1])
+    assert peaks["store"] < peaks["rows.npy"] + store_bytes / 2, (peaks, store_bytes)
+    picks = [[(r["index"], r["weight"]) for r in map(json.loads, (tmp_path / f"out-{name}" / "selection.jsonl").read_text().splitlines())]
+             for name in peaks]
+    assert picks[0] == picks[1] and len(picks[0]) == 4
 
 
 @pytest.mark.parametrize("fmt", ["npy", "pt"])

@@ -86,6 +86,31 @@ def test_interrupted_collection_resumes_bit_for_bit(pool, tmp_path):
         collect_trajectory(tiny_llama, data, tmp_path / "part", **{**kwargs, "d": 32})
 
 
+def test_resume_after_the_data_changed_is_refused(pool, tmp_path):
+    """Same ids, edited content: resuming would mix gradients of the old and new examples."""
+    root, _, tokenizer, _ = pool
+    kwargs = dict(tokenizer=tokenizer, checkpoints=root / "store" / "warmup", **COMMON)
+    records = instruction_records(23, seed=1)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+
+    def crash_after_first(shard):
+        raise RuntimeError(f"injected failure after shard {shard}")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        collect_trajectory(tiny_llama, data, tmp_path / "part", on_shard_written=crash_after_first, **kwargs)
+    edited = [dict(r) for r in records]
+    edited[3]["response"] = "the quick brown fox"  # ex3 lies in shard 0 (rows 0..9), written already
+    write_jsonl(data, edited)
+    with pytest.raises(StoreError, match=r"cannot resume: shard 0 \(rows 0\.\.9, examples 'ex0'\.\.'ex9'\).*data file was edited"):
+        collect_trajectory(tiny_llama, data, tmp_path / "part", **kwargs)
+    assert open_store(tmp_path / "part", allow_incomplete=True).written_shards == [0]  # nothing written
+    edited = [dict(r) for r in records]
+    edited[21]["response"] = "the quick brown fox"  # ex21: shard 2, not written yet, so nothing mixes
+    write_jsonl(data, edited)
+    resumed = collect_trajectory(tiny_llama, data, tmp_path / "part", **kwargs)
+    assert resumed.complete and all(len(s["input_sha256"]) == 64 for s in resumed.manifest["shards"])
+
+
 def test_targets_then_select_writes_examples(pool, tmp_path):
     from gtp_kernels import select
 

@@ -125,9 +125,11 @@ def test_corrupt_stores_refused(tmp_path):
     flipped = bytearray(original)
     flipped[-3] ^= 0xFF  # same size, different content
     shard.write_bytes(bytes(flipped))
-    open_store(root)  # size check alone cannot see it ...
+    open_store(root, verify="none")  # sizes and header fields alone cannot see it ...
     with pytest.raises(StoreError, match="sha256"):
         open_store(root, verify="sha256")  # ... the checksum does
+    with pytest.raises(StoreError, match="sampled checksum"):
+        open_store(root)  # ... and so does the default's sample, which covers all of a small shard
     shard.write_bytes(original)
 
     manifest_path = root / "manifest.json"
@@ -147,6 +149,91 @@ def test_corrupt_stores_refused(tmp_path):
         open_store(root)
     with pytest.raises(StoreError, match="no manifest.json"):
         open_store(tmp_path / "nowhere")
+
+
+def _flip_fortran_order(path):
+    data = bytearray(path.read_bytes())
+    at = data.index(b"'fortran_order': False")
+    data[at : at + 22] = b"'fortran_order': True "  # same length: the header stays valid
+    path.write_bytes(bytes(data))
+
+
+def test_default_verify_catches_header_changes_and_swapped_shards(tmp_path):
+    spec = _spec()  # shards 0..2 hold 7 rows each: same size
+    root = tmp_path / "s"
+    _fill(root, spec).finish()
+    shard0, shard1 = root / "shard-00000.npy", root / "shard-00001.npy"
+    original0, original1 = shard0.read_bytes(), shard1.read_bytes()
+
+    _flip_fortran_order(shard1)  # rows would be read scrambled
+    with pytest.raises(StoreError, match="shard-00001.npy has a .npy header that differs.*'fortran_order': True"):
+        open_store(root)
+    shard1.write_bytes(original1)
+
+    shard0.write_bytes(original1)  # swapped: rows credited to the wrong ids
+    shard1.write_bytes(original0)
+    with pytest.raises(StoreError, match="shard-00000.npy holds the data of shard-00001.npy .rows 7..13.: shard files swapped"):
+        open_store(root)
+    with pytest.raises(StoreError, match="swapped"):
+        open_store(root, verify="sha256")
+    open_store(root, verify="none")  # "none" still reads the header fields only
+    shard0.write_bytes(original0)
+    shard1.write_bytes(original1)
+    open_store(root)
+
+
+def test_a_flip_outside_the_sample_is_caught_by_sha256_only(tmp_path):
+    """The default reads SAMPLE_BLOCKS blocks of a large shard; a byte between them needs sha256."""
+    from gtp_kernels.collect import store as store_module
+    spec = StoreSpec(n=8, t=1, d=20000, example_ids=[f"id{i}" for i in range(8)], shard_size=8)
+    root = tmp_path / "s"
+    TrajectoryStoreWriter(root, spec).write_shard(0, np.random.default_rng(0).standard_normal((8, 1, 20000)))
+    shard = root / "shard-00000.npy"
+    data = bytearray(shard.read_bytes())
+    assert len(data) - 128 > store_module.SAMPLE_BLOCKS * store_module.SAMPLE_BLOCK_BYTES
+    data[128 + store_module.SAMPLE_BLOCK_BYTES + 1000] ^= 0x01  # after the first sampled block, before the second
+    shard.write_bytes(bytes(data))
+    open_store(root)
+    with pytest.raises(StoreError, match="sha256"):
+        open_store(root, verify="sha256")
+    data[-5] ^= 0x01  # inside the last sampled block
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="sampled checksum"):
+        open_store(root)
+
+
+def test_resume_recomputes_a_corrupt_or_swapped_shard(tmp_path):
+    spec = _spec()
+    _fill(tmp_path / "full", spec).finish()
+    root = tmp_path / "s"
+    _fill(root, spec).finish()
+    shard0, shard1 = root / "shard-00000.npy", root / "shard-00001.npy"
+    original0 = shard0.read_bytes()
+    shard0.write_bytes(shard1.read_bytes())
+    flipped = bytearray(shard1.read_bytes())
+    flipped[200] ^= 0x10
+    shard1.write_bytes(bytes(flipped))
+    with pytest.warns(RuntimeWarning, match="shard-00000.npy holds the data of shard-00001.npy"):
+        writer = TrajectoryStoreWriter(root, spec)
+    assert writer.missing_shards() == [0, 1]  # not carried into a "complete" store
+    _fill(root, spec)
+    assert shard0.read_bytes() == original0
+    assert _read_bytes(root) == _read_bytes(tmp_path / "full")
+    open_store(root, verify="sha256")
+
+
+def test_stores_written_before_fingerprints_still_open(tmp_path):
+    root = tmp_path / "s"
+    _fill(root, _spec()).finish()
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["header"], entry["sample"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    open_store(root)
+    open_store(root, verify="sha256")
+    _flip_fortran_order(root / "shard-00002.npy")  # no recorded header: the array's own order is checked
+    with pytest.raises(StoreError, match="Fortran order"):
+        open_store(root)
 
 
 def test_bad_shard_arguments(tmp_path):
@@ -377,6 +464,11 @@ CORRUPTIONS = [
     ("shard_index_out_of_range", _shard0("index", 99), "'shards[0].index'"),
     ("shard_file_elsewhere", _shard0("file", "../shard-00000.npy"), "'shards[0].file'"),
     ("shard_sha256_null", _shard0("sha256", None), "'shards[0].sha256'"),
+    ("shard_header_not_hex", _shard0("header", "{'descr': '<f4'}"), "'shards[0].header'"),
+    ("shard_sample_without_digest", _shard0("sample", {"blocks": 4, "block_bytes": 65536}), "'shards[0].sample'"),
+    ("shard_sample_zero_blocks", _shard0("sample", {"blocks": 0, "block_bytes": 65536, "sha256": "0" * 64}),
+     "'shards[0].sample'"),
+    ("shard_input_sha256_short", _shard0("input_sha256", "abc"), "'shards[0].input_sha256'"),
     ("shard_not_object", _set("shards", [1, 2, 3, 4]), "'shards[0]'"),
     ("shard_duplicate", _dup_shard, "'shards'"),
     ("shards_null", _set("shards", None), "'shards'"),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import numbers
 import os
@@ -27,10 +28,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..validation import InputError, resolve_device
-from .data import ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
+from .data import TokenizedExample, ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
 from .warmup import (
@@ -184,6 +186,39 @@ def _check_resumable(out: Path, resume: bool, n: int, ids: list[str], d: int, dt
     if manifest.get("example_ids") != ids:
         raise StoreError(f"store {out}: cannot resume, its example ids differ from this data's (collected from other data?); "
                          "choose a new folder")
+
+
+def shard_input_digest(examples: Sequence[TokenizedExample]) -> str:
+    """sha256 of what a shard's gradients are computed from: each tokenised example's id, token
+    ids and labels (or class id), in order. An edited example, another tokenizer, chat template,
+    max_length or label mapping changes it."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for part in (example.id.encode("utf-8"), np.asarray(example.input_ids, dtype=np.int64).tobytes(),
+                     np.asarray(example.labels if example.labels is not None else [], dtype=np.int64).tobytes(),
+                     str(example.label).encode("ascii")):
+            digest.update(len(part).to_bytes(8, "little"))  # length-prefixed: no two inputs share a stream
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def _check_inputs_unchanged(out: Path, digests: Sequence[str], ids: Sequence[str], shard_size: int) -> None:
+    """Refuse to resume a store whose written shards were computed from other examples than this
+    data's (same ids, other content: an edited data file, or another tokenizer or format). Shards
+    written before digests were recorded cannot be checked and are kept."""
+    if not (out / MANIFEST).exists():
+        return
+    manifest = _read_manifest(out)
+    for entry in manifest["shards"]:
+        recorded, index = entry.get("input_sha256"), entry["index"]
+        if recorded is None or index >= len(digests) or recorded == digests[index]:
+            continue
+        start, stop = entry["start"], entry["stop"]
+        raise StoreError(
+            f"store {out}: cannot resume: shard {index} (rows {start}..{stop - 1}, examples {ids[start]!r}..{ids[stop - 1]!r}) "
+            "was computed from other content than these examples now have (the data file was edited, or the tokenizer, "
+            "chat template or label set changed); its gradients would mix with new ones. Collect into a new folder, "
+            "or restore the data the store was collected from")
 
 
 def _in_local_cache(name: str) -> bool:
@@ -376,6 +411,9 @@ def collect_trajectory(
     if task == "classification":
         label2id = (warm_manifest or {}).get("label2id") or label_mapping(examples, fmt)
     tokenized = tokenize_all(examples, tokenizer, task, fmt, max_length, label2id)
+    # what each shard's rows are computed from; a resume must find the shards it keeps unchanged
+    input_digests = [shard_input_digest(tokenized[s * shard_size : (s + 1) * shard_size]) for s in range(n_shards)]
+    _check_inputs_unchanged(out, input_digests, [e.id for e in examples], shard_size)
     if warm_manifest is not None:
         settings = settings_from_json(warm_manifest["settings"])
         lora = settings.lora
@@ -459,7 +497,7 @@ def collect_trajectory(
         if not torch.isfinite(rows).all():
             raise InputError(f"shard {shard}: the gradients of rows {start}..{stop - 1} are not finite (NaN/Inf); "
                              "check the model and checkpoints (a diverged warm-up? try model_dtype float32)")
-        writer.write_shard(shard, rows.cpu().numpy())
+        writer.write_shard(shard, rows.cpu().numpy(), input_sha256=input_digests[shard])
         if on_shard_written is not None:
             on_shard_written(shard)
     if bar is not None:

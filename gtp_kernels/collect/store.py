@@ -14,7 +14,12 @@ Layout of a store folder::
     shard_size            rows per shard (the last shard may be shorter); shard i holds rows
                           [i*shard_size, min(N, (i+1)*shard_size))
     example_ids           N strings, row order
-    shards                [{"index", "file", "start", "stop", "bytes", "sha256"}] for shards written
+    shards                [{"index", "file", "start", "stop", "bytes", "sha256", "header", "sample",
+                          "input_sha256"}] for shards written: header is the .npy header (hex), sample
+                          {"blocks", "block_bytes", "sha256"} a checksum of a fixed sample of the data
+                          (see _shard_fingerprint), input_sha256 (optional) a digest of the examples the
+                          rows were computed from; header, sample and input_sha256 are absent in stores
+                          written before them
     complete              true once every shard is written
     metadata              how the numbers were made: model, task, checkpoints (paths/names),
                           learning_rates, checkpoint_weights (w_t, sum 1), weights_applied and
@@ -39,8 +44,10 @@ shards (plus perhaps a stray temp file, removed by the next writer once provably
 Shards are computed independently and deterministically, so a resumed store equals an
 uninterrupted one bit for bit. :func:`open_store` validates the manifest's schema (types, ranges,
 lengths, N against shard_size and the shards listed) and checks it against the files (existence,
-byte size, .npy header shape and dtype, row counts; sha256 with ``verify="sha256"``); every
-problem is a :class:`StoreError` naming the store and the first offending field or file.
+byte size, the whole .npy header and a sampled checksum by default; sha256 of every byte with
+``verify="sha256"``); every problem is a :class:`StoreError` naming the store and the first
+offending field or file. A writer resuming a store recomputes listed shards that fail the
+default checks (with a RuntimeWarning), so a corrupt shard never carries into a complete store.
 
 An incomplete store (``open_store(..., allow_incomplete=True)``) still describes all N rows
 (``len``, ``n``, ``ids``); the row-level accessors (``rows``, ``iter_shards``) serve the written
@@ -61,6 +68,7 @@ import re
 import secrets
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -144,6 +152,91 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- the cheap per-shard fingerprint (verify="size") -----------------------------------------------
+#
+# Each shard entry records, besides its byte count and sha256, its whole .npy header (the bytes
+# before the data: magic, version, the dict with descr, fortran_order and shape, padding) and a
+# sha256 of a fixed sample of its data: SAMPLE_BLOCKS blocks of SAMPLE_BLOCK_BYTES at evenly spaced
+# offsets (the first at the data's start, the last ending at the file's end); a shard whose data is
+# at most SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES is hashed whole. Checking both reads ~256 KiB a shard.
+# It catches any change to a header (fortran_order, shape, dtype), shards swapped or replaced by
+# other data of the same size, and changes inside the sampled blocks; a change elsewhere in a large
+# shard's data (a flipped byte) only the full sha256 sees.
+SAMPLE_BLOCKS = 4
+SAMPLE_BLOCK_BYTES = 1 << 16
+
+
+def _npy_data_offset(head: bytes) -> int:
+    """Where a .npy file's data starts, from its first bytes (format versions 1, 2 and 3);
+    ValueError when they are not a .npy preamble."""
+    if len(head) < 10 or head[:6] != b"\x93NUMPY":
+        raise ValueError("no .npy magic string")
+    major = head[6]
+    if major == 1:
+        return 10 + int.from_bytes(head[8:10], "little")
+    if major in (2, 3) and len(head) >= 12:
+        return 12 + int.from_bytes(head[8:12], "little")
+    raise ValueError(f".npy format version {major}.{head[7]} is not known")
+
+
+def _shard_fingerprint(path: Path, blocks: int = SAMPLE_BLOCKS, block_bytes: int = SAMPLE_BLOCK_BYTES) -> tuple[str, dict[str, Any]]:
+    """(the .npy header as hex, {"blocks", "block_bytes", "sha256"} of the data sample): see above.
+    ValueError for a file that is not a .npy file."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        head = handle.read(12)
+        offset = _npy_data_offset(head)
+        if offset > size:
+            raise ValueError("header longer than the file")
+        handle.seek(0)
+        header = handle.read(offset)
+        data = size - offset
+        digest = hashlib.sha256()
+        if data <= blocks * block_bytes:
+            spans = [(offset, data)]
+        else:
+            spans = [(offset + (data - block_bytes) * i // max(1, blocks - 1), block_bytes) for i in range(blocks)]
+        for start, length in spans:
+            handle.seek(start)
+            digest.update(handle.read(length))
+    return header.hex(), {"blocks": blocks, "block_bytes": block_bytes, "sha256": digest.hexdigest()}
+
+
+def _check_fingerprint(root: Path, entry: dict[str, Any], entries: Sequence[dict[str, Any]]) -> str | None:
+    """Why shard `entry`'s file does not match its recorded header or sample (None: it does, or
+    the manifest predates them). `entries`: every listed shard, to name a swap."""
+    if "header" not in entry and "sample" not in entry:
+        return None  # a store written before fingerprints: size and header fields only
+    sample = entry.get("sample") or {"blocks": SAMPLE_BLOCKS, "block_bytes": SAMPLE_BLOCK_BYTES}
+    try:
+        header, got = _shard_fingerprint(root / entry["file"], sample["blocks"], sample["block_bytes"])
+    except (OSError, ValueError) as error:
+        return f"is not a readable .npy file ({error})"
+    if "header" in entry and header != entry["header"]:
+        return (f"has a .npy header that differs from the one written ({_describe_header(header)} instead of "
+                f"{_describe_header(entry['header'])})")
+    if "sample" in entry and got["sha256"] != sample["sha256"]:
+        for other in entries:
+            same_kind = other is not entry and other.get("sample", {}).get("blocks") == sample["blocks"] \
+                and other.get("sample", {}).get("block_bytes") == sample["block_bytes"]
+            if same_kind and other["sample"]["sha256"] == got["sha256"]:
+                return (f"holds the data of {other['file']} (rows {other['start']}..{other['stop'] - 1}): shard files "
+                        "swapped or copied; its rows would be credited to the wrong examples")
+        return ("fails its sampled checksum: its data differs from what was written (corrupt, or replaced by "
+                "other data of the same size)")
+    return None
+
+
+def _describe_header(hex_header: str) -> str:
+    """The dict part of a .npy header, for messages."""
+    try:
+        text = bytes.fromhex(hex_header).decode("latin-1")
+    except ValueError:
+        return "an unreadable header"
+    start = text.find("{")
+    return text[start:].strip() if start >= 0 else repr(text)
 
 
 # --- temp files -----------------------------------------------------------------------------------
@@ -357,6 +450,22 @@ def _validate_manifest(path: Path, manifest: Any) -> None:
         sha = entry["sha256"]
         if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
             raise bad(f"{where}.sha256", "must be 64 lowercase hex digits", sha)
+        # optional (stores written before them lack them): the cheap fingerprint, see _shard_fingerprint
+        if "header" in entry:
+            header = entry["header"]
+            if not isinstance(header, str) or not re.fullmatch(r"(?:[0-9a-f]{2}){10,65536}", header) \
+                    or not header.startswith(b"\x93NUMPY".hex()):
+                raise bad(f"{where}.header", "must be the .npy header as lowercase hex", header)
+        if "sample" in entry:
+            sample = entry["sample"]
+            if not (isinstance(sample, dict) and _is_int(sample.get("blocks")) and sample["blocks"] >= 1
+                    and _is_int(sample.get("block_bytes")) and sample["block_bytes"] >= 1
+                    and isinstance(sample.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", sample["sha256"])):
+                raise bad(f"{where}.sample", "must be {\"blocks\": int >= 1, \"block_bytes\": int >= 1, "
+                          "\"sha256\": 64 lowercase hex digits}", sample)
+        if "input_sha256" in entry and not (isinstance(entry["input_sha256"], str)
+                                            and re.fullmatch(r"[0-9a-f]{64}", entry["input_sha256"])):
+            raise bad(f"{where}.input_sha256", "must be 64 lowercase hex digits", entry["input_sha256"])
     all_listed = len(seen_index) == n_shards
     if manifest["complete"] and not all_listed:
         missing = [i for i in range(n_shards) if i not in seen_index]
@@ -397,8 +506,16 @@ class TrajectoryStoreWriter:
                 if not resume:
                     raise StoreError(f"store {self.path} already exists (pass resume=True to continue it, or choose a new folder)")
                 manifest = self._check_spec(_read_manifest(self.path))
-                # Forget listed shards whose file went missing or changed size: they are recomputed.
-                kept = [shard for shard in manifest["shards"] if self._shard_intact(shard)]
+                # Forget listed shards whose file went missing, changed size, header or sampled
+                # data (the checks of open_store's default): they are recomputed.
+                kept = []
+                for shard in manifest["shards"]:
+                    problem = self._shard_problem(shard, manifest["shards"])
+                    if problem is None:
+                        kept.append(shard)
+                    else:
+                        warnings.warn(f"store {self.path}: shard {shard['file']} {problem}; it will be recomputed",
+                                      RuntimeWarning, stacklevel=2)
                 if len(kept) != len(manifest["shards"]):
                     manifest["shards"] = kept
                     manifest["complete"] = len(kept) == spec.n_shards
@@ -421,9 +538,14 @@ class TrajectoryStoreWriter:
                 )
         return manifest
 
-    def _shard_intact(self, shard: dict[str, Any]) -> bool:
+    def _shard_problem(self, shard: dict[str, Any], shards: Sequence[dict[str, Any]]) -> str | None:
+        """Why a listed shard's file cannot be kept (None: it passes open_store's default checks)."""
         file = self.path / shard["file"]
-        return file.is_file() and file.stat().st_size == shard["bytes"]
+        if not file.is_file():
+            return "is missing"
+        if file.stat().st_size != shard["bytes"]:
+            return f"has {file.stat().st_size} bytes, manifest says {shard['bytes']}"
+        return _check_fingerprint(self.path, shard, shards)
 
     def _save_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=1).encode("utf-8")
@@ -435,8 +557,11 @@ class TrajectoryStoreWriter:
         done = {shard["index"] for shard in self.manifest["shards"]}
         return [index for index in range(self.spec.n_shards) if index not in done]
 
-    def write_shard(self, index: int, rows: np.ndarray) -> None:
-        """Write shard ``index`` (rows, T, d) atomically, then list it in the manifest."""
+    def write_shard(self, index: int, rows: np.ndarray, input_sha256: str | None = None) -> None:
+        """Write shard ``index`` (rows, T, d) atomically, then list it in the manifest.
+
+        input_sha256: a digest of what the rows were computed from (the collection's tokenised
+        examples of this shard), recorded so that a resume can refuse other data."""
         start, stop = self.spec.shard_rows(index)
         expected = (stop - start, self.spec.t, self.spec.d)
         if tuple(rows.shape) != expected:
@@ -446,8 +571,13 @@ class TrajectoryStoreWriter:
             raise ValueError(f"shard {index}: contains NaN or Inf (rows {start}..{stop})")
         file = self.path / _shard_file(index)
         _write_atomically(file, lambda handle: np.save(handle, array, allow_pickle=False))
+        if input_sha256 is not None and not (isinstance(input_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", input_sha256)):
+            raise ValueError(f"input_sha256 must be 64 lowercase hex digits, got {input_sha256!r}")
+        header, sample = _shard_fingerprint(file)
         entry = {"index": index, "file": file.name, "start": start, "stop": stop,
-                 "bytes": file.stat().st_size, "sha256": _sha256(file)}
+                 "bytes": file.stat().st_size, "sha256": _sha256(file), "header": header, "sample": sample}
+        if input_sha256 is not None:
+            entry["input_sha256"] = input_sha256
         with _manifest_lock(self.path):
             # Other writers may have listed other shards since we last looked: the manifest on
             # disk, re-read inside the lock, is the truth; add this shard's entry to it.
@@ -580,13 +710,25 @@ class TrajectoryStore:
         Refuses an incomplete store (row i must be example ids[i])."""
         self._require_complete("candidates()")
         matrix = self.trajectory_view().reshape(self.n, self.t * self.d)
-        if dtype is not None:
-            matrix = matrix.astype(dtype, copy=False)
+        owned = len(self._shards) > 1  # concatenated in memory: already a copy of our own
+        if dtype is not None and np.dtype(dtype) != matrix.dtype:
+            matrix, owned = matrix.astype(dtype), True
         if as_tensor:
             import torch
 
-            return torch.from_numpy(np.array(matrix, copy=True))
+            # one copy at most: the memory map itself would be a read-only tensor of the file
+            return torch.from_numpy(matrix if owned else np.array(matrix, copy=True))
         return matrix
+
+    def rows_source(self) -> Any:
+        """The N rows a_i (N, T*d) as a :class:`gtp_kernels.selection.rows.RowSource` over the
+        memory-mapped shards, in row order: selection reads them a chunk at a time in the
+        store's dtype and never concatenates them (``select(store, ...)`` uses this). Refuses
+        an incomplete store."""
+        self._require_complete("rows_source()")
+        from ..selection.rows import RowSource
+
+        return RowSource(list(self._shards.values()))
 
     def mean(self) -> np.ndarray:
         """Mean row (T*d,) over all N rows, computed shard by shard in float64, returned float32
@@ -627,9 +769,15 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
     """Open and validate a store.
 
     Args:
-        verify: "size" (file sizes and .npy headers, fast), "sha256" (also every shard's
-            checksum: reads all data once), or "none" (headers only). The manifest's schema
-            is validated in every mode.
+        verify: "size" (the default; fast, ~256 KiB read per shard): each shard's byte count,
+            its whole .npy header against the one recorded (fortran_order, shape, dtype) and a
+            sha256 of a fixed sample of its data (SAMPLE_BLOCKS blocks of SAMPLE_BLOCK_BYTES,
+            the whole data of a small shard), which catches swapped, copied or replaced shards;
+            "sha256": also every shard's full checksum (reads all data once; the only mode that
+            catches a change outside the sample, such as one flipped byte in a large shard);
+            "none": the header's shape and dtype only. The manifest's schema is validated in
+            every mode. Stores written before the header and sample were recorded get the size
+            and header-field checks only.
         allow_incomplete: open a store whose collection has not finished: ``rows`` and
             ``iter_shards`` then serve the written shards; ``candidates``, ``trajectory_view``
             and ``mean`` refuse (see :class:`TrajectoryStore`).
@@ -654,8 +802,15 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
             raise StoreError(f"store {root}: shard file {entry['file']} is missing")
         if verify != "none" and file.stat().st_size != entry["bytes"]:
             raise StoreError(f"store {root}: shard {entry['file']} has {file.stat().st_size} bytes, manifest says {entry['bytes']} (truncated or rewritten)")
-        if verify == "sha256" and _sha256(file) != entry["sha256"]:
-            raise StoreError(f"store {root}: shard {entry['file']} fails its sha256 check (corrupt)")
+        if verify == "sha256":  # every byte: it covers the header and sample too, which then say what changed
+            if _sha256(file) != entry["sha256"]:
+                problem = _check_fingerprint(root, entry, manifest["shards"])
+                raise StoreError(f"store {root}: shard {entry['file']} fails its sha256 check "
+                                 f"({'corrupt' if problem is None else problem})")
+        elif verify == "size":
+            problem = _check_fingerprint(root, entry, manifest["shards"])
+            if problem is not None:
+                raise StoreError(f"store {root}: shard {entry['file']} {problem}")
         try:
             array = np.load(file, mmap_mode="r", allow_pickle=False)
         except Exception as error:  # numpy raises several types for a broken header
@@ -664,6 +819,9 @@ def open_store(path: str | os.PathLike, verify: str = "size", allow_incomplete: 
             raise StoreError(f"store {root}: shard {entry['file']} has shape {getattr(array, 'shape', None)}, expected {(stop - start, t, d)}")
         if array.dtype != np.dtype(dtype):
             raise StoreError(f"store {root}: shard {entry['file']} has dtype {array.dtype}, manifest says {dtype}")
+        if array.size and not array.flags.c_contiguous:  # the writer saves C order; Fortran order transposes rows
+            raise StoreError(f"store {root}: shard {entry['file']} is stored in Fortran order (fortran_order: True), "
+                             "not as written (C order): its rows would be read scrambled")
         arrays[entry["index"]] = array
     return TrajectoryStore(root, manifest, arrays)
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..validation import Problem
+from .rows import row_chunks
 from .common import STOP_NONE, SelectOptions, TargetSelection
 
 _CHUNK_ELEMENTS = 1 << 24  # rows per chunk chosen so a chunk holds about 16M values
@@ -35,13 +36,13 @@ def less_scores(problem: Problem, reduce: str = "mean", dtype: torch.dtype = tor
     B = problem.targets.to(dtype).T.reshape(m, T, d)
     B_unit = B / torch.linalg.vector_norm(B, dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
     scores = torch.empty(N, dtype=dtype, device=problem.candidates.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, T * d * max(1, m)))
-    for start in range(0, N, step):
-        a = problem.candidates[start : start + step].to(dtype).reshape(-1, T, d)
+    # chunks of about _CHUNK_ELEMENTS values of the (n, m, T, d) work (a row source: in its blocks)
+    for start, a in row_chunks(problem.candidates, _CHUNK_ELEMENTS // max(1, m)):
+        a = a.to(dtype).reshape(-1, T, d)
         a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         cos = torch.einsum("ntd,mtd->nmt", a_unit, B_unit)  # (n, m, T)
         per_target = cos @ w  # (n, m)
-        scores[start : start + step] = per_target.mean(dim=1) if reduce == "mean" else per_target.amax(dim=1)
+        scores[start : start + a.shape[0]] = per_target.mean(dim=1) if reduce == "mean" else per_target.amax(dim=1)
     scores[problem.exclude] = -float("inf")
     return scores
 

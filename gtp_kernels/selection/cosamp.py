@@ -99,6 +99,7 @@ from .common import (
 )
 from .pursuit import follow_factor_order, masked_top
 from .reference import weighted_norm
+from .rows import gather_rows
 
 # first sample N / PICKS_PER_PASS rows (in-sample work of a 12-pick pass = one pass over A);
 # the sample grows while the passes average fewer picks than this
@@ -214,11 +215,11 @@ class _SampledPursuit:
         advanced indexing copies ~15x slower on CPU (1.2 ms vs 0.08 ms, 833 rows of 1024)."""
         idx = sample_idx.to(A.device)
         if A.dtype != self.dtype:
-            return A.index_select(0, idx).to(self.dtype)
+            return gather_rows(A, idx).to(self.dtype)
         rows = len(idx)
         if self._sample_buf is None or self._sample_buf.shape[0] < rows:
             self._sample_buf = torch.empty(rows, A.shape[1], dtype=A.dtype, device=A.device)
-        return torch.index_select(A, 0, idx, out=self._sample_buf[:rows])
+        return gather_rows(A, idx, out=self._sample_buf[:rows])
 
     def _sample_correlations(self, rows: torch.Tensor) -> torch.Tensor:
         """c = S W r for the sampled rows (|sample| x D); the in-sample cost of a step."""
@@ -278,7 +279,7 @@ class _SampledPursuit:
             if not first and self._may_be_beaten(v, corr, c_pass, picked, n_alive, r_pass_w, rr_pass, bounds):
                 return self.iterations - start  # sample again
             j = sample[i]
-            row = A[j].to(torch.float64)
+            row = (A[j] if isinstance(A, torch.Tensor) else gather_rows(A, [j])[0]).to(torch.float64)
             row_w = self._weighted(row)
             torch.dot(row_w, row, out=self._diag0)
             diag = self.diag.item()

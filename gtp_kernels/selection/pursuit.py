@@ -51,6 +51,7 @@ from ..ops import lsq
 from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .reference import weighted_norm
+from .rows import RowSource, gather_rows
 from .common import (
     STOP_BUDGET,
     STOP_EXHAUSTED,
@@ -82,8 +83,14 @@ def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, bac
     On CUDA in float32 this is the K2 kernel family (fp32 accumulation over bf16/fp16/fp32
     rows); on CPU in float32 the compiled row-products kernel (ops.products, about 1.6x
     torch's GEMV here and 2-3x its skinny GEMM); elsewhere a chunked torch matmul,
-    upcasting A a block of rows at a time.
+    upcasting A a block of rows at a time. A row source (selection.rows) runs a chunk at a
+    time through the same paths, each chunk in its stored dtype.
     """
+    if isinstance(A, RowSource):
+        out = torch.empty(A.num_rows, X.shape[1], dtype=dtype, device=A.device)
+        for start, chunk in A.chunks(_CHUNK_ELEMENTS):
+            out[start : start + chunk.shape[0]] = candidate_products(chunk, X, dtype, backend)
+        return out
     if _use_kernels(A, dtype, backend):
         from ..ops.correlate import candidate_scores
 
@@ -102,8 +109,9 @@ def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, bac
 def masked_top(A, RW, exclude, count, positive, dtype, backend):
     """One read of A: per column of A @ RW, the `count` best masked rows as (m, count) values
     and indices (|scores| ranked when not positive). K2 on the kernel path; in torch, count 1
-    uses torch.max, whose ties go to the lowest index as the reference's argmax does."""
-    if _use_kernels(A, dtype, backend):
+    uses torch.max, whose ties go to the lowest index as the reference's argmax does. A row
+    source goes through candidate_products, a chunk at a time."""
+    if isinstance(A, torch.Tensor) and _use_kernels(A, dtype, backend):
         from ..ops.correlate import correlate_topk
 
         values, idx = correlate_topk(A, RW.contiguous(), count, exclude=exclude, absolute=not positive,
@@ -294,7 +302,7 @@ class LocalRows:
     def fetch(self, A: torch.Tensor, atoms: List[int], dtype: torch.dtype) -> torch.Tensor:
         """Rows `atoms` (global indices) as a (len, D) tensor, on every process."""
         # index_select: advanced indexing (A[list]) copies far slower on CPU
-        return A.index_select(0, torch.tensor(atoms, dtype=torch.long, device=A.device)).to(dtype)
+        return gather_rows(A, torch.tensor(atoms, dtype=torch.long)).to(dtype)
 
     def local(self, atoms: List[int]) -> List[int]:
         """The local row numbers of those `atoms` held here."""

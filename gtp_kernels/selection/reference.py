@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..validation import Problem
+from .rows import RowSource, gather_rows, row_chunks, rows_matmul
 from .common import (
     STOP_BUDGET,
     STOP_EXHAUSTED,
@@ -118,7 +119,7 @@ def nnls_on_support(
     combination reaches, so methods are compared on the same footing.
     """
     support = torch.as_tensor(support, dtype=torch.long, device=candidates.device)
-    rows = candidates[support].to(dtype)
+    rows = gather_rows(candidates, support).to(dtype)
     b = target.to(dtype)
     fw = None if feature_weights is None else feature_weights.to(dtype)
     rows_w = rows if fw is None else rows * fw
@@ -173,7 +174,7 @@ def _pursue_one_target(
             stopped = STOP_BUDGET
             break
         iterations += 1
-        corr = A @ (r if fw is None else r * fw)
+        corr = rows_matmul(A, r if fw is None else r * fw, dtype)
         score = corr.clone() if opts.positive else corr.abs()
         score[banned] = -float("inf")
         if support:
@@ -193,7 +194,7 @@ def _pursue_one_target(
             break
 
         cand = support + [j]
-        rows = A[cand]
+        rows = gather_rows(A, cand).to(dtype)
         rows_w = rows if fw is None else rows * fw
         gram = rows_w @ rows.T + lam * torch.eye(len(cand), dtype=dtype, device=A.device)
         g_jj = gram[-1, -1]
@@ -222,7 +223,7 @@ def _pursue_one_target(
         else:
             support = cand
             w = torch.linalg.solve(gram, rhs)
-        r = b - A[support].T @ w if support else b.clone()
+        r = b - gather_rows(A, support).to(dtype).T @ w if support else b.clone()
         norms.append(float(weighted_norm(r, fw)))
         if progress is not None:
             progress(1)
@@ -250,9 +251,11 @@ def _pursue_one_target(
 def gtp_reference(problem: Problem, k: int, opts: SelectOptions, progress=None) -> List[TargetSelection]:
     """GTP pursuit (SPEC algorithm 1) in plain PyTorch, one target column at a time."""
     dtype = opts.resolved_compute_dtype(problem.candidates.dtype)
-    A = problem.candidates.to(dtype)
+    # a tensor upcast whole (plain); a row source stays in its blocks, read a chunk at a time
+    A = problem.candidates if isinstance(problem.candidates, RowSource) else problem.candidates.to(dtype)
     fw = problem.feature_weights(dtype)
-    row_norms = weighted_norm(A, fw)
+    row_norms = torch.cat([weighted_norm(a.to(dtype), fw) for _, a in row_chunks(A)]) if isinstance(A, RowSource) \
+        else weighted_norm(A, fw)
     return [
         _pursue_one_target(
             A, problem.targets[:, t].to(dtype), k, problem.exclude, fw, row_norms, opts, dtype, progress
