@@ -97,6 +97,8 @@ class TargetSelection:
     rejected: atoms refused as numerically dependent or dropped as they entered.
     dropped: atoms removed by the NNLS active-set step after having been selected.
     passes: full reads of the candidate matrix spent on this target (shared passes counted once per target).
+    filled: how many of the rows, the last ones, were added by filling the budget (select's
+        ``fill``; weight 0, not part of the fit) rather than chosen by the method.
     """
 
     indices: np.ndarray
@@ -107,4 +109,10 @@ class TargetSelection:
     rejected: int = 0
     dropped: int = 0
     passes: float = 0.0
+    filled: int = 0
+
+    @property
+    def num_pursued(self) -> int:
+        """Rows chosen by the method itself (all but the filled ones)."""
+        return len(self.indices) - self.filled
 
