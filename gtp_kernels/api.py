@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .selection.baselines import random_selection, topk_less
+from .selection.baselines import TOPK_REDUCE, random_selection, topk_less
 from .selection.cosamp import gtp_cosamp
 from .selection.fill import FILL_SCORES, fill_budget
 from .selection.pursuit import gtp_pursuit
@@ -251,7 +251,7 @@ def select(
     stop_ratio: Optional[float] = None,
     max_iters: Optional[int] = None,
     batch_size: Optional[int] = None,
-    topk_reduce: str = "mean",
+    topk_reduce: str = "column",
     fill: Optional[str] = None,
     seed: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
@@ -267,7 +267,8 @@ def select(
     Args:
         candidates: A, (N, D) rows, or an (N, T, d) trajectory; torch or numpy, any float dtype.
         target: b, (D,), or (D, m) for m targets pursued together.
-        k: budget per target column, 1 <= k <= N (m targets: up to m * k rows in the union).
+        k: budget per target column for every method, 1 <= k <= N (m targets: up to m * k rows
+            in the union; ``Selection.row_targets`` says which columns each row serves).
         method: a name in METHODS (default: the fastest exact GTP method).
         checkpoint_weights: (T,) lr_t per checkpoint (None: unweighted).
         num_checkpoints: T when candidates are flat (N, T*d).
@@ -282,7 +283,10 @@ def select(
         stop_ratio: guard: stop once the best correlation is below stop_ratio times the first.
         max_iters: iteration cap (default 2k + 10).
         batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
-        topk_reduce: "mean" or "max" over target columns, for top-k.
+        topk_reduce: top-k with m target columns: "column" (default), each column's k best by
+            its own LESS score, as LESS selects per task; "mean" or "max", one ranking by the
+            columns' mean (LESS over a task's validation examples) or max score, whose k best
+            serve every column.
         fill: when a target's method stops before k rows, top its selection up to k with the
             best remaining candidates by this score (rows marked ``filled``, weight 0, never a
             near-copy of a row already chosen; see selection/fill.py): "target" (cosine with
@@ -310,8 +314,9 @@ def select(
                                    max_iters=max_iters)
     ridge, tol, min_cosine, align_threshold, stop_ratio, max_iters = (
         common[name] for name in ("ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters"))
-    if topk_reduce not in ("mean", "max"):
-        raise InputError(f"topk_reduce must be 'mean' or 'max', got {topk_reduce!r}")
+    if topk_reduce not in TOPK_REDUCE:
+        raise InputError(f"topk_reduce must be 'mean' or 'max' (one ranking for every column) or 'column' "
+                         f"(each column its own), got {topk_reduce!r}")
     if fill is not None and fill not in FILL_SCORES:
         raise InputError(f"fill must be None, {' or '.join(repr(f) for f in FILL_SCORES)}, got {fill!r}")
     for label, value in (("batch_size", batch_size), ("seed", seed)):
