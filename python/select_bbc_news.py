@@ -68,7 +68,7 @@ def bbc_articles() -> list[dict]:
 
 # --quick: a small pool and small collection settings, so the whole pipeline runs in about a
 # minute on two CPU cores (the test suite runs it).
-QUICK = {"pool_size": 40, "num_targets": 4, "k": 5, "d": 256, "checkpoints": 2, "max_length": 32, "batch_size": 8}
+QUICK = {"pool_size": 30, "num_targets": 4, "k": 5, "d": 128, "checkpoints": 2, "max_length": 32, "batch_size": 10}
 
 
 def _describe(settings: dict) -> str:
