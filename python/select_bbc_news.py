@@ -18,6 +18,9 @@ Needs two optional, offline PyPI packages (not dependencies of gtp_kernels):
 Run (CPU, about 2-5 minutes with the defaults; pass --device cuda on a GPU):
 
     python python/select_bbc_news.py --out /tmp/bbc_gtp
+
+``--quick`` runs the same pipeline on a small pool with small settings (about a minute on two
+cores); the test suite runs it whenever the two packages are installed.
 """
 from __future__ import annotations
 
@@ -63,13 +66,22 @@ def bbc_articles() -> list[dict]:
     return articles
 
 
+# --quick: a small pool and small collection settings, so the whole pipeline runs in about a
+# minute on two CPU cores (the test suite runs it).
+QUICK = {"pool_size": 30, "num_targets": 4, "k": 5, "d": 128, "checkpoints": 2, "max_length": 32, "batch_size": 10}
+
+
+def _describe(settings: dict) -> str:
+    return ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in settings.items())
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record) + "\n")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bbc_gtp", help="working folder (stores, warm-up, selections)")
     parser.add_argument("--pool-size", type=int, default=300, help="candidate articles (default 300)")
@@ -82,7 +94,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a small pool with small settings ({_describe(QUICK)}); explicit options still win")
+    args = parser.parse_args(argv)
+    if args.quick:  # QUICK replaces the defaults only
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
     _require_extras()
 
     import numpy as np
@@ -140,7 +157,9 @@ def main() -> int:
     for method in ("gtp", "topk", "random"):
         # top-k compares blocks by cosine, which cancels weights built into the rows: it gets w_t
         weights_in = candidates.weights_for(METHODS[method].block_scale_invariant)
-        selection = select(matrix, target, args.k, method=method, checkpoint_weights=weights_in, seed=args.seed)
+        # the store's rows are flat (N, T*d): T is passed with the checkpoint weights
+        selection = select(matrix, target, args.k, method=method, checkpoint_weights=weights_in,
+                           num_checkpoints=candidates.t, seed=args.seed)
         chosen = [candidates.ids[i] for i in selection.indices.tolist()]
         write_jsonl(out / f"selected_{method}.jsonl", [by_id[i] for i in chosen])
         on_topic = sum(labels[i] == args.topic for i in chosen) / max(1, len(chosen))
