@@ -119,7 +119,9 @@ def main() -> None:
     parser.add_argument("--methods", default="gtp-cosamp,gtp")
     parser.add_argument("--workdir", default="/work/tmp")
     parser.add_argument("--tree", default=None, help="also run this checkout's package on the store (before/after)")
-    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (store, rows.npy, target.npy)")
+    parser.add_argument("--reuse", default=None, metavar="DIR",
+                        help="use the store, rows.npy and target.npy a --keep run left in DIR (not removed)")
     args = parser.parse_args()
     if args.t != 4:
         raise SystemExit("--t must be 4 (the .npy runs pass 4 checkpoint weights)")
@@ -127,7 +129,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gtp-store-bench-", dir=args.workdir))
     try:
         t0 = time.perf_counter()
-        store, npy, target, n = build(work, args.gb, args.t, args.d, args.shard_size, seed=0)
+        if args.reuse:
+            reuse = Path(args.reuse)
+            store, npy, target = reuse / "store", reuse / "rows.npy", reuse / "target.npy"
+            n = json.loads((store / "manifest.json").read_text())["N"]
+        else:
+            store, npy, target, n = build(work, args.gb, args.t, args.d, args.shard_size, seed=0)
         size = sum(f.stat().st_size for f in store.glob("shard-*.npy"))
         print(f"N = {n}, D = {args.t * args.d}, fp16 store {size / 1e9:.2f} GB in {len(list(store.glob('shard-*.npy')))} "
               f"shards, .npy {npy.stat().st_size / 1e9:.2f} GB; built in {time.perf_counter() - t0:.0f} s")
