@@ -452,6 +452,19 @@ def test_collect_seed_out_of_range_is_one_line(tiny_model, tmp_path, capsys, opt
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option, needle", [
+    ("--d", "d (projected dimensions per checkpoint) must be an integer <= 2147483647"),
+    ("--lora-r", "lora r must be an integer <= 2147483647"),
+    ("--batch-size", "batch_size must be an integer <= 2147483647"),
+    ("--warmup-epochs", "warm-up epochs must be an integer <= 2147483647"),
+])
+def test_collect_sizes_out_of_range_are_one_line(tiny_model, tmp_path, capsys, option, needle):
+    """--d or --lora-r of 1e20 overflowed torch.empty's int64 sizes (a TypeError traceback from C++)."""
+    _collect_fails(capsys, ["--model", str(tmp_path / "nonexist"), "--data", str(tiny_model / "pool.jsonl"),
+                            "--out", str(tmp_path / "o"), *COLLECT_QUICK, option, "99999999999999999999"], needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_collect_deeply_nested_data_is_one_line(tiny_model, tmp_path, capsys):
     data = tmp_path / "deep.jsonl"
     data.write_text("[" * 100000 + "]" * 100000 + "\n")

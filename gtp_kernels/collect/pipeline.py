@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..validation import InputError, refused_pickle_reason, resolve_device
+from ..validation import InputError, check_int, refused_pickle_reason, resolve_device
 from .data import ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
@@ -50,11 +50,13 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolve_device(device, "device")
 
 
+SIZE_LIMIT = 2**31 - 1  # sizes (d, rows per batch or shard, tokens): beyond it torch's shapes overflow or nothing fits
+
+
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    check_int(value, name, low=1, high=SIZE_LIMIT)
 
 
 def _first_line(error: BaseException) -> str:

@@ -52,8 +52,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
-            raise InputError(f"lora r must be a positive integer, got {self.r!r}")
+        check_int(self.r, "lora r", low=1, high=2**31 - 1)  # beyond it torch's shapes overflow
         if not _finite(self.alpha) or self.alpha <= 0:
             raise InputError(f"lora alpha must be positive, got {self.alpha!r}")
         if not _finite(self.dropout) or not 0 <= self.dropout < 1:
@@ -88,9 +87,7 @@ class WarmupSettings:
         if not _finite(self.fraction) or not 0 < self.fraction <= 1:
             raise InputError(f"warm-up fraction must be in (0, 1], got {self.fraction!r}")
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"warm-up {name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), f"warm-up {name}", low=1, high=2**31 - 1)
         if not _finite(self.learning_rate) or self.learning_rate <= 0:
             raise InputError(f"warm-up learning_rate must be positive, got {self.learning_rate!r}")
         if not _finite(self.weight_decay) or self.weight_decay < 0:
