@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 from .collect.store import StoreError
-from .validation import InputError
+from .validation import SEED_LIMIT, InputError, check_int
 
 
 def _methods_help() -> str:
@@ -257,6 +257,7 @@ def _cmd_select(args) -> int:
     _check_device(args.device)
     if args.k < 1:
         raise InputError(f"--k must be >= 1, got {args.k}")
+    check_int(args.seed, "--seed", low=0, high=SEED_LIMIT - 1)
     out = Path(args.out)
     check_replaceable_folder(out, "--out", args.force)
     candidates_is_store = is_store(args.candidates)
@@ -370,9 +371,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.summary_argv = ["gtp", *argv]  # recorded in summary.json
     try:
         return args.func(args)
-    except (InputError, StoreError, FileNotFoundError) as exc:
+    except (InputError, StoreError) as exc:
         print(f"gtp: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment: a full disk, a read-only file system, a file gone
+        print(f"gtp: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OSError: what failed and on which path ("No space left on device:
+    /out/shard-00003.npy"), without the errno prefix and traceback."""
+    if exc.strerror:
+        paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+        return exc.strerror + (": " + " -> ".join(str(p) for p in paths) if paths else "")
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

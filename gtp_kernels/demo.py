@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .validation import InputError
+from .validation import SEED_LIMIT, InputError, check_int
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,7 @@ def check_demo_arguments(k, num_candidates, seed, method: Optional[str], label=l
                          f"{min_demo_candidates() - 1} near-copies plus at least one plain example), got {num_candidates}")
     if not 1 <= k <= num_candidates:
         raise InputError(f"{label('k')} must lie in [1, {label('num_candidates')}={num_candidates}], got {k}")
-    if seed < 0:
-        raise InputError(f"{label('seed')} must be >= 0, got {seed}")
+    check_int(seed, label("seed"), low=0, high=SEED_LIMIT - 1)  # torch.Generator's range
     return gtp
 
 

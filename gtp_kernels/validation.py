@@ -183,6 +183,20 @@ def check_device_type(t: torch.Tensor, name: str) -> None:
                          + (" (a meta tensor holds no values)" if t.device.type == "meta" else ""))
 
 
+def refused_pickle_reason(error: BaseException) -> str:
+    """What torch.load(weights_only=True) refused, in one line (its UnpicklingError runs to a
+    dozen lines of advice, with terminal colour codes): the 'WeightsUnpickler error' line when
+    present, e.g. "Unsupported global: GLOBAL builtins.print was not an allowed global"."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0][:200]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
+
+
 def resolve_device(spec: Any, what: str = "device") -> torch.device:
     """A device gtp_kernels can run on here ('cpu', 'cuda', 'cuda:N'), or InputError naming
     `what` (the argument or flag)."""

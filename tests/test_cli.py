@@ -225,7 +225,8 @@ def test_select_multi_target_budget_is_per_target(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--num-candidates", "50"], ["--num-candidates", "0"], ["--seed", "-1"],
-                                  ["--method", "bogus"], ["--k", "0"], ["--k", "9000"], ["--plot", "x.foo"]])
+                                  ["--method", "bogus"], ["--k", "0"], ["--k", "9000"], ["--plot", "x.foo"],
+                                  ["--seed", "99999999999999999999999"]])
 def test_demo_bad_arguments_are_refused_before_the_pool(argv, capsys, monkeypatch, tmp_path):
     import gtp_kernels.demo as demo
     monkeypatch.chdir(tmp_path)
@@ -455,3 +456,182 @@ def test_select_refuses_weights_twice_on_a_weighted_store(tmp_path, capsys, monk
     assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "b.npy"),
                      "--k", "3", "--out", str(tmp_path / "o"), "--checkpoint-weights", "0.6,0.4"]) == 2
     _one_line_error(capsys, "--checkpoint-weights", "twice")
+
+
+# --- tracebacks that became one `gtp: error:` line, exit 2, nothing written (issue 14, item 13) ---
+
+@pytest.mark.parametrize("method", ["gtp", "random"])
+def test_select_seed_out_of_range_is_one_line_before_work(tmp_path, capsys, monkeypatch, method):
+    """--seed 99999999999999999999999 overflowed torch's generator (a ValueError traceback)."""
+    args = _store_problem(tmp_path)
+    _no_work(monkeypatch)
+    assert cli_main(args + ["--out", str(tmp_path / "o"), "--method", method,
+                            "--seed", "99999999999999999999999"]) == 2
+    _one_line_error(capsys, "--seed must be an integer <= 2^64 - 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_deeply_nested_data_line_is_one_line(tmp_path, capsys, monkeypatch):
+    """A JSON line nested 100000 deep raised RecursionError from json.loads."""
+    args = _store_problem(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "ex0", "text": "x"}) + "\n" + "[" * 100000 + "]" * 100000 + "\n")
+    _no_work(monkeypatch)
+    assert cli_main(args + ["--out", str(tmp_path / "o"), "--data", str(data)]) == 2
+    _one_line_error(capsys, str(data), "line 2", "nested too deeply")
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+    args = _store_problem(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    assert cli_main(args + ["--out", str(out)]) == 2
+    _one_line_error(capsys, "No space left on device")
+    assert list(out.iterdir()) == []  # no output, no temp file
+
+
+def test_oserror_anywhere_is_one_line(monkeypatch, capsys):
+    """Any OSError out of a command (here: collect's store on a full disk) is one line, exit 2."""
+    import errno
+    import gtp_kernels.collect.pipeline as pipeline
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/store/shard-00003.npy")
+    monkeypatch.setattr(pipeline, "collect_from_args", full)
+    assert cli_main(["collect", "--model", "m", "--data", "d.jsonl", "--out", "o"]) == 2
+    cap = _one_line_error(capsys)
+    assert cap.err.strip() == "gtp: error: No space left on device: /store/shard-00003.npy"
+
+
+# gtp collect: the same, for its arguments, the file system and pickled checkpoint files
+
+COLLECT_QUICK = ["--d", "8", "--shard-size", "4", "--device", "cpu", "--quiet", "--lora-r", "2",
+                 "--warmup-fraction", "0.5", "--warmup-epochs", "1"]
+
+
+class _Payload:
+    """Pickled into a checkpoint file: torch.load(weights_only=True) refuses it unrun."""
+
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer, write_jsonl
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama().save_pretrained(root / "model")
+    tiny_tokenizer(chat_template=True).save_pretrained(root / "model")
+    write_jsonl(root / "pool.jsonl", instruction_records(6, seed=3))
+    return root
+
+
+def _collect_fails(capsys, argv, *needles):
+    capsys.readouterr()  # the set-up's own output (e.g. a loading bar)
+    code = cli_main(["collect", *argv])
+    cap = _one_line_error(capsys, *needles)
+    assert code == 2
+    assert "PAYLOAD RAN" not in cap.out
+    return cap
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("--seed", "seed must be an integer in [0, 2^64)"),
+    ("--warmup-seed", "warm-up seed must be an integer <= 2^64 - 1"),
+])
+def test_collect_seed_out_of_range_is_one_line(tiny_model, tmp_path, capsys, option, needle):
+    _collect_fails(capsys, ["--model", str(tmp_path / "nonexist"), "--data", str(tiny_model / "pool.jsonl"),
+                            "--out", str(tmp_path / "o"), *COLLECT_QUICK, option, "99999999999999999999999"], needle)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option, needle", [
+    ("--d", "d (projected dimensions per checkpoint) must be an integer <= 2147483647"),
+    ("--lora-r", "lora r must be an integer <= 2147483647"),
+    ("--batch-size", "batch_size must be an integer <= 2147483647"),
+    ("--warmup-epochs", "warm-up epochs must be an integer <= 2147483647"),
+])
+def test_collect_sizes_out_of_range_are_one_line(tiny_model, tmp_path, capsys, option, needle):
+    """--d or --lora-r of 1e20 overflowed torch.empty's int64 sizes (a TypeError traceback from C++)."""
+    _collect_fails(capsys, ["--model", str(tmp_path / "nonexist"), "--data", str(tiny_model / "pool.jsonl"),
+                            "--out", str(tmp_path / "o"), *COLLECT_QUICK, option, "99999999999999999999"], needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_collect_deeply_nested_data_is_one_line(tiny_model, tmp_path, capsys):
+    data = tmp_path / "deep.jsonl"
+    data.write_text("[" * 100000 + "]" * 100000 + "\n")
+    _collect_fails(capsys, ["--model", str(tiny_model / "model"), "--data", str(data), "--out", str(tmp_path / "o"),
+                            *COLLECT_QUICK], str(data), "nested too deeply")
+    assert not (tmp_path / "o").exists()
+
+
+def test_collect_unwritable_out_is_refused_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch):
+    """A read-only file system (as root, chmod does not stop writes: os.access is what reports
+    EROFS) was an OSError traceback from mkdir after the model had loaded."""
+    import gtp_kernels.collect.pipeline as pipeline
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real_access(p, mode, **kw))
+    monkeypatch.setattr(pipeline, "_build_model", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("model loaded")))
+    _collect_fails(capsys, ["--model", str(tiny_model / "model"), "--data", str(tiny_model / "pool.jsonl"),
+                            "--out", str(tmp_path / "o"), *COLLECT_QUICK], "no permission to write in")
+    assert not (tmp_path / "o").exists()
+
+
+def test_collect_full_disk_while_saving_a_checkpoint_is_one_line(tiny_model, tmp_path, capsys):
+    """optimizer.pt onto a full disk (/dev/full): torch.save(path) raised RuntimeError
+    'unexpected pos'; now the write fails as an OSError, printed as one line."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full")
+    folder = tmp_path / "o" / "warmup" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    (folder / "optimizer.pt").symlink_to("/dev/full")
+    _collect_fails(capsys, ["--model", str(tiny_model / "model"), "--data", str(tiny_model / "pool.jsonl"),
+                            "--out", str(tmp_path / "o"), *COLLECT_QUICK], "No space left on device")
+    assert not (tmp_path / "o" / "manifest.json").exists() and not (tmp_path / "o" / "warmup" / "warmup.json").exists()
+
+
+def _peft_checkpoint(tiny_model, folder):
+    """A checkpoint-1 folder as the transformers Trainer leaves it: a peft adapter (saved, not
+    trained) plus trainer_state.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    net = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model / "model"), LoraConfig(r=2, task_type="CAUSAL_LM"))
+    net.save_pretrained(folder)
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 1, "learning_rate": 1e-3}]}))
+    return net
+
+
+@pytest.mark.parametrize("pickled", ["pytorch_model.bin", "adapter_model.bin", "optimizer.pt"])
+def test_collect_pickled_checkpoint_files_are_refused_in_one_line(tiny_model, tmp_path, capsys, pickled):
+    """torch.load(weights_only=True) refused each payload safely, but as an UnpicklingError traceback."""
+    import shutil
+    model = tiny_model / "model"
+    argv = ["--data", str(tiny_model / "pool.jsonl"), "--out", str(tmp_path / "o"), *COLLECT_QUICK]
+    if pickled == "pytorch_model.bin":
+        model = tmp_path / "model"
+        shutil.copytree(tiny_model / "model", model)
+        (model / "model.safetensors").unlink()
+        torch.save({"model.embed_tokens.weight": _Payload()}, model / "pytorch_model.bin")
+    else:
+        folder = tmp_path / "ckpts" / "checkpoint-1"
+        net = _peft_checkpoint(tiny_model, folder)
+        argv += ["--checkpoints", str(folder.parent)]
+        if pickled == "adapter_model.bin":
+            (folder / "adapter_model.safetensors").unlink()
+            torch.save({"base_model.model.x": _Payload()}, folder / "adapter_model.bin")
+            argv += ["--gradient-type", "sgd"]
+        else:
+            names = [n for n, p in net.named_parameters() if p.requires_grad]
+            torch.save({"exp_avg": {n: _Payload() for n in names}, "exp_avg_sq": {}}, folder / "optimizer.pt")
+    _collect_fails(capsys, ["--model", str(model), *argv], "was refused", "pickled Python objects",
+                   "not an allowed global")
+    assert not (tmp_path / "o" / "manifest.json").exists()

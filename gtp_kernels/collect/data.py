@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -80,6 +81,9 @@ def read_jsonl(path: str | os.PathLike, fmt: ExampleFormat = ExampleFormat()) ->
                     record = json.loads(line)
                 except json.JSONDecodeError as error:
                     raise InputError(f"data: {path} line {line_number + 1} is not valid JSON ({error.msg})") from None
+                except RecursionError:  # json's decoder recurses once per nesting level
+                    raise InputError(f"data: {path} line {line_number + 1} is nested too deeply to read as JSON "
+                                     f"(over ~{sys.getrecursionlimit()} levels)") from None
                 if not isinstance(record, dict):
                     raise InputError(f"data: {path} line {line_number + 1} is not a JSON object")
                 example_id = str(record[fmt.id_field]) if fmt.id_field in record else str(line_number)

@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..validation import InputError, InputTypeError, check_bool, check_int, check_real_vector
+from ..validation import (InputError, InputTypeError, check_bool, check_int, check_real_vector,
+                          refused_pickle_reason)
 from .store import StoreSpec, TrajectoryStore, TrajectoryStoreWriter
 
 _DIM = re.compile(r"^dim(\d+)$")
@@ -69,7 +70,7 @@ def _load_rows(path: Path) -> torch.Tensor:
         rows = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused it: nothing of it ran
         raise InputError(f"LESS file {path}: refused, it holds pickled Python objects besides tensors, which are "
-                         f"not loaded ({_first_line(error)})") from None
+                         f"not loaded ({refused_pickle_reason(error)})") from None
     except OSError as error:
         raise InputError(f"LESS file {path}: cannot read it ({error.strerror or error})") from None
     except Exception as error:  # truncated or not a torch file: torch raises RuntimeError, EOFError, ...

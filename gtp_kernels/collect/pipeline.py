@@ -23,6 +23,7 @@ import hashlib
 import math
 import numbers
 import os
+import pickle
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..validation import InputError, resolve_device
+from ..validation import InputError, check_int, refused_pickle_reason, resolve_device
 from .data import TokenizedExample, ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
@@ -51,11 +52,13 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolve_device(device, "device")
 
 
+SIZE_LIMIT = 2**31 - 1  # sizes (d, rows per batch or shard, tokens): beyond it torch's shapes overflow or nothing fits
+
+
 def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    check_int(value, name, low=1, high=SIZE_LIMIT)
 
 
 def _first_line(error: BaseException) -> str:
@@ -137,6 +140,10 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
                 id2label = {i: label for label, i in label2id.items()}
                 built = AutoModelForSequenceClassification.from_pretrained(
                     name, num_labels=len(label2id), id2label=id2label, label2id=label2id, **kwargs)
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused it: nothing of it ran
+            raise InputError(f"model: {name}: a weights file was refused, it holds pickled Python objects besides "
+                             f"tensors, which are never loaded ({refused_pickle_reason(error)}); "
+                             "save the model as safetensors") from None
         except (OSError, ValueError, KeyError) as error:
             if not os.path.isdir(name) and not _in_local_cache(name):
                 raise InputError(_not_found("model", name)) from None
@@ -355,6 +362,9 @@ def collect_trajectory(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} is a file; the store is a folder")
+    from ..io import check_output_folder
+
+    check_output_folder(out, "out")  # a read-only file system, no permission: before any work
     if not resume and (out / MANIFEST).exists():
         raise StoreError(f"store {out} already exists (resume it, or choose a new folder)")
     device = _resolve_device(device)
@@ -435,6 +445,9 @@ def collect_trajectory(
 
         try:
             net = PeftModel.from_pretrained(net, ckpts[0].path, is_trainable=True, local_files_only=True)
+        except pickle.UnpicklingError as error:  # refused by torch.load(weights_only=True): nothing ran
+            raise InputError(f"checkpoints: the peft adapter in {ckpts[0].path} was refused, it holds pickled Python "
+                             f"objects besides tensors, which are never loaded ({refused_pickle_reason(error)})") from None
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise InputError(f"checkpoints: cannot load the peft adapter {ckpts[0].path} onto "
                              f"{_model_name(model)} ({_first_line(error)})") from None

@@ -28,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import pickle
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..validation import InputError
+from ..validation import SEED_LIMIT, InputError, check_int, refused_pickle_reason
 from .data import TokenizedExample, collate
 
 WARMUP_MANIFEST = "warmup.json"
@@ -51,8 +52,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] | None = None  # None: peft's default for the architecture
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r < 1:
-            raise InputError(f"lora r must be a positive integer, got {self.r!r}")
+        check_int(self.r, "lora r", low=1, high=2**31 - 1)  # beyond it torch's shapes overflow
         if not _finite(self.alpha) or self.alpha <= 0:
             raise InputError(f"lora alpha must be positive, got {self.alpha!r}")
         if not _finite(self.dropout) or not 0 <= self.dropout < 1:
@@ -87,15 +87,14 @@ class WarmupSettings:
         if not _finite(self.fraction) or not 0 < self.fraction <= 1:
             raise InputError(f"warm-up fraction must be in (0, 1], got {self.fraction!r}")
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise InputError(f"warm-up {name} must be a positive integer, got {value!r}")
+            check_int(getattr(self, name), f"warm-up {name}", low=1, high=2**31 - 1)
         if not _finite(self.learning_rate) or self.learning_rate <= 0:
             raise InputError(f"warm-up learning_rate must be positive, got {self.learning_rate!r}")
         if not _finite(self.weight_decay) or self.weight_decay < 0:
             raise InputError(f"warm-up weight_decay must be non-negative, got {self.weight_decay!r}")
         if not _finite(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
             raise InputError(f"warm-up warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        check_int(self.seed, "warm-up seed", low=0, high=SEED_LIMIT - 1)  # torch.Generator's range
 
 
 def _finite(value: Any) -> bool:
@@ -246,15 +245,24 @@ def warmup_train(
         name = f"checkpoint-{epoch}"
         folder = out / name
         folder.mkdir(exist_ok=True)
-        save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, trainable)}, str(folder / "trainable.safetensors"))
         state = optimizer.state_dict()["state"]
-        torch.save({
-            "exp_avg": {n: state[i]["exp_avg"].cpu() for i, n in enumerate(names)},
-            "exp_avg_sq": {n: state[i]["exp_avg_sq"].cpu() for i, n in enumerate(names)},
-            "step": step,
-        }, folder / "optimizer.pt")
-        if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
-            model.save_pretrained(str(folder))
+        try:
+            save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, trainable)}, str(folder / "trainable.safetensors"))
+            # through a file object: a failed write is then an OSError (given a path, torch.save
+            # reports a full disk as a RuntimeError "unexpected pos")
+            with open(folder / "optimizer.pt", "wb") as handle:
+                torch.save({
+                    "exp_avg": {n: state[i]["exp_avg"].cpu() for i, n in enumerate(names)},
+                    "exp_avg_sq": {n: state[i]["exp_avg_sq"].cpu() for i, n in enumerate(names)},
+                    "step": step,
+                }, handle)
+            if hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+                model.save_pretrained(str(folder))
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            # safetensors reports I/O failures (a full disk) as its own error type
+            raise OSError(f"cannot write the warm-up checkpoint {folder}: {str(error).strip().splitlines()[0]}") from None
         checkpoints.append(Checkpoint(name, str(folder), float(sum(epoch_lrs) / len(epoch_lrs)), step, "gtp"))
     if bar is not None:
         bar.close()
@@ -305,10 +313,7 @@ def read_warmup_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(folder) / WARMUP_MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"checkpoints: {path} is not valid JSON ({error})") from None
+    manifest = _read_json(path, "checkpoints")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("checkpoints"), list) or not manifest["checkpoints"]:
         raise InputError(f"checkpoints: {path} lists no checkpoints (not a warm-up folder this code wrote)")
     return manifest
@@ -354,9 +359,42 @@ def _trainer_state_lr(folder: Path, after_step: int, up_to_step: int) -> float:
     path = folder / "trainer_state.json"
     if not path.is_file():
         return float("nan")
-    history = json.loads(path.read_text(encoding="utf-8")).get("log_history", [])
-    lrs = [h["learning_rate"] for h in history if "learning_rate" in h and after_step < h.get("step", 0) <= up_to_step]
+    state = _read_json(path, "checkpoints")
+    history = state.get("log_history", []) if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise InputError(f"checkpoints: {path} has no log_history list (not a transformers trainer_state.json)")
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h and isinstance(h.get("step", 0), (int, float))
+           and after_step < h.get("step", 0) <= up_to_step]
+    if not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) for lr in lrs):
+        raise InputError(f"checkpoints: {path} logs a learning_rate that is not a number")
     return float(sum(lrs) / len(lrs)) if lrs else float("nan")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file's content, or InputError naming it (bad JSON, too deeply nested, unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise InputError(f"{what}: {path} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise InputError(f"{what}: {path} is nested too deeply to read as JSON") from None
+    except OSError as error:
+        raise InputError(f"{what}: cannot read {path} ({error.strerror or error})") from None
+
+
+def _load_tensors(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True) of a checkpoint file; InputError when torch refuses it (a
+    pickle holding more than tensors: refused, nothing of it ran) or cannot read it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise InputError(f"{what}: {path} was refused: it holds pickled Python objects besides tensors, which are "
+                         f"never loaded ({refused_pickle_reason(error)})") from None
+    except OSError as error:
+        raise InputError(f"{what}: cannot read {path} ({error.strerror or error})") from None
+    except (RuntimeError, EOFError, ValueError) as error:  # truncated, or not a torch file
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(f"{what}: {path} is not a readable torch file ({type(error).__name__}: {first[:200]})") from None
 
 
 def checkpoint_weights(checkpoints: Sequence[Checkpoint]) -> list[float]:
@@ -397,7 +435,7 @@ def _peft_adapter_state(checkpoint: Checkpoint, model: torch.nn.Module) -> dict[
 
         adapter = load_file(str(file))
     else:
-        adapter = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+        adapter = _load_tensors(folder / "adapter_model.bin", f"checkpoint {checkpoint.name}")
     # Load into the model and read the values back: peft owns the key mapping; restore afterwards.
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -424,7 +462,9 @@ def load_adam_moments(checkpoint: Checkpoint, names: Sequence[str],
     path = Path(checkpoint.path) / "optimizer.pt"
     if not path.is_file():
         raise InputError(f"checkpoint {checkpoint.name}: no optimizer.pt, so Adam-preconditioned gradients are impossible (use gradient_type='sgd')")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _load_tensors(path, f"checkpoint {checkpoint.name}")
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {checkpoint.name}: {path} holds a {type(state).__name__}, not an optimizer state dict")
     if "exp_avg" in state and "exp_avg_sq" in state:
         avg, avg_sq = state["exp_avg"], state["exp_avg_sq"]
     elif "state" in state:  # torch optimizer state_dict: integer keys, numbered group by group
