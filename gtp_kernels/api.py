@@ -189,7 +189,8 @@ class Selection:
         rel = self.relative_residual
         rel_s = "n/a" if rel is None else f"{rel:.4g}"
         k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
-        return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}, "
+        filled = f" ({self.num_filled} filled)" if self.num_filled else ""
+        return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}{filled}, "
                 f"targets={self.num_targets}, relative_residual={rel_s}, "
                 f"time={self.timings.get('total_s', float('nan')):.3g}s)")
 
