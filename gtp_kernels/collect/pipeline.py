@@ -24,6 +24,7 @@ import math
 import numbers
 import os
 import pickle
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -88,6 +89,47 @@ def _check_model_source(model: Any) -> Any:
         raise InputError(f"model: cannot read the model config in {name} ({_first_line(error)})") from None
 
 
+# Checkpoint classes that carry a causal language-model head (LlamaForCausalLM, GPT2LMHeadModel, ...).
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def _no_lm_head(name: str, what: str) -> InputError:
+    return InputError(
+        f"model {name}: task 'causal_lm' needs a causal language model with its trained LM head, but {what}; "
+        "transformers would attach a freshly initialised LM head, and the gradients would be those of a random head. "
+        "For labelled text pass --task classification (task='classification': the warm-up trains a classification "
+        "head), or pass a causal LM")
+
+
+def _check_task_fits_config(config: Any, task: str, name: str) -> None:
+    """Before any work: a causal_lm collection needs a checkpoint that holds a causal-LM head (an
+    encoder-only checkpoint such as a sentence-embedding BERT would get a random one)."""
+    if task != "causal_lm" or config is None:
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    model_type = getattr(config, "model_type", "?")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise _no_lm_head(name, f"its model type {model_type!r} has no causal-LM class in transformers")
+    if architectures and not any(a.endswith(_CAUSAL_LM_SUFFIXES) for a in architectures):
+        raise _no_lm_head(name, f"its checkpoint holds a {', '.join(architectures)} (config.json's architectures), "
+                                "no causal-LM head")
+
+
+def _check_lm_head_loaded(built: torch.nn.Module, missing: Sequence[str], task: str, name: str) -> None:
+    """After loading: no causal-LM weight may be freshly initialised (the checkpoint lacked it), and
+    a module must have an output (LM head) layer at all."""
+    if task != "causal_lm":
+        return
+    if missing:
+        shown = ", ".join(list(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise _no_lm_head(name, f"its checkpoint lacks {len(missing)} of the model's weights ({shown})")
+    get_output = getattr(built, "get_output_embeddings", None)
+    if callable(get_output) and get_output() is None:
+        raise _no_lm_head(name, f"{type(built).__name__} has no output (LM head) layer")
+
+
 def _load_tokenizer(source: Any) -> Any:
     """AutoTokenizer from a local folder (or the local HF cache) only; a clean error otherwise."""
     name = os.fspath(source)
@@ -135,11 +177,19 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
             hf_logging.disable_progress_bar()
         try:
             if task == "causal_lm":
-                built = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+                # transformers' load report is replaced by ours: any missing weight is an InputError
+                verbosity = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()
+                try:
+                    built, loading = AutoModelForCausalLM.from_pretrained(name, output_loading_info=True, **kwargs)
+                finally:
+                    hf_logging.set_verbosity(verbosity)
+                missing = list(loading.get("missing_keys") or [])
             else:
                 id2label = {i: label for label, i in label2id.items()}
                 built = AutoModelForSequenceClassification.from_pretrained(
                     name, num_labels=len(label2id), id2label=id2label, label2id=label2id, **kwargs)
+                missing = []
         except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused it: nothing of it ran
             raise InputError(f"model: {name}: a weights file was refused, it holds pickled Python objects besides "
                              f"tensors, which are never loaded ({refused_pickle_reason(error)}); "
@@ -152,11 +202,12 @@ def _build_model(model: Any, task: str, label2id: dict[str, int] | None, model_d
             if bars and not progress:
                 hf_logging.enable_progress_bar()
     elif isinstance(model, torch.nn.Module):
-        built = copy.deepcopy(model)
+        built, missing = copy.deepcopy(model), []
     elif callable(model):
-        built = model()
+        built, missing = model(), []
     else:
         raise TypeError(f"model must be a path, an nn.Module or a zero-argument factory, got {type(model).__name__}")
+    _check_lm_head_loaded(built, missing, task, _model_name(model))
     if model_dtype is not None:
         built = built.to(model_dtype)
     if pad_id is not None:
@@ -244,6 +295,134 @@ def _model_name(model: Any) -> str:
     if isinstance(model, torch.nn.Module):
         return type(model).__name__
     return getattr(model, "__name__", type(model).__name__)
+
+
+def _peak_rss_bytes() -> int | None:
+    """This process's peak resident set size so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class _TimedProjector:
+    """Wraps a projector to time the K1 part of a calibration batch apart from the gradients."""
+
+    def __init__(self, projector: "_Projector"):
+        self.projector, self.seconds = projector, 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        self.projector(*args, **kwargs)
+        self.seconds += time.perf_counter() - started
+
+
+def _calibrate(
+    net: torch.nn.Module, tokenized: Sequence[Any], task: str, pad_id: int, batch_size: int, params: dict[str, torch.Tensor],
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], projector: "_Projector",
+    d: int, seed: int, normalise: bool, chunk_size: int | None, device: torch.device,
+) -> dict[str, float]:
+    """Time one batch (the data's first, as collection will see it) at one checkpoint: per-example
+    gradients, K1, and a plain batched forward/backward (the warm-up's step). The model is left as
+    found: eval mode, its attention implementation, no .grad, the global RNG untouched."""
+    batch_examples = list(tokenized[:batch_size])
+    batch = {k: v.to(device) for k, v in collate(batch_examples, pad_id).items()}
+    padded_tokens = batch["input_ids"].numel()
+    timed = _TimedProjector(projector)
+    was_training = net.training
+    attention = getattr(getattr(net, "config", None), "_attn_implementation", None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        net.eval()
+        if hasattr(net, "set_attn_implementation"):
+            try:
+                net.set_attn_implementation("eager")  # as collection runs it (see below)
+            except (ValueError, NotImplementedError):
+                pass
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        _project_checkpoint(net, batch, task, params, moments, names, timed, d, seed, 1.0, normalise, chunk_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        collect_s = time.perf_counter() - started
+        if attention is not None and hasattr(net, "set_attn_implementation"):
+            try:
+                net.set_attn_implementation(attention)  # the warm-up trains as the model was loaded
+            except (ValueError, NotImplementedError):
+                pass
+        started = time.perf_counter()
+        logits = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        from .warmup import _batch_loss
+
+        _batch_loss(logits, batch["labels"], task).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_s = time.perf_counter() - started
+        del logits
+        for parameter in net.parameters():
+            parameter.grad = None
+    net.train(was_training)
+    return {"examples": len(batch_examples), "padded_tokens": padded_tokens, "project_s": timed.seconds,
+            "gradients_s": max(collect_s - timed.seconds, 0.0), "train_step_s": train_s}
+
+
+def _adapter(lora: Any) -> str:
+    return f"LoRA r={lora.r}" if lora is not None else "full fine-tuning"
+
+
+def _plan_lines(
+    calibration: dict[str, float], tokenized: Sequence[Any], spec_n: int, t_count: int, d: int, max_length: int,
+    batch_size: int, shard_size: int, todo: Sequence[int], n_shards: int, trainable: int, adapter: str, gradient_type: str,
+    warmup: Any, projector: "_Projector", device: torch.device,
+) -> list[str]:
+    """The plan printed before any work, with its time and memory estimate from the calibration.
+
+    Per checkpoint, a batch costs its padded tokens times the calibrated gradient time per token,
+    plus K1 (per example with a cached Pi, per batch when Pi is regenerated); the warm-up costs
+    its examples' tokens at the calibrated training-step time per token, per epoch."""
+    lengths = [len(x.input_ids) for x in tokenized]
+    rows = [r for s in todo for r in range(s * shard_size, min(spec_n, (s + 1) * shard_size))]
+    grad_per_token = calibration["gradients_s"] / calibration["padded_tokens"]
+    project_per_batch = calibration["project_s"]
+    collect_s = 0.0
+    for shard in todo:
+        start, stop = shard * shard_size, min(spec_n, (shard + 1) * shard_size)
+        for b0 in range(start, stop, batch_size):
+            chunk = lengths[b0 : min(stop, b0 + batch_size)]
+            share = len(chunk) / calibration["examples"]
+            collect_s += t_count * (grad_per_token * len(chunk) * max(chunk)
+                                    + project_per_batch * (share if projector.cache else 1.0))
+    warmup_s = 0.0
+    if warmup is not None:
+        n_train = max(1, round(warmup.fraction * len(tokenized)))
+        mean_tokens = sum(lengths) / len(lengths)
+        warmup_s = warmup.epochs * n_train * mean_tokens * calibration["train_step_s"] / calibration["padded_tokens"]
+    peak = _peak_rss_bytes()
+    shard_buffer = 2 * min(shard_size, spec_n) * t_count * d * 4  # the shard's rows, and their copy as written
+    lines = [
+        f"plan: N={spec_n} examples (mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} tokens; "
+        f"max_length {max_length}), T={t_count} checkpoints, d={d}, {gradient_type} gradients, batch {batch_size}, "
+        f"{len(todo)} of {n_shards} shard(s) of {shard_size} rows to write ({len(rows)} examples), "
+        f"{trainable:,} trainable parameters ({adapter}), K1 Pi {'cached' if projector.cache else 'generated per batch'}",
+    ]
+    estimate = (f"estimate (one calibration batch of {calibration['examples']:.0f} on {device.type}): "
+                + (f"warm-up ~{_duration(warmup_s)}, " if warmup is not None else "")
+                + f"collection ~{_duration(collect_s)} ({len(rows) / max(collect_s, 1e-9):.2f} examples/s)")
+    if peak is not None:
+        estimate += f", peak memory ~{(peak + shard_buffer) / 2**30:.1f} GiB RSS"
+    if device.type == "cuda":
+        estimate += f", {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB on the GPU"
+    return lines + [estimate]
 
 
 def collect_trajectory(
@@ -409,6 +588,9 @@ def collect_trajectory(
 
     # Only now the model (offline: a local folder or the local HF cache) and the tokenizer.
     config = _check_model_source(model) if is_path else None
+    _check_task_fits_config(config, task, _model_name(model))
+    if isinstance(model, torch.nn.Module):
+        _check_lm_head_loaded(model, [], task, _model_name(model))
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = _load_tokenizer(model if tokenizer is None else tokenizer)
     pad_id = pad_token_id(tokenizer)
@@ -424,6 +606,7 @@ def collect_trajectory(
     # what each shard's rows are computed from; a resume must find the shards it keeps unchanged
     input_digests = [shard_input_digest(tokenized[s * shard_size : (s + 1) * shard_size]) for s in range(n_shards)]
     _check_inputs_unchanged(out, input_digests, [e.id for e in examples], shard_size)
+    projector, calibration = None, None
     if warm_manifest is not None:
         settings = settings_from_json(warm_manifest["settings"])
         lora = settings.lora
@@ -433,6 +616,21 @@ def collect_trajectory(
         settings = warmup or WarmupSettings()
         lora = settings.lora
         trainee = wrap_for_training(_build_model(model, task, label2id, model_dtype, settings.seed, progress, pad_id), task, lora)
+        if progress:  # the plan, with a time and memory estimate, before the warm-up
+            trainee.to(device)
+            names = list(trainable_parameters(trainee))
+            params = trainable_parameters(trainee)
+            seeds = [seed + t if seed_mode == "per_checkpoint" else seed for t in range(t_expected)]
+            projector = _Projector(project, names, {n: params[n].numel() for n in names}, d, kind, backend, device,
+                                   sorted(set(seeds)), projection_cache_mb)
+            todo = [s for s in range(n_shards) if shards is None or s in set(shards)]
+            calibration = _calibrate(trainee, tokenized, task, pad_id, batch_size, params, None, names, projector, d,
+                                     seeds[0], normalise, vmap_chunk_size, device)
+            for line in _plan_lines(calibration, tokenized, len(tokenized), t_expected, d, max_length, batch_size,
+                                    shard_size, todo, n_shards, sum(x.numel() for x in params.values()), _adapter(lora),
+                                    gradient_type, settings, projector, device):
+                print(line, flush=True)
+            del params
         warmup_train(trainee, tokenized, warmup_dir, task, pad_id, settings, label2id, device, progress)
         del trainee
     if ckpts is None:
@@ -483,12 +681,21 @@ def collect_trajectory(
         "data": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else "in-memory records",
     })
     writer = TrajectoryStoreWriter(out, spec, resume=resume)
-    projector = _Projector(project, names, {n: states[0][n].numel() for n in names}, d, kind, backend, device,
-                           sorted(set(seeds)), projection_cache_mb)
+    sizes = {n: states[0][n].numel() for n in names}
+    if projector is None or projector.key != _Projector.key_of(names, sizes, sorted(set(seeds))):
+        projector = _Projector(project, names, sizes, d, kind, backend, device, sorted(set(seeds)), projection_cache_mb)
     todo = writer.missing_shards()
     if shards is not None:
         wanted = set(int(s) for s in shards)
         todo = [s for s in todo if s in wanted]
+    if progress and todo and calibration is None:  # the plan, before any gradient is collected
+        calibration = _calibrate(net, tokenized, task, pad_id, batch_size, states[0], moments[0] if moments else None,
+                                 names, projector, d, seeds[0], normalise, vmap_chunk_size, device)
+        for line in _plan_lines(calibration, tokenized, spec.n, t_count, d, max_length, batch_size, shard_size, todo,
+                                spec.n_shards, spec.metadata["trainable_parameters"],
+                                "peft adapter" if ckpts[0].layout == "peft" else _adapter(lora),
+                                gradient_type, None, projector, device):
+            print(line, flush=True)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -554,6 +761,7 @@ class _Projector:
         from ..ops.project import projection_matrix
 
         self.project, self.d, self.kind, self.backend = project, d, kind, backend
+        self.key = self.key_of(names, sizes, seeds)
         self.offsets: dict[str, int] = {}
         offset = 0
         for name in names:
@@ -567,6 +775,11 @@ class _Projector:
                 for name in names:
                     self.cache[(seed, name)] = projection_matrix(
                         d, sizes[name], seed, kind, self.offsets[name], dtype=torch.float32, device=device).T.contiguous()
+
+    @staticmethod
+    def key_of(names: Sequence[str], sizes: dict[str, int], seeds: Sequence[int]) -> tuple:
+        """What a projector depends on besides d, kind, backend and device (fixed per collection)."""
+        return tuple(names), tuple(sizes[n] for n in names), tuple(seeds)
 
     def __call__(self, flat: torch.Tensor, name: str, seed: int, block: torch.Tensor, scale: float) -> None:
         cached = self.cache.get((seed, name))
