@@ -173,6 +173,7 @@ _STOP_WORDS = {
     "guard": "best correlation below --stop-ratio of the first",
     "exhausted": "no eligible candidate left",
     "max_iters": "iteration cap reached",
+    "residual_floor": "residual at the rounding floor: --tol unreachable in this precision",
 }
 _FILL_WORDS = {"target": "cosine with the target", "residual": "cosine with the final residual"}
 

@@ -49,10 +49,6 @@ from gtp_kernels.compat import (  # noqa: E402
     orthogonal_mp_gram,
 )
 
-# Known defect of the package's pursuit with tol=0 on exact-span problems (it picks atoms from
-# rounding noise instead of stopping); fixed on another branch.
-NUMERICS = pytest.mark.xfail(strict=True, reason="issue 14 item 1, fixed on branch numerics")
-
 # ---------------------------------------------------------------------------------------------
 # Part 1: scikit-learn's test_omp.py (BSD-3-Clause, the scikit-learn developers)
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +109,6 @@ def test_with_without_gram_tol():
     )
 
 
-@NUMERICS  # tol=0 on an exact-span y: 26 atoms accepted in a 25-dim space (weights ~7 from noise)
 def test_unreachable_accuracy():
     assert_array_almost_equal(
         orthogonal_mp(X, y, tol=0), orthogonal_mp(X, y, n_nonzero_coefs=n_features)
@@ -205,7 +200,6 @@ def test_estimator_n_nonzero_coefs():
     assert omp.n_nonzero_coefs_ is None
 
 
-@NUMERICS  # y = 2 X[:, 0]: after X[:, 0] pursuit picks a second atom from rounding noise
 def test_identical_regressors():
     newX = X.copy()
     newX[:, 1] = newX[:, 0]

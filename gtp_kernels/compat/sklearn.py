@@ -145,7 +145,11 @@ def _select_as_sklearn(atoms: torch.Tensor, targets: torch.Tensor, k: int, *, po
             warned = True
             continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return [_Fit(ts.indices, ts.weights, warned or ts.stopped_by not in _COMPLETE_STOPS) for ts in sel.per_target]
+    # a stop at the rounding floor with the budget full is complete: scikit-learn's loop ends
+    # there too without a word
+    return [_Fit(ts.indices, ts.weights,
+                 warned or (ts.stopped_by not in _COMPLETE_STOPS and len(ts.indices) < sel.k))
+            for ts in sel.per_target]
 
 
 def _pursue(atoms: torch.Tensor, targets: torch.Tensor, k: int, tol: Optional[float], *, positive: bool,
