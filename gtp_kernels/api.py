@@ -281,7 +281,8 @@ def select(
             list of bools) or integer row indices.
         positive: non-negative weights (off: plain orthogonal matching pursuit).
         ridge: lambda.
-        tol: stop when the relative residual falls below tol.
+        tol: stop when the relative residual falls below tol (or reaches the rounding floor,
+            stopped_by "residual_floor", with an EarlyStopWarning: see README "The algorithm").
         min_cosine: stop when the best candidate's cosine with the residual is at most this.
         align_threshold: guard: exclude candidates whose cosine with every target column is at
             or below this (e.g. 0.0 keeps only positively aligned candidates).
@@ -299,7 +300,8 @@ def select(
             would take next). None (default): the method's rows only.
         seed: for random selection (an integer >= 0).
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
-            In float32 the candidates' row norms must lie within 2^-50..2^50; targets may have
+            In float32 the candidates' row norms must lie within 2^-50..2^50 (float64:
+            2^-400..2^400); targets may have
             any magnitude (each column is scaled by a power of two inside, exactly).
         device: move the candidates there first (e.g. "cuda").
         backend: kernels for the N-sized products: "auto" (the Triton kernels on CUDA, the

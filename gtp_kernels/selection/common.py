@@ -177,6 +177,7 @@ def warn_early_stops(per_target: Sequence[TargetSelection], k: int, tol: float, 
                          f"{len(ts.indices)} of {k} rows; tol={tol:g} is unreachable in this precision")
         elif ts.stopped_by in (STOP_EXHAUSTED, STOP_MAX_ITERS) and ts.rejected:
             notes.append(f"{where}stopped by {ts.stopped_by} with {len(ts.indices)} of {k} rows after refusing "
-                         f"{ts.rejected} candidates as linearly dependent on the selection")
+                         f"{ts.rejected} candidates (linearly dependent on the selection, or weightless "
+                         f"in the non-negative fit)")
     if notes:
         warnings.warn("pursuit ended early: " + "; ".join(notes), EarlyStopWarning, stacklevel=stacklevel)
