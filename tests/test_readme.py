@@ -59,10 +59,7 @@ def _api_prelude(layout: str) -> dict:
 
 @pytest.mark.parametrize("layout", [
     "trajectories",
-    pytest.param("flat", marks=pytest.mark.xfail(
-        strict=True, raises=gk.InputError,
-        reason="flat (N, T*d) rows with checkpoint_weights and no num_checkpoints: T inferred from "
-               "len(checkpoint_weights) on branch budgets (issue 12.1); drop this mark once it is merged")),
+    "flat",
 ])
 def test_api_block_runs_as_written(layout):
     """README's "API in five lines", verbatim, on (N, T, d) trajectories and on flat (N, T*d) rows
