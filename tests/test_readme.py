@@ -35,13 +35,21 @@ def _section_of(block: str) -> str:
 
 
 def python_blocks() -> dict[str, str]:
-    return {_section_of(body): body for body in blocks("python")}
+    """README's Python blocks by section (a section's blocks joined in order)."""
+    out: dict[str, str] = {}
+    for body in blocks("python"):
+        section = _section_of(body)
+        out[section] = out.get(section, "") + body
+    return out
+
+
+# every section with Python blocks, and the test here that runs them
+RUN_HERE = {"The API in five lines", "Several GPUs or machines", "Drop-in for scikit-learn and GRAD-MATCH (CORDS)"}
 
 
 def test_readme_has_the_blocks_this_file_runs():
-    sections = python_blocks()
-    assert "The API in five lines" in sections and "Several GPUs or machines" in sections, sorted(sections)
-    assert len(sections) == 2, f"a new Python block in README.md needs a prelude here: {sorted(sections)}"
+    sections = set(python_blocks())
+    assert sections == RUN_HERE, f"a new Python block in README.md needs a prelude here: {sorted(sections)}"
 
 
 # N >= 1000 because the block asks for k=1000; T=2 checkpoints of d=24 keep the pursuit cheap.
@@ -150,3 +158,22 @@ def test_gtp_demo_prints_readmes_table(capsys):
     assert main(["demo"]) == 0
     printed = _table_rows(capsys.readouterr().out)
     assert printed == _table_rows(quoted), f"README.md's demo table is stale:\n{quoted}"
+
+
+def test_compat_blocks_run_as_written():
+    """README's scikit-learn and CORDS drop-in lines, verbatim, on a small dictionary."""
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((120, 200))
+    y = X[:, :8] @ rng.uniform(0.5, 2.0, 8)
+    Y = np.stack([y, X[:, 8:14] @ rng.uniform(0.5, 2.0, 6)], axis=1)
+    grads = torch.as_tensor(rng.standard_normal((300, 64)), dtype=torch.float32)
+    target_grad = grads[:10].sum(dim=0)
+    namespace = {"X": X, "y": y, "Y": Y, "grads": grads, "target_grad": target_grad, "budget": 10, "torch": torch}
+    exec(compile(python_blocks()["Drop-in for scikit-learn and GRAD-MATCH (CORDS)"], "README.md", "exec"), namespace)
+    assert namespace["coef"].shape == (200, 2)
+    assert namespace["path"].shape[0] == 200
+    assert namespace["est"].coef_.shape == (200,) and (namespace["est"].coef_ >= 0).all()
+    w, w_np = namespace["w"], namespace["w_np"]
+    assert w.shape == (300,) and 1 <= int((w != 0).sum()) <= 10 and (w >= 0).all()
+    assert w_np.shape == (300,) and 1 <= int((w_np != 0).sum()) <= 10
+    assert namespace["idx"].tolist() == torch.nonzero(w).view(-1).tolist()
