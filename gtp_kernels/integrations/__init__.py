@@ -1,0 +1,4 @@
+"""Adapters for other frameworks (each optional: its package is imported only when the adapter is used).
+
+* :mod:`gtp_kernels.integrations.trak` - a TRAK projector (``TRAKer(..., projector=...)``) running K1.
+"""
