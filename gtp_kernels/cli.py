@@ -254,12 +254,20 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _add_less_select(sub) -> None:
+    # gtp less-select lives in integrations/less.py (LESS's folders in, LESS's files out)
+    from .integrations.less import add_less_select_parser
+
+    add_less_select_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gtp", description="Training-data selection by Gradient Trajectory Pursuit")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_select(sub)
     _add_collect(sub)
+    _add_less_select(sub)
     return parser
 
 
