@@ -132,7 +132,7 @@ def _read_data(path: str, id_field: str, store_ids) -> dict:
     p = Path(path)
     if not p.exists():
         raise InputError(f"--data file not found: {path}")
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():  # a file, or a dataset saved with save_to_disk
         raise InputError(f"--data {path} is not a file")
     try:
         examples = read_jsonl(p, ExampleFormat(id_field=id_field))
@@ -261,6 +261,13 @@ def _add_less_select(sub) -> None:
     add_less_select_parser(sub)
 
 
+def _add_to_dataset(sub) -> None:
+    # gtp to-dataset lives in integrations/hf_datasets.py (the selection as a Hugging Face dataset)
+    from .integrations.hf_datasets import add_to_dataset_parser
+
+    add_to_dataset_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gtp", description="Training-data selection by Gradient Trajectory Pursuit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -268,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_collect(sub)
     _add_less_select(sub)
+    _add_to_dataset(sub)
     return parser
 
 
