@@ -131,6 +131,10 @@ setup(
         "triton": ["triton>=3.0"],
         "collect": ["transformers>=4.45", "peft>=0.12"],
         "plot": ["matplotlib>=3.7"],
+        # integrations (gtp_kernels.integrations): install TRAK without its dependencies
+        # (pip install --no-deps traker): it needs only torch, numpy, tqdm, already required here
+        "trak": ["traker>=0.3.2"],
+        "datasets": ["datasets>=2.14"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3", "scipy>=1.10", "hypothesis>=6"],
     },
     entry_points={"console_scripts": ["gtp=gtp_kernels.cli:main"]},

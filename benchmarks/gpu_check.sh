@@ -5,7 +5,9 @@
 #   benchmarks/gpu_check.sh                      # everything (about 8-10 minutes on an H200)
 #   benchmarks/gpu_check.sh build tests correlate pursuit   # a subset, in this order
 #
-# Parts: build, tests, correlate (K2), pursuit (drivers), lsq (K3), project (K1), collect.
+# Parts: build, tests, opcheck (torch.library.opcheck + torch.compile/export of the registered ops
+# K1-K3 on CUDA: tests/test_ops_registered.py), correlate (K2), pursuit (drivers), lsq (K3),
+# project (K1), collect.
 # Each benchmarks/gpu_<part>.py is standalone; lines it prints starting with "TABLE " are
 # gathered into the final table (format: TABLE | kernel | case | time | vs baseline | note |).
 # Logs go to $OUT (the device tool brings that folder back). Per-part time limits:
@@ -18,7 +20,7 @@ OUT=${OUT:-/tmp/gtp_gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(build tests correlate pursuit lsq project collect)
+[ ${#parts[@]} -eq 0 ] && parts=(build tests opcheck correlate pursuit lsq project collect)
 start=$(date +%s)
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -30,7 +32,7 @@ deadline=$((start + ${GTP_DEADLINE:-560}))
 skipped=()
 for part in "${parts[@]}"; do
   t0=$(date +%s)
-  case "$part" in build) need=150 ;; tests) need=${GTP_TEST_TIMEOUT:-200} ;; *) need=90 ;; esac
+  case "$part" in build) need=150 ;; tests) need=${GTP_TEST_TIMEOUT:-200} ;; opcheck) need=60 ;; *) need=90 ;; esac
   if [ $((t0 + need)) -gt "$deadline" ]; then skipped+=("$part"); echo "== $part: skipped (deadline)"; continue; fi
   left=$((deadline - t0))
   case "$part" in
@@ -44,6 +46,13 @@ for part in "${parts[@]}"; do
       GTP_REQUIRE_EXT=1 timeout "$(( left < ${GTP_TEST_TIMEOUT:-200} ? left : ${GTP_TEST_TIMEOUT:-200} ))" python -m pytest tests -q -p no:cacheprovider -m "not slow" >"$OUT/tests.log" 2>&1
       echo "pytest exit: $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
       grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
+      ;;
+    opcheck)
+      # also inside "tests"; a part of its own so a short call can run it alone
+      echo "== registered ops: opcheck on cpu and cuda, torch.compile, torch.export"
+      GTP_REQUIRE_EXT=1 timeout "$(( left < 120 ? left : 120 ))" python -m pytest tests/test_ops_registered.py -q -p no:cacheprovider >"$OUT/opcheck.log" 2>&1
+      echo "pytest exit: $?"; grep -E "passed|failed|error" "$OUT/opcheck.log" | tail -3
+      grep -E "^(FAILED|ERROR)" "$OUT/opcheck.log" | head -20
       ;;
     correlate|pursuit|lsq|project|collect)
       echo "== gpu_$part"

@@ -149,7 +149,7 @@ def _read_data(path: str, id_field: str, store_ids) -> dict:
     p = Path(path)
     if not p.exists():
         raise InputError(f"--data file not found: {path}")
-    if not p.is_file():
+    if not p.is_file() and not p.is_dir():  # a file, or a dataset saved with save_to_disk
         raise InputError(f"--data {path} is not a file")
     try:
         examples = read_jsonl(p, ExampleFormat(id_field=id_field))
@@ -353,6 +353,20 @@ def _cmd_collect(args) -> int:
     return 0
 
 
+def _add_less_select(sub) -> None:
+    # gtp less-select lives in integrations/less.py (LESS's folders in, LESS's files out)
+    from .integrations.less import add_less_select_parser
+
+    add_less_select_parser(sub)
+
+
+def _add_to_dataset(sub) -> None:
+    # gtp to-dataset lives in integrations/hf_datasets.py (the selection as a Hugging Face dataset)
+    from .integrations.hf_datasets import add_to_dataset_parser
+
+    add_to_dataset_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -362,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_select(sub)
     _add_collect(sub)
+    _add_less_select(sub)
+    _add_to_dataset(sub)
     return parser
 
 

@@ -70,8 +70,13 @@ def read_jsonl(path: str | os.PathLike, fmt: ExampleFormat = ExampleFormat()) ->
     A missing, unreadable or malformed file is an :class:`InputError` naming the file (and line).
     """
     examples: list[Example] = []
+    from ..integrations.hf_datasets import is_dataset_path  # a saved dataset or parquet file also reads here
+    if is_dataset_path(path):
+        from ..integrations.hf_datasets import read_dataset_examples
+
+        return as_examples([Example(i, r) for i, r in read_dataset_examples(path, fmt.id_field)], fmt)
     if os.path.isdir(path):
-        raise InputError(f"data: {path} is a folder, not a JSON-lines file")
+        raise InputError(f"data: {path} is a folder, not a JSON-lines file or a saved dataset")
     try:
         with open(path, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle):

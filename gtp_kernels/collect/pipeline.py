@@ -795,7 +795,8 @@ def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``gtp collect`` options (the CLI owner adds them to its sub-parser)."""
     parser.add_argument("--model", required=True,
                         help="Hugging Face model folder, or a model id already in the local HF cache (loaded offline, never downloaded)")
-    parser.add_argument("--data", required=True, help="JSON-lines file of examples")
+    parser.add_argument("--data", required=True,
+                        help="JSON-lines file of examples, a dataset saved with save_to_disk, or a parquet file")
     parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model; loaded offline)")
     parser.add_argument("--task", choices=("causal_lm", "classification"), default="causal_lm")

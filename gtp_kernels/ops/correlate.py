@@ -70,6 +70,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._dispatch import resolve_backend
+from ._library import register
 
 try:  # triton is optional for the torch path
     import triton
@@ -675,13 +676,37 @@ def correlate_topk(
     Returns values (m, m_top) float32 and indices (m, m_top) int64, best first, ties to the
     lowest index, padded with (-inf, -1). backend: "auto" (Triton on CUDA, torch on CPU),
     "triton" or "torch". No host synchronisation on the Triton path.
+
+    Runs the registered op ``torch.ops.gtp_kernels.correlate_topk`` (traceable by
+    torch.compile / torch.export); the inputs are checked here first, so errors are raised
+    before the op and carry the same messages as the kernels' own checks.
     """
-    chosen = resolve_backend(backend, candidates)
-    if chosen == "triton":
-        return correlate_topk_triton(candidates, residuals, m_top, exclude=exclude,
-                                     row_scale=row_scale, absolute=absolute)
-    return correlate_topk_reference(candidates, residuals, m_top, exclude=exclude,
-                                    row_scale=row_scale, absolute=absolute)
+    _check_inputs(candidates, residuals, m_top, exclude, row_scale)
+    resolve_backend(backend, candidates)  # a bad backend name fails here, before the op
+    return _correlate_topk_op(candidates, residuals, m_top, exclude, row_scale, bool(absolute), backend)
+
+
+def _correlate_topk_kernel(candidates, residuals, m_top, exclude, row_scale, absolute, backend):
+    """The op's body: one entry dispatching by device (Triton on CUDA, the torch reference on CPU)."""
+    if resolve_backend(backend, candidates) == "triton":
+        return correlate_topk_triton(candidates, residuals, m_top, exclude=exclude, row_scale=row_scale,
+                                     absolute=absolute)
+    return correlate_topk_reference(candidates, residuals, m_top, exclude=exclude, row_scale=row_scale,
+                                    absolute=absolute)
+
+
+def _correlate_topk_fake(candidates, residuals, m_top, exclude, row_scale, absolute, backend):
+    m = residuals.shape[1] if residuals.dim() == 2 else 1
+    values = candidates.new_empty((m, m_top), dtype=torch.float32)
+    indices = candidates.new_empty((m, m_top), dtype=torch.int64)
+    return values, indices
+
+
+# torch.ops.gtp_kernels.correlate_topk (see ops/_library.py): no argument is mutated.
+_correlate_topk_op = register(
+    "correlate_topk(Tensor candidates, Tensor residuals, int m_top, Tensor? exclude, Tensor? row_scale, "
+    "bool absolute, str backend) -> (Tensor values, Tensor indices)",
+    _correlate_topk_kernel, _correlate_topk_fake)
 
 
 def candidate_scores(

@@ -43,6 +43,7 @@ import torch
 
 # the compiled extension, shared with ops.products (lsq._C and lsq.extension_status stay here)
 from ._ext import _C, _EXT_ERROR, extension_status  # noqa: F401
+from ._library import register
 
 STATUS_APPENDED = 1
 STATUS_DEPENDENT = 2
@@ -208,15 +209,35 @@ def lsq_update(
         _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
         if not (math.isfinite(weight_tol) and weight_tol >= 0):
             raise ValueError(f"weight_tol must be finite and >= 0, got {weight_tol}")
-    if _resolve(backend, state.L.device) == "ext":
-        return _C.lsq_update(
-            state.L, state.size, state.support, state.rhs, state.weights,
-            new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol, weight_tol,
-        )
-    return lsq_update_torch(
-        state, new_atom, gram_col, gram_diag, rhs_new, lam=lam, positive=positive, dep_tol=dep_tol,
-        weight_tol=weight_tol,
+    _resolve(backend, state.L.device)  # a bad or unavailable backend fails here, before the op
+    return _lsq_update_op(
+        state.L, state.size, state.support, state.rhs, state.weights,
+        new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol, weight_tol, backend,
     )
+
+
+# The registered op torch.ops.gtp_kernels.lsq_update (ops/_library.py; torch.compile / torch.export
+# see it): the five state tensors are declared mutated (updated in place, as lsq_update documents);
+# the statuses are the only output.
+def _lsq_update_kernel(L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam, positive,
+                       dep_tol, weight_tol, backend):
+    if _resolve(backend, L.device) == "ext":
+        return _C.lsq_update(L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam,
+                             positive, dep_tol, weight_tol)
+    return lsq_update_torch(LsqState(L, size, support, rhs, weights), new_atom, gram_col, gram_diag, rhs_new,
+                            lam=lam, positive=positive, dep_tol=dep_tol, weight_tol=weight_tol)
+
+
+def _lsq_update_fake(L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam, positive,
+                     dep_tol, weight_tol, backend):
+    return new_atom.new_empty(new_atom.shape, dtype=torch.int32)
+
+
+_lsq_update_op = register(
+    "lsq_update(Tensor(a!) L, Tensor(b!) size, Tensor(c!) support, Tensor(d!) rhs, Tensor(e!) weights, "
+    "Tensor new_atom, Tensor gram_col, Tensor gram_diag, Tensor rhs_new, float lam, bool positive, "
+    "float dep_tol, float weight_tol, str backend) -> Tensor",
+    _lsq_update_kernel, _lsq_update_fake)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import torch
 
 from gtp_kernels.ops import philox
 from gtp_kernels.ops._dispatch import interpreting, resolve_backend
+from gtp_kernels.ops._library import register
 from gtp_kernels.validation import InputError, InputTypeError, check_bool
 
 try:
@@ -95,8 +96,8 @@ def _check_offset(feature_offset, n_features: int) -> int:
     return feature_offset
 
 
-def _output_view(out, out_columns, n_rows: int, n_cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, the (n_rows x n_cols) view of out that receives the projection)."""
+def _output_view(out, out_columns, n_rows: int, n_cols: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(out, the first of the n_cols columns of out that receive the projection)."""
     if out_columns is None:
         out_columns = slice(0, n_cols)
     if not isinstance(out_columns, slice):
@@ -119,7 +120,7 @@ def _output_view(out, out_columns, n_rows: int, n_cols: int, device: torch.devic
         raise InputError(f"out_columns {out_columns} exceed out's {out.shape[1]} columns")
     if out.device != device:
         raise InputError(f"out is on {out.device} but the inputs are on {device}")
-    return out, out[:, start:stop]
+    return out, start
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,14 +382,48 @@ def _check_finite_result(out_view: torch.Tensor, given_out: bool, inputs: dict, 
     raise InputError(f"project: {why}{where} (check_finite=False skips this check)")
 
 
-def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
-                  out_view: torch.Tensor, multiplier: float, backend: str, output_factor: bool = False) -> None:
+def _project_into_impl(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int,
+                       out_view: torch.Tensor, multiplier: float, backend: str, output_factor: bool = False) -> None:
+    """out_view += multiplier * grads @ E^T (E the unscaled entries), by device: the op's body."""
     if grads.shape[0] == 0 or grads.shape[1] == 0:
         return
     if resolve_backend(backend, grads, out_view) == "triton":
         _project_triton(grads, d, seed, kind, feature_offset, out_view, multiplier, output_factor)
     else:
         _project_torch(grads, d, seed, kind, feature_offset, out_view, multiplier, output_factor)
+
+
+# The registered op torch.ops.gtp_kernels.project_accumulate (see ops/_library.py): what
+# torch.compile and torch.export see. It mutates ``out`` (declared), receiving columns
+# [col_start, col_start + d); passing the base tensor and a column offset rather than a column view
+# keeps the mutation on a graph input. The seed (0 <= seed < 2^64) travels as the int64 with the same
+# bits, as the schema's int is signed.
+_SEED_WRAP = 2**64
+
+
+def _project_accumulate_kernel(grads, out, col_start, d, seed, kind, feature_offset, multiplier, output_factor,
+                               backend) -> None:
+    _project_into_impl(grads, d, seed % _SEED_WRAP, kind, feature_offset, out[:, col_start:col_start + d],
+                       multiplier, backend, output_factor)
+
+
+def _project_accumulate_fake(grads, out, col_start, d, seed, kind, feature_offset, multiplier, output_factor,
+                             backend) -> None:
+    return None
+
+
+_project_accumulate_op = register(
+    "project_accumulate(Tensor grads, Tensor(a!) out, int col_start, int d, int seed, str kind, "
+    "int feature_offset, float multiplier, bool output_factor, str backend) -> ()",
+    _project_accumulate_kernel, _project_accumulate_fake)
+
+
+def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_offset: int, out: torch.Tensor,
+                  col_start: int, multiplier: float, backend: str, output_factor: bool = False) -> None:
+    """out[:, col_start:col_start + d] += multiplier * grads @ E^T through the registered op."""
+    signed_seed = seed - _SEED_WRAP if seed >= 2**63 else seed
+    _project_accumulate_op(grads, out, col_start, d, signed_seed, kind, feature_offset, multiplier, output_factor,
+                           backend)
 
 
 def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", feature_offset: int = 0,
@@ -417,9 +452,9 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     _check_offset(feature_offset, grads.shape[1])
     scale = _check_scale(scale)
     given_out = out is not None
-    out, out_view = _output_view(out, out_columns, grads.shape[0], d, grads.device)
-    _project_into(grads, d, seed, kind, feature_offset, out_view, scale * _inv_sqrt(d), backend)
-    _check_finite_result(out_view, given_out, {"grads": grads}, check_finite)
+    out, col_start = _output_view(out, out_columns, grads.shape[0], d, grads.device)
+    _project_into(grads, d, seed, kind, feature_offset, out, col_start, scale * _inv_sqrt(d), backend)
+    _check_finite_result(out[:, col_start:col_start + d], given_out, {"grads": grads}, check_finite)
     return out
 
 
@@ -473,15 +508,15 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
         if token_mask.device != inputs.device:
             raise InputError(f"token_mask is on {token_mask.device} but inputs are on {inputs.device}")
     given_out = out is not None
-    out, out_view = _output_view(out, out_columns, n_batch, d_out * d_in, inputs.device)
+    out, col_start = _output_view(out, out_columns, n_batch, d_out * d_in, inputs.device)
     if n_batch == 0 or n_tokens == 0:
         return out
     # Project every token once on each side: (B*S, d_in) and (B*S, d_out), fp32, Pi scales included.
     x_proj = torch.zeros(n_batch * n_tokens, d_in, dtype=torch.float32, device=inputs.device)
-    _project_into(inputs.reshape(n_batch * n_tokens, n_in), d_in, seed, kind, feature_offset, x_proj,
+    _project_into(inputs.reshape(n_batch * n_tokens, n_in), d_in, seed, kind, feature_offset, x_proj, 0,
                   _inv_sqrt(d_in), backend)
     delta_proj = torch.zeros(n_batch * n_tokens, d_out, dtype=torch.float32, device=inputs.device)
-    _project_into(out_grads.reshape(n_batch * n_tokens, n_out), d_out, seed, kind, feature_offset, delta_proj,
+    _project_into(out_grads.reshape(n_batch * n_tokens, n_out), d_out, seed, kind, feature_offset, delta_proj, 0,
                   _inv_sqrt(d_out), backend, output_factor=True)
     delta_proj = delta_proj.view(n_batch, n_tokens, d_out)
     x_proj = x_proj.view(n_batch, n_tokens, d_in)
@@ -492,6 +527,7 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
         x_proj = torch.where(keep, x_proj, 0.0)
     # sum_s (Pi_out delta_s)(Pi_in x_s)^T for every example: one batched (d_out x S) @ (S x d_in).
     per_example = torch.bmm(delta_proj.transpose(1, 2), x_proj)
+    out_view = out[:, col_start:col_start + d_out * d_in]
     out_view += per_example.reshape(n_batch, d_out * d_in) * scale
     if check_finite and not bool(torch.isfinite(out_view).all()):
         keep = (torch.ones(n_batch, n_tokens, dtype=torch.bool, device=inputs.device) if token_mask is None

@@ -1,0 +1,5 @@
+"""Adapters for other frameworks (each optional: its package is imported only when the adapter is used).
+
+* :mod:`gtp_kernels.integrations.trak` - a TRAK projector (``TRAKer(..., projector=...)``) running K1.
+* :mod:`gtp_kernels.integrations.less` - ``gtp less-select``: LESS gradient folders in, LESS selection files out.
+"""
