@@ -44,7 +44,8 @@ def python_blocks() -> dict[str, str]:
 
 
 # every section with Python blocks, and the test here that runs them
-RUN_HERE = {"The API in five lines", "Several GPUs or machines", "Drop-in for scikit-learn and GRAD-MATCH (CORDS)"}
+RUN_HERE = {"The API in five lines", "Several GPUs or machines", "Drop-in for scikit-learn and GRAD-MATCH (CORDS)",
+            "Using gtp_kernels from other frameworks"}
 
 
 def test_readme_has_the_blocks_this_file_runs():
@@ -177,3 +178,53 @@ def test_compat_blocks_run_as_written():
     assert w.shape == (300,) and 1 <= int((w != 0).sum()) <= 10 and (w >= 0).all()
     assert w_np.shape == (300,) and 1 <= int((w_np != 0).sum()) <= 10
     assert namespace["idx"].tolist() == torch.nonzero(w).view(-1).tolist()
+
+
+def _framework_blocks() -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    return [body for lang, body in FENCE.findall(text)
+            if lang == "python" and _section_of(body) == "Using gtp_kernels from other frameworks"]
+
+
+def _framework_block(needle: str) -> str:
+    found = [b for b in _framework_blocks() if needle in b]
+    assert len(found) == 1, (needle, len(found))
+    return found[0]
+
+
+def test_framework_blocks_are_all_run_here():
+    assert len(_framework_blocks()) == 3  # torch.compile, TRAK, datasets: each has a test below
+
+
+def test_torch_compile_block_runs_as_written():
+    namespace: dict = {}
+    exec(compile(_framework_block("torch.compile"), "README.md", "exec"), namespace)
+    values, rows = namespace["values"], namespace["rows"]
+    assert values.shape == rows.shape and values.shape[-1] == 8
+
+
+def test_trak_block_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("trak", reason="traker not installed")
+    monkeypatch.chdir(tmp_path)  # TRAKer writes its save_dir under the working directory
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    namespace = {"model": model, "n": 12, "device": "cpu"}
+    exec(compile(_framework_block("TRAKer"), "README.md", "exec"), namespace)
+    assert namespace["traker"].projector is namespace["projector"]
+    sketch = namespace["projector"].project(torch.randn(4, namespace["grad_dim"]), model_id=0)
+    assert sketch.shape == (4, 2048)
+
+
+def test_datasets_block_runs_as_written(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets", reason="datasets not installed")
+    from test_cli import _tiny_store
+
+    monkeypatch.chdir(tmp_path)
+    rows = _tiny_store(tmp_path / "pool_store", n=1200)
+    ids = [f"ex{i}" for i in range(1200)]
+    datasets.Dataset.from_dict({"id": ids, "text": [f"example {i}" for i in range(1200)]}).save_to_disk("pool_dataset")
+    target = rows[:5].reshape(5, -1).sum(axis=0)
+    exec(compile(_framework_block("selection_to_dataset"), "README.md", "exec"), {"target": target})
+    picked = datasets.load_from_disk("selected_dataset")
+    assert 1 <= len(picked) <= 1000 and picked["gtp_rank"] == list(range(len(picked)))
+    assert all(i in ids for i in picked["id"])
