@@ -362,3 +362,9 @@ def test_option_helpers():
     assert check_choice("max", "r", ("mean", "max")) == "max"
     with pytest.raises(InputError, match=r"r must be 1, 2 or 3, got True"):
         check_choice(True, "r", (1, 2, 3))
+
+
+@pytest.mark.parametrize("ridge", ["0.1", float("nan"), -1.0, 1j])
+def test_fit_residual_checks_ridge(ridge):
+    with pytest.raises(InputError, match="ridge must be"):
+        gk.fit_residual(A, b, [0, 1], ridge=ridge)
