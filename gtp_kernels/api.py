@@ -509,6 +509,7 @@ def fit_residual(
 
     Puts any selection (top-k, random, GTP) on the same footing; max over target columns.
     """
+    ridge = _real("ridge", ridge, low=0.0)
     # the fit is computed in float64: no float32 range to respect, and any rows may be given
     problem = validate_problem(candidates, target, 1, checkpoint_weights=checkpoint_weights,
                                num_checkpoints=num_checkpoints, compute_dtype=torch.float64,

@@ -511,3 +511,13 @@ def test_project_errors_are_input_errors():
         project(g.double(), 8, 0)
     with pytest.raises(InputError, match="d must be"):
         project(g, 0, 0)
+
+
+def test_triton_on_cpu_without_the_interpreter_is_an_input_error(monkeypatch):
+    """It was a RuntimeError from deep in the dispatch."""
+    from gtp_kernels.validation import InputError
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton and the kernels are imported already (module top)
+    with pytest.raises(InputError, match="needs the Triton interpreter"):
+        project(torch.randn(4, 10), 8, 0, backend="triton")
+    with pytest.raises(InputError, match="needs the Triton interpreter"):
+        project_linear_factored(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 2, 2, 0, backend="triton")

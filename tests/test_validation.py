@@ -379,3 +379,9 @@ def test_float64_products_out_of_range_are_refused():
             assert sel.indices.tolist() == gk.select(A64, b64, 5, method=method).indices.tolist(), (scale, method)
         assert sel.relative_residual < 1
     assert gk.select(A64 * 2.0 ** 390, b64, 5).indices.tolist() == ref
+
+
+@pytest.mark.parametrize("ridge", ["0.1", float("nan"), -1.0, 1j])
+def test_fit_residual_checks_ridge(ridge):
+    with pytest.raises(InputError, match="ridge must be"):
+        gk.fit_residual(A, b, [0, 1], ridge=ridge)

@@ -43,7 +43,7 @@ import torch
 from gtp_kernels.ops import philox
 from gtp_kernels.ops._dispatch import interpreting, resolve_backend
 from gtp_kernels.ops._library import register
-from gtp_kernels.validation import InputError, InputTypeError, check_bool
+from gtp_kernels.validation import InputError, InputTypeError, check_backend, check_bool
 
 try:
     import triton
@@ -445,6 +445,7 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     been accumulated into. Pass False in a loop that checks its own results.
     """
     _check_grads("grads", grads, 2)
+    check_backend(backend, grads.device)  # triton on CPU tensors only in the interpreter
     check_finite = check_bool(check_finite, "check_finite")
     _check_int("d", d, 1)
     philox.check_seed(seed)
@@ -487,6 +488,7 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
     _check_grads("inputs", inputs, 3)
     check_finite = check_bool(check_finite, "check_finite")
     _check_grads("out_grads", out_grads, 3)
+    check_backend(backend, inputs.device)
     if inputs.shape[:2] != out_grads.shape[:2]:
         raise InputError(f"inputs and out_grads must share (B, S), got {tuple(inputs.shape)} and "
                          f"{tuple(out_grads.shape)}")

@@ -21,8 +21,9 @@ Input checks are collective: each rank checks its own shard and the options as
 :func:`gtp_kernels.select` does, then one exchange (two all-gathers of a few bytes) lets every
 rank raise the same InputError (naming the failing rank) or go on. The budget, the float32
 row-norm range and "some row is selectable" are judged over the whole pool, so a shard may be
-empty, all zero or all excluded. Every rank must pass the same k, target, options and
-candidate dtype (checked in the same exchange).
+empty, all zero or all excluded. Every rank must call the same entry point and pass the same
+k, target, options and candidate dtype (checked in the same exchange: ranks in different entry
+points would otherwise wait on each other's collectives until the process group's timeout).
 """
 from __future__ import annotations
 
