@@ -51,8 +51,9 @@ def _lsq_cases(device):
     args = [t.to(device) for t in (*vars(state).values(), new, *inputs)]
     backends = ["torch"] + (["ext"] if k3._resolve("auto", torch.device(device)) == "ext" else [])
     for backend, positive in itertools.product(backends, (True, False)):
-        # (L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam, positive, dep_tol, backend)
-        yield op, (*args, 0.1, positive, 1e-10, backend)
+        # (L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam, positive, dep_tol,
+        #  weight_tol, backend)
+        yield op, (*args, 0.1, positive, 1e-10, 1e-6, backend)
 
 
 OPCHECK_CASES = {"project": _project_cases, "correlate_topk": _correlate_cases, "lsq_update": _lsq_cases}

@@ -367,7 +367,9 @@ def _check_finite_result(out_view: torch.Tensor, given_out: bool, inputs: dict, 
     """One reduction over the written (B, d) columns: a NaN/Inf input always reaches them (each
     Pi entry is nonzero), and so does a float32 overflow. InputError saying which, naming the
     first bad input row; only the error path reads the inputs again."""
-    if not check or out_view.numel() == 0 or bool(torch.isfinite(out_view).all()):
+    # under torch.compile / torch.export the check would be a data-dependent branch (a graph
+    # break, an error with fullgraph=True): traced code skips it, as torch's own checks do
+    if not check or torch.compiler.is_compiling() or out_view.numel() == 0 or bool(torch.isfinite(out_view).all()):
         return
     for name, t in inputs.items():
         bad = ~torch.isfinite(t.reshape(t.shape[0], -1))
@@ -531,7 +533,7 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
     per_example = torch.bmm(delta_proj.transpose(1, 2), x_proj)
     out_view = out[:, col_start:col_start + d_out * d_in]
     out_view += per_example.reshape(n_batch, d_out * d_in) * scale
-    if check_finite and not bool(torch.isfinite(out_view).all()):
+    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(out_view).all()):
         keep = (torch.ones(n_batch, n_tokens, dtype=torch.bool, device=inputs.device) if token_mask is None
                 else token_mask.to(torch.bool))[:, :, None]
         _check_finite_result(out_view, given_out, {"inputs": torch.where(keep, inputs, 0),
