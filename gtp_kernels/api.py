@@ -15,8 +15,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .selection.baselines import random_selection, topk_less
+from .selection.baselines import TOPK_REDUCE, random_selection, topk_less
 from .selection.cosamp import gtp_cosamp
+from .selection.fill import FILL_SCORES, fill_budget
 from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
@@ -44,16 +45,19 @@ class MethodSpec:
 class Selection:
     """The result of :func:`select`.
 
-    For one target (m = 1) ``indices``, ``weights`` and ``residual_norms`` are that target's.
-    For m > 1 targets the budget k holds per target: ``indices`` is the union of the targets'
-    supports (up to m * k rows) in order of first selection (the examples to train on),
-    ``weights`` the sum of the weights each target gave them, and ``residual_norms`` an
-    (iterations + 1, m) array (rows past a target's stop repeat its last value);
-    ``per_target`` keeps each target's own result.
+    The budget k holds per target column for every method. For one target (m = 1)
+    ``indices``, ``weights`` and ``residual_norms`` are that target's. For m > 1 targets
+    ``indices`` is the union of the targets' selections (up to m * k rows): first the rows some
+    target chose itself, in order of first selection, then the rows only filling added;
+    ``weights`` the sum of the weights each target gave a row (for ``topk`` and ``random``,
+    whose weights are scores or ones, the largest), ``residual_norms`` an (iterations + 1, m)
+    array (rows past a target's stop repeat its last value), ``row_targets`` the target columns
+    each row serves; ``per_target`` keeps each target's own result.
 
     ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
     methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
-    negative), for ``random`` ones (see ``METHODS[name].fit_weights``).
+    negative), for ``random`` ones (see ``METHODS[name].fit_weights``). Rows added by
+    ``fill`` have weight 0 and are flagged by ``filled``.
     """
 
     method: str
@@ -66,25 +70,59 @@ class Selection:
     def num_targets(self) -> int:
         return len(self.per_target)
 
+    def _union(self) -> Dict[int, List[int]]:
+        """{row: [target columns it serves]} in union order: pursued rows first, then filled."""
+        rows: Dict[int, List[int]] = {}
+        for part in ("pursued", "filled"):
+            for column, ts in enumerate(self.per_target):
+                chosen = ts.indices[: ts.num_pursued] if part == "pursued" else ts.indices[ts.num_pursued:]
+                for i in chosen.tolist():
+                    rows.setdefault(i, []).append(column)
+        return rows
+
     @property
     def indices(self) -> np.ndarray:
         if len(self.per_target) == 1:
             return self.per_target[0].indices
-        seen: Dict[int, None] = {}
-        for ts in self.per_target:
-            for i in ts.indices.tolist():
-                seen.setdefault(i, None)
-        return np.fromiter(seen.keys(), dtype=np.int64, count=len(seen))
+        union = self._union()
+        return np.fromiter(union.keys(), dtype=np.int64, count=len(union))
 
     @property
     def weights(self) -> np.ndarray:
         if len(self.per_target) == 1:
             return self.per_target[0].weights
+        spec = METHODS.get(self.method)
+        add = spec is None or spec.fit_weights  # scores and ones are not summed: the best one
         total: Dict[int, float] = {}
         for ts in self.per_target:
             for i, w in zip(ts.indices.tolist(), ts.weights.tolist()):
-                total[i] = total.get(i, 0.0) + w
+                total[i] = (total.get(i, 0.0) + w) if add else max(total.get(i, -float("inf")), w)
         return np.asarray([total[i] for i in self.indices.tolist()], dtype=np.float64)
+
+    @property
+    def row_targets(self) -> List[tuple]:
+        """For each row of ``indices``, the target columns (0-based, increasing) whose selection
+        holds it, pursued or filled."""
+        return [tuple(sorted(cols)) for cols in self._union().values()]
+
+    @property
+    def filled(self) -> np.ndarray:
+        """For each row of ``indices``: True when only filling added it (no target's method
+        chose it; weight 0)."""
+        pursued = set()
+        for ts in self.per_target:
+            pursued.update(ts.indices[: ts.num_pursued].tolist())
+        return np.asarray([i not in pursued for i in self.indices.tolist()], dtype=bool)
+
+    @property
+    def num_filled(self) -> int:
+        """Rows of ``indices`` that only filling added."""
+        return int(self.filled.sum())
+
+    @property
+    def num_pursued(self) -> int:
+        """Rows of ``indices`` that some target's method chose itself."""
+        return int(len(self.indices) - self.num_filled)
 
     @property
     def residual_norms(self) -> np.ndarray:
@@ -104,10 +142,13 @@ class Selection:
         return max(vals) if vals else None
 
     def records(self, ids: Optional[Sequence[Any]] = None) -> List[Dict[str, Any]]:
-        """One dict per selected example: rank, index, weight (and id when ids are given)."""
+        """One dict per selected example: rank, index, weight, targets (the target columns it
+        serves), filled (added only by filling the budget), and id when ids are given."""
         out = []
-        for rank, (i, w) in enumerate(zip(self.indices.tolist(), self.weights.tolist())):
-            rec: Dict[str, Any] = {"rank": rank, "index": int(i), "weight": float(w)}
+        rows = zip(self.indices.tolist(), self.weights.tolist(), self.row_targets, self.filled.tolist())
+        for rank, (i, w, columns, filled) in enumerate(rows):
+            rec: Dict[str, Any] = {"rank": rank, "index": int(i), "weight": float(w), "targets": list(columns),
+                                   "filled": bool(filled)}
             if ids is not None:
                 rec["id"] = ids[i]
             out.append(rec)
@@ -120,12 +161,16 @@ class Selection:
             "k": self.k,  # per target column
             "num_targets": self.num_targets,
             "selected": int(len(self.indices)),  # the union over targets: up to num_targets * k
+            "pursued": self.num_pursued,  # rows of the union some target's method chose
+            "filled": self.num_filled,  # rows of the union only filling added (weight 0)
             "relative_residual": self.relative_residual,
             "params": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.params.items()},
             "timings_s": self.timings,
             "targets": [
                 {
                     "selected": int(len(ts.indices)),
+                    "pursued": ts.num_pursued,
+                    "filled": ts.filled,
                     "stopped_by": ts.stopped_by,
                     "iterations": ts.iterations,
                     "rejected": ts.rejected,
@@ -206,7 +251,8 @@ def select(
     stop_ratio: Optional[float] = None,
     max_iters: Optional[int] = None,
     batch_size: Optional[int] = None,
-    topk_reduce: str = "mean",
+    topk_reduce: str = "column",
+    fill: Optional[str] = None,
     seed: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
@@ -221,7 +267,8 @@ def select(
     Args:
         candidates: A, (N, D) rows, or an (N, T, d) trajectory; torch or numpy, any float dtype.
         target: b, (D,), or (D, m) for m targets pursued together.
-        k: budget per target column, 1 <= k <= N (m targets: up to m * k rows in the union).
+        k: budget per target column for every method, 1 <= k <= N (m targets: up to m * k rows
+            in the union; ``Selection.row_targets`` says which columns each row serves).
         method: a name in METHODS (default: the fastest exact GTP method).
         checkpoint_weights: (T,) lr_t per checkpoint (None: unweighted).
         num_checkpoints: T when candidates are flat (N, T*d).
@@ -236,7 +283,15 @@ def select(
         stop_ratio: guard: stop once the best correlation is below stop_ratio times the first.
         max_iters: iteration cap (default 2k + 10).
         batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
-        topk_reduce: "mean" or "max" over target columns, for top-k.
+        topk_reduce: top-k with m target columns: "column" (default), each column's k best by
+            its own LESS score, as LESS selects per task; "mean" or "max", one ranking by the
+            columns' mean (LESS over a task's validation examples) or max score, whose k best
+            serve every column.
+        fill: when a target's method stops before k rows, top its selection up to k with the
+            best remaining candidates by this score (rows marked ``filled``, weight 0, never a
+            near-copy of a row already chosen; see selection/fill.py): "target" (cosine with
+            the target column) or "residual" (cosine with the final residual: what pursuit
+            would take next). None (default): the method's rows only.
         seed: for random selection (an integer >= 0).
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
             In float32 the candidates' row norms must lie within 2^-50..2^50; targets may have
@@ -259,8 +314,11 @@ def select(
                                    max_iters=max_iters)
     ridge, tol, min_cosine, align_threshold, stop_ratio, max_iters = (
         common[name] for name in ("ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters"))
-    if topk_reduce not in ("mean", "max"):
-        raise InputError(f"topk_reduce must be 'mean' or 'max', got {topk_reduce!r}")
+    if topk_reduce not in TOPK_REDUCE:
+        raise InputError(f"topk_reduce must be 'mean' or 'max' (one ranking for every column) or 'column' "
+                         f"(each column its own), got {topk_reduce!r}")
+    if fill is not None and fill not in FILL_SCORES:
+        raise InputError(f"fill must be None, {' or '.join(repr(f) for f in FILL_SCORES)}, got {fill!r}")
     for label, value in (("batch_size", batch_size), ("seed", seed)):
         if value is not None and not _is_integer(value):
             raise InputError(f"{label} must be an integer, got {value!r}")
@@ -300,6 +358,10 @@ def select(
     finally:
         if bar is not None:
             bar.close()
+    t_fill = time.perf_counter()
+    if fill is not None:  # on the scaled problem, whose weights per_target holds
+        per_target = fill_budget(problem, per_target, k, fill, positive=bool(positive),
+                                 dtype=opts.resolved_compute_dtype(problem.candidates.dtype))
     per_target = scaling.undo(per_target, spec.fit_weights)
     if problem.candidates.is_cuda:
         torch.cuda.synchronize()
@@ -307,14 +369,15 @@ def select(
     params = {
         "positive": positive, "ridge": ridge, "tol": tol, "min_cosine": min_cosine,
         "align_threshold": align_threshold, "guard_excluded": guard_excluded, "stop_ratio": stop_ratio,
-        "max_iters": max_iters, "batch_size": batch_size, "topk_reduce": topk_reduce, "seed": seed,
-        "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
+        "max_iters": max_iters, "batch_size": batch_size, "topk_reduce": topk_reduce, "fill": fill,
+        "seed": seed, "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
         "num_candidates": problem.num_candidates, "dim": problem.dim, "num_targets": problem.num_targets,
         "num_checkpoints": problem.num_checkpoints,
         "checkpoint_weights": None if user_weights is None else user_weights.tolist(),
         "device": str(problem.candidates.device),
     }
-    timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
+    timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "fill_s": t2 - t_fill if fill is not None else 0.0,
+               "total_s": t2 - t0}
     return Selection(name, int(k), tuple(per_target), params, timings)
 
 

@@ -84,17 +84,29 @@ def _add_select(sub) -> None:
     p = sub.add_parser("select", help="select k examples matching a target gradient",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Read candidate and target arrays (.npy, .pt, .safetensors; FILE:KEY picks "
-                                   "one tensor), select, and write OUT/selection.jsonl (rank, index, weight) "
-                                   "and OUT/summary.json atomically.",
+                                   "one tensor) or stores, select k rows per target column, and write the folder "
+                                   "OUT (selection.jsonl: rank, index, weight, targets, filled; summary.json: "
+                                   "parameters, inputs, why pursuit stopped) whole, in one rename.",
                        epilog=_methods_help())
     p.add_argument("--candidates", required=True,
                    help="(N, D) or (N, T, d) array file, or a trajectory store folder (gtp collect)")
     p.add_argument("--target", required=True,
-                   help="(D,) or (D, m) array file, or a store folder (its mean row is the target)")
+                   help="(D,) or (D, m) array file, or a store folder (see --target-mode)")
+    p.add_argument("--target-mode", choices=TARGET_MODES, default="mean",
+                   help="a target store as one column, the mean of its examples (default; provisional until the "
+                        "quality study), or as one column per example ('examples', as LESS scores every validation "
+                        "example: k rows per example)")
     p.add_argument("--k", type=int, required=True,
                    help="budget: at most k examples per target column; the union of m columns holds up to m*k")
     p.add_argument("--method", default=None, help="selection method (see below)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="output folder, written whole; must be new or empty unless --force")
+    p.add_argument("--force", action="store_true",
+                   help="replace an --out folder that holds an earlier gtp select output (and nothing else)")
+    p.add_argument("--fill", choices=FILL_CHOICES, default="target",
+                   help="when pursuit stops before k rows, fill each column's budget with the best remaining "
+                        "candidates (weight 0, marked filled, no near-copies) by cosine with the 'target' (default; "
+                        "provisional until the quality study) or with the final 'residual'; 'none' keeps pursuit's rows")
     p.add_argument("--data", default=None, metavar="JSONL",
                    help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples "
                         "(without --data, a selected.jsonl left there by an earlier run is removed)")
@@ -111,7 +123,9 @@ def _add_select(sub) -> None:
     p.add_argument("--stop-ratio", type=float, default=None,
                    help="guard: stop when the best correlation falls below this fraction of the first")
     p.add_argument("--batch-size", type=int, default=None, help="compressive sampling: candidates per pass")
-    p.add_argument("--topk-reduce", choices=("mean", "max"), default="mean")
+    p.add_argument("--topk-reduce", choices=("column", "mean", "max"), default="column",
+                   help="topk with several target columns: each column's own k best (column, default), or one "
+                        "ranking by the columns' mean or max LESS score serving every column")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="e.g. cuda (default: where the data is, the CPU for files)")
     p.add_argument("--float64", action="store_true", help="compute in float64")
@@ -121,6 +135,8 @@ def _add_select(sub) -> None:
 
 SELECTION_FILES = ("selection.jsonl", "summary.json")
 EXAMPLES_FILE = "selected.jsonl"
+FILL_CHOICES = ("target", "residual", "none")
+TARGET_MODES = ("mean", "examples")
 
 
 def _read_data(path: str, id_field: str, store_ids) -> dict:
@@ -148,48 +164,117 @@ def _read_data(path: str, id_field: str, store_ids) -> dict:
     return by_id
 
 
+# why pursuit stopped, in words (selection/common.py's STOP_* codes; others print as they are)
+_STOP_WORDS = {
+    "budget": "k reached",
+    "tolerance": "residual below --tol",
+    "no_correlation": "no candidate left positively correlated with the residual",
+    "guard": "best correlation below --stop-ratio of the first",
+    "exhausted": "no eligible candidate left",
+    "max_iters": "iteration cap reached",
+}
+_FILL_WORDS = {"target": "cosine with the target", "residual": "cosine with the final residual"}
+
+
 def _selection_line(sel) -> str:
+    """The one line gtp select prints: what was selected, how many rows the method chose and how
+    many filling added, and why pursuit stopped (per reason, with how many targets when m > 1)."""
     rel = sel.relative_residual
     rel_s = "n/a" if rel is None else f"{rel:.4g}"
     time_s = f"{sel.timings.get('total_s', float('nan')):.3g}s"
-    if sel.num_targets == 1:
-        return (f"method={sel.method}, k={sel.k}, selected={len(sel.indices)}, "
-                f"relative_residual={rel_s}, time={time_s}")
-    return (f"method={sel.method}, k={sel.k} per target, {sel.num_targets} targets, "
-            f"selected={len(sel.indices)} (union), relative_residual={rel_s} (worst target), time={time_s}")
+    pursuit = any(ts.stopped_by != "n/a" for ts in sel.per_target)
+    chosen = f"{sel.num_pursued} pursued" if pursuit else f"{sel.num_pursued} by {sel.method}"
+    fill = sel.params.get("fill")
+    filled = f"{sel.num_filled} filled"
+    if sel.num_filled:
+        filled += f" by {_FILL_WORDS.get(fill, fill)}"
+    elif not fill:
+        filled += " (--fill none)"
+    m = sel.num_targets
+    if m == 1:
+        head = f"method={sel.method}, k={sel.k}, selected={len(sel.indices)}: {chosen}, {filled}, "
+        tail = f"relative_residual={rel_s}, time={time_s}"
+    else:
+        head = f"method={sel.method}, k={sel.k} per target, {m} targets, selected={len(sel.indices)} (union): " \
+               f"{chosen}, {filled}, "
+        tail = f"relative_residual={rel_s} (worst target), time={time_s}"
+    parts = [head + tail]
+    if pursuit:
+        reasons: dict = {}
+        for ts in sel.per_target:
+            reasons[ts.stopped_by] = reasons.get(ts.stopped_by, 0) + 1
+        said = [f"{code} ({_STOP_WORDS[code]})" if code in _STOP_WORDS else code for code in reasons]
+        if m > 1:
+            said = [f"{words} for {count} target{'s' if count > 1 else ''}"
+                    for words, count in zip(said, reasons.values())]
+        parts.append("pursuit stopped: " + ", ".join(said))
+    short = sum(max(0, sel.k - len(ts.indices)) for ts in sel.per_target)
+    if short:
+        why = "no eligible candidate left that is not a near-copy" if fill else "pass --fill to fill the budget"
+        parts.append(f"{short} row{'s' if short > 1 else ''} short of k" + (" in all" if m > 1 else "") + f" ({why})")
+    return "; ".join(parts)
+
+
+def _file_sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _describe_array(spec: str, array) -> dict:
+    import os
+
+    return {"path": os.path.abspath(str(spec)), "kind": "file", "shape": list(array.shape),
+            "dtype": str(array.dtype).replace("torch.", "")}
+
+
+def _describe_store(store) -> dict:
+    return {"path": str(store.path.resolve()), "kind": "store", "shape": [store.n, store.t, store.d],
+            "dtype": str(store.dtype), "manifest_sha256": _file_sha256(store.path / "manifest.json")}
 
 
 def _cmd_select(args) -> int:
+    import shlex
     from pathlib import Path
 
     import torch
 
+    from . import __version__
     from .api import DEFAULT_METHOD, METHODS, select
     from .collect.data import selected_examples_text
     from .collect.store import check_compatible, is_store, open_store
-    from .io import atomic_write_files, check_output_folder, load_array, render_selection
+    from .collect.targets import store_target
+    from .io import check_replaceable_folder, load_array, render_selection, write_output_folder
 
     # Everything that can be checked before the work is checked here; nothing is written
-    # until the selection is done, and then every output is put in place together.
+    # until the selection is done, and then the output folder is put in place whole.
     _check_method(args.method)
     _check_device(args.device)
     if args.k < 1:
         raise InputError(f"--k must be >= 1, got {args.k}")
     out = Path(args.out)
-    names = SELECTION_FILES + ((EXAMPLES_FILE,) if args.data is not None else ())
-    check_output_folder(out, "--out", names)
+    check_replaceable_folder(out, "--out", args.force)
     candidates_is_store = is_store(args.candidates)
+    target_is_store = is_store(args.target)
     if args.data is not None:
         if not candidates_is_store:
             raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
         if Path(args.data).resolve() == (out / EXAMPLES_FILE).resolve():
             raise InputError(f"--data {args.data} is the output {out / EXAMPLES_FILE}; it would be overwritten")
+    if args.target_mode != "mean" and not target_is_store:
+        raise InputError(f"--target-mode {args.target_mode} needs --target to be a store; a target file is used as "
+                         "it is, (D,) or (D, m) with one column per target")
 
     ids = None
     by_id = None
+    inputs = {}
     checkpoint_weights = args.checkpoint_weights
     method_spec = METHODS[args.method or DEFAULT_METHOD]
-    target_store = open_store(args.target, verify=args.verify) if is_store(args.target) else None
+    target_store = open_store(args.target, verify=args.verify) if target_is_store else None
     if candidates_is_store:
         store = open_store(args.candidates, verify=args.verify)
         if target_store is not None:
@@ -200,38 +285,49 @@ def _cmd_select(args) -> int:
         ids = store.ids
         if args.data is not None:
             by_id = _read_data(args.data, args.id_field, ids)
+            inputs["data"] = {"path": str(Path(args.data).resolve()), "sha256": _file_sha256(args.data)}
+        inputs["candidates"] = _describe_store(store)
         candidates = store.candidates(as_tensor=True)
         if checkpoint_weights is None:
             checkpoint_weights = store.weights_for(method_spec.block_scale_invariant)
         num_checkpoints = store.t
     else:
         candidates = load_array(args.candidates, "candidates")
+        inputs["candidates"] = _describe_array(args.candidates, candidates)
         num_checkpoints = args.num_checkpoints
-    target = target_store.mean() if target_store is not None else load_array(args.target, "target")
+    if target_store is not None:
+        target = store_target(target_store, args.target_mode)
+        inputs["target"] = {**_describe_store(target_store), "mode": args.target_mode}
+    else:
+        target = load_array(args.target, "target")
+        inputs["target"] = _describe_array(args.target, target)
     sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=checkpoint_weights,
                  num_checkpoints=num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
                  tol=args.tol, align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,
-                 batch_size=args.batch_size, topk_reduce=args.topk_reduce, seed=args.seed,
+                 batch_size=args.batch_size, topk_reduce=args.topk_reduce,
+                 fill=None if args.fill == "none" else args.fill, seed=args.seed,
                  device=args.device, compute_dtype=torch.float64 if args.float64 else None,
                  progress=args.progress)
 
-    texts = render_selection(sel, ids=ids)
-    files = {out / name: texts[name].encode("utf-8") for name in SELECTION_FILES}
+    run = {"inputs": inputs, "gtp_kernels_version": __version__,
+           "command_line": shlex.join(getattr(args, "summary_argv", None) or ["gtp", "select"])}
+    texts = render_selection(sel, ids=ids, extra_summary=run)
+    files = {name: texts[name].encode("utf-8") for name in SELECTION_FILES}
     if by_id is not None:
         chosen = [ids[i] for i in sel.indices.tolist()]
-        files[out / EXAMPLES_FILE] = selected_examples_text(by_id, chosen, sel.weights.tolist()).encode("utf-8")
+        files[EXAMPLES_FILE] = selected_examples_text(by_id, chosen, sel.weights.tolist()).encode("utf-8")
     stale = out / EXAMPLES_FILE
-    remove = [stale] if by_id is None and (stale.is_file() or stale.is_symlink()) else []
+    replaced_examples = by_id is None and stale.is_file()
     try:
-        atomic_write_files(files, remove=remove)
+        write_output_folder(out, files, force=args.force)
     except OSError as exc:
         raise InputError(f"cannot write to --out {out}: {exc}") from None
     print(_selection_line(sel))
     print(f"wrote {out / SELECTION_FILES[0]} and {out / SELECTION_FILES[1]}")
     if by_id is not None:
         print(f"wrote {len(sel.indices)} selected examples to {out / EXAMPLES_FILE}")
-    for path in remove:
-        print(f"removed {path}: an earlier run's examples, which do not match this selection "
+    if replaced_examples:
+        print(f"removed {stale}: an earlier run's examples, which do not match this selection "
               f"(pass --data to write them)")
     return 0
 
@@ -255,7 +351,10 @@ def _cmd_collect(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="gtp", description="Training-data selection by Gradient Trajectory Pursuit")
+    parser.add_argument("--version", action="version", version=f"gtp (gtp_kernels) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_select(sub)
@@ -265,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.summary_argv = ["gtp", *argv]  # recorded in summary.json
     try:
         return args.func(args)
     except (InputError, StoreError, FileNotFoundError) as exc:

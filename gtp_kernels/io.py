@@ -6,10 +6,15 @@ temp-file + ``os.replace`` so a crash never leaves a half-written output.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence
@@ -212,27 +217,193 @@ def jsonl(records: Iterable[Dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
+SELECTION_FILES = ("selection.jsonl", "summary.json")
+EXAMPLES_FILE = "selected.jsonl"
+OUTPUT_FILES = SELECTION_FILES + (EXAMPLES_FILE,)  # what an output folder of a selection may hold
+
+
 def render_selection(selection, ids: Optional[Sequence[Any]] = None,
-                     examples: Optional[Sequence[Any]] = None) -> Dict[str, str]:
-    """The text of ``selection.jsonl`` and ``summary.json``, by file name."""
+                     examples: Optional[Sequence[Any]] = None,
+                     extra_summary: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+    """The text of ``selection.jsonl`` and ``summary.json``, by file name (``extra_summary``'s
+    keys are added to the summary: inputs, version, command line)."""
     records = selection.records(ids)
     if examples is not None:
         for rec in records:
             rec["example"] = examples[rec["index"]]
+    summary = selection.summary()
+    summary.update(extra_summary or {})
     return {"selection.jsonl": jsonl(records),
-            "summary.json": json.dumps(selection.summary(), indent=2) + "\n"}
+            "summary.json": json.dumps(summary, indent=2) + "\n"}
 
 
 def write_selection(out_dir: os.PathLike, selection, ids: Optional[Sequence[Any]] = None,
                     examples: Optional[Sequence[Any]] = None) -> Dict[str, Path]:
-    """Write ``selection.jsonl`` (rank, index, weight[, id, example]) and ``summary.json``.
+    """Write the folder ``out_dir`` holding ``selection.jsonl`` (rank, index, weight, targets,
+    filled[, id, example]) and ``summary.json``.
 
-    Each file is complete or absent: both are rendered in memory and staged as temp files
-    first, then renamed into place together. Returns the paths written.
+    The folder is written whole or not at all (:func:`write_output_folder`): staged beside it
+    and renamed into place once. An existing ``out_dir`` that holds only selection outputs is
+    replaced; one holding anything else is refused (InputError). Returns the paths written.
     """
     out = Path(out_dir)
     texts = render_selection(selection, ids, examples)
-    paths = {"selection": out / "selection.jsonl", "summary": out / "summary.json"}
-    atomic_write_files({paths["selection"]: texts["selection.jsonl"].encode("utf-8"),
-                        paths["summary"]: texts["summary.json"].encode("utf-8")})
-    return paths
+    write_output_folder(out, {name: texts[name].encode("utf-8") for name in SELECTION_FILES}, force=True)
+    return {"selection": out / "selection.jsonl", "summary": out / "summary.json"}
+
+
+# --- output folders written whole: staged as a sibling, renamed into place once ---
+#
+# OUT is written as PARENT/.OUT.tmp-<host>-<pid>/ (every file written and fsync'ed), then renamed
+# to OUT. Replacing an existing OUT moves it aside to PARENT/.OUT.old-<host>-<pid>/ first and
+# removes it after. A crash leaves OUT as it was, or the new OUT, or (between the two renames of
+# a replacement) no OUT beside the complete old and new folders: never a mix of runs. Staging
+# folders of processes that are gone (same host, dead pid) or older than a day are removed by
+# the next write to the same OUT.
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9-]+)-(?P<pid>\d+)$")
+STALE_STAGING_SECONDS = 24 * 3600
+# temp files an earlier, file-by-file writer left inside an output folder (atomic_write_files)
+_OLD_TEMP = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in OUTPUT_FILES) + r")\..+\.tmp$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _staging_path(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.{kind}-{_host_tag()}-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:
+        return True  # cannot tell: keep its files
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def clean_stale_staging(out: os.PathLike) -> list:
+    """Remove the staging folders of earlier writes of ``out`` whose writer is gone (this host,
+    dead pid) or that are older than STALE_STAGING_SECONDS; returns the paths removed."""
+    out = Path(os.path.abspath(out))
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    host = _host_tag()
+    for entry in out.parent.iterdir():
+        match = _STAGING.match(entry.name)
+        if match is None or match["name"] != out.name:
+            continue
+        try:
+            age = time.time() - entry.lstat().st_mtime
+        except FileNotFoundError:
+            continue
+        dead = match["host"] == host and not _process_alive(int(match["pid"]))
+        if dead or age > STALE_STAGING_SECONDS:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def check_replaceable_folder(out: os.PathLike, what: str, force: bool,
+                             owned: Sequence[str] = OUTPUT_FILES) -> Path:
+    """Refuse, before any work, an output folder that may not be (re)written whole: one that
+    exists and is not a folder, a non-empty folder without ``force``, or (with ``force``) one
+    holding anything but the files ``owned`` names; or one whose parent cannot take the staging
+    folder. Creates nothing."""
+    p = Path(os.path.abspath(out))
+    if not p.name:
+        raise InputError(f"{what} {out}: choose a folder to create, not the file system root")
+    if p.is_symlink():
+        raise InputError(f"{what} {out} is a symbolic link; pass the folder it points to")
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{what} {out} exists and is not a folder")
+    _check_writable_folder(p.parent, what, Path(out))
+    if p.is_dir():
+        entries = sorted(e.name for e in p.iterdir())
+        if entries and not force:
+            raise InputError(f"{what} {out} is not empty ({', '.join(entries[:3])}"
+                             f"{', ...' if len(entries) > 3 else ''}); pass --force to replace it, or choose a new folder")
+        foreign = [name for name in entries
+                   if not ((name in owned and (p / name).is_file() and not (p / name).is_symlink())
+                           or _OLD_TEMP.match(name))]
+        if foreign:
+            raise InputError(f"{what} {out} holds {foreign[0]!r}, which is not a selection output; --force only "
+                             f"replaces a folder of {', '.join(owned)}: choose another folder")
+    return p
+
+
+def write_output_folder(out: os.PathLike, files: Dict[str, bytes], *, force: bool = False,
+                        owned: Sequence[str] = OUTPUT_FILES) -> Path:
+    """Write ``files`` (name -> bytes) as the folder ``out``, all of them at once.
+
+    Every file is written and fsync'ed in a staging folder beside ``out``, which is then renamed
+    to ``out`` in one step (see above). An existing non-empty ``out`` is refused unless
+    ``force``, and then must hold only ``owned`` files (check_replaceable_folder); it is moved
+    aside, the new folder renamed in, and the old one removed. Files get the mode a plain
+    ``open()`` gives. Returns ``out``.
+    """
+    target = check_replaceable_folder(out, "output folder", force, owned)
+    clean_stale_staging(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stage = _staging_path(target, "tmp")
+    if stage.exists():  # our own pid's leftover (an earlier failed call in this process)
+        shutil.rmtree(stage)
+    stage.mkdir()
+    try:
+        for name, data in files.items():
+            if Path(name).name != name or name.startswith("."):
+                raise ValueError(f"output file names must be plain names, got {name!r}")
+            with open(stage / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_folder(stage)
+        _put_in_place(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    _fsync_folder(target.parent)
+    return target
+
+
+def _put_in_place(stage: Path, target: Path) -> None:
+    """Rename the complete staging folder to target, moving a non-empty target aside first."""
+    if target.is_dir() and any(target.iterdir()):
+        old = _staging_path(target, "old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+        try:
+            os.rename(stage, target)
+        except BaseException:
+            os.rename(old, target)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, target)  # absent, or an empty folder: one rename
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make renames in folder durable where the platform allows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

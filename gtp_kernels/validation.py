@@ -163,7 +163,10 @@ def validate_problem(
         A = A.reshape(N, T * d)
     elif A.dim() == 2:
         N = A.shape[0]
-        T = 1 if num_checkpoints is None else num_checkpoints
+        if num_checkpoints is None:
+            T = _checkpoints_from_weights(checkpoint_weights, A.shape[1])
+        else:
+            T = num_checkpoints
         if T < 1 or A.shape[1] % T != 0:
             raise InputError(f"num_checkpoints={num_checkpoints} does not divide D={A.shape[1]}")
         d = A.shape[1] // T
@@ -173,12 +176,9 @@ def validate_problem(
     if N == 0 or D == 0:
         raise InputError(f"candidates are empty (shape {tuple(A.shape)})")
 
+    _check_target_shape(tuple(A.shape), tuple(b.shape), T, num_checkpoints is not None or A.dim() == 3)
     if b.dim() == 1:
         b = b.reshape(-1, 1)
-    elif b.dim() != 2:
-        raise InputError(f"target must be (D,) or (D, m), got shape {tuple(b.shape)}")
-    if b.shape[0] != D:
-        raise InputError(f"target has D={b.shape[0]} but candidates have D={D}")
     if b.shape[1] == 0:
         raise InputError("target has no columns (m = 0)")
     if b.device != A.device:
@@ -206,7 +206,8 @@ def validate_problem(
                             if not isinstance(checkpoint_weights, torch.Tensor)
                             else checkpoint_weights.detach().cpu().to(torch.float64))
         if w.dim() != 1 or w.shape[0] != T:
-            raise InputError(f"checkpoint_weights must have T={T} entries, got shape {tuple(w.shape)}")
+            raise InputError(f"checkpoint_weights must have T={T} entries (one per checkpoint; candidates "
+                             f"{tuple(A.shape)} with num_checkpoints={num_checkpoints}), got shape {tuple(w.shape)}")
         if not bool(torch.isfinite(w).all()):
             raise InputError("checkpoint_weights contain NaN or Inf")
         if bool((w < 0).any()):
@@ -228,6 +229,53 @@ def validate_problem(
         reason = "all-zero or excluded" if exclude is not None else "all-zero"
         raise InputError(f"no candidate can be selected: all {N} rows are {reason}")
     return Problem(A, b, T, d, weights, excl)
+
+
+def _checkpoints_from_weights(checkpoint_weights: Any, D: int) -> int:
+    """T for flat (N, D) candidates given checkpoint weights but no num_checkpoints: the number
+    of weights when it divides D (the only T they fit), else an InputError naming num_checkpoints."""
+    if checkpoint_weights is None:
+        return 1
+    shape = tuple(checkpoint_weights.shape) if isinstance(checkpoint_weights, (torch.Tensor, np.ndarray)) \
+        else np.shape(checkpoint_weights) if isinstance(checkpoint_weights, (list, tuple)) else ()
+    if len(shape) != 1 or shape[0] < 1:
+        return 1  # not a list of weights: the weights' own check says so
+    count = shape[0]
+    if D % count != 0:
+        raise InputError(f"checkpoint_weights has {count} entries but the flat candidates' D={D} is not a "
+                         f"multiple of {count}: pass num_checkpoints=T for (N, T*d) rows, or (N, T, d) candidates")
+    return count
+
+
+def _check_target_shape(a_shape: tuple, b_shape: tuple, T: int, t_given: bool) -> None:
+    """InputError for a target that is not (D,) or (D, m), saying what to do with it."""
+    N, D = a_shape[0], a_shape[1] if len(a_shape) == 2 else a_shape[1] * a_shape[2]
+    flat_a = len(a_shape) == 2
+    if len(b_shape) == 1 and b_shape[0] == D:
+        return
+    if len(b_shape) == 2 and b_shape[0] == D:
+        return
+    got = f"target has shape {b_shape} but candidates have shape {a_shape} (D={D})"
+    length = b_shape[0] if len(b_shape) else None
+    if flat_a and length == N and N != D and (len(b_shape) == 1 or b_shape[0] != D):
+        raise InputError(f"{got}: the target matches the candidates' first axis, so the candidates look "
+                         f"transposed; pass them as (N examples, D features), e.g. transpose them (A.T)")
+    if len(b_shape) == 2 and b_shape[1] == D:
+        what = "one row" if b_shape[0] == 1 else f"{b_shape[0]} rows"
+        fix = "reshape the target to (D,)" if b_shape[0] == 1 else \
+            "reshape the target to (D,) or (D, m): transpose it (target.T) for one column per row"
+        raise InputError(f"{got}: it holds {what} of length D; {fix}")
+    if len(b_shape) == 2 and b_shape[0] * b_shape[1] == D:
+        t_hint = "" if t_given or b_shape[0] == 1 else \
+            f"; pass num_checkpoints={b_shape[0]} if the candidates are flat (N, T*d) trajectories"
+        raise InputError(f"{got}: it looks like a (T, d) trajectory; reshape the target to (D,) "
+                         f"(target.reshape(-1)){t_hint}")
+    if len(b_shape) == 3 and b_shape[1] * b_shape[2] == D:
+        raise InputError(f"{got}: it looks like (m, T, d) trajectories; reshape the target to (D, m) "
+                         f"(target.reshape(m, -1).T)")
+    if len(b_shape) not in (1, 2):
+        raise InputError(f"target must be (D,) or (D, m), got shape {b_shape}; reshape the target to (D,) or (D, m)")
+    raise InputError(f"target has D={b_shape[0]} but candidates have D={D}; reshape the target to (D,) or (D, m)")
 
 
 def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype) -> None:

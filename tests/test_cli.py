@@ -207,7 +207,7 @@ def test_select_rerun_without_data_removes_stale_examples(tmp_path, capsys):
     assert cli_main(args + ["--data", str(tmp_path / "pool.jsonl")]) == 0
     assert (tmp_path / "o" / "selected.jsonl").exists()
     capsys.readouterr()
-    assert cli_main(args[:-4] + ["--k", "2", "--out", str(tmp_path / "o")]) == 0
+    assert cli_main(args[:-4] + ["--k", "2", "--out", str(tmp_path / "o"), "--force"]) == 0  # replacing needs --force
     assert "removed" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["selection.jsonl", "summary.json"]
 

@@ -50,7 +50,8 @@ class SelectOptions:
         it also caps the sampling passes (None: k).
     batch_size: compressive sampling, candidates pursued per pass (None: adaptive, starting at
         N/12 and doubling or halving with the picks a pass yields; see selection/cosamp.py).
-    topk_reduce: top-k over m target columns: "mean" (LESS averages over target examples) or "max".
+    topk_reduce: top-k over m target columns: "column" (each column's own k best), or one ranking
+        by the columns' "mean" (LESS averages over a task's examples) or "max" score.
     seed: random selection's seed.
     compute_dtype: float32 or float64 (None: float64 for float64 input, else float32).
     progress: show a progress bar on long runs.
@@ -64,7 +65,7 @@ class SelectOptions:
     dep_tol: Optional[float] = None
     max_iters: Optional[int] = None
     batch_size: Optional[int] = None
-    topk_reduce: str = "mean"
+    topk_reduce: str = "column"
     seed: int = 0
     compute_dtype: Optional[torch.dtype] = None
     progress: bool = False
@@ -97,6 +98,8 @@ class TargetSelection:
     rejected: atoms refused as numerically dependent or dropped as they entered.
     dropped: atoms removed by the NNLS active-set step after having been selected.
     passes: full reads of the candidate matrix spent on this target (shared passes counted once per target).
+    filled: how many of the rows, the last ones, were added by filling the budget (select's
+        ``fill``; weight 0, not part of the fit) rather than chosen by the method.
     """
 
     indices: np.ndarray
@@ -107,4 +110,10 @@ class TargetSelection:
     rejected: int = 0
     dropped: int = 0
     passes: float = 0.0
+    filled: int = 0
+
+    @property
+    def num_pursued(self) -> int:
+        """Rows chosen by the method itself (all but the filled ones)."""
+        return len(self.indices) - self.filled
 
