@@ -55,8 +55,8 @@ class BbcSettings:
     head_c: float
 
 
-FULL = BbcSettings(base_pool=800, copy_sources=30, copies_per_source=10, flip_share=0.25, targets=30, test=500,
-                   seeds=(0, 1, 2), budgets_pct=(1, 2, 5, 10), d=1024, checkpoints=2, max_length=96,
+FULL = BbcSettings(base_pool=400, copy_sources=20, copies_per_source=10, flip_share=0.25, targets=24, test=400,
+                   seeds=(0, 1, 2), budgets_pct=(1, 2, 5, 10), d=1024, checkpoints=2, max_length=64,
                    feature_max_length=128, lora_r=4, lora_layers=(4, 5), warmup_fraction=0.1, warmup_lr=1e-3,
                    batch_size=16, head_c=10.0)
 QUICK = BbcSettings(base_pool=48, copy_sources=3, copies_per_source=4, flip_share=0.25, targets=6, test=60,
@@ -232,9 +232,12 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         "gtp nnls-weighted": ("gtp", "mean", None, None, True),
         "topk per-example": ("topk", "columns", None, None, False),
     }
-    fills = ["residual", "score"] if select_accepts("fill") else []
+    fills = ["target", "residual"] if select_accepts("fill") else []
     for fill in fills:
+        variants[f"gtp fill={fill}"] = ("gtp", "mean", None, fill, False)
         variants[f"gtp per-example fill={fill}"] = ("gtp", "columns", None, fill, False)
+    if fills:
+        variants["gtp align>0 fill=target"] = ("gtp", "mean", 0.0, "target", False)
     results: Dict[str, Any] = {"settings": asdict(s), "topics": topics, "collection": collected["metadata"],
                                "fill_available": bool(fills), "pools": {}}
     for pool_name, index in data["pools"].items():

@@ -60,9 +60,9 @@ class ChatSettings:
     lora_r: int
 
 
-FULL = ChatSettings(pool=1000, dup_sources=20, copies_per_source=10, wrong_share=0.25, targets=8, test=200,
+FULL = ChatSettings(pool=1000, dup_sources=20, copies_per_source=10, wrong_share=0.25, targets=8, test=150,
                     seeds=(0, 1, 2), budgets_pct=(1, 2, 5, 10), pretrain_examples=4000, pretrain_steps=400,
-                    hidden=64, layers=2, d=512, checkpoints=2, warmup_fraction=0.1, finetune_steps=60,
+                    hidden=64, layers=2, d=512, checkpoints=2, warmup_fraction=0.1, finetune_steps=40,
                     finetune_batch=16, finetune_lr=5e-3, lora_r=8)
 QUICK = ChatSettings(pool=80, dup_sources=2, copies_per_source=4, wrong_share=0.25, targets=4, test=20,
                      seeds=(0, 1), budgets_pct=(5, 10, 20), pretrain_examples=200, pretrain_steps=10,

@@ -51,9 +51,9 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
                   seed: int, num_checkpoints: int, align_threshold: Optional[float] = None,
                   fill: Optional[str] = None) -> Picked:
     """``budget`` rows by ``method`` for a (D,) target or a (D, m) target (one column per target
-    example). Today's ``select`` holds k per column; with m columns we ask each for
-    ceil(budget / m) rows and take the union round-robin up to the budget (or, when this
-    gtp_kernels has the ``fill`` option, pass it through and let the library fill)."""
+    example). ``select`` holds k per column: with m columns each is asked for ceil(budget / m)
+    rows and the union is taken round-robin (every column's first pick, then every second, ...)
+    up to the budget. ``fill`` (when this gtp_kernels has it) tops each column up to its k."""
     columns = 1 if target.ndim == 1 else target.shape[1]
     per_column_k = max(1, -(-budget // columns))
     options: Dict[str, Any] = {"method": method, "checkpoint_weights": store_weights(method), "seed": seed,
@@ -63,16 +63,17 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
     if fill is not None:
         options["fill"] = fill
     started = time.perf_counter()
-    selection = gk.select(matrix, target, per_column_k if fill is None else budget, **options)
+    selection = gk.select(matrix, target, per_column_k, **options)
     seconds = time.perf_counter() - started
-    if columns == 1 or fill is not None:
+    if columns == 1:
         indices = np.asarray(selection.indices, dtype=np.int64)[:budget]
         weights = np.asarray(selection.weights, dtype=np.float64)[:budget]
     else:
         indices = round_robin([np.asarray(t.indices) for t in selection.per_target], budget)
         total = dict(zip(selection.indices.tolist(), np.asarray(selection.weights, dtype=np.float64).tolist()))
         weights = np.asarray([total[i] for i in indices.tolist()], dtype=np.float64)
-    info = {"guard_excluded": selection.params.get("guard_excluded", 0),
+    filled = getattr(selection, "num_filled", 0)
+    info = {"guard_excluded": selection.params.get("guard_excluded", 0), "filled": int(filled),
             "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target})}
     return Picked(indices, weights, seconds, info)
 
