@@ -100,6 +100,12 @@ def make_example(skill: str, rng: random.Random, wrong: bool = False) -> Dict[st
     return {"skill": skill, "prompt": prompt, "answer": " ".join(answer), "wrong": wrong}
 
 
+def hash_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def as_record(example_id: str, example: Dict[str, Any]) -> Dict[str, Any]:
     return {"id": example_id, "messages": [{"role": "user", "content": example["prompt"]},
                                            {"role": "assistant", "content": example["answer"] + " [EOS]"}]}
@@ -307,19 +313,32 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
     with stage(times, "fine-tune + evaluate, chat"):
         base_model = transformers.LlamaForCausalLM.from_pretrained(str(base))
         results["pretrained"] = evaluate(base_model, tok, data["test"])
-        full = [finetune_and_score(base_model, tok, items, s, seed, data["test"]) for seed in s.seeds]
-        results["full_pool"] = {m: mean_spread([f[m] for f in full]) for m in ("exact_match", "answer_loss")}
         variants: Dict[str, Any] = {}
-        for method in METHODS:
+        memo_file = cache / "finetune_memo.json"  # (settings, seed, rows) -> scores: reruns reuse them
+        memo = json.loads(memo_file.read_text()) if memo_file.exists() else {}
+        settings_key = json.dumps(asdict(s), sort_keys=True)
+
+        def scored(rows: np.ndarray, seed: int) -> Dict[str, float]:
+            key = f"{hash_text(settings_key)}:{seed}:{hash_text(','.join(map(str, sorted(rows.tolist()))))}"
+            if key not in memo:
+                memo[key] = finetune_and_score(base_model, tok, [items[i] for i in sorted(rows.tolist())], s, seed,
+                                               data["test"])
+                memo_file.write_text(json.dumps(memo))
+            return memo[key]
+
+        full = [scored(np.arange(n), seed) for seed in s.seeds]
+        results["full_pool"] = {m: mean_spread([f[m] for f in full]) for m in ("exact_match", "answer_loss")}
+        runs = {m: (m, None) for m in METHODS}
+        runs.update({"gtp fill=target": ("gtp", "target"), "gtp fill=residual": ("gtp", "residual")})
+        for name, (method, fill) in runs.items():
             per_budget = {}
             for pct in s.budgets_pct:
                 budget = max(1, round(pct * n / 100))
                 scores, copies, bad, skill, secs = [], [], [], [], []
                 for seed in s.seeds:
-                    picked = select_budget(matrix, target_for(seed), budget, method, store_weights=weights_for, num_checkpoints=store.t,
-                                           seed=seed)
-                    chosen = [items[i] for i in picked.indices.tolist()]
-                    scores.append(finetune_and_score(base_model, tok, chosen, s, seed, data["test"]))
+                    picked = select_budget(matrix, target_for(seed), budget, method, store_weights=weights_for,
+                                           num_checkpoints=store.t, seed=seed, fill=fill)
+                    scores.append(scored(picked.indices, seed))
                     copies.append(near_copy_picks(picked.indices, data["group_of"]))
                     bad.append(int(wrong[picked.indices].sum()))
                     skill.append(float(on_skill[picked.indices].mean()))
@@ -329,7 +348,7 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
                                         "answer_loss": mean_spread([x["answer_loss"] for x in scores]),
                                         "duplicate_picks": copies, "wrong_answer_picks": bad,
                                         "on_target_skill_share": skill, "select_seconds": float(np.median(secs))}
-            variants[method] = per_budget
+            variants[name] = per_budget
         results["variants"] = variants
     with stage(times, "residual curves, chat"):
         top = max(1, round(max(s.budgets_pct) * n / 100))
@@ -344,7 +363,7 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for ax, metric, label in ((axes[0], "exact_match", "exact match, held-out sort prompts"),
                               (axes[1], "answer_loss", "answer loss, held-out sort prompts")):
-        table = {m: {b: v[metric] for b, v in variants[m].items()} for m in METHODS}
+        table = {m: {b: v[metric] for b, v in variants[m].items()} for m in (*METHODS, "gtp fill=target")}
         plot_accuracy(ax, s.budgets_pct, table, results["full_pool"][metric], label + " (mean +- std)",
                       f"chat mixture, target skill {TARGET_SKILL!r}")
     curve = results["residual_curve"]

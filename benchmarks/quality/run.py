@@ -131,18 +131,6 @@ def main(argv=None) -> int:
     results: dict = {"mode": mode, "stage_seconds": times, "task_seconds": {},
                      "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                  "numpy": np.__version__, "threads": args.threads, "cpu_count": os.cpu_count()}}
-    previous = out / "results.json"
-    if previous.exists():  # a run of some tasks keeps the other tasks' results of the same mode
-        import json
-
-        earlier = json.loads(previous.read_text())
-        if earlier.get("mode") == mode:
-            for task in ("bbc", "chat"):
-                if task not in tasks and task in earlier:
-                    results[task] = earlier[task]
-                    results["task_seconds"][task] = earlier.get("task_seconds", {}).get(task)
-                    times.update({k: v for k, v in earlier.get("stage_seconds", {}).items()
-                                  if (k.startswith("collect chat") or "chat" in k or "Llama" in k) == (task == "chat")})
     if "bbc" in tasks:
         import bbc
 
@@ -160,6 +148,18 @@ def main(argv=None) -> int:
                                    args.progress, args.quick)
         results["task_seconds"]["chat"] = round(time.perf_counter() - task_started, 1)
     results["total_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
+    previous = out / "results.json"
+    if previous.exists():  # a run of some tasks keeps the other tasks' results of the same mode
+        import json
+
+        earlier = json.loads(previous.read_text())
+        if earlier.get("mode") == mode:
+            for task in ("bbc", "chat"):
+                if task not in tasks and task in earlier:
+                    results[task] = earlier[task]
+                    results["task_seconds"][task] = earlier.get("task_seconds", {}).get(task)
+                    times.update({k: v for k, v in earlier.get("stage_seconds", {}).items()
+                                  if (k.startswith("collect chat") or "chat" in k or "Llama" in k) == (task == "chat")})
     write_json(out / "results.json", results)
     text = tables(results)
     (out / "tables.md").write_text(text)
