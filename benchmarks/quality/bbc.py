@@ -288,7 +288,8 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, pool_name in zip(axes, results["pools"]):
         pr = results["pools"][pool_name]
-        table = {m: {b: v["accuracy"] for b, v in pr["variants"][m].items()} for m in METHODS}
+        shown = (*METHODS, "gtp per-example", "topk per-example")  # per-example: one target column per article
+        table = {m: {b: v["accuracy"] for b, v in pr["variants"][m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, pr["full_pool_accuracy"], "test accuracy (3 seeds, mean +- std)",
                       f"BBC News, {pool_name} pool (N={pr['n']})")
     save_figure(fig, out / "bbc_accuracy.png")

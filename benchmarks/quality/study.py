@@ -129,7 +129,8 @@ def save_figure(fig, path: Path) -> None:
 
 
 COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "tab:cyan", "topk": "tab:red", "random": "tab:gray",
-           "full pool": "black", "gtp fill=target": "tab:green", "gtp fill=residual": "tab:olive"}
+           "full pool": "black", "gtp fill=target": "tab:green", "gtp fill=residual": "tab:olive",
+           "gtp per-example": "tab:purple", "topk per-example": "tab:orange"}
 
 
 def plot_accuracy(ax, budgets_pct: Sequence[float], table: Dict[str, Dict[str, Dict[str, float]]],
