@@ -33,8 +33,8 @@ def quick_run(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     env.pop("TRITON_INTERPRET", None)  # the study's CPU path never runs Triton
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality" / "run.py"), "--quick", "--out", str(work / "out"),
-         "--cache", str(work / "cache")],
+        [sys.executable, str(ROOT / "benchmarks" / "quality" / "run.py"), "--quick", "--threads", "1",
+         "--out", str(work / "out"), "--cache", str(work / "cache")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
