@@ -73,6 +73,7 @@ def test_topk_per_column_honours_exclusions():
     first = gk.select(A, B, 5, method="topk")
     banned = [int(ts.indices[0]) for ts in first.per_target]
     sel = gk.select(A, B, 5, method="topk", exclude=banned)
+    assert len(sel.per_target) == 2
     for ts in sel.per_target:
         assert not set(banned) & set(ts.indices.tolist()) and len(ts.indices) == 5
 
