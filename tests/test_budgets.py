@@ -28,10 +28,11 @@ def _problem(m=3, n=90, T=3, d=8, seed=21):
     return torch.randn(n, T * d, generator=g), torch.randn(T * d, m, generator=g), [3.0, 2.0, 1.0]
 
 
-@pytest.mark.parametrize("chunk", [None, 40])  # 40 values: a chunk of one row, the running top-k merges
-def test_topk_takes_k_per_column_by_each_columns_own_score(monkeypatch, chunk):
-    if chunk is not None:
-        monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", chunk)
+@pytest.mark.parametrize("streaming", [False, True])  # True: chunks of one row, a running top-k merges them
+def test_topk_takes_k_per_column_by_each_columns_own_score(monkeypatch, streaming):
+    if streaming:
+        monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", 40)
+        monkeypatch.setattr(baselines, "_FULL_SCORES_ELEMENTS", 0)
     A, B, lrs = _problem()
     sel = gk.select(A, B, 7, method="topk", checkpoint_weights=lrs, num_checkpoints=3)
     ref = _less_float64(A, B, 3, lrs)
@@ -47,8 +48,11 @@ def test_topk_takes_k_per_column_by_each_columns_own_score(monkeypatch, chunk):
         assert w == pytest.approx(max(float(ref[i, c]) for c in columns), rel=1e-5, abs=1e-6)
 
 
-def test_topk_ties_go_to_the_lowest_index_per_column(monkeypatch):
-    monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", 8)  # one row per chunk
+@pytest.mark.parametrize("streaming", [False, True])
+def test_topk_ties_go_to_the_lowest_index_per_column(monkeypatch, streaming):
+    if streaming:
+        monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", 8)  # one row per chunk
+        monkeypatch.setattr(baselines, "_FULL_SCORES_ELEMENTS", 0)
     A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     B = torch.eye(2)
     sel = gk.select(A, B, 2, method="topk")
@@ -73,6 +77,7 @@ def test_topk_per_column_honours_exclusions():
     first = gk.select(A, B, 5, method="topk")
     banned = [int(ts.indices[0]) for ts in first.per_target]
     sel = gk.select(A, B, 5, method="topk", exclude=banned)
+    assert len(sel.per_target) == 2
     for ts in sel.per_target:
         assert not set(banned) & set(ts.indices.tolist()) and len(ts.indices) == 5
 

@@ -3,9 +3,6 @@ target stores as one column or one per example, summary.json's record of the run
 --force, and an output folder that is written whole (crashes simulated between the steps)."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -17,9 +14,6 @@ from gtp_kernels.cli import main as cli_main
 from gtp_kernels.collect import store_target
 from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter, open_store
 from problems import planted_problem
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _planted_files(tmp_path, k_true=4, m=1):
     A, B, supports, _ = planted_problem(200, 50, k_true, seed=1, dtype=torch.float32, m=m)
@@ -105,9 +99,10 @@ def test_summary_records_inputs_version_and_command_line(tmp_path, capsys):
     assert target == {"path": str(tmp_path / "b.npy"), "kind": "file", "shape": [10], "dtype": "float64"}
 
 
-def test_version_flag():
-    out = subprocess.run([sys.executable, "-m", "gtp_kernels", "--version"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0 and out.stdout.strip() == f"gtp (gtp_kernels) {gk.__version__}"
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"gtp (gtp_kernels) {gk.__version__}"
 
 
 def test_target_store_as_examples_or_mean(tmp_path, capsys):
@@ -231,34 +226,36 @@ def test_a_failed_rename_into_place_puts_the_previous_output_back(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
-_CRASH = textwrap.dedent("""
-    import os, sys
-    sys.path.insert(0, {repo!r})
-    import gtp_kernels.io as gio
-    out, crash_at = sys.argv[1], int(sys.argv[2])
-    real_rename, real_replace, calls = os.rename, os.replace, []
-    def crashing(real):
-        def step(src, dst):
-            calls.append(src)
-            if len(calls) == crash_at:
-                os._exit(9)  # killed: no cleanup, no finally
-            return real(src, dst)
-        return step
-    gio.os.rename, gio.os.replace = crashing(real_rename), crashing(real_replace)
-    gio.write_output_folder(out, {{"selection.jsonl": b"new\\n", "summary.json": b"new\\n"}}, force=True)
-""")
+class _Killed(BaseException):
+    """The process dies here: nothing after this point runs (no cleanup, no restore)."""
+
+
+DEAD_PID = 2 ** 22 + 12345  # above Linux's largest pid_max: no such process
 
 
 @pytest.mark.parametrize("crash_at", [1, 2])
-def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans_up(tmp_path, crash_at):
+def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans_up(tmp_path, monkeypatch,
+                                                                                    crash_at):
     """crash_at 1: killed before the old output moves aside; 2: between moving it aside and
-    renaming the new folder in (the only window with no OUT)."""
+    renaming the new folder in (the only window with no OUT). The killed writer's pid is dead."""
     out = tmp_path / "o"
     gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"old\n"})
-    script = tmp_path / "crash.py"
-    script.write_text(_CRASH.format(repo=REPO))
-    proc = subprocess.run([sys.executable, str(script), str(out), str(crash_at)], capture_output=True, text=True)
-    assert proc.returncode == 9, proc.stderr
+    real_rename, real_replace, calls = os.rename, os.replace, []
+
+    def crashing(real):
+        def step(src, dst):
+            calls.append(src)
+            if len(calls) >= crash_at:
+                raise _Killed()
+            return real(src, dst)
+        return step
+    with monkeypatch.context() as m:
+        m.setattr(gio.os, "rename", crashing(real_rename))
+        m.setattr(gio.os, "replace", crashing(real_replace))
+        m.setattr(gio.os, "getpid", lambda: DEAD_PID)
+        m.setattr(gio.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing up
+        with pytest.raises(_Killed):
+            gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"new\n"}, force=True)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
     assert leftovers  # the killed process's staging
     for folder in [out] + leftovers:  # every folder on disk is one run's complete pair
@@ -270,7 +267,7 @@ def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans
     else:
         assert not out.exists()
     gio.write_output_folder(out, {"selection.jsonl": b"third\n", "summary.json": b"third\n"}, force=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["crash.py", "o"]  # the stale staging is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the stale staging is gone
     assert _outputs(out)["summary.json"] == b"third\n"
 
 

@@ -28,6 +28,7 @@ from .rows import row_chunks
 from .common import STOP_NONE, SelectOptions, TargetSelection
 
 _CHUNK_ELEMENTS = 1 << 24  # rows per chunk chosen so a chunk holds about 16M values
+_FULL_SCORES_ELEMENTS = 1 << 25  # per-column top-k keeps all (N, m) scores up to this many
 
 
 TOPK_REDUCE = ("column", "mean", "max")
@@ -69,7 +70,17 @@ def top_k_per_column(problem: Problem, k: int, dtype: torch.dtype = torch.float3
     """(indices (k', m), scores (k', m)), each column's k best rows by its own LESS score, best
     first, ties to the lowest index, k' = min(k, N); excluded rows score -inf.
 
-    One pass; a running top-k per column, so memory is O((k + chunk) * m), never N * m."""
+    One pass. The (N, m) scores are kept and sorted once per column while they hold at most
+    _FULL_SCORES_ELEMENTS values; beyond, a running top-k per column keeps memory at
+    O((k + chunk) * m)."""
+    N, m = problem.num_candidates, problem.num_targets
+    if N * m <= _FULL_SCORES_ELEMENTS:
+        scores = torch.empty(N, m, dtype=dtype, device=problem.candidates.device)
+        for start, per_target in _less_score_chunks(problem, dtype):
+            scores[start : start + len(per_target)] = per_target
+        scores[problem.exclude] = -float("inf")
+        order = torch.sort(scores, dim=0, descending=True, stable=True).indices[:k]
+        return order, scores.gather(0, order)
     best_scores = best_rows = None
     for start, per_target in _less_score_chunks(problem, dtype):
         n = len(per_target)
