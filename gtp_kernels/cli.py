@@ -94,9 +94,9 @@ def _add_select(sub) -> None:
     p.add_argument("--target", required=True,
                    help="(D,) or (D, m) array file, or a store folder (see --target-mode)")
     p.add_argument("--target-mode", choices=TARGET_MODES, default="mean",
-                   help="a target store as one column, the mean of its examples (default; provisional until the "
-                        "quality study), or as one column per example ('examples', as LESS scores every validation "
-                        "example: k rows per example)")
+                   help="a target store as one column, the mean of its examples (default: --k then counts rows), or as "
+                        "one column per example ('examples', as LESS scores every validation example: k rows per "
+                        "example; the quality study found it trains better models at the same total size)")
     p.add_argument("--k", type=int, required=True,
                    help="budget: at most k examples per target column; the union of m columns holds up to m*k")
     p.add_argument("--method", default=None, help="selection method (see below)")
@@ -106,8 +106,8 @@ def _add_select(sub) -> None:
                    help="replace an --out folder that holds an earlier gtp select output (and nothing else)")
     p.add_argument("--fill", choices=FILL_CHOICES, default="target",
                    help="when pursuit stops before k rows, fill each column's budget with the best remaining "
-                        "candidates (weight 0, marked filled, no near-copies) by cosine with the 'target' (default; "
-                        "provisional until the quality study) or with the final 'residual'; 'none' keeps pursuit's rows")
+                        "candidates (weight 0, marked filled, no near-copies) by cosine with the 'target' (default: "
+                        "best in the quality study) or with the final 'residual'; 'none' keeps pursuit's rows")
     p.add_argument("--data", default=None, metavar="JSONL",
                    help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples "
                         "(without --data, a selected.jsonl left there by an earlier run is removed)")
