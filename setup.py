@@ -134,6 +134,9 @@ setup(
         # integrations (gtp_kernels.integrations): install TRAK without its dependencies
         # (pip install --no-deps traker): it needs only torch, numpy, tqdm, already required here
         "trak": ["traker>=0.3.2"],
+        # dattri: its projector needs only torch, numpy, scipy, pyyaml, tqdm; its pretty_midi (music
+        # examples) is not imported by gtp_kernels.integrations.dattri, so --no-deps is enough too
+        "dattri": ["dattri>=0.3.0"],
         "datasets": ["datasets>=2.14"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "scikit-learn>=1.3", "scipy>=1.10", "hypothesis>=6"],
     },

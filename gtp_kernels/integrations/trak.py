@@ -18,13 +18,12 @@ bit for bit: inner products are preserved to the usual JL tolerance (relative er
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Mapping, Union
+from typing import Union
 
 import torch
 
-from ..ops.project import project
+from ._projector import Gradients, checked_kind, model_seed, sketch
 
 try:
     from trak.projectors import AbstractProjector, ProjectionType
@@ -32,14 +31,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("gtp_kernels.integrations.trak needs TRAK: pip install gtp_kernels[trak] "
                       "(or pip install --no-deps traker)") from exc
 
-_KINDS = {"rademacher": "rademacher", "normal": "gaussian"}
-_PROJECTABLE = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def model_seed(seed: int, model_id: int) -> int:
-    """The K1 seed (in [0, 2^64)) for (seed, model_id): a hash, so every pair gets its own matrix."""
-    digest = hashlib.blake2b(f"gtp-trak:{int(seed)}:{int(model_id)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+__all__ = ["GTPProjector", "model_seed"]
 
 
 class GTPProjector(AbstractProjector):
@@ -56,42 +48,16 @@ class GTPProjector(AbstractProjector):
                  device: Union[str, torch.device], dtype: torch.dtype | None = None, backend: str = "auto",
                  *args, **kwargs) -> None:
         super().__init__(grad_dim, proj_dim, seed, proj_type, device)
-        for name, value in (("grad_dim", grad_dim), ("proj_dim", proj_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        kind = _KINDS.get(getattr(proj_type, "value", proj_type))
-        if kind is None:
-            raise ValueError(f"proj_type must be 'rademacher' or 'normal', got {proj_type!r}")
-        self.kind = kind
+        self.kind = checked_kind("grad_dim", grad_dim, proj_dim, seed, proj_type)
         self.dtype = dtype
         self.backend = backend
         self.device = torch.device(device)
 
-    def project(self, grads: Union[torch.Tensor, Mapping[str, torch.Tensor]], model_id: int) -> torch.Tensor:
+    def project(self, grads: Gradients, model_id: int) -> torch.Tensor:
         """(B, proj_dim) sketch of grads (B, grad_dim) or a dict of (B, ...) blocks, for checkpoint model_id."""
-        blocks = list(grads.values()) if isinstance(grads, Mapping) else [grads]
-        if not blocks:
-            raise ValueError("grads is an empty dict")
-        n_rows = blocks[0].shape[0]
-        widths = [math.prod(b.shape[1:]) for b in blocks]
-        if sum(widths) != self.grad_dim:
-            raise ValueError(f"grads have {sum(widths)} features per example, the projector was built for "
-                             f"grad_dim={self.grad_dim}")
-        key = model_seed(self.seed, model_id)
-        out = torch.zeros(n_rows, self.proj_dim, dtype=torch.float32, device=self.device)
-        offset = 0
-        for block, width in zip(blocks, widths):
-            if block.shape[0] != n_rows:
-                raise ValueError(f"every gradient block must have {n_rows} rows, got {tuple(block.shape)}")
-            flat = block.detach().reshape(n_rows, width).to(self.device)
-            if flat.dtype not in _PROJECTABLE:
-                flat = flat.to(torch.float32)
-            project(flat, self.proj_dim, key, kind=self.kind, feature_offset=offset, out=out,
-                    scale=math.sqrt(self.proj_dim), backend=self.backend)
-            offset += width
-        return out.to(self.dtype or blocks[0].dtype)
+        return sketch(grads, dim_name="grad_dim", dim=self.grad_dim, proj_dim=self.proj_dim,
+                      key=model_seed(self.seed, model_id), kind=self.kind, scale=math.sqrt(self.proj_dim),
+                      device=self.device, dtype=self.dtype, backend=self.backend)
 
     def free_memory(self) -> None:
         """Nothing to free: the matrix is generated inside the kernel on every call."""
