@@ -218,12 +218,20 @@ def _selection_line(sel) -> str:
 
 
 def _file_sha256(path) -> str:
+    """sha256 of a file, or of a folder (a saved dataset): its files' relative paths and bytes,
+    in sorted order."""
     import hashlib
+    from pathlib import Path
 
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in files:
+        if root.is_dir():
+            digest.update(file.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
