@@ -185,34 +185,50 @@ def less_to_store(
                              "nothing was written")
     if example_ids is not None and len(example_ids) != n:
         raise InputError(f"example_ids: {len(example_ids)} ids for the {n} rows in {folder}")
-    if checkpoint_weights is not None:
-        if len(checkpoint_weights) != t:
-            raise InputError(f"checkpoint_weights: {len(checkpoint_weights)} weights for {t} checkpoints")
-        total = float(sum(checkpoint_weights))
-        if not math.isfinite(total) or total <= 0 or any(not w >= 0 for w in checkpoint_weights):
-            raise InputError("checkpoint_weights must be non-negative with a positive sum")
-        weights = [float(w) / total for w in checkpoint_weights]
-    else:
-        weights = [1.0 / t] * t
+    weights = normalized_checkpoint_weights(checkpoint_weights, t)
+    return write_trajectory_store(less.trajectory.numpy(), out, example_ids, weights, shard_size, {
+        "source": "LESS", "less_folder": str(Path(folder).resolve()), "checkpoints": less.checkpoint_names,
+        "normalisation": "unit" if normalized else "none",
+        "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"},
+    })
+
+
+def normalized_checkpoint_weights(checkpoint_weights: Sequence[float] | None, t: int) -> list[float]:
+    """The T checkpoint weights scaled to sum 1 (equal weights for None), after checks."""
+    if checkpoint_weights is None:
+        return [1.0 / t] * t
+    if len(checkpoint_weights) != t:
+        raise InputError(f"checkpoint_weights: {len(checkpoint_weights)} weights for {t} checkpoints")
+    total = float(sum(checkpoint_weights))
+    if not math.isfinite(total) or total <= 0 or any(not w >= 0 for w in checkpoint_weights):
+        raise InputError("checkpoint_weights must be non-negative with a positive sum")
+    return [float(w) / total for w in checkpoint_weights]
+
+
+def write_trajectory_store(trajectory: np.ndarray, out: str | os.PathLike, example_ids: Sequence[str] | None,
+                           checkpoint_weights: list[float], shard_size: int, metadata: dict) -> TrajectoryStore:
+    """Write an (N, T, d) float32 trajectory as a store (weights recorded, not applied): what converters share.
+
+    Checks shard_size and the ids before anything is created; if writing fails midway, the
+    folders this call created are removed again (an ``out`` that existed before is left as it is).
+    """
+    n, t, dim = trajectory.shape
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard_size must be a positive integer, got {shard_size!r}")
     ids = [str(i) for i in (example_ids if example_ids is not None else range(n))]
     if len(set(ids)) != n:
         raise InputError(f"example_ids must be unique ({n - len(set(ids))} duplicate(s))")
     try:
         spec = StoreSpec(n=n, t=t, d=dim, example_ids=ids, dtype="float32", shard_size=shard_size, metadata={
-            "source": "LESS", "less_folder": str(Path(folder).resolve()), "checkpoints": less.checkpoint_names,
-            "checkpoint_weights": weights, "weights_applied": False,
-            "normalisation": "unit" if normalized else "none",
-            "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"},
-        })
+            **metadata, "checkpoint_weights": checkpoint_weights, "weights_applied": False})
     except ValueError as error:
         raise InputError(str(error)) from None
     created = _first_missing(Path(out))
     try:
         writer = TrajectoryStoreWriter(out, spec, resume=True)
-        data = less.trajectory.numpy()
         for index in writer.missing_shards():
             start, stop = spec.shard_rows(index)
-            writer.write_shard(index, np.ascontiguousarray(data[start:stop]))
+            writer.write_shard(index, np.ascontiguousarray(trajectory[start:stop], dtype=np.float32))
         return writer.finish()
     except BaseException:
         if created is not None:
