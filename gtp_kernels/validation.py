@@ -6,14 +6,14 @@ that names the offending argument, so that the CLI can print it as is.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .selection.rows import RowSource, RowSourceError, RowSourceTypeError, gather_rows, row_chunks
+from .selection.rows import (RowSource, RowSourceError, RowSourceTypeError, gather_rows, row_chunks,
+                             tensor_from_array)
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 # candidates: an array, or rows in blocks (a RowSource, a list of arrays, or an object with a
@@ -227,10 +227,7 @@ def as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype.kind != "f":
             raise InputTypeError(f"{name} must hold floating-point values, got numpy dtype {x.dtype}")
-        with warnings.catch_warnings():
-            # Read-only (memory-mapped) arrays stay zero-copy: gtp_kernels never writes to inputs.
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(x))
+        return tensor_from_array(x)
     raise InputTypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 

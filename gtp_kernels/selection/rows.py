@@ -45,16 +45,21 @@ class RowSourceTypeError(RowSourceError, TypeError):
     """Blocks of the wrong type or dtype."""
 
 
+def tensor_from_array(array: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor sharing its memory (a read-only memory map stays zero-copy:
+    gtp_kernels never writes to its inputs, so torch's non-writable warning is silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
 def _block_tensor(block, position: int) -> torch.Tensor:
     if isinstance(block, torch.Tensor):
         return block.detach()
     if isinstance(block, np.ndarray):
         if block.dtype.kind != "f":
             raise RowSourceTypeError(f"block {position} holds numpy dtype {block.dtype}, expected floating point")
-        with warnings.catch_warnings():
-            # read-only memory maps stay zero-copy: nothing here writes to the rows
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(np.ascontiguousarray(block))
+        return tensor_from_array(block)
     raise RowSourceTypeError(f"block {position} is a {type(block).__name__}, expected a torch.Tensor or numpy.ndarray")
 
 
