@@ -31,6 +31,14 @@ def _fmt(stat, digits: int = 1, scale: float = 100.0) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+
+def _residual_table(curve: dict, title: str) -> list:
+    """Markdown lines: the relative residual against k for gtp, top-k and random."""
+    lines = ["", title, "", "| k | " + " | ".join(str(k) for k in curve["k"]) + " |",
+             "|---" * (len(curve["k"]) + 1) + "|"]
+    lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |" for m in ("gtp", "topk", "random")]
+    return lines + [""]
+
 def tables(results) -> str:
     """The markdown tables QUALITY.md quotes, from results.json."""
     lines = []
@@ -54,12 +62,7 @@ def tables(results) -> str:
                 cells = [f"{sum(per[b]['near_copy_picks'])} / {sum(per[b]['mislabelled_picks'])} / "
                          f"{sum(per[b]['selected'])}" for b in budgets]
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
-            curve = pr["residual_curve"]
-            lines += ["", "Relative residual against k (seed 0, `gk.fit_residual`)", "",
-                      "| k | " + " | ".join(str(k) for k in curve["k"]) + " |", "|---" * (len(curve["k"]) + 1) + "|"]
-            for m in ("gtp", "topk", "random"):
-                lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |")
-            lines.append("")
+            lines += _residual_table(pr["residual_curve"], "Relative residual against k (seed 0, `gk.fit_residual`)")
     chat = results.get("chat")
     if chat:
         budgets = [str(b) for b in chat["settings"]["budgets_pct"]]
@@ -85,12 +88,7 @@ def tables(results) -> str:
                      f"{sum(per[b]['on_target_skill_share']) / len(per[b]['on_target_skill_share']):.2f}"
                      for b in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
-        curve = chat["residual_curve"]
-        lines += ["", "Relative residual against k (seed 0)", "",
-                  "| k | " + " | ".join(str(k) for k in curve["k"]) + " |", "|---" * (len(curve["k"]) + 1) + "|"]
-        for m in ("gtp", "topk", "random"):
-            lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |")
-        lines.append("")
+        lines += _residual_table(chat["residual_curve"], "Relative residual against k (seed 0)")
     lines += ["### Stage times (wall seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
