@@ -210,6 +210,11 @@ def lsq_update(
         if not (math.isfinite(weight_tol) and weight_tol >= 0):
             raise ValueError(f"weight_tol must be finite and >= 0, got {weight_tol}")
     _resolve(backend, state.L.device)  # a bad or unavailable backend fails here, before the op
+    if not _tracing():
+        # eager (the pursuits' loop, once per iteration): the op's body without the dispatcher,
+        # which costs ~80 us a call here, more than the update itself at small k
+        return _lsq_update_kernel(state.L, state.size, state.support, state.rhs, state.weights, new_atom, gram_col,
+                                  gram_diag, rhs_new, lam, bool(positive), dep_tol, weight_tol, backend)
     return _lsq_update_op(
         state.L, state.size, state.support, state.rhs, state.weights,
         new_atom, gram_col, gram_diag, rhs_new, lam, bool(positive), dep_tol, weight_tol, backend,
@@ -219,6 +224,12 @@ def lsq_update(
 # The registered op torch.ops.gtp_kernels.lsq_update (ops/_library.py; torch.compile / torch.export
 # see it): the five state tensors are declared mutated (updated in place, as lsq_update documents);
 # the statuses are the only output.
+def _tracing() -> bool:
+    """True under torch.compile or torch.export: they must see the registered op."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() or exporting()
+
+
 def _lsq_update_kernel(L, size, support, rhs, weights, new_atom, gram_col, gram_diag, rhs_new, lam, positive,
                        dep_tol, weight_tol, backend):
     if _resolve(backend, L.device) == "ext":
