@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .ops.backends import BACKENDS, CHUNK_ELEMENTS
 from .selection.rows import (RowSource, RowSourceError, RowSourceTypeError, gather_rows, row_chunks,
                              tensor_from_array)
 
@@ -162,7 +163,7 @@ def check_real_vector(value: Any, name: str) -> np.ndarray:
 def check_backend(backend: Any, device: torch.device, name: str = "backend") -> str:
     """``backend`` ('auto', 'triton' or 'torch') usable on ``device``: 'triton' needs triton
     importable and, on the CPU, the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)."""
-    backend = check_choice(backend, name, ("auto", "triton", "torch"))
+    backend = check_choice(backend, name, BACKENDS)
     if backend == "triton":
         from .ops._dispatch import interpreting, triton_available
 
@@ -263,7 +264,7 @@ def _check_float(t: torch.Tensor, name: str) -> None:
 def _check_finite(t: torch.Tensor, name: str, row_offset: int = 0) -> None:
     # Chunked so that a memory-mapped pool is checked without a second full-size copy.
     flat = t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(1, -1)
-    step = max(1, (1 << 24) // max(1, flat.shape[1]))
+    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
     for start in range(0, flat.shape[0], step):
         block = flat[start : start + step]
         if not torch.isfinite(block).all():
@@ -509,12 +510,12 @@ def _finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> 
     zero norm is confirmed on the row's values (it underflows for tiny rows).
     """
     zero = torch.empty(A.shape[0], dtype=torch.bool, device=A.device)
-    step = max(1, (1 << 24) // max(1, A.shape[1]))
+    step = max(1, CHUNK_ELEMENTS // max(1, A.shape[1]))
     acc = torch.float64 if A.dtype == torch.float64 else torch.float32
     # running extremes stay on the device: one host sync per chunk (the finiteness test), as before
     lo = torch.full((), float("inf"), dtype=acc, device=A.device)
     hi = torch.zeros((), dtype=acc, device=A.device)
-    for start, block in row_chunks(A, 1 << 24):  # a row source: a chunk of a block at a time
+    for start, block in row_chunks(A, CHUNK_ELEMENTS):  # a row source: a chunk of a block at a time
         norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(block, name, row_offset=start)

@@ -31,7 +31,7 @@ def _problem(m=3, n=90, T=3, d=8, seed=21):
 @pytest.mark.parametrize("streaming", [False, True])  # True: chunks of one row, a running top-k merges them
 def test_topk_takes_k_per_column_by_each_columns_own_score(monkeypatch, streaming):
     if streaming:
-        monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", 40)
+        monkeypatch.setattr(baselines, "CHUNK_ELEMENTS", 40)
         monkeypatch.setattr(baselines, "_FULL_SCORES_ELEMENTS", 0)
     A, B, lrs = _problem()
     sel = gk.select(A, B, 7, method="topk", checkpoint_weights=lrs, num_checkpoints=3)
@@ -51,7 +51,7 @@ def test_topk_takes_k_per_column_by_each_columns_own_score(monkeypatch, streamin
 @pytest.mark.parametrize("streaming", [False, True])
 def test_topk_ties_go_to_the_lowest_index_per_column(monkeypatch, streaming):
     if streaming:
-        monkeypatch.setattr(baselines, "_CHUNK_ELEMENTS", 8)  # one row per chunk
+        monkeypatch.setattr(baselines, "CHUNK_ELEMENTS", 8)  # one row per chunk
         monkeypatch.setattr(baselines, "_FULL_SCORES_ELEMENTS", 0)
     A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
     B = torch.eye(2)

@@ -7,11 +7,9 @@ kernels on machines without a GPU.
 from __future__ import annotations
 
 import os
-from typing import Literal
-
 import torch
 
-Backend = Literal["auto", "triton", "torch"]
+from .backends import BACKENDS
 
 
 def triton_available() -> bool:
@@ -28,7 +26,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for tensors living on one device."""
-    if backend not in ("auto", "triton", "torch"):
+    if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":

@@ -23,11 +23,11 @@ from typing import List
 import numpy as np
 import torch
 
+from ..ops.backends import CHUNK_ELEMENTS
 from ..validation import Problem
 from .rows import row_chunks
 from .common import STOP_NONE, SelectOptions, TargetSelection
 
-_CHUNK_ELEMENTS = 1 << 24  # rows per chunk chosen so a chunk holds about 16M values
 _FULL_SCORES_ELEMENTS = 1 << 25  # per-column top-k keeps all (N, m) scores up to this many
 
 
@@ -45,8 +45,8 @@ def _less_score_chunks(problem: Problem, dtype: torch.dtype):
     w = w.to(problem.candidates.device)
     B = problem.targets.to(dtype).T.reshape(m, T, d)
     B_unit = B / torch.linalg.vector_norm(B, dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    # chunks of about _CHUNK_ELEMENTS values of the (n, m, T, d) work (a row source: in its blocks)
-    for start, a in row_chunks(problem.candidates, _CHUNK_ELEMENTS // max(1, m)):
+    # chunks of about CHUNK_ELEMENTS values of the (n, m, T, d) work (a row source: in its blocks)
+    for start, a in row_chunks(problem.candidates, CHUNK_ELEMENTS // max(1, m)):
         a = a.to(dtype).reshape(-1, T, d)
         a_unit = a / torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         cos = torch.einsum("ntd,mtd->nmt", a_unit, B_unit)  # (n, m, T)

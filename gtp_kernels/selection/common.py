@@ -66,6 +66,13 @@ def residual_floor(dtype: torch.dtype, b_norm: float, weights: torch.Tensor, ato
     return RESIDUAL_FLOOR_ULPS * eps * math.sqrt(b_norm * b_norm + spread)
 
 
+def weighted_norm(x: torch.Tensor, feature_weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """||x||_W along the last axis."""
+    if feature_weights is None:
+        return torch.linalg.vector_norm(x, dim=-1)
+    return torch.sqrt((x * x * feature_weights).sum(dim=-1))
+
+
 @dataclass(frozen=True)
 class SelectOptions:
     """Options shared by the methods; each method reads those that apply to it.

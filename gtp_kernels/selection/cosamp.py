@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from ..ops import lsq
+from ..ops.backends import masked_top
 from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .common import (
@@ -96,9 +97,9 @@ from .common import (
     SelectOptions,
     TargetSelection,
     residual_floor,
+    weighted_norm,
 )
-from .pursuit import follow_factor_order, masked_top
-from .reference import weighted_norm
+from .pursuit import follow_factor_order
 from .rows import gather_rows
 
 # first sample N / PICKS_PER_PASS rows (in-sample work of a 12-pick pass = one pass over A);

@@ -31,13 +31,13 @@ import torch
 
 from ..validation import Problem
 from .common import TargetSelection
-from .rows import CHUNK_ELEMENTS, gather_rows, row_chunks
+from ..ops.backends import CHUNK_ELEMENTS
+from .rows import gather_rows, row_chunks
 
 FILL_SCORES = ("target", "residual")
 # cos_W above which a candidate counts as a near-copy of a selected row (the demo counts
 # near-duplicates at the same threshold)
 NEAR_COPY_COSINE = 0.95
-_CHUNK_ELEMENTS = CHUNK_ELEMENTS  # values per chunk of candidate rows in the scoring pass
 
 
 def fill_budget(problem: Problem, per_target: List[TargetSelection], k: int, score: str, *,
@@ -102,7 +102,7 @@ def _cosines(problem: Problem, directions: torch.Tensor, dtype: torch.dtype) -> 
     sqrt_w = None if fw is None else fw.sqrt().to(device=device, dtype=dtype)
     N = problem.num_candidates
     out = torch.empty(N, directions.shape[1], dtype=dtype, device=device)
-    for start, a in row_chunks(problem.candidates, _CHUNK_ELEMENTS):
+    for start, a in row_chunks(problem.candidates, CHUNK_ELEMENTS):
         a = a.to(dtype)
         if sqrt_w is not None:
             a = a * sqrt_w

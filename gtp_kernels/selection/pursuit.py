@@ -48,10 +48,10 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
+from ..ops.backends import candidate_products, masked_top
+from ..ops.products import rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
-from .reference import weighted_norm
-from .rows import RowSource, gather_rows
+from .rows import gather_rows
 from .common import (
     STOP_BUDGET,
     STOP_EXHAUSTED,
@@ -63,67 +63,11 @@ from .common import (
     SelectOptions,
     TargetSelection,
     residual_floor,
+    weighted_norm,
 )
 
-_CHUNK_ELEMENTS = 1 << 24
 # cached strategy: re-anchor the correlations once ||r|| < ANCHOR_DROP * ||r_anchor||
 ANCHOR_DROP = {torch.float32: 0.1, torch.float64: 1e-6}
-
-
-def _use_kernels(A: torch.Tensor, dtype: torch.dtype, backend: str) -> bool:
-    """The K2 kernels compute in float32; "auto" uses them on CUDA tensors only."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return dtype == torch.float32 and (backend == "triton" or (backend == "auto" and A.is_cuda))
-
-
-def candidate_products(A: torch.Tensor, X: torch.Tensor, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
-    """A @ X as an (N, p) matrix in dtype; one read of A.
-
-    On CUDA in float32 this is the K2 kernel family (fp32 accumulation over bf16/fp16/fp32
-    rows); on CPU in float32 the compiled row-products kernel (ops.products, about 1.6x
-    torch's GEMV here and 2-3x its skinny GEMM); elsewhere a chunked torch matmul,
-    upcasting A a block of rows at a time. A row source (selection.rows) runs a chunk at a
-    time through the same paths, each chunk in its stored dtype.
-    """
-    if isinstance(A, RowSource):
-        out = torch.empty(A.num_rows, X.shape[1], dtype=dtype, device=A.device)
-        for start, chunk in A.chunks(_CHUNK_ELEMENTS):
-            out[start : start + chunk.shape[0]] = candidate_products(chunk, X, dtype, backend)
-        return out
-    if _use_kernels(A, dtype, backend):
-        from ..ops.correlate import candidate_scores
-
-        return candidate_scores(A, X.contiguous(), backend="triton")
-    if A.dtype == dtype:
-        if backend != "torch":
-            return row_products(A, X.T)
-        return A @ X
-    out = torch.empty(A.shape[0], X.shape[1], dtype=dtype, device=A.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, A.shape[1]))
-    for start in range(0, A.shape[0], step):
-        out[start : start + step] = A[start : start + step].to(dtype) @ X
-    return out
-
-
-def masked_top(A, RW, exclude, count, positive, dtype, backend):
-    """One read of A: per column of A @ RW, the `count` best masked rows as (m, count) values
-    and indices (|scores| ranked when not positive). K2 on the kernel path; in torch, count 1
-    uses torch.max, whose ties go to the lowest index as the reference's argmax does. A row
-    source goes through candidate_products, a chunk at a time."""
-    if isinstance(A, torch.Tensor) and _use_kernels(A, dtype, backend):
-        from ..ops.correlate import correlate_topk
-
-        values, idx = correlate_topk(A, RW.contiguous(), count, exclude=exclude, absolute=not positive,
-                                     backend="triton")
-        return (values if positive else values.abs()), idx
-    scores = candidate_products(A, RW, dtype, backend)
-    key = (scores if positive else scores.abs()).masked_fill(exclude, -float("inf"))
-    if count == 1:
-        values, idx = torch.max(key, dim=0)
-        return values[:, None], idx[:, None]
-    values, idx = torch.topk(key, min(count, key.shape[0]), dim=0, sorted=True)
-    return values.T, idx.T
 
 
 class _ColumnCache:

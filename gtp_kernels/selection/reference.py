@@ -52,14 +52,8 @@ from .common import (
     SelectOptions,
     TargetSelection,
     residual_floor,
+    weighted_norm,
 )
-
-
-def weighted_norm(x: torch.Tensor, feature_weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """||x||_W along the last axis."""
-    if feature_weights is None:
-        return torch.linalg.vector_norm(x, dim=-1)
-    return torch.sqrt((x * x * feature_weights).sum(dim=-1))
 
 
 def nnls_active_set_step(

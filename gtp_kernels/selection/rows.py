@@ -20,7 +20,7 @@ dtype and device. :meth:`TrajectoryStore.rows_source` gives a store's shards as 
 The module-level helpers take either a plain tensor or a row source, so that one loop serves
 both: for a tensor, :func:`row_chunks` is the slicing loop the checks always did and
 :func:`gather_rows` is ``index_select``; the N-sized products keep their tensor fast paths
-and run a row source a chunk at a time through them (``selection.pursuit.candidate_products``).
+and run a row source a chunk at a time through them (``ops.backends.candidate_products``).
 """
 from __future__ import annotations
 
@@ -32,8 +32,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-# values per chunk of a pass (64 MiB of float32): the size every chunked loop here always used
-CHUNK_ELEMENTS = 1 << 24
+from ..ops.backends import CHUNK_ELEMENTS  # noqa: F401 - values per chunk of a pass (re-exported)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
