@@ -5,25 +5,22 @@ entries there and never change ``select``'s signature.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .selection.baselines import TOPK_REDUCE, random_selection, topk_less
+from .selection.baselines import random_selection, topk_less
+from .selection.common import SelectOptions, Selection, TargetSelection, selection_timings, weighted_norm
 from .selection.cosamp import gtp_cosamp
-from .selection.fill import FILL_SCORES, fill_budget
+from .selection.fill import fill_budget
+from .selection.prepare import prepare
 from .selection.pursuit import gtp_pursuit
-from .selection.common import SelectOptions, TargetSelection, warn_early_stops
-from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
-from .selection.rows import row_chunks
-from .validation import (SEED_LIMIT, ArrayLike, CandidatesLike, InputError, Problem, check_backend, check_bool,
-                         check_choice, check_int, resolve_device, validate_problem)
+from .selection.reference import gtp_reference, nnls_on_support
+from .validation import ArrayLike, CandidatesLike, InputError, Problem, check_number, validate_problem
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
 
@@ -41,158 +38,6 @@ class MethodSpec:
     # compares checkpoint blocks by cosine, so scales built into the blocks cancel: a store whose
     # rows carry sqrt(w_t) must still pass w_t (TrajectoryStore.weights_for)
     block_scale_invariant: bool = False
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The result of :func:`select`.
-
-    The budget k holds per target column for every method. For one target (m = 1)
-    ``indices``, ``weights`` and ``residual_norms`` are that target's. For m > 1 targets
-    ``indices`` is the union of the targets' selections (up to m * k rows): first the rows some
-    target chose itself, in order of first selection, then the rows only filling added;
-    ``weights`` the sum of the weights each target gave a row (for ``topk`` and ``random``,
-    whose weights are scores or ones, the largest), ``residual_norms`` an (iterations + 1, m)
-    array (rows past a target's stop repeat its last value), ``row_targets`` the target columns
-    each row serves; ``per_target`` keeps each target's own result.
-
-    ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
-    methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
-    negative), for ``random`` ones (see ``METHODS[name].fit_weights``). Rows added by
-    ``fill`` have weight 0 and are flagged by ``filled``.
-    """
-
-    method: str
-    k: int
-    per_target: tuple
-    params: Dict[str, Any]
-    timings: Dict[str, float]
-
-    @property
-    def num_targets(self) -> int:
-        return len(self.per_target)
-
-    def _union(self) -> Dict[int, List[int]]:
-        """{row: [target columns it serves]} in union order: pursued rows first, then filled."""
-        rows: Dict[int, List[int]] = {}
-        for part in ("pursued", "filled"):
-            for column, ts in enumerate(self.per_target):
-                chosen = ts.indices[: ts.num_pursued] if part == "pursued" else ts.indices[ts.num_pursued:]
-                for i in chosen.tolist():
-                    rows.setdefault(i, []).append(column)
-        return rows
-
-    @property
-    def indices(self) -> np.ndarray:
-        if len(self.per_target) == 1:
-            return self.per_target[0].indices
-        union = self._union()
-        return np.fromiter(union.keys(), dtype=np.int64, count=len(union))
-
-    @property
-    def weights(self) -> np.ndarray:
-        if len(self.per_target) == 1:
-            return self.per_target[0].weights
-        spec = METHODS.get(self.method)
-        add = spec is None or spec.fit_weights  # scores and ones are not summed: the best one
-        total: Dict[int, float] = {}
-        for ts in self.per_target:
-            for i, w in zip(ts.indices.tolist(), ts.weights.tolist()):
-                total[i] = (total.get(i, 0.0) + w) if add else max(total.get(i, -float("inf")), w)
-        return np.asarray([total[i] for i in self.indices.tolist()], dtype=np.float64)
-
-    @property
-    def row_targets(self) -> List[tuple]:
-        """For each row of ``indices``, the target columns (0-based, increasing) whose selection
-        holds it, pursued or filled."""
-        return [tuple(sorted(cols)) for cols in self._union().values()]
-
-    @property
-    def filled(self) -> np.ndarray:
-        """For each row of ``indices``: True when only filling added it (no target's method
-        chose it; weight 0)."""
-        pursued = set()
-        for ts in self.per_target:
-            pursued.update(ts.indices[: ts.num_pursued].tolist())
-        return np.asarray([i not in pursued for i in self.indices.tolist()], dtype=bool)
-
-    @property
-    def num_filled(self) -> int:
-        """Rows of ``indices`` that only filling added."""
-        return int(self.filled.sum())
-
-    @property
-    def num_pursued(self) -> int:
-        """Rows of ``indices`` that some target's method chose itself."""
-        return int(len(self.indices) - self.num_filled)
-
-    @property
-    def residual_norms(self) -> np.ndarray:
-        if len(self.per_target) == 1:
-            return self.per_target[0].residual_norms
-        length = max(len(ts.residual_norms) for ts in self.per_target)
-        if length == 0:
-            return np.zeros((0, len(self.per_target)))
-        cols = [np.pad(ts.residual_norms, (0, length - len(ts.residual_norms)), mode="edge")
-                for ts in self.per_target]
-        return np.stack(cols, axis=1)
-
-    @property
-    def relative_residual(self) -> Optional[float]:
-        """max over targets of ||r||_W / ||b||_W at the end (None for non-pursuit methods)."""
-        vals = [ts.residual_norms[-1] / ts.residual_norms[0] for ts in self.per_target if len(ts.residual_norms)]
-        return max(vals) if vals else None
-
-    def records(self, ids: Optional[Sequence[Any]] = None) -> List[Dict[str, Any]]:
-        """One dict per selected example: rank, index, weight, targets (the target columns it
-        serves), filled (added only by filling the budget), and id when ids are given."""
-        out = []
-        rows = zip(self.indices.tolist(), self.weights.tolist(), self.row_targets, self.filled.tolist())
-        for rank, (i, w, columns, filled) in enumerate(rows):
-            rec: Dict[str, Any] = {"rank": rank, "index": int(i), "weight": float(w), "targets": list(columns),
-                                   "filled": bool(filled)}
-            if ids is not None:
-                rec["id"] = ids[i]
-            out.append(rec)
-        return out
-
-    def summary(self) -> Dict[str, Any]:
-        """JSON-ready description: method, parameters, timings, per-target outcome."""
-        return {
-            "method": self.method,
-            "k": self.k,  # per target column
-            "num_targets": self.num_targets,
-            "selected": int(len(self.indices)),  # the union over targets: up to num_targets * k
-            "pursued": self.num_pursued,  # rows of the union some target's method chose
-            "filled": self.num_filled,  # rows of the union only filling added (weight 0)
-            "relative_residual": self.relative_residual,
-            "params": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.params.items()},
-            "timings_s": self.timings,
-            "targets": [
-                {
-                    "selected": int(len(ts.indices)),
-                    "pursued": ts.num_pursued,
-                    "filled": ts.filled,
-                    "stopped_by": ts.stopped_by,
-                    "iterations": ts.iterations,
-                    "rejected": ts.rejected,
-                    "dropped": ts.dropped,
-                    "passes_over_candidates": ts.passes,
-                    "residual_norm_first": float(ts.residual_norms[0]) if len(ts.residual_norms) else None,
-                    "residual_norm_last": float(ts.residual_norms[-1]) if len(ts.residual_norms) else None,
-                }
-                for ts in self.per_target
-            ],
-        }
-
-    def __repr__(self) -> str:
-        rel = self.relative_residual
-        rel_s = "n/a" if rel is None else f"{rel:.4g}"
-        k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
-        filled = f" ({self.num_filled} filled)" if self.num_filled else ""
-        return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}{filled}, "
-                f"targets={self.num_targets}, relative_residual={rel_s}, "
-                f"time={self.timings.get('total_s', float('nan')):.3g}s)")
 
 
 _REGISTRY: Dict[str, MethodSpec] = {}
@@ -316,49 +161,17 @@ def select(
     name = DEFAULT_METHOD if method is None else method
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    common = check_pursuit_options(compute_dtype=compute_dtype, ridge=ridge, tol=tol, min_cosine=min_cosine,
-                                   align_threshold=align_threshold, stop_ratio=stop_ratio, backend=backend,
-                                   max_iters=max_iters)
-    ridge, tol, min_cosine, align_threshold, stop_ratio, max_iters = (
-        common[name] for name in ("ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters"))
-    if not isinstance(topk_reduce, str) or topk_reduce not in TOPK_REDUCE:
-        raise InputError(f"topk_reduce must be 'mean' or 'max' (one ranking for every column) or 'column' "
-                         f"(each column its own), got {topk_reduce!r}")
-    if fill is not None and (not isinstance(fill, str) or fill not in FILL_SCORES):
-        raise InputError(f"fill must be None, {' or '.join(repr(f) for f in FILL_SCORES)}, got {fill!r}")
-    positive = check_bool(positive, "positive")
-    progress = check_bool(progress, "progress")
-    if batch_size is not None and not _is_integer(batch_size):
-        raise InputError(f"batch_size must be an integer, got {batch_size!r}")
-    seed = check_int(seed, "seed", low=0, high=SEED_LIMIT - 1)
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    dev = None if device is None else resolve_device(device, "device")
-
-    problem = validate_problem(candidates, target, k, checkpoint_weights=checkpoint_weights,
-                               num_checkpoints=num_checkpoints, exclude=exclude, compute_dtype=compute_dtype)
+    prepared = prepare(candidates, target, k, checkpoint_weights=checkpoint_weights,
+                       num_checkpoints=num_checkpoints, exclude=exclude, device=device,
+                       compute_dtype=compute_dtype, ridge=ridge, tol=tol, min_cosine=min_cosine,
+                       align_threshold=align_threshold, stop_ratio=stop_ratio, backend=backend,
+                       max_iters=max_iters, topk_reduce=topk_reduce, fill=fill, positive=positive,
+                       progress=progress, batch_size=batch_size, seed=seed)
     k = int(k)  # numpy integers too
-    check_backend(backend, problem.candidates.device if dev is None else dev)
-    if dev is not None:
-        problem = Problem(problem.candidates.to(dev), problem.targets.to(dev), problem.num_checkpoints,
-                          problem.checkpoint_dim, problem.checkpoint_weights, problem.exclude.to(dev))
-    # targets and checkpoint weights scaled by powers of two (exact, picks unchanged): float32
-    # products of huge or tiny targets and weights stay in range
-    user_weights = problem.checkpoint_weights  # reported as given
-    problem, scaling = scale_problem(problem)
-    guard_excluded = 0
-    if align_threshold is not None:
-        problem, guard_excluded = _exclude_misaligned(problem, float(align_threshold))
-        if int((~problem.exclude).sum()) == 0:
-            raise InputError(f"align_threshold={align_threshold} excludes every candidate")
-    opts = SelectOptions(positive=bool(positive), ridge=scaling.ridge(ridge), tol=tol, min_cosine=min_cosine,
-                         stop_ratio=stop_ratio, max_iters=max_iters,
-                         batch_size=None if batch_size is None else int(batch_size),
-                         topk_reduce=topk_reduce, seed=int(seed), compute_dtype=compute_dtype,
-                         progress=progress, backend=backend)
+    problem, opts = prepared.problem, prepared.options
     t1 = time.perf_counter()
     spec = METHODS[name]
-    bar, tick = _progress_bar(progress, k * problem.num_targets, name)
+    bar, tick = _progress_bar(opts.progress, k * problem.num_targets, name)
     try:
         per_target = spec.run(problem, k, opts, tick)
         if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
@@ -367,133 +180,19 @@ def select(
         if bar is not None:
             bar.close()
     t_fill = time.perf_counter()
+    fill = prepared.checked["fill"]
     if fill is not None:  # on the scaled problem, whose weights per_target holds
-        per_target = fill_budget(problem, per_target, k, fill, positive=bool(positive),
-                                 dtype=opts.resolved_compute_dtype(problem.candidates.dtype))
-    per_target = scaling.undo(per_target, spec.fit_weights)
-    warn_early_stops(per_target, k, tol)  # EarlyStopWarning: rounding floor or dependence
-    if problem.candidates.is_cuda:
-        torch.cuda.synchronize()
+        per_target = fill_budget(problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
+    per_target = prepared.finish(per_target, k, spec.fit_weights)  # EarlyStopWarning: rounding floor or dependence
     t2 = time.perf_counter()
-    params = {
-        "positive": positive, "ridge": ridge, "tol": tol, "min_cosine": min_cosine,
-        "align_threshold": align_threshold, "guard_excluded": guard_excluded, "stop_ratio": stop_ratio,
-        "max_iters": max_iters, "batch_size": batch_size, "topk_reduce": topk_reduce, "fill": fill,
-        "seed": seed, "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
-        "num_candidates": problem.num_candidates, "dim": problem.dim, "num_targets": problem.num_targets,
-        "num_checkpoints": problem.num_checkpoints,
-        "checkpoint_weights": None if user_weights is None else user_weights.tolist(),
-        "device": str(problem.candidates.device),
-    }
-    timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "fill_s": t2 - t_fill if fill is not None else 0.0,
-               "total_s": t2 - t0}
-    return Selection(name, int(k), tuple(per_target), params, timings)
+    params = prepared.params(SELECT_PARAMS)
+    timings = selection_timings(t0, t1, t2, fill_s=t2 - t_fill if fill is not None else 0.0)
+    return Selection(name, k, tuple(per_target), params, timings, fit_weights=spec.fit_weights)
 
 
-def check_pursuit_options(*, compute_dtype, ridge, tol, min_cosine, align_threshold, stop_ratio, backend,
-                          max_iters) -> Dict[str, Any]:
-    """The checks of the options every GTP entry point shares (select, the sharded selects):
-    InputError with the option's name; returns them cleaned (floats, ints)."""
-    if compute_dtype not in (None, torch.float32, torch.float64):
-        raise InputError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
-    out: Dict[str, Any] = {"ridge": _real("ridge", ridge, low=0.0), "tol": _real("tol", tol, low=0.0)}
-    for name, value in (("min_cosine", min_cosine), ("align_threshold", align_threshold)):
-        out[name] = None if value is None else _real(name, value, low=-1.0, high=1.0)
-    out["stop_ratio"] = None if stop_ratio is None else _real("stop_ratio", stop_ratio, low=0.0)
-    if out["stop_ratio"] is not None and not out["stop_ratio"] < 1:
-        raise InputError(f"stop_ratio must lie in [0, 1), got {out['stop_ratio']}")
-    if backend not in ("auto", "triton", "torch"):
-        raise InputError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if max_iters is not None and not _is_integer(max_iters):
-        raise InputError(f"max_iters must be an integer, got {max_iters!r}")
-    if max_iters is not None and max_iters < 1:
-        raise InputError(f"max_iters must be >= 1, got {max_iters}")
-    out["max_iters"] = None if max_iters is None else int(max_iters)
-    return out
-
-
-def _is_integer(value: Any) -> bool:
-    """An int or numpy integer, not a bool."""
-    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
-
-
-def _real(label: str, value: Any, low: float = -float("inf"), high: float = float("inf")) -> float:
-    """A finite real number in [low, high], as float; InputError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise InputError(f"{label} must be a number, got {value!r}")
-    value = float(value)
-    if not (math.isfinite(value) and low <= value <= high):
-        raise InputError(f"{label} must be finite and lie in [{low:g}, {high:g}], got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class ProblemScaling:
-    """The powers of two select() divides the problem by before any method runs, so that
-    float32 products stay in range whatever the magnitudes: each target column by 2^e (its
-    largest entry then lies in [0.5, 1)) and the checkpoint weights by c = 4^j (the largest in
-    [0.25, 1)). Both are exact, and every method's picks are invariant to them: the objective
-    sum_t w_t ||b^t - A^t x||^2 + lam ||x||^2 is scaled by 2^-2e / c when lam becomes lam / c,
-    and the stopping rules compare ratios. Results are scaled back: fit weights by 2^e,
-    residual norms ||r||_W by 2^e sqrt(c)."""
-
-    target_scales: tuple  # 2^e per target column
-    weight_scale: float = 1.0  # c
-
-    def ridge(self, lam: float) -> float:
-        """lam for the scaled problem."""
-        return lam / self.weight_scale
-
-    def undo(self, per_target, fit_weights: bool) -> list:
-        """The scaled problem's results as the original problem's (exact)."""
-        out = []
-        norm_scale = math.sqrt(self.weight_scale)  # exact: c is a power of four
-        for ts, scale in zip(per_target, self.target_scales):
-            if scale != 1.0 or norm_scale != 1.0:
-                ts = dataclasses.replace(ts, weights=ts.weights * scale if fit_weights else ts.weights,
-                                         residual_norms=ts.residual_norms * (scale * norm_scale))
-            out.append(ts)
-        return out
-
-
-def scale_problem(problem: Problem) -> tuple:
-    """(the scaled problem, its ProblemScaling): see ProblemScaling."""
-    peaks = problem.targets.abs().amax(dim=0).to(torch.float64).tolist()
-    # clamped so that 2^-e stays a float64 (a subnormal peak, ~1e-310, still lands near 2^-30)
-    exps = [min(1000, max(-1000, math.frexp(p)[1])) for p in peaks]
-    targets = problem.targets
-    if any(exps):
-        factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
-                               device=problem.targets.device)
-        targets = problem.targets.to(torch.float64) * factors  # float64: the scaling is exact
-    weights, weight_scale = problem.checkpoint_weights, 1.0
-    if weights is not None:
-        e = math.frexp(float(weights.max()))[1]
-        e = min(1000, max(-1000, e + (e % 2)))  # even: c = 2^e = 4^(e/2), largest weight in [0.25, 1)
-        if e:
-            weight_scale = math.ldexp(1.0, e)
-            weights = weights * math.ldexp(1.0, -e)
-    scaled = Problem(problem.candidates, targets, problem.num_checkpoints, problem.checkpoint_dim, weights,
-                     problem.exclude)
-    return scaled, ProblemScaling(tuple(math.ldexp(1.0, e) for e in exps), weight_scale)
-
-
-def _exclude_misaligned(problem: Problem, threshold: float) -> tuple:
-    """SPEC guard: keep only candidates with cos(a_i, b) > threshold for some target column."""
-    dtype = torch.float64 if problem.candidates.dtype == torch.float64 else torch.float32
-    fw = problem.feature_weights(dtype)
-    B = problem.targets.to(dtype)
-    Bw = B if fw is None else B * fw[:, None]
-    b_norms = weighted_norm(B.T, fw)
-    best = torch.full((problem.num_candidates,), -float("inf"), dtype=dtype, device=B.device)
-    for start, a in row_chunks(problem.candidates, 1 << 24):  # a tensor or a row source
-        a = a.to(dtype)
-        cos = (a @ Bw) / (weighted_norm(a, fw)[:, None].clamp_min(torch.finfo(dtype).tiny) * b_norms)
-        best[start : start + a.shape[0]] = cos.amax(dim=1)
-    misaligned = (best <= threshold) & ~problem.exclude
-    excl = problem.exclude | misaligned
-    return (Problem(problem.candidates, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
-                    problem.checkpoint_weights, excl), int(misaligned.sum()))
+# the options a Selection from select() reports in its params, in this order
+SELECT_PARAMS = ("positive", "ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters",
+                 "batch_size", "topk_reduce", "fill", "seed")
 
 
 def fit_residual(
@@ -509,7 +208,7 @@ def fit_residual(
 
     Puts any selection (top-k, random, GTP) on the same footing; max over target columns.
     """
-    ridge = _real("ridge", ridge, low=0.0)
+    ridge = check_number(ridge, "ridge", low=0.0)
     # the fit is computed in float64: no float32 range to respect, and any rows may be given
     problem = validate_problem(candidates, target, 1, checkpoint_weights=checkpoint_weights,
                                num_checkpoints=num_checkpoints, compute_dtype=torch.float64,

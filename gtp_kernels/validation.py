@@ -117,6 +117,18 @@ def check_real(value: Any, name: str, *, low: float = -math.inf, high: float = m
     return value
 
 
+def check_number(value: Any, name: str, *, low: float = -math.inf, high: float = math.inf) -> float:
+    """A selection option's real number: finite, within [low, high], as float, in the messages
+    select() has always given ("must be a number", "must be finite and lie in [low, high]").
+    InputTypeError for another type (a bool, a string, a complex number), InputError else."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputTypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InputError(f"{name} must be finite and lie in [{low:g}, {high:g}], got {value}")
+    return value
+
+
 def check_bool(value: Any, name: str) -> bool:
     """``value`` as a bool: True or False (numpy's too), nothing else: ``"no"`` or ``0`` would
     otherwise be read by truthiness (``"no"`` as True)."""
@@ -346,7 +358,7 @@ def validate_problem(
     if k > N:
         raise InputError(f"k={k} is larger than the pool (N={N} candidates)")
 
-    zero_rows, norm_range = _finite_rows_and_zero_rows(A, "candidates")
+    zero_rows, norm_range = finite_rows_and_zero_rows(A, "candidates")
     if compute_dtype is None:
         compute_dtype = torch.float64 if A.dtype == torch.float64 else torch.float32
     check_row_norm_range(norm_range, compute_dtype, A.dtype)
@@ -371,7 +383,7 @@ def validate_problem(
 
     excl = torch.zeros(N, dtype=torch.bool, device=A.device)
     if exclude is not None:
-        mask, idx = _exclusion(exclude, N)
+        mask, idx = exclusion_rows(exclude, N)
         if mask is not None:
             excl |= mask.to(A.device)
         else:
@@ -455,7 +467,7 @@ def check_row_norm_range(norm_range: tuple, compute_dtype: torch.dtype,
         f"({', '.join(found)}): scale the candidates (by a power of two to keep every bit){advice}")
 
 
-def _exclusion(exclude: Any, N: int):
+def exclusion_rows(exclude: Any, N: int):
     """(mask, None) for a boolean mask of length N, (None, indices) for integer row indices.
 
     Booleans are a mask whatever the container (a Python list of bools too: read as integers
@@ -501,7 +513,7 @@ def _refuse_mixed_bools(entries: Sequence[Any]) -> None:
                              "pass a bool mask of length N or integer row indices, not both")
 
 
-def _finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> tuple:
+def finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> tuple:
     """One chunked pass over A: raise on NaN/Inf; return the (N,) mask of all-zero rows and
     (smallest, largest) norm of the other rows (0 / inf where float32 norms under/overflow).
 

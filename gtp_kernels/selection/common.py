@@ -1,13 +1,18 @@
-"""What every selection method shares: its options, its per-target result, default tolerances."""
+"""What every selection method shares: its options, its per-target result, default tolerances,
+the result type (:class:`Selection`), the exact power-of-two problem scaling, and the params and
+timings a Selection reports."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..validation import Problem
 
 # Why pursuit stopped, per target.
 STOP_BUDGET = "budget"            # |S| reached k
@@ -188,3 +193,241 @@ def warn_early_stops(per_target: Sequence[TargetSelection], k: int, tol: float, 
                          f"in the non-negative fit)")
     if notes:
         warnings.warn("pursuit ended early: " + "; ".join(notes), EarlyStopWarning, stacklevel=stacklevel)
+
+
+@dataclass(frozen=True)
+class ProblemScaling:
+    """The powers of two select() divides the problem by before any method runs, so that
+    float32 products stay in range whatever the magnitudes: each target column by 2^e (its
+    largest entry then lies in [0.5, 1)) and the checkpoint weights by c = 4^j (the largest in
+    [0.25, 1)). Both are exact, and every method's picks are invariant to them: the objective
+    sum_t w_t ||b^t - A^t x||^2 + lam ||x||^2 is scaled by 2^-2e / c when lam becomes lam / c,
+    and the stopping rules compare ratios. Results are scaled back: fit weights by 2^e,
+    residual norms ||r||_W by 2^e sqrt(c)."""
+
+    target_scales: tuple  # 2^e per target column
+    weight_scale: float = 1.0  # c
+
+    def ridge(self, lam: float) -> float:
+        """lam for the scaled problem."""
+        return lam / self.weight_scale
+
+    def undo(self, per_target, fit_weights: bool) -> list:
+        """The scaled problem's results as the original problem's (exact)."""
+        out = []
+        norm_scale = math.sqrt(self.weight_scale)  # exact: c is a power of four
+        for ts, scale in zip(per_target, self.target_scales):
+            if scale != 1.0 or norm_scale != 1.0:
+                ts = dataclasses.replace(ts, weights=ts.weights * scale if fit_weights else ts.weights,
+                                         residual_norms=ts.residual_norms * (scale * norm_scale))
+            out.append(ts)
+        return out
+
+
+def scale_problem(problem: Problem) -> tuple:
+    """(the scaled problem, its ProblemScaling): see ProblemScaling."""
+    peaks = problem.targets.abs().amax(dim=0).to(torch.float64).tolist()
+    # clamped so that 2^-e stays a float64 (a subnormal peak, ~1e-310, still lands near 2^-30)
+    exps = [min(1000, max(-1000, math.frexp(p)[1])) for p in peaks]
+    targets = problem.targets
+    if any(exps):
+        factors = torch.tensor([math.ldexp(1.0, -e) for e in exps], dtype=torch.float64,
+                               device=problem.targets.device)
+        targets = problem.targets.to(torch.float64) * factors  # float64: the scaling is exact
+    weights, weight_scale = problem.checkpoint_weights, 1.0
+    if weights is not None:
+        e = math.frexp(float(weights.max()))[1]
+        e = min(1000, max(-1000, e + (e % 2)))  # even: c = 2^e = 4^(e/2), largest weight in [0.25, 1)
+        if e:
+            weight_scale = math.ldexp(1.0, e)
+            weights = weights * math.ldexp(1.0, -e)
+    scaled = Problem(problem.candidates, targets, problem.num_checkpoints, problem.checkpoint_dim, weights,
+                     problem.exclude)
+    return scaled, ProblemScaling(tuple(math.ldexp(1.0, e) for e in exps), weight_scale)
+
+
+def selection_params(options: Mapping[str, Any], keys: Sequence[str], *, guard_excluded: int,
+                     compute_dtype: torch.dtype, problem: Problem, checkpoint_weights: Optional[torch.Tensor],
+                     num_candidates: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
+    """A Selection's ``params``: the checked options named by ``keys`` (as the user gave them:
+    ridge unscaled), the guard's count after align_threshold, the compute dtype, the problem's
+    sizes (num_candidates: the pool's, default the problem's), the checkpoint weights as given,
+    the device, then ``extra``."""
+    params: Dict[str, Any] = {}
+    for key in keys:
+        params[key] = options[key]
+        if key == "align_threshold":
+            params["guard_excluded"] = guard_excluded
+    params.update({
+        "compute_dtype": str(compute_dtype),
+        "num_candidates": problem.num_candidates if num_candidates is None else num_candidates,
+        "dim": problem.dim, "num_targets": problem.num_targets, "num_checkpoints": problem.num_checkpoints,
+        "checkpoint_weights": None if checkpoint_weights is None else checkpoint_weights.tolist(),
+        "device": str(problem.candidates.device),
+    })
+    params.update(extra)
+    return params
+
+
+def selection_timings(start: float, selected: float, done: float, fill_s: Optional[float] = None) -> Dict[str, float]:
+    """A Selection's ``timings`` from perf_counter readings: checks until ``selected``, then the
+    method until ``done``; ``fill_s``, when given, the part of that spent filling the budget."""
+    timings = {"validate_s": selected - start, "select_s": done - selected}
+    if fill_s is not None:
+        timings["fill_s"] = fill_s
+    timings["total_s"] = done - start
+    return timings
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The result of :func:`select`.
+
+    The budget k holds per target column for every method. For one target (m = 1)
+    ``indices``, ``weights`` and ``residual_norms`` are that target's. For m > 1 targets
+    ``indices`` is the union of the targets' selections (up to m * k rows): first the rows some
+    target chose itself, in order of first selection, then the rows only filling added;
+    ``weights`` the sum of the weights each target gave a row (for ``topk`` and ``random``,
+    whose weights are scores or ones, the largest), ``residual_norms`` an (iterations + 1, m)
+    array (rows past a target's stop repeat its last value), ``row_targets`` the target columns
+    each row serves; ``per_target`` keeps each target's own result.
+
+    ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
+    methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
+    negative), for ``random`` ones (``fit_weights``, from ``METHODS[name].fit_weights``). Rows added by
+    ``fill`` have weight 0 and are flagged by ``filled``.
+    """
+
+    method: str
+    k: int
+    per_target: tuple
+    params: Dict[str, Any]
+    timings: Dict[str, float]
+    # the weights are fit coefficients, summed over targets (select: METHODS[method].fit_weights);
+    # False: scores or ones, of which the largest is kept
+    fit_weights: bool = True
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.per_target)
+
+    def _union(self) -> Dict[int, List[int]]:
+        """{row: [target columns it serves]} in union order: pursued rows first, then filled."""
+        rows: Dict[int, List[int]] = {}
+        for part in ("pursued", "filled"):
+            for column, ts in enumerate(self.per_target):
+                chosen = ts.indices[: ts.num_pursued] if part == "pursued" else ts.indices[ts.num_pursued:]
+                for i in chosen.tolist():
+                    rows.setdefault(i, []).append(column)
+        return rows
+
+    @property
+    def indices(self) -> np.ndarray:
+        if len(self.per_target) == 1:
+            return self.per_target[0].indices
+        union = self._union()
+        return np.fromiter(union.keys(), dtype=np.int64, count=len(union))
+
+    @property
+    def weights(self) -> np.ndarray:
+        if len(self.per_target) == 1:
+            return self.per_target[0].weights
+        add = self.fit_weights  # scores and ones are not summed: the best one
+        total: Dict[int, float] = {}
+        for ts in self.per_target:
+            for i, w in zip(ts.indices.tolist(), ts.weights.tolist()):
+                total[i] = (total.get(i, 0.0) + w) if add else max(total.get(i, -float("inf")), w)
+        return np.asarray([total[i] for i in self.indices.tolist()], dtype=np.float64)
+
+    @property
+    def row_targets(self) -> List[tuple]:
+        """For each row of ``indices``, the target columns (0-based, increasing) whose selection
+        holds it, pursued or filled."""
+        return [tuple(sorted(cols)) for cols in self._union().values()]
+
+    @property
+    def filled(self) -> np.ndarray:
+        """For each row of ``indices``: True when only filling added it (no target's method
+        chose it; weight 0)."""
+        pursued = set()
+        for ts in self.per_target:
+            pursued.update(ts.indices[: ts.num_pursued].tolist())
+        return np.asarray([i not in pursued for i in self.indices.tolist()], dtype=bool)
+
+    @property
+    def num_filled(self) -> int:
+        """Rows of ``indices`` that only filling added."""
+        return int(self.filled.sum())
+
+    @property
+    def num_pursued(self) -> int:
+        """Rows of ``indices`` that some target's method chose itself."""
+        return int(len(self.indices) - self.num_filled)
+
+    @property
+    def residual_norms(self) -> np.ndarray:
+        if len(self.per_target) == 1:
+            return self.per_target[0].residual_norms
+        length = max(len(ts.residual_norms) for ts in self.per_target)
+        if length == 0:
+            return np.zeros((0, len(self.per_target)))
+        cols = [np.pad(ts.residual_norms, (0, length - len(ts.residual_norms)), mode="edge")
+                for ts in self.per_target]
+        return np.stack(cols, axis=1)
+
+    @property
+    def relative_residual(self) -> Optional[float]:
+        """max over targets of ||r||_W / ||b||_W at the end (None for non-pursuit methods)."""
+        vals = [ts.residual_norms[-1] / ts.residual_norms[0] for ts in self.per_target if len(ts.residual_norms)]
+        return max(vals) if vals else None
+
+    def records(self, ids: Optional[Sequence[Any]] = None) -> List[Dict[str, Any]]:
+        """One dict per selected example: rank, index, weight, targets (the target columns it
+        serves), filled (added only by filling the budget), and id when ids are given."""
+        out = []
+        rows = zip(self.indices.tolist(), self.weights.tolist(), self.row_targets, self.filled.tolist())
+        for rank, (i, w, columns, filled) in enumerate(rows):
+            rec: Dict[str, Any] = {"rank": rank, "index": int(i), "weight": float(w), "targets": list(columns),
+                                   "filled": bool(filled)}
+            if ids is not None:
+                rec["id"] = ids[i]
+            out.append(rec)
+        return out
+
+    def summary(self) -> Dict[str, Any]:
+        """JSON-ready description: method, parameters, timings, per-target outcome."""
+        return {
+            "method": self.method,
+            "k": self.k,  # per target column
+            "num_targets": self.num_targets,
+            "selected": int(len(self.indices)),  # the union over targets: up to num_targets * k
+            "pursued": self.num_pursued,  # rows of the union some target's method chose
+            "filled": self.num_filled,  # rows of the union only filling added (weight 0)
+            "relative_residual": self.relative_residual,
+            "params": {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in self.params.items()},
+            "timings_s": self.timings,
+            "targets": [
+                {
+                    "selected": int(len(ts.indices)),
+                    "pursued": ts.num_pursued,
+                    "filled": ts.filled,
+                    "stopped_by": ts.stopped_by,
+                    "iterations": ts.iterations,
+                    "rejected": ts.rejected,
+                    "dropped": ts.dropped,
+                    "passes_over_candidates": ts.passes,
+                    "residual_norm_first": float(ts.residual_norms[0]) if len(ts.residual_norms) else None,
+                    "residual_norm_last": float(ts.residual_norms[-1]) if len(ts.residual_norms) else None,
+                }
+                for ts in self.per_target
+            ],
+        }
+
+    def __repr__(self) -> str:
+        rel = self.relative_residual
+        rel_s = "n/a" if rel is None else f"{rel:.4g}"
+        k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
+        filled = f" ({self.num_filled} filled)" if self.num_filled else ""
+        return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}{filled}, "
+                f"targets={self.num_targets}, relative_residual={rel_s}, "
+                f"time={self.timings.get('total_s', float('nan')):.3g}s)")

@@ -37,10 +37,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..api import Selection, _exclude_misaligned, _is_integer, check_pursuit_options, scale_problem
-from ..validation import (InputError, InputTypeError, Problem, _exclusion, _finite_rows_and_zero_rows,
-                          as_tensor, check_backend, check_bool, check_row_norm_range, validate_problem)
-from .common import SelectOptions, warn_early_stops
+from ..validation import InputError, InputTypeError, Problem, as_tensor, check_backend, check_row_norm_range
+from .common import Selection, selection_timings
+from .prepare import Prepared, check_options, prepare_shard
 from .pursuit import LocalRows, gtp_pursuit
 
 
@@ -125,79 +124,37 @@ def _all_gather_json(payload: Any, group) -> List[Any]:
     return [json.loads(bytes(p[:n].cpu().tolist()).decode()) for p, n in zip(parts, lengths)]
 
 
-def _checked_options(o: Dict[str, Any]) -> Dict[str, Any]:
-    """select()'s option checks (check_pursuit_options), plus strategy and prefetch; the
-    cleaned values."""
-    c = dict(o)
-    c.update(check_pursuit_options(compute_dtype=o["compute_dtype"], ridge=o["ridge"], tol=o["tol"],
-                                   min_cosine=o["min_cosine"], align_threshold=o["align_threshold"],
-                                   stop_ratio=o["stop_ratio"], backend=o["backend"], max_iters=o["max_iters"]))
-    if o["prefetch"] is not None and not _is_integer(o["prefetch"]):
-        raise InputError(f"prefetch must be an integer, got {o['prefetch']!r}")
-    if o["prefetch"] is not None and o["prefetch"] < 0:
-        raise InputError(f"prefetch must be >= 0, got {o['prefetch']}")
-    if o["strategy"] not in ("auto", "direct", "cached"):
-        raise InputError(f"strategy must be 'auto', 'direct' or 'cached', got {o['strategy']!r}")
-    c["positive"] = check_bool(o["positive"], "positive")
-    c["prefetch"] = None if o["prefetch"] is None else int(o["prefetch"])
-    return c
-
-
 def _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options):
-    """This rank's part of select()'s checks: (report for the other ranks, local state).
-
-    The shard's shape, dtype, the target, budget and checkpoint arguments are checked by
-    validate_problem on a one-row stand-in of the shard's shape (the shard itself may be empty or
-    all zero: that is judged over the whole pool), its values (NaN/Inf, zero rows, row norms) and
-    `exclude` by validate_problem's own helpers. Errors are reported, not raised, so that every
-    rank can raise the same one.
-    """
+    """This rank's part of select()'s checks (prepare.check_options, prepare.prepare_shard):
+    (report for the other ranks, local state). Errors are reported, not raised, so that every
+    rank can raise the same one."""
     report: Dict[str, Any] = {"error": None, "rows": None, "n": 0, "selectable": 0, "aligned": 0,
                               "norms": [float("inf"), 0.0], "setup": None}
     try:
-        clean = _checked_options(options)
+        clean = check_options(**options)
         A = as_tensor(candidates, "candidates")
         check_backend(clean["backend"], A.device)
         if A.dim() >= 1:
             report["rows"] = int(A.shape[0])
-        probe = A
-        if A.dim() in (2, 3) and all(s > 0 for s in A.shape[1:]):
-            probe = torch.ones((1,) + tuple(A.shape[1:]), dtype=A.dtype, device=A.device)
-        k_ok = _is_integer(k) and k >= 1
-        head = validate_problem(probe, target, 1 if k_ok else k, checkpoint_weights=checkpoint_weights,
-                                num_checkpoints=num_checkpoints, compute_dtype=torch.float64)
-        flat = A.reshape(A.shape[0], head.dim)
-        zero_rows, norm_range = _finite_rows_and_zero_rows(flat, "candidates")
-        excl = torch.zeros(flat.shape[0], dtype=torch.bool, device=flat.device)
-        if exclude is not None:
-            mask, idx = _exclusion(exclude, flat.shape[0])
-            if mask is not None:
-                excl |= mask.to(flat.device)
-            else:
-                excl[idx.to(flat.device)] = True
-        excl |= zero_rows
-        problem = Problem(flat, head.targets, head.num_checkpoints, head.checkpoint_dim,
-                          head.checkpoint_weights, excl)
-        selectable = int((~excl).sum())
-        # select()'s power-of-two target scaling: exact, picks unchanged, float32 products safe
-        problem, scales = scale_problem(problem)
-        guard_excluded = 0
-        if clean["align_threshold"] is not None and selectable:
-            problem, guard_excluded = _exclude_misaligned(problem, clean["align_threshold"])
-        b = head.targets.detach().contiguous()
+        shard = prepare_shard(A, target, k, checkpoint_weights=checkpoint_weights,
+                              num_checkpoints=num_checkpoints, exclude=exclude, checked=clean)
+        prepared = shard.prepared
+        b = shard.targets.detach().contiguous()
         digest = hashlib.sha256(b.view(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:16]
         setup = {"k": repr(int(k))}
         setup.update({name: repr(value) for name, value in clean.items()})
         setup.update({
             "candidates dtype": str(A.dtype), "device type": A.device.type,
-            "checkpoints (T, d)": repr((head.num_checkpoints, head.checkpoint_dim)),
+            "checkpoints (T, d)": repr((prepared.problem.num_checkpoints, prepared.problem.checkpoint_dim)),
             "target": f"{tuple(b.shape)} {b.dtype} sha256 {digest}",
-            "checkpoint_weights": repr(None if head.checkpoint_weights is None
-                                       else head.checkpoint_weights.tolist()),
+            "checkpoint_weights": repr(None if prepared.checkpoint_weights is None
+                                       else prepared.checkpoint_weights.tolist()),
         })
-        report.update(n=int(flat.shape[0]), selectable=selectable, aligned=selectable - guard_excluded,
-                      norms=[float(x) for x in norm_range], setup=setup, guard_excluded=guard_excluded)
-        return report, (problem, scales, clean, A.dtype)
+        report.update(n=prepared.problem.num_candidates, selectable=shard.selectable,
+                      aligned=shard.selectable - prepared.guard_excluded,
+                      norms=[float(x) for x in shard.norm_range], setup=setup,
+                      guard_excluded=prepared.guard_excluded)
+        return report, (prepared, A.dtype)
     except InputError as err:
         report["error"] = ["type" if isinstance(err, InputTypeError) else "input", str(err)]
         return report, None
@@ -251,7 +208,7 @@ def _judge(reports: List[Dict[str, Any]], k: Any, exclude: Any, align_threshold,
 
 
 def _prepare(what, candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options, group):
-    """Collective checks; on success this rank's (scaled, guarded) problem and the pool layout."""
+    """Collective checks; on success this rank's prepared (scaled, guarded) problem and the pool layout."""
     _require_group(what)
     report, state = _local_checks(candidates, target, k, checkpoint_weights, num_checkpoints, exclude, options)
     report["entry"] = what
@@ -259,12 +216,11 @@ def _prepare(what, candidates, target, k, checkpoint_weights, num_checkpoints, e
     if isinstance(state, Exception):
         raise state
     _judge(reports, k, exclude, options["align_threshold"], options["compute_dtype"],
-           None if state is None else state[3])
-    problem, scales, clean, _ = state
+           None if state is None else state[1])
     rank = dist.get_rank(group)
     info = {"offset": sum(rep["n"] for rep in reports[:rank]), "total": sum(rep["n"] for rep in reports),
             "guard_excluded": sum(rep["guard_excluded"] for rep in reports)}
-    return problem, scales, clean, info
+    return state[0], info
 
 
 def _padded(problem: Problem) -> Problem:
@@ -303,47 +259,30 @@ def select_sharded(local_candidates, target, k: int, *, group=None, checkpoint_w
     options = dict(positive=positive, ridge=ridge, tol=tol, min_cosine=min_cosine,
                    align_threshold=align_threshold, stop_ratio=stop_ratio, max_iters=max_iters,
                    compute_dtype=compute_dtype, backend=backend, strategy=strategy, prefetch=prefetch)
-    problem, scales, clean, info = _prepare("select_sharded", local_candidates, target, k, checkpoint_weights,
-                                            num_checkpoints, exclude, options, group)
-    k = int(k)
+    prepared, info = _prepare("select_sharded", local_candidates, target, k, checkpoint_weights,
+                              num_checkpoints, exclude, options, group)
+    k, problem = int(k), prepared.problem
     placement = ShardedRows(info["offset"], problem.num_candidates, group)
     t1 = time.perf_counter()
-    per_target = gtp_pursuit(_padded(problem), k, _select_options(clean, scales), strategy=clean["strategy"],
-                             prefetch=clean["prefetch"], placement=placement)
-    per_target = scales.undo(per_target, True)
-    return _selection("gtp-sharded", k, per_target, clean, problem, scales, info, t0, t1, group)
+    per_target = gtp_pursuit(_padded(problem), k, prepared.options, strategy=prepared.checked["strategy"],
+                             prefetch=prepared.checked["prefetch"], placement=placement)
+    return _selection("gtp-sharded", k, prepared.finish(per_target, k), prepared, info, t0, t1, group)
 
 
-def _select_options(clean: Dict[str, Any], scaling=None) -> SelectOptions:
-    """The pursuit's options; with the problem's scaling (api.ProblemScaling), its ridge."""
-    ridge = clean["ridge"] if scaling is None else scaling.ridge(clean["ridge"])
-    return SelectOptions(positive=clean["positive"], ridge=ridge, tol=clean["tol"],
-                         min_cosine=clean["min_cosine"], stop_ratio=clean["stop_ratio"],
-                         max_iters=clean["max_iters"], compute_dtype=clean["compute_dtype"],
-                         backend=clean["backend"])
+# the options a sharded Selection reports in its params, in this order
+SHARDED_PARAMS = ("positive", "ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters", "backend")
 
 
-def _selection(name, k, per_target, clean, problem, scales, info, t0, t1, group):
-    warn_early_stops(per_target, k, clean["tol"], stacklevel=4)
-    if problem.candidates.is_cuda:
-        torch.cuda.synchronize()
+def _selection(name: str, k: int, per_target, prepared: Prepared, info: Dict[str, Any], t0: float, t1: float,
+               group) -> Selection:
     t2 = time.perf_counter()
-    opts = _select_options(clean)
-    params = {key: clean[key] for key in ("positive", "ridge", "tol", "min_cosine", "align_threshold")}
-    params.update({
-        "guard_excluded": info["guard_excluded"], "stop_ratio": clean["stop_ratio"],
-        "max_iters": clean["max_iters"], "backend": clean["backend"],
-        "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
-        "num_candidates": info["total"], "local_candidates": problem.num_candidates, "offset": info["offset"],
-        "dim": problem.dim, "num_targets": problem.num_targets, "num_checkpoints": problem.num_checkpoints,
-        "checkpoint_weights": None if problem.checkpoint_weights is None  # as given (undo the scaling)
-        else (problem.checkpoint_weights * scales.weight_scale).tolist(),
-        "device": str(problem.candidates.device), "world_size": dist.get_world_size(group),
-    })
+    extra = {"local_candidates": prepared.problem.num_candidates, "offset": info["offset"],
+             "world_size": dist.get_world_size(group)}
     if name == "gtp-sharded":
-        params.update(strategy=clean["strategy"], prefetch=clean["prefetch"])
-    timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "total_s": t2 - t0}
-    return Selection(name, int(k), tuple(per_target), params, timings)
+        extra.update(strategy=prepared.checked["strategy"], prefetch=prepared.checked["prefetch"])
+    params = prepared.params(SHARDED_PARAMS, guard_excluded=info["guard_excluded"], num_candidates=info["total"],
+                             **extra)
+    return Selection(name, k, tuple(per_target), params, selection_timings(t0, t1, t2))
 
 
 def select_shard_and_merge(local_candidates, target, k: int, *, group=None, checkpoint_weights=None,
@@ -362,11 +301,10 @@ def select_shard_and_merge(local_candidates, target, k: int, *, group=None, chec
     options = dict(positive=positive, ridge=ridge, tol=tol, min_cosine=min_cosine,
                    align_threshold=align_threshold, stop_ratio=stop_ratio, max_iters=max_iters,
                    compute_dtype=compute_dtype, backend=backend, strategy="auto", prefetch=None)
-    problem, scales, clean, info = _prepare("select_shard_and_merge", local_candidates, target, k,
-                                            checkpoint_weights, num_checkpoints, exclude, options, group)
-    k, offset = int(k), info["offset"]
+    prepared, info = _prepare("select_shard_and_merge", local_candidates, target, k, checkpoint_weights,
+                              num_checkpoints, exclude, options, group)
+    k, offset, problem, opts = int(k), info["offset"], prepared.problem, prepared.options
     t1 = time.perf_counter()
-    opts = _select_options(clean, scales)
     picks: List[int] = []
     if bool((~problem.exclude).any()):  # an empty, all-zero or all-excluded shard picks nothing
         local = gtp_pursuit(problem, min(k, problem.num_candidates), opts)
@@ -388,6 +326,6 @@ def select_shard_and_merge(local_candidates, target, k: int, *, group=None, chec
     merged = Problem(rows, problem.targets, problem.num_checkpoints, problem.checkpoint_dim,
                      problem.checkpoint_weights, torch.zeros(len(union), dtype=torch.bool, device=rows.device))
     final = gtp_pursuit(_padded(merged), max(1, min(k, len(union))), opts)
-    per_target = scales.undo([replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64))
-                              for ts in final], True)
-    return _selection("gtp-shard-and-merge", k, per_target, clean, problem, scales, info, t0, t1, group)
+    per_target = [replace(ts, indices=np.asarray([union[i] for i in ts.indices.tolist()], dtype=np.int64))
+                  for ts in final]
+    return _selection("gtp-shard-and-merge", k, prepared.finish(per_target, k), prepared, info, t0, t1, group)

@@ -66,6 +66,8 @@ from .common import (
     weighted_norm,
 )
 
+# how the correlations are computed (see the module docstring)
+STRATEGIES = ("auto", "direct", "cached")
 # cached strategy: re-anchor the correlations once ||r|| < ANCHOR_DROP * ||r_anchor||
 ANCHOR_DROP = {torch.float32: 0.1, torch.float64: 1e-6}
 
@@ -272,7 +274,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     rows_at = placement if placement is not None else LocalRows()
     if phase_seconds is not None:  # a dict reused across calls must not carry the last run's switch
         phase_seconds.pop("switched_at_support", None)
-    if strategy not in ("auto", "direct", "cached"):
+    if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
     dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
     f64 = torch.float64  # the k-sized maths (Gram entries, factor, weights, residual)
