@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gtp_kernels as gk
-from gtp_kernels.selection import pursuit
+from gtp_kernels.selection import cached, pursuit
 from gtp_kernels.selection.common import SelectOptions
 from gtp_kernels.selection.pursuit import follow_factor_order, gtp_pursuit
 from gtp_kernels.validation import validate_problem
@@ -44,7 +44,7 @@ def test_auto_switches_from_cached_to_direct_without_changing_the_selection(m, d
     # D = 96: the cached product reaches a pass at ~38 columns (CPU), well before k = 60
     A, B = noisy_problem(900, 96, seed=11 + m, dtype=dtype, m=m)
     k = 60
-    switch = pursuit.switch_columns(96, A.element_size(), A.element_size(), on_gpu=False)
+    switch = cached.switch_columns(96, A.element_size(), A.element_size(), on_gpu=False)
     assert switch < k
     phases = {}
     fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8,
@@ -101,19 +101,19 @@ def test_auto_measured_switch_on_cpu(monkeypatch, pass_cost, fetch_cost, switch)
     reference's either way."""
     A, B = noisy_problem(900, 256, seed=5, dtype=torch.float64, m=1)
     k = 60
-    model_switch = pursuit.switch_columns(256, A.element_size(), A.element_size(), on_gpu=False)
+    model_switch = cached.switch_columns(256, A.element_size(), A.element_size(), on_gpu=False)
     assert model_switch > k + 2 * 8 + 1  # the model alone would never switch here
     sim = _SimulatedCost(pass_cost, fetch_cost)
-    monkeypatch.setattr(pursuit, "_cpu_seconds", sim.clock)
-    monkeypatch.setattr(pursuit, "candidate_products", sim.products(pursuit.candidate_products))
+    monkeypatch.setattr(cached, "cpu_seconds", sim.clock)
+    monkeypatch.setattr(cached, "candidate_products", sim.products(cached.candidate_products))
     phases = {}
     fast = gtp_pursuit(validate_problem(A, B, k), k, SelectOptions(), strategy="auto", prefetch=8,
                        phase_seconds=phases)
     monkeypatch.undo()
     assert_same(fast, gk.select(A, B, k, method="gtp-reference"), 1e-9)
     if switch:  # the first cached iteration, one window, the probe's iteration; then direct
-        assert phases["switched_at_support"] == 2 + pursuit.MEASURE_ITERATIONS
-        assert fast[0].passes >= k - pursuit.MEASURE_ITERATIONS - 2
+        assert phases["switched_at_support"] == 2 + cached.MEASURE_ITERATIONS
+        assert fast[0].passes >= k - cached.MEASURE_ITERATIONS - 2
     else:
         assert "switched_at_support" not in phases
         assert fast[0].passes < k / 2

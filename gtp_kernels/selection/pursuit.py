@@ -38,9 +38,7 @@ Each iteration reads the picked indices on the host (one sync), which the stop t
 """
 from __future__ import annotations
 
-import heapq
 import math
-import os
 import time
 from typing import Dict, List, Optional
 
@@ -48,9 +46,10 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.backends import candidate_products, masked_top
+from ..ops.backends import masked_top
 from ..ops.products import rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
+from .cached import CachedCorrelations, cache_budget_bytes, choose_strategy, switch_columns
 from .rows import gather_rows
 from .common import (
     STOP_BUDGET,
@@ -68,125 +67,6 @@ from .common import (
 
 # how the correlations are computed (see the module docstring)
 STRATEGIES = ("auto", "direct", "cached")
-# cached strategy: re-anchor the correlations once ||r|| < ANCHOR_DROP * ||r_anchor||
-ANCHOR_DROP = {torch.float32: 0.1, torch.float64: 1e-6}
-
-
-class _ColumnCache:
-    """Columns A W a_atom for a set of atoms, stored as rows of C_T (capacity, N) so that
-    inserting one is a contiguous write; slots are reused once an atom is no longer needed."""
-
-    def __init__(self, n: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        self.C_T = torch.empty(capacity, n, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.slot_of: Dict[int, int] = {}
-        self._free = list(range(capacity))
-        heapq.heapify(self._free)
-        self._order: List[int] = []  # insertion order, for evicting unpinned columns
-        self.hi = 0  # 1 + highest slot in use: products only touch C_T[:hi]
-
-    def missing(self, atoms) -> List[int]:
-        return [a for a in dict.fromkeys(atoms) if a not in self.slot_of]
-
-    def insert(self, atoms: List[int], columns: torch.Tensor, pinned: set) -> None:
-        """Store columns[:, i] for atoms[i]; evicts unpinned columns, oldest first, when full."""
-        slots, fresh = [], []
-        for i, a in enumerate(atoms):
-            if a in self.slot_of:
-                continue
-            if not self._free:
-                self._evict(pinned)
-            if not self._free:
-                break  # full of pinned columns: the rest of this prefetch is dropped
-            s = heapq.heappop(self._free)
-            self.slot_of[a] = s
-            self._order.append(a)
-            self.hi = max(self.hi, s + 1)
-            slots.append(s)
-            fresh.append(i)
-        if slots:
-            self.C_T[torch.tensor(slots, device=self.C_T.device)] = columns[:, fresh].T
-
-    def _evict(self, pinned: set) -> None:
-        for i, a in enumerate(self._order):
-            if a not in pinned:
-                heapq.heappush(self._free, self.slot_of.pop(a))
-                del self._order[i]
-                return
-
-
-def _cache_budget_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        avail = 4 << 30
-    return int(avail * 0.4)
-
-
-# Passes over A that column fetches cost per cached iteration: about 0.2 misses per iteration
-# with the default prefetch, each a skinny GEMM costing about one pass on a GPU (memory-bound)
-# and about three on a CPU (compute-bound there: 17 columns through ops.products cost 1.3-2.7
-# of its passes, 2.5-3 of torch's GEMV). On CPU the switch points this gives at D = 1024
-# (~410 columns) sit in a flat optimum: forced switches at 100..600 columns measured within
-# 0.79-0.85x / 0.66-0.76x / 0.62-0.65x of the floor at N = 10k / 20k / 40k, k = 800.
-FETCH_PASSES = {"cuda": 0.25, "cpu": 0.6}
-
-
-# auto, CPU: switch to direct once the last MEASURE_ITERATIONS cached iterations (the first
-# cached iteration aside) took SWITCH_MARGIN times longer on average than the pass that started
-# the pursuit. The model above misses what timing sees:
-# where a pass is cheap (A in L3, small D) a compute-bound column fetch costs up to ~8 passes,
-# not ~3, and the per-iteration bookkeeping is not free (e.g. N = 20k, D = 256, k = 100: cached
-# 1.03x the floor against direct 0.31x). The selection is the same either way.
-MEASURE_ITERATIONS = 16
-# ... measured in CPU seconds of the calling thread, which runs its share of every parallel
-# product: another job on the machine inflates neither side (wall time made a busy spell look
-# like "cached got dearer" and switched a k << D run to direct for good, 36 -> 81 passes at
-# N = 100k), and, unlike the process's CPU time, the reading is exact: Linux adds the other
-# threads' runtime at scheduler ticks, so a 1 ms pass read 1.3-5 ms and runs switched where
-# cached was 15-35% faster (N = 10k, D = 1024, k = 50 and 200; N = 40k, k = 200).
-_cpu_seconds = time.thread_time
-# ... by this factor: the switch is for good, and a window holding one compute-bound column
-# fetch (p = 17 columns: several passes' worth where A sits in L3) whose columns serve later
-# iterations looks dearer than the run it belongs to
-SWITCH_MARGIN = 1.25
-
-
-def cached_iteration_passes(columns: int, dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> float:
-    """Cost of one cached iteration in passes over A (N*D*a_bytes bytes): the product with
-    `columns` cached columns (N*columns*c_bytes bytes) plus the expected column fetches."""
-    return columns * c_bytes / (dim * a_bytes) + cached_iteration_passes_fixed(on_gpu)
-
-
-def cached_iteration_passes_fixed(on_gpu: bool) -> float:
-    """The part of a cached iteration's cost that does not grow with the columns: the fetches."""
-    return FETCH_PASSES["cuda" if on_gpu else "cpu"]
-
-
-def switch_columns(dim: int, a_bytes: int, c_bytes: int, on_gpu: bool) -> int:
-    """Cached columns at which a cached iteration costs a full pass (cached_iteration_passes
-    solved for 1): past it, direct is cheaper."""
-    return max(1, int((1.0 - cached_iteration_passes_fixed(on_gpu)) * dim * a_bytes / c_bytes))
-
-
-def choose_strategy(n: int, dim: int, a_bytes: int, c_bytes: int, capacity: int, start_columns: int,
-                    budget_bytes: int, on_gpu: bool) -> str:
-    """Pick 'cached' when its columns fit and its first iterations cost less than a pass.
-
-    Costs in passes over A: direct 1 per iteration; cached grows with the support (see
-    cached_iteration_passes), and the auto pursuit switches to direct once it reaches a pass
-    (switch_columns), so only the start decides. capacity: columns the cache may hold;
-    start_columns: those the first iterations touch (one fetch: needed + prefetched).
-    """
-    if n * capacity * c_bytes > budget_bytes:
-        return "direct"
-    cached = cached_iteration_passes(start_columns, dim, a_bytes, c_bytes, on_gpu)
-    return "cached" if cached < 0.9 else "direct"
-
-
 class _PhaseClock:
     """Seconds spent per phase, for benchmarks; synchronises CUDA at each phase boundary,
     so it is off (a no-op) unless a dict is passed as ``phase_seconds``."""
@@ -271,291 +151,283 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     where the rows live (default: all here; ShardedRows for torch.distributed, where
     `problem.candidates` is this rank's shard and every index is global).
     """
-    rows_at = placement if placement is not None else LocalRows()
-    if phase_seconds is not None:  # a dict reused across calls must not carry the last run's switch
-        phase_seconds.pop("switched_at_support", None)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
-    dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
-    f64 = torch.float64  # the k-sized maths (Gram entries, factor, weights, residual)
-    A = problem.candidates
-    device = A.device
-    N, D, m = problem.num_candidates, problem.dim, problem.num_targets
-    fw = problem.feature_weights(f64)
-    fw_c = None if fw is None else fw.to(dtype)
-    B = problem.targets.to(f64)
-    BW = B if fw is None else B * fw[:, None]
-    lam = float(opts.ridge)
-    min_cos = opts.resolved_min_cosine(dtype)
-    dep_tol = opts.resolved_dep_tol(dtype)
-    weight_tol = opts.resolved_weight_tol(dtype)
-    max_iters = opts.resolved_max_iters(k)
-
-    if prefetch is None:
-        prefetch = 32 if device.type == "cuda" else 16
-    capacity = k * m + 2 * prefetch
-    on_gpu = device.type == "cuda"
-    c_bytes = torch.finfo(dtype).bits // 8
-    # auto: cached while its iterations cost less than a pass, then direct (same selection)
-    switch_at = None
-    if strategy == "auto":
-        switch_at = switch_columns(D, A.element_size(), c_bytes, on_gpu)
-        # the cache never needs more than the columns held when it switches, plus one fetch
-        capacity = min(capacity, switch_at + 2 * prefetch + m)
-        strategy = choose_strategy(N, D, A.element_size(), c_bytes, capacity, m + prefetch,
-                                   _cache_budget_bytes(device), on_gpu)
-        strategy = "cached" if rows_at.agree(strategy == "cached") else "direct"
-
-    state = lsq.lsq_init(m, k, f64, device)
-    base_exclude = problem.exclude
-    banned = [set() for _ in range(m)]
-    exclude = base_exclude[:, None].repeat(1, m)
-    R = B.clone()  # residuals, float64
-    b_norms = weighted_norm(B.T, fw).tolist()
-    hist: List[List[float]] = [[x] for x in b_norms]
-    stopped: List[Optional[str]] = [None] * m
-    iterations, rejected, dropped = [0] * m, [0] * m, [0] * m
-    first_corr: List[Optional[float]] = [None] * m
-    supports: List[List[int]] = [[] for _ in range(m)]
-    # copies of each target's selected rows, in support order (k x D): float32 where that is
-    # exact and the float64-accumulating kernels run (half the bytes), else float64
-    rows_buf = torch.empty(m, k, D, dtype=selected_rows_dtype(A), device=device)
-    b_cols = [B[:, t].contiguous() for t in range(m)]
-    r_col = torch.empty(D, dtype=f64, device=device)
-    weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
-    # ||a||_W of each target's picked atoms, and of its support in factor order (the residual floor)
-    norm_of: List[Dict[int, float]] = [{} for _ in range(m)]
-    sup_norms = torch.zeros(m, k, dtype=f64, device=device)
-    passes = 0
-    # per-iteration K3 inputs, allocated once (entries past a target's support are ignored)
-    gram_col = torch.zeros(m, k, dtype=f64, device=device)
-    gram_diag = torch.zeros(m, dtype=f64, device=device)
-    rhs_new = torch.zeros(m, dtype=f64, device=device)
-    all_targets = list(range(m))
-
-    clock = _PhaseClock(phase_seconds, device)
-    cache = None
-    # auto on CPU also switches on measured cost: CPU seconds of the last cached iterations
-    # (product + column fetches, not what both strategies do) against one pass over A
-    cached_costs: List[float] = []
-    cached_iterations = 0
-    pass_seconds = 0.0
-    probe = switch_next = False
-    if strategy == "cached":
-        # Anchor: c_base = A W r_base for a residual r_base = b - A^T w_base (first b itself);
-        # then c = c_base - (A W A^T)(w - w_base) over the atoms whose weight moved.
-        t0 = _cpu_seconds()
-        base_c = candidate_products(A, BW.to(dtype), dtype, opts.backend)  # (N, m): one pass
-        pass_seconds = _cpu_seconds() - t0
-        base_w: List[Dict[int, float]] = [{} for _ in range(m)]
-        base_norm = list(b_norms)
-        anchor_drop = ANCHOR_DROP[dtype]
-        passes += 1
-        cache = _ColumnCache(N, capacity + k // 8 + 16, dtype, device)
-
+    if phase_seconds is not None:  # a dict reused across calls must not carry the last run's switch
+        phase_seconds.pop("switched_at_support", None)
+    pursuit = ExactPursuit(problem, k, opts, progress, strategy, prefetch, phase_seconds,
+                           placement if placement is not None else LocalRows())
     while True:
-        for t in range(m):
-            if stopped[t] is None and len(supports[t]) == k:
-                stopped[t] = STOP_BUDGET
-            elif stopped[t] is None and iterations[t] >= max_iters:
-                stopped[t] = STOP_MAX_ITERS
-        live = [t for t in range(m) if stopped[t] is None]
+        live = pursuit.stop()
         if not live:
             break
+        best_val, best_idx = pursuit.correlate(live)
+        picks = pursuit.pick(live, best_val, best_idx)
+        if picks is None:
+            continue
+        pursuit.columns(picks)
+        status = pursuit.update(picks)
+        pursuit.residual(picks, status)
+    return pursuit.results()
 
-        # 1. correlations and the best candidate per target
-        if cache is not None and switch_at is not None:  # auto, still cached
-            # the cached product now costs a pass (model), or MEASURE_ITERATIONS cached
-            # iterations measured dearer than passes (CPU; checked on the same iterations on
-            # every rank): continue direct, from the exact residuals
-            switch = cache.hi >= switch_at or switch_next
-            probe = False
-            if not on_gpu and len(cached_costs) == MEASURE_ITERATIONS:
-                window = sum(cached_costs)
-                cached_costs.clear()
-                # dearer than the pass measured at the start: time a pass now, under the same
-                # conditions (the start's may have found A in cache), before switching for good
-                probe = rows_at.agree(window > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds)
-            if switch:
-                cache = base_c = None
-                if phase_seconds is not None:  # a support size, not seconds
-                    phase_seconds["switched_at_support"] = max(len(x) for x in supports)  # type: ignore[assignment]
-        if cache is not None:
-            t_cached = _cpu_seconds()
-            # c_base - C (w - w_base) loses about eps * ||r_base|| / ||r|| to cancellation:
-            # re-anchor (one pass) once the residual fell by anchor_drop since the anchor.
-            stale = [t for t in live if hist[t][-1] < anchor_drop * base_norm[t]]
-            if probe:  # the probe's pass re-anchors every target: this iteration uses it
-                stale = live
-            if stale:
-                RW = (R[:, stale] if fw is None else R[:, stale] * fw[:, None]).to(dtype)
-                t_pass = _cpu_seconds()
-                base_c[:, stale] = candidate_products(A, RW, dtype, opts.backend)
-                if probe:
-                    pass_seconds = _cpu_seconds() - t_pass
-                    switch_next = rows_at.agree(window > SWITCH_MARGIN * MEASURE_ITERATIONS * pass_seconds)
-                for t in stale:
-                    base_w[t] = dict(zip(supports[t], weights[t].tolist()))
-                    base_norm[t] = hist[t][-1]
-                passes += 1
-            moved = {}
-            for t in live:
-                delta = {a: -w for a, w in base_w[t].items()}
-                for a, w in zip(supports[t], weights[t].tolist()):
-                    delta[a] = delta.get(a, 0.0) + w
-                moved[t] = {a: v for a, v in delta.items() if v != 0.0}
-            if any(moved.values()):
-                Wmat = torch.zeros(cache.hi, m, dtype=dtype, device=device)
-                for t, delta in moved.items():
-                    if delta:
-                        slots = torch.tensor([cache.slot_of[a] for a in delta], device=device)
-                        Wmat[slots, t] = torch.tensor(list(delta.values()), dtype=dtype, device=device)
-                scores = torch.addmm(base_c, cache.C_T[: cache.hi].T, Wmat, alpha=-1.0)
-            else:  # nothing moved since the anchor (the cache may hold only unwritten slots)
-                scores = base_c.clone()
-            key = scores if opts.positive else scores.abs_()
-            key.masked_fill_(exclude, -float("inf"))
-            best_val, best_idx = torch.max(key, dim=0)  # ties: the first (lowest) index
+
+class _Picks:
+    """One iteration's accepted picks: the targets, their rows (float64, (p, D)), the rows
+    weighted by W, and the rows' squared W-norms (the Gram diagonal)."""
+
+    def __init__(self, targets: List[int], rows: torch.Tensor, rows_w: torch.Tensor, diag: torch.Tensor):
+        self.targets, self.rows, self.rows_w, self.diag = targets, rows, rows_w, diag
+
+
+class ExactPursuit:
+    """The state of the exact pursuit of m targets, one method per phase of SPEC algorithm 1:
+    stop (budget, iteration cap), correlate (c = A W r and its masked argmax per target),
+    pick (stop tests on the best candidates), columns (cached strategy: the new atoms'
+    columns), update (K3: Cholesky append and NNLS step) and residual (r = b - A_S^T w, the
+    tolerance and rounding-floor stops).
+
+    Correlations run direct (a pass over A per iteration) or from cached columns
+    (selection.cached.CachedCorrelations); auto starts cached where that is cheaper and
+    switches to direct for good once it is not.
+    """
+
+    def __init__(self, problem: Problem, k: int, opts: SelectOptions, progress, strategy: str,
+                 prefetch: Optional[int], phase_seconds: Optional[Dict[str, float]], rows_at: LocalRows):
+        self.k, self.opts, self.progress, self.rows_at = k, opts, progress, rows_at
+        self.phase_seconds = phase_seconds
+        self.dtype = dtype = opts.resolved_compute_dtype(problem.candidates.dtype)  # the N-sized products
+        f64 = torch.float64  # the k-sized maths (Gram entries, factor, weights, residual)
+        self.A = A = problem.candidates
+        self.device = device = A.device
+        N, D, self.m = problem.num_candidates, problem.dim, problem.num_targets
+        m = self.m
+        self.fw = fw = problem.feature_weights(f64)
+        self.fw_c = None if fw is None else fw.to(dtype)
+        self.B = B = problem.targets.to(f64)
+        self.min_cos = opts.resolved_min_cosine(dtype)
+        self.dep_tol = opts.resolved_dep_tol(dtype)
+        self.weight_tol = opts.resolved_weight_tol(dtype)
+        self.max_iters = opts.resolved_max_iters(k)
+
+        self.state = lsq.lsq_init(m, k, f64, device)
+        self.base_exclude = problem.exclude
+        self.banned = [set() for _ in range(m)]
+        self.exclude = self.base_exclude[:, None].repeat(1, m)
+        self.R = B.clone()  # residuals, float64
+        self.b_norms = weighted_norm(B.T, fw).tolist()
+        self.hist: List[List[float]] = [[x] for x in self.b_norms]
+        self.stopped: List[Optional[str]] = [None] * m
+        self.iterations, self.rejected, self.dropped = [0] * m, [0] * m, [0] * m
+        self.first_corr: List[Optional[float]] = [None] * m
+        self.supports: List[List[int]] = [[] for _ in range(m)]
+        # copies of each target's selected rows, in support order (k x D): float32 where that is
+        # exact and the float64-accumulating kernels run (half the bytes), else float64
+        self.rows_buf = torch.empty(m, k, D, dtype=selected_rows_dtype(A), device=device)
+        self.b_cols = [B[:, t].contiguous() for t in range(m)]
+        self.r_col = torch.empty(D, dtype=f64, device=device)
+        self.weights: List[torch.Tensor] = [torch.zeros(0, dtype=f64, device=device) for _ in range(m)]
+        # ||a||_W of each target's picked atoms, and of its support in factor order (the residual floor)
+        self.norm_of: List[Dict[int, float]] = [{} for _ in range(m)]
+        self.sup_norms = torch.zeros(m, k, dtype=f64, device=device)
+        self.passes = 0
+        # per-iteration K3 inputs, allocated once (entries past a target's support are ignored)
+        self.gram_col = torch.zeros(m, k, dtype=f64, device=device)
+        self.gram_diag = torch.zeros(m, dtype=f64, device=device)
+        self.rhs_new = torch.zeros(m, dtype=f64, device=device)
+        self.all_targets = list(range(m))
+        self.new_atoms: List[int] = [-1] * m
+        self.clock = _PhaseClock(phase_seconds, device)
+        self.strategy = strategy
+        self.cached: Optional[CachedCorrelations] = self._start_strategy(strategy, prefetch, N, D)
+
+    def _start_strategy(self, strategy: str, prefetch: Optional[int], N: int, D: int) -> Optional[CachedCorrelations]:
+        """The cached state when the pursuit starts cached (auto: when choose_strategy says so)."""
+        self.prefetch = prefetch = (32 if self.device.type == "cuda" else 16) if prefetch is None else prefetch
+        capacity = self.k * self.m + 2 * prefetch
+        on_gpu = self.device.type == "cuda"
+        c_bytes = torch.finfo(self.dtype).bits // 8
+        # auto: cached while its iterations cost less than a pass, then direct (same selection)
+        switch_at = None
+        if strategy == "auto":
+            switch_at = switch_columns(D, self.A.element_size(), c_bytes, on_gpu)
+            # the cache never needs more than the columns held when it switches, plus one fetch
+            capacity = min(capacity, switch_at + 2 * prefetch + self.m)
+            strategy = choose_strategy(N, D, self.A.element_size(), c_bytes, capacity, self.m + prefetch,
+                                       cache_budget_bytes(self.device), on_gpu)
+            strategy = "cached" if self.rows_at.agree(strategy == "cached") else "direct"
+        self.strategy = strategy
+        if strategy != "cached":
+            return None
+        BW = self.B if self.fw is None else self.B * self.fw[:, None]
+        self.passes += 1  # the first anchor
+        return CachedCorrelations(self.A, BW, self.b_norms, N, self.dtype, self.opts.backend, capacity, self.k,
+                                  self.rows_at, switch_at, on_gpu)
+
+    def stop(self) -> List[int]:
+        """The budget and iteration-cap stops; the targets still live."""
+        for t in range(self.m):
+            if self.stopped[t] is None and len(self.supports[t]) == self.k:
+                self.stopped[t] = STOP_BUDGET
+            elif self.stopped[t] is None and self.iterations[t] >= self.max_iters:
+                self.stopped[t] = STOP_MAX_ITERS
+        return [t for t in range(self.m) if self.stopped[t] is None]
+
+    def correlate(self, live: List[int]) -> tuple:
+        """Phase 1: c = A W r over the eligible rows, and each target's best (value, global index)."""
+        cached = self.cached
+        if cached is not None and cached.switch_at is not None and cached.should_switch():  # auto, still cached
+            self.cached = cached = None  # continue direct, from the exact residuals
+            if self.phase_seconds is not None:  # a support size, not seconds
+                self.phase_seconds["switched_at_support"] = max(len(x) for x in self.supports)  # type: ignore[assignment]
+        if cached is not None:
+            best_val, best_idx, passes = cached.best(self.R, self.fw, live, self.hist, self.supports, self.weights,
+                                                     self.exclude, self.opts.positive)
+            self.passes += passes
         else:
-            RW = (R if fw is None else R * fw[:, None]).to(dtype)
-            best_val, best_idx = (x[:, 0] for x in masked_top(A, RW, exclude, 1, opts.positive, dtype, opts.backend))
-            passes += 1
-        best_val, best_idx = rows_at.best(best_val, best_idx)
-        best_val = best_val.tolist()
-        best_idx = best_idx.tolist()
-        clock.lap("correlation")
+            RW = (self.R if self.fw is None else self.R * self.fw[:, None]).to(self.dtype)
+            best_val, best_idx = (x[:, 0] for x in masked_top(self.A, RW, self.exclude, 1, self.opts.positive,
+                                                              self.dtype, self.opts.backend))
+            self.passes += 1
+        best_val, best_idx = self.rows_at.best(best_val, best_idx)
+        self.clock.lap("correlation")
+        return best_val.tolist(), best_idx.tolist()
 
-        # 2. stop tests on the picks
-        new_atoms = [-1] * m
+    def pick(self, live: List[int], best_val: List[float], best_idx: List[int]) -> Optional[_Picks]:
+        """Phase 2: each live target's best candidate, through the stop tests (exhausted, no
+        correlation, the stop_ratio guard); None when no target goes on to an update."""
+        new_atoms = self.new_atoms = [-1] * self.m
         for t in live:
-            iterations[t] += 1
+            self.iterations[t] += 1
             if best_val[t] == -float("inf"):
-                stopped[t] = STOP_EXHAUSTED
+                self.stopped[t] = STOP_EXHAUSTED
             else:
                 new_atoms[t] = best_idx[t]
         picked = [t for t in live if new_atoms[t] >= 0]
         if not picked:
-            continue
-        rows = rows_at.fetch(A, [new_atoms[t] for t in picked], f64)  # (p, D)
-        rows_w = rows if fw is None else rows * fw
+            return None
+        rows = self.rows_at.fetch(self.A, [new_atoms[t] for t in picked], torch.float64)  # (p, D)
+        rows_w = rows if self.fw is None else rows * self.fw
         diag = (rows_w * rows).sum(dim=1)
         diag_host = diag.tolist()
         for i, t in enumerate(picked):
             v = best_val[t]
-            norm_of[t][new_atoms[t]] = math.sqrt(diag_host[i])
-            if v <= min_cos * math.sqrt(diag_host[i]) * hist[t][-1]:
-                stopped[t], new_atoms[t] = STOP_NO_CORRELATION, -1
-            elif first_corr[t] is None:
-                first_corr[t] = v
-            elif opts.stop_ratio is not None and v < opts.stop_ratio * first_corr[t]:
-                stopped[t], new_atoms[t] = STOP_GUARD, -1
+            self.norm_of[t][new_atoms[t]] = math.sqrt(diag_host[i])
+            if v <= self.min_cos * math.sqrt(diag_host[i]) * self.hist[t][-1]:
+                self.stopped[t], new_atoms[t] = STOP_NO_CORRELATION, -1
+            elif self.first_corr[t] is None:
+                self.first_corr[t] = v
+            elif self.opts.stop_ratio is not None and v < self.opts.stop_ratio * self.first_corr[t]:
+                self.stopped[t], new_atoms[t] = STOP_GUARD, -1
         go = [i for i, t in enumerate(picked) if new_atoms[t] >= 0]
         if not go:
-            continue
+            return None
         if len(go) < len(picked):  # some target stopped on its pick: drop its row
             picked = [picked[i] for i in go]
             rows, rows_w, diag = rows[go], rows_w[go], diag[go]
+        return _Picks(picked, rows, rows_w, diag)
 
-        # 3. cached strategy: make sure the new atoms' columns A W a_j are in the cache,
-        #    fetching the most likely next picks in the same read of A
-        if cache is not None:
-            wanted = [new_atoms[t] for t in picked]
-            missing = cache.missing(wanted)
-            if missing:
-                extra: List[int] = []
-                for t in picked:
-                    top = rows_at.top(key[:, t], prefetch + 1)
-                    extra.extend(a for a in top if a not in cache.slot_of)
-                fetch = list(dict.fromkeys(missing + extra))[: len(missing) + prefetch]
-                X = rows_at.fetch(A, fetch, dtype)
-                if fw_c is not None:
-                    X = X * fw_c
-                pinned = {a for s in supports for a in s} | {a for bw in base_w for a in bw} | set(wanted)
-                cache.insert(fetch, candidate_products(A, X.T, dtype, opts.backend), pinned)
-                passes += 1
-                if any(a not in cache.slot_of for a in wanted):  # pragma: no cover - capacity covers k*m
-                    raise RuntimeError("column cache too small for the supports")
-        if cache is not None:
-            cost = _cpu_seconds() - t_cached
-            if cached_iterations and not probe:  # the first (its fetch and the cache's first
-                cached_costs.append(cost)  # touch are sunk) and a probe's pass are not measured
-            cached_iterations += 1
-        clock.lap("columns")
+    def columns(self, picks: _Picks) -> None:
+        """Phase 3, cached strategy: the new atoms' columns A W a_j in the cache."""
+        if self.cached is not None:
+            self.passes += self.cached.fetch_columns(self.new_atoms, picks.targets, self.supports, self.prefetch,
+                                                     self.fw_c)
+            self.cached.record_cost()
+        self.clock.lap("columns")
 
-        # 4. least-squares update (K3), float64 Gram entries from the selected rows
+    def update(self, picks: _Picks) -> List[int]:
+        """Phase 4: the least-squares update (K3) with float64 Gram entries from the selected
+        rows; each target's K3 status."""
+        picked = picks.targets
         for i, t in enumerate(picked):
-            if supports[t]:
-                rows_dot_f64(rows_buf[t, : len(supports[t])], rows_w[i], gram_col[t, : len(supports[t])])
-        rhs_picked = (rows_w * B.T[picked]).sum(dim=1)
-        if picked == all_targets:  # the common case: every target picked, no scatter
-            gram_diag.copy_(diag)
-            rhs_new.copy_(rhs_picked)
+            if self.supports[t]:
+                rows_dot_f64(self.rows_buf[t, : len(self.supports[t])], picks.rows_w[i],
+                             self.gram_col[t, : len(self.supports[t])])
+        rhs_picked = (picks.rows_w * self.B.T[picked]).sum(dim=1)
+        if picked == self.all_targets:  # the common case: every target picked, no scatter
+            self.gram_diag.copy_(picks.diag)
+            self.rhs_new.copy_(rhs_picked)
         else:
-            gram_diag[picked] = diag
-            rhs_new[picked] = rhs_picked
-        atoms = torch.tensor(new_atoms, device=device)  # -1: this target sits the update out
+            self.gram_diag[picked] = picks.diag
+            self.rhs_new[picked] = rhs_picked
+        atoms = torch.tensor(self.new_atoms, device=self.device)  # -1: this target sits the update out
         # every tensor here was built by this loop for this state: skip the argument checks
-        status = lsq.lsq_update(state, atoms, gram_col, gram_diag, rhs_new, lam=lam,
-                                positive=opts.positive, dep_tol=dep_tol, weight_tol=weight_tol,
-                                checked=False).tolist()
-        sizes = state.size.tolist()
-        clock.lap("update")
+        status = lsq.lsq_update(self.state, atoms, self.gram_col, self.gram_diag, self.rhs_new,
+                                lam=float(self.opts.ridge), positive=self.opts.positive, dep_tol=self.dep_tol,
+                                weight_tol=self.weight_tol, checked=False).tolist()
+        self.clock.lap("update")
+        return status
 
-        # 5. bookkeeping and residuals
-        for i, t in enumerate(picked):
-            st, j = status[t], new_atoms[t]
-            if st & lsq.STATUS_DEPENDENT:
-                banned[t].add(j)
-                rejected[t] += 1
-                for local_j in rows_at.local([j]):
-                    exclude[local_j, t] = True
+    def residual(self, picks: _Picks, status: List[int]) -> None:
+        """Phase 5: supports, exclusions and residuals after the update; the tolerance and
+        rounding-floor stops."""
+        sizes = self.state.size.tolist()
+        for i, t in enumerate(picks.targets):
+            if not self._follow_update(t, status[t], sizes[t], picks.rows[i]):
                 continue
-            if st & lsq.STATUS_NEW_DROPPED:
-                banned[t].add(j)
-                rejected[t] += 1
-            if st & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
-                new_support = state.support[t, : sizes[t]].tolist()
-                follow_factor_order(rows_buf[t], supports[t], new_support, j, rows[i])
-                sup_norms[t, : len(new_support)] = torch.tensor([norm_of[t][a] for a in new_support], dtype=f64)
-                gone = set(supports[t]) - set(new_support)
-            else:  # the common case, O(1) here: appended at the end, nothing dropped
-                rows_buf[t, len(supports[t])] = rows[i]
-                sup_norms[t, len(supports[t])] = norm_of[t][j]
-                new_support, gone = supports[t] + [j], set()
-            supports[t] = new_support
-            weights[t] = state.weights[t, : sizes[t]].clone()
-            dropped[t] += len(gone)
-            for local_j in rows_at.local([j]):  # selected, or banned if dropped as it entered
-                exclude[local_j, t] = True
-            back = rows_at.local([a for a in gone if a not in banned[t]])
-            if back:  # atoms dropped by NNLS become eligible again
-                back_t = torch.tensor(back, device=device)
-                exclude[back_t, t] = base_exclude[back_t]
-            R[:, t] = rows_residual_f64(rows_buf[t, : sizes[t]], weights[t], b_cols[t], r_col)
-            hist[t].append(float(weighted_norm(R[:, t], fw)))
-            if progress is not None:
-                progress(1)
-            if hist[t][-1] < opts.tol * b_norms[t]:
-                stopped[t] = STOP_TOLERANCE
-            elif sizes[t] and hist[t][-1] <= residual_floor(dtype, b_norms[t], weights[t], sup_norms[t, : sizes[t]]):
-                stopped[t] = STOP_RESIDUAL_FLOOR
-        clock.lap("residual")
+            self.R[:, t] = rows_residual_f64(self.rows_buf[t, : sizes[t]], self.weights[t], self.b_cols[t],
+                                             self.r_col)
+            self.hist[t].append(float(weighted_norm(self.R[:, t], self.fw)))
+            if self.progress is not None:
+                self.progress(1)
+            if self.hist[t][-1] < self.opts.tol * self.b_norms[t]:
+                self.stopped[t] = STOP_TOLERANCE
+            elif sizes[t] and self.hist[t][-1] <= residual_floor(self.dtype, self.b_norms[t], self.weights[t],
+                                                                 self.sup_norms[t, : sizes[t]]):
+                self.stopped[t] = STOP_RESIDUAL_FLOOR
+        self.clock.lap("residual")
 
-    if phase_seconds is not None:  # what ran: e.g. "cached", or "cached, direct from support size 243"
-        switched = phase_seconds.get("switched_at_support")
-        phase_seconds["strategy"] = (strategy if switched is None  # type: ignore[assignment]
-                                     else f"{strategy}, direct from support size {switched}")
-    return [
-        TargetSelection(
-            indices=np.asarray(supports[t], dtype=np.int64),
-            weights=weights[t].detach().cpu().to(torch.float64).numpy(),
-            residual_norms=np.asarray(hist[t], dtype=np.float64),
-            stopped_by=stopped[t],
-            iterations=iterations[t],
-            rejected=rejected[t],
-            dropped=dropped[t],
-            passes=float(passes),
-        )
-        for t in range(m)
-    ]
+    def _follow_update(self, t: int, st: int, size: int, row: torch.Tensor) -> bool:
+        """Target t's support, row copies, weights and exclusions after K3's status st; False
+        when the new atom was refused as dependent (nothing changed)."""
+        j = self.new_atoms[t]
+        if st & lsq.STATUS_DEPENDENT:
+            self.banned[t].add(j)
+            self.rejected[t] += 1
+            for local_j in self.rows_at.local([j]):
+                self.exclude[local_j, t] = True
+            return False
+        if st & lsq.STATUS_NEW_DROPPED:
+            self.banned[t].add(j)
+            self.rejected[t] += 1
+        supports = self.supports
+        if st & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
+            new_support = self.state.support[t, :size].tolist()
+            follow_factor_order(self.rows_buf[t], supports[t], new_support, j, row)
+            self.sup_norms[t, : len(new_support)] = torch.tensor([self.norm_of[t][a] for a in new_support],
+                                                                 dtype=torch.float64)
+            gone = set(supports[t]) - set(new_support)
+        else:  # the common case, O(1) here: appended at the end, nothing dropped
+            self.rows_buf[t, len(supports[t])] = row
+            self.sup_norms[t, len(supports[t])] = self.norm_of[t][j]
+            new_support, gone = supports[t] + [j], set()
+        supports[t] = new_support
+        self.weights[t] = self.state.weights[t, :size].clone()
+        self.dropped[t] += len(gone)
+        for local_j in self.rows_at.local([j]):  # selected, or banned if dropped as it entered
+            self.exclude[local_j, t] = True
+        back = self.rows_at.local([a for a in gone if a not in self.banned[t]])
+        if back:  # atoms dropped by NNLS become eligible again
+            back_t = torch.tensor(back, device=self.device)
+            self.exclude[back_t, t] = self.base_exclude[back_t]
+        return True
 
+    def results(self) -> List[TargetSelection]:
+        """Each target's selection; with phase_seconds, what ran (e.g. "cached", or "cached,
+        direct from support size 243")."""
+        if self.phase_seconds is not None:
+            switched = self.phase_seconds.get("switched_at_support")
+            self.phase_seconds["strategy"] = (self.strategy if switched is None  # type: ignore[assignment]
+                                              else f"{self.strategy}, direct from support size {switched}")
+        return [
+            TargetSelection(
+                indices=np.asarray(self.supports[t], dtype=np.int64),
+                weights=self.weights[t].detach().cpu().to(torch.float64).numpy(),
+                residual_norms=np.asarray(self.hist[t], dtype=np.float64),
+                stopped_by=self.stopped[t],
+                iterations=self.iterations[t],
+                rejected=self.rejected[t],
+                dropped=self.dropped[t],
+                passes=float(self.passes),
+            )
+            for t in range(self.m)
+        ]
