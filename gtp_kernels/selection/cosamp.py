@@ -225,8 +225,8 @@ class _SampledPursuit:
         # fp16/bf16 rows: gathered and upcast a slice at a time into the compute-dtype buffer, so
         # the sample is never held twice (a whole gather then .to() peaked at 1.5x its fp32 size)
         step = max(1, _GATHER_ELEMENTS // max(1, A.shape[1]))
-        for lo in range(0, rows, step):
-            self._sample_buf[lo : lo + step].copy_(gather_rows(A, idx[lo : lo + step]))
+        for lo in range(0, rows, step):  # the buffer may be longer than this sample: stop at its rows
+            self._sample_buf[lo : min(lo + step, rows)].copy_(gather_rows(A, idx[lo : lo + step]))
         return self._sample_buf[:rows]
 
     def _sample_correlations(self, rows: torch.Tensor) -> torch.Tensor:
@@ -308,53 +308,60 @@ class _SampledPursuit:
                 self.first_corr = v
             picked[i] = True
             n_alive -= 1
-            n_old = len(self.support)
-            if n_old:
-                rows_dot_f64(self.rows_buf[:n_old], row_w, self.gram_col[0, :n_old])
-            self.atom.fill_(j)
-            torch.dot(row_w, self.b, out=self._rhs0)
-            status = lsq.lsq_update(self.state, self.atom, self.gram_col, self.diag, self.rhs,
-                                    lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol,
-                                    weight_tol=self.weight_tol, checked=False).item()
-            if status & lsq.STATUS_DEPENDENT:
-                self.banned.add(j)
-                self.exclude[j] = True
-                self.rejected += 1
-                continue
-            if status & lsq.STATUS_NEW_DROPPED:
-                self.banned.add(j)
-                self.rejected += 1
-            if status & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
-                size = int(self.state.size[0])
-                new_support = self.state.support[0, :size].tolist()
-                follow_factor_order(self.rows_buf, self.support, new_support, j, row)
-                self.sup_norms[:size] = torch.tensor([self.norm_of[a] for a in new_support], dtype=torch.float64)
-                gone = set(self.support) - set(new_support)
-            else:  # appended at the end, nothing dropped
-                size = n_old + 1
-                self.rows_buf[n_old] = row
-                self.sup_norms[n_old] = self.norm_of[j]
-                new_support, gone = self.support + [j], set()
-            self.dropped += len(gone)
-            self.exclude[j] = True
-            for a in gone:  # dropped atoms become eligible again (at the next pass)
-                if a not in self.banned:
-                    self.exclude[a] = False
-            self.support = new_support
-            rows_residual_f64(self.rows_buf[:size], self.state.weights[0, :size], self.b, self.r)
-            if self.fw_c is None:
-                self.r_c.copy_(self.r)  # in place: no allocation per step
-            else:
-                self.r_c = self.r.to(self.dtype) * self.fw_c
-            self.hist.append(float(weighted_norm(self.r, self.fw)))
-            if progress is not None:
-                progress(1)
-            if self.hist[-1] < opts.tol * self.b_norm:
-                self.stopped = STOP_TOLERANCE
-            elif size and self.hist[-1] <= residual_floor(self.dtype, self.b_norm, self.state.weights[0, :size],
-                                                          self.sup_norms[:size]):
-                self.stopped = STOP_RESIDUAL_FLOOR
+            self._add_atom(j, row, row_w, progress)
         return self.iterations - start
+
+    def _add_atom(self, j: int, row: torch.Tensor, row_w: torch.Tensor, progress) -> None:
+        """Atom j (its float64 row, and the row weighted by W) into the support: the K3 update
+        (refused as dependent: excluded for good), the row copies following the factor, the
+        residual, and the tolerance and rounding-floor stops."""
+        opts = self.opts
+        n_old = len(self.support)
+        if n_old:
+            rows_dot_f64(self.rows_buf[:n_old], row_w, self.gram_col[0, :n_old])
+        self.atom.fill_(j)
+        torch.dot(row_w, self.b, out=self._rhs0)
+        status = lsq.lsq_update(self.state, self.atom, self.gram_col, self.diag, self.rhs,
+                                lam=float(opts.ridge), positive=opts.positive, dep_tol=self.dep_tol,
+                                weight_tol=self.weight_tol, checked=False).item()
+        if status & lsq.STATUS_DEPENDENT:
+            self.banned.add(j)
+            self.exclude[j] = True
+            self.rejected += 1
+            return
+        if status & lsq.STATUS_NEW_DROPPED:
+            self.banned.add(j)
+            self.rejected += 1
+        if status & lsq.STATUS_DROPPED:  # the factor compacted its order: follow it
+            size = int(self.state.size[0])
+            new_support = self.state.support[0, :size].tolist()
+            follow_factor_order(self.rows_buf, self.support, new_support, j, row)
+            self.sup_norms[:size] = torch.tensor([self.norm_of[a] for a in new_support], dtype=torch.float64)
+            gone = set(self.support) - set(new_support)
+        else:  # appended at the end, nothing dropped
+            size = n_old + 1
+            self.rows_buf[n_old] = row
+            self.sup_norms[n_old] = self.norm_of[j]
+            new_support, gone = self.support + [j], set()
+        self.dropped += len(gone)
+        self.exclude[j] = True
+        for a in gone:  # dropped atoms become eligible again (at the next pass)
+            if a not in self.banned:
+                self.exclude[a] = False
+        self.support = new_support
+        rows_residual_f64(self.rows_buf[:size], self.state.weights[0, :size], self.b, self.r)
+        if self.fw_c is None:
+            self.r_c.copy_(self.r)  # in place: no allocation per step
+        else:
+            self.r_c = self.r.to(self.dtype) * self.fw_c
+        self.hist.append(float(weighted_norm(self.r, self.fw)))
+        if progress is not None:
+            progress(1)
+        if self.hist[-1] < opts.tol * self.b_norm:
+            self.stopped = STOP_TOLERANCE
+        elif size and self.hist[-1] <= residual_floor(self.dtype, self.b_norm, self.state.weights[0, :size],
+                                                      self.sup_norms[:size]):
+            self.stopped = STOP_RESIDUAL_FLOOR
 
 
 def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> List[TargetSelection]:
