@@ -82,6 +82,19 @@ def _progress_bar(enabled: bool, total: int, desc: str):
     return bar, bar.update
 
 
+def _run_method(spec: MethodSpec, problem: Problem, k: int, opts: SelectOptions) -> List[TargetSelection]:
+    """spec.run on the prepared problem, under a progress bar when opts.progress."""
+    bar, tick = _progress_bar(opts.progress, k * problem.num_targets, spec.name)
+    try:
+        per_target = spec.run(problem, k, opts, tick)
+        if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
+            bar.update(max(0, bar.total - bar.n))
+    finally:
+        if bar is not None:
+            bar.close()
+    return per_target
+
+
 def select(
     candidates: CandidatesLike,
     target: ArrayLike,
@@ -171,14 +184,7 @@ def select(
     problem, opts = prepared.problem, prepared.options
     t1 = time.perf_counter()
     spec = METHODS[name]
-    bar, tick = _progress_bar(opts.progress, k * problem.num_targets, name)
-    try:
-        per_target = spec.run(problem, k, opts, tick)
-        if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
-            bar.update(max(0, bar.total - bar.n))
-    finally:
-        if bar is not None:
-            bar.close()
+    per_target = _run_method(spec, problem, k, opts)
     t_fill = time.perf_counter()
     fill = prepared.checked["fill"]
     if fill is not None:  # on the scaled problem, whose weights per_target holds

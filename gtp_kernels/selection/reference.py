@@ -138,6 +138,23 @@ def nnls_on_support(
     return w, residual
 
 
+def is_dependent(gram: torch.Tensor, dep_tol: float, eps: float) -> bool:
+    """Is the last atom of gram (G + lambda I over support + [j]) numerically dependent on the
+    others? pivot^2 = G_jj - G_jS c, c = G_SS^{-1} G_Sj, at or below dep_tol * G_jj, or at or
+    below eps * s^2, s = sum_i |c_i| sqrt(G_ii): the rounding error of pivot^2."""
+    g_jj = gram[-1, -1]
+    rounding = 0.0
+    if gram.shape[0] > 1:
+        g_sj = gram[:-1, -1]
+        coef = torch.linalg.solve(gram[:-1, :-1], g_sj)  # a_j's coefficients on the support
+        pivot2 = g_jj - g_sj @ coef
+        s = float((coef.abs() * torch.sqrt(torch.diagonal(gram)[:-1])).sum())
+        rounding = eps * s * s
+    else:
+        pivot2 = g_jj
+    return not (bool(pivot2 > dep_tol * g_jj) and float(pivot2) > rounding)
+
+
 def _pursue_one_target(
     A: torch.Tensor,
     b: torch.Tensor,
@@ -191,17 +208,7 @@ def _pursue_one_target(
         rows = gather_rows(A, cand).to(dtype)
         rows_w = rows if fw is None else rows * fw
         gram = rows_w @ rows.T + lam * torch.eye(len(cand), dtype=dtype, device=A.device)
-        g_jj = gram[-1, -1]
-        rounding = 0.0  # eps * s^2, s = sum_i |c_i| ||a_i||: the rounding error of pivot2
-        if support:
-            g_sj = gram[:-1, -1]
-            coef = torch.linalg.solve(gram[:-1, :-1], g_sj)  # a_j's coefficients on the support
-            pivot2 = g_jj - g_sj @ coef
-            s = float((coef.abs() * torch.sqrt(torch.diagonal(gram)[:-1])).sum())
-            rounding = eps * s * s
-        else:
-            pivot2 = g_jj
-        if not (bool(pivot2 > dep_tol * g_jj) and float(pivot2) > rounding):
+        if is_dependent(gram, dep_tol, eps):
             banned[j] = True
             rejected += 1
             continue
