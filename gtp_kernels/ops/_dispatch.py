@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import torch
 
-from .backends import BACKENDS
+from .backends import check_backend_name
 
 
 def triton_available() -> bool:
@@ -26,8 +26,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for tensors living on one device."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend_name(backend)
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"

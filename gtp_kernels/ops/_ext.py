@@ -15,11 +15,12 @@ def _load_extension():
         return None, f"{type(exc).__name__}: {exc}"
 
 
-_C, _EXT_ERROR = _load_extension()
+# the module (None when unavailable) and why it is unavailable (None when loaded)
+extension, extension_error = _load_extension()
 
 
 def extension_status() -> str:
     """``"cpu+cuda"``, ``"cpu"`` (extension built without CUDA) or ``"unavailable: <reason>"``."""
-    if _C is None:
-        return f"unavailable: {_EXT_ERROR}"
-    return "cpu+cuda" if _C.has_cuda() else "cpu"
+    if extension is None:
+        return f"unavailable: {extension_error}"
+    return "cpu+cuda" if extension.has_cuda() else "cpu"

@@ -25,10 +25,18 @@ BACKENDS = get_args(Backend)  # ("auto", "triton", "torch")
 CHUNK_ELEMENTS = 1 << 24
 
 
+def check_backend_name(backend: str) -> str:
+    """``backend`` when it is one of BACKENDS, else ValueError (the ops' internal check; user
+    input is checked by validation.check_backend, an InputError)."""
+    if backend not in BACKENDS:
+        names = ", ".join(repr(b) for b in BACKENDS[:-1]) + f" or {BACKENDS[-1]!r}"
+        raise ValueError(f"backend must be {names}, got {backend!r}")
+    return backend
+
+
 def use_kernels(A: torch.Tensor, dtype: torch.dtype, backend: str) -> bool:
     """Whether the K2 kernels run: they compute in float32; "auto" uses them on CUDA tensors only."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend_name(backend)
     return dtype == torch.float32 and (backend == "triton" or (backend == "auto" and A.is_cuda))
 
 

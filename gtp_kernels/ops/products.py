@@ -19,7 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
-from ._ext import _C, extension_status
+from ._ext import extension as _C, extension_status
 
 ProductsBackend = Literal["auto", "ext", "torch"]
 

@@ -152,7 +152,7 @@ def gtp_pursuit(problem: Problem, k: int, opts: SelectOptions, progress=None, *,
     `problem.candidates` is this rank's shard and every index is global).
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be 'auto', 'direct' or 'cached', got {strategy!r}")
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if phase_seconds is not None:  # a dict reused across calls must not carry the last run's switch
         phase_seconds.pop("switched_at_support", None)
     pursuit = ExactPursuit(problem, k, opts, progress, strategy, prefetch, phase_seconds,
