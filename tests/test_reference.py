@@ -1,4 +1,4 @@
-"""The plain-PyTorch GTP reference and the baselines against SPEC's properties."""
+"""The plain-PyTorch GTP reference against SPEC's properties (the baselines: tests/test_baselines.py)."""
 import warnings
 
 import numpy as np
@@ -6,8 +6,6 @@ import pytest
 import torch
 
 import gtp_kernels as gk
-from gtp_kernels.selection.baselines import less_scores
-from gtp_kernels.validation import validate_problem
 from problems import nnls_drop_problem, planted_problem
 
 
@@ -79,34 +77,6 @@ def test_matches_sklearn_orthogonal_mp_without_positivity(seed, n, dim, k):
     support = np.flatnonzero(coef)
     assert sorted(sel.indices.tolist()) == support.tolist()
     np.testing.assert_allclose(sel.weights, coef[sel.indices], rtol=1e-6, atol=1e-12)
-
-
-def _less_score_float64(A, B, T, lrs):
-    a = A.to(torch.float64).reshape(A.shape[0], T, -1)
-    bt = B.to(torch.float64).T.reshape(B.shape[1], T, -1)
-    w = torch.as_tensor(lrs, dtype=torch.float64) / sum(lrs)
-    score = torch.zeros(A.shape[0], B.shape[1], dtype=torch.float64)
-    for i in range(A.shape[0]):
-        for c in range(B.shape[1]):
-            for t in range(T):
-                score[i, c] += w[t] * torch.dot(a[i, t], bt[c, t]) / (a[i, t].norm() * bt[c, t].norm())
-    return score
-
-
-@pytest.mark.parametrize("reduce", ["mean", "max"])
-def test_topk_equals_direct_float64_less_score(reduce):
-    g = torch.Generator().manual_seed(11)
-    T, d, n, m = 3, 7, 50, 4
-    A = torch.randn(n, T * d, generator=g, dtype=torch.float32)
-    B = torch.randn(T * d, m, generator=g, dtype=torch.float32)
-    lrs = [3.0, 2.0, 1.0]
-    ref = _less_score_float64(A, B, T, lrs)
-    ref = ref.mean(1) if reduce == "mean" else ref.amax(1)
-    problem = validate_problem(A, B, 5, checkpoint_weights=lrs, num_checkpoints=T)
-    got = less_scores(problem, reduce, torch.float64)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)  # float32 inputs, float64 maths
-    sel = gk.select(A.reshape(n, T, d), B, 10, method="topk", checkpoint_weights=lrs, topk_reduce=reduce)
-    assert sel.indices.tolist() == torch.argsort(ref, descending=True, stable=True)[:10].tolist()
 
 
 def test_zero_rows_and_excluded_rows_never_selected():
