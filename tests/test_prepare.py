@@ -1,0 +1,121 @@
+"""The one preparation path (selection/prepare.py): option checks, validation, the exact
+power-of-two scaling and the align_threshold guard, for select and for one rank's shard."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from gtp_kernels.selection.prepare import (check_options, exclude_misaligned, prepare, prepare_shard,
+                                           select_options)
+from gtp_kernels.validation import InputError, InputTypeError, validate_problem
+
+A = torch.randn(30, 12, generator=torch.Generator().manual_seed(0))
+B = torch.randn(12, 2, generator=torch.Generator().manual_seed(1))
+
+
+def test_check_options_cleans_numpy_values_and_passes_others_through():
+    out = check_options(ridge=np.float32(0.5), tol=0, max_iters=np.int64(7), positive=np.bool_(False),
+                        seed=np.uint8(3), batch_size=None, fill=None, strategy="cached", prefetch=np.int32(2),
+                        backend="torch", compute_dtype=torch.float64, anything="as given")
+    assert out == dict(ridge=0.5, tol=0.0, max_iters=7, positive=False, seed=3, batch_size=None, fill=None,
+                       strategy="cached", prefetch=2, backend="torch", compute_dtype=torch.float64,
+                       anything="as given")
+    assert type(out["max_iters"]) is int and type(out["ridge"]) is float and type(out["positive"]) is bool
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(ridge=-1.0, max_iters=0), InputError, r"ridge must be finite and lie in \[0, inf\]"),  # select's order
+    (dict(max_iters=0, positive="yes"), InputError, "max_iters must be an integer >= 1, got 0"),
+    (dict(max_iters=1.5), InputTypeError, "max_iters must be an integer"),
+    (dict(prefetch=-1), InputError, "prefetch must be an integer >= 0"),
+    (dict(strategy="fast"), InputError, "strategy must be 'auto', 'direct' or 'cached', got 'fast'"),
+    (dict(backend="cuda"), InputError, "backend must be 'auto', 'triton' or 'torch', got 'cuda'"),
+    (dict(compute_dtype=torch.float16), InputError, "compute_dtype must be torch.float32 or torch.float64"),
+    (dict(stop_ratio=1.0), InputError, r"stop_ratio must lie in \[0, 1\)"),
+    (dict(min_cosine=1.5), InputError, r"min_cosine must be finite and lie in \[-1, 1\]"),
+    (dict(fill="best"), InputError, "fill must be None, 'target' or 'residual', got 'best'"),
+])
+def test_check_options_raises_on_the_first_bad_option(options, error, match):
+    with pytest.raises(error, match=match):
+        check_options(**options)
+
+
+def test_prepare_scales_exactly_by_powers_of_two_and_keeps_the_given_weights():
+    w = torch.tensor([3.0, 1e-3, 0.5], dtype=torch.float64)
+    targets = B * torch.tensor([1e6, 1e-7])
+    prepared = prepare(A, targets, 4, checkpoint_weights=w, num_checkpoints=3, ridge=0.3, tol=1e-6)
+    scaled = prepared.problem.targets
+    peaks = scaled.abs().amax(dim=0).tolist()
+    assert all(0.5 <= p < 1 for p in peaks)
+    for c, scale in enumerate(prepared.scaling.target_scales):
+        assert math.frexp(scale)[0] == 0.5  # a power of two: exact
+        torch.testing.assert_close(scaled[:, c] * scale, targets[:, c].double(), rtol=0, atol=0)
+    c = prepared.scaling.weight_scale
+    assert math.log(c, 4).is_integer() and 0.25 <= float(prepared.problem.checkpoint_weights.max()) < 1
+    torch.testing.assert_close(prepared.problem.checkpoint_weights * c, w, rtol=0, atol=0)
+    assert prepared.options.ridge == 0.3 / c and prepared.checked["ridge"] == 0.3
+    assert prepared.checkpoint_weights.tolist() == w.tolist()  # reported as given
+    params = prepared.params(("ridge", "tol"))
+    assert (params["ridge"], params["tol"], params["checkpoint_weights"]) == (0.3, 1e-6, w.tolist())
+    assert "guard_excluded" not in params  # reported after align_threshold only
+    assert (params["num_candidates"], params["dim"], params["num_targets"]) == (30, 12, 2)
+
+
+def test_select_options_takes_the_methods_fields_and_scales_ridge():
+    prepared = prepare(A, B, 4, ridge=0.5, max_iters=9, batch_size=5, seed=2, positive=False, fill="target")
+    opts = prepared.options
+    assert (opts.ridge, opts.max_iters, opts.batch_size, opts.seed, opts.positive) == (0.5, 9, 5, 2, False)
+    assert select_options({"ridge": 0.5, "strategy": "cached"}).ridge == 0.5  # strategy is no SelectOptions field
+
+
+def _misaligned_float64(A, B, threshold):
+    a = A.double() / A.double().norm(dim=1, keepdim=True)
+    b = B.double() / B.double().norm(dim=0, keepdim=True)
+    return (a @ b).amax(dim=1) <= threshold
+
+
+@pytest.mark.parametrize("threshold", [-0.2, 0.0, 0.3])
+def test_guard_excludes_the_rows_aligned_with_no_target(threshold):
+    prepared = prepare(A, B, 3, align_threshold=threshold)
+    want = _misaligned_float64(A, B, threshold)
+    assert prepared.problem.exclude.tolist() == want.tolist()
+    assert prepared.guard_excluded == int(want.sum()) > 0
+    assert prepared.params(("align_threshold",))["guard_excluded"] == int(want.sum())
+    problem, count = exclude_misaligned(validate_problem(A, B, 3, exclude=[0]), threshold)
+    assert count == int((want & (torch.arange(30) != 0)).sum()) and bool(problem.exclude[0])
+
+
+def test_guard_that_excludes_everything_is_an_input_error():
+    with pytest.raises(InputError, match="align_threshold=0.99 excludes every candidate"):
+        prepare(A, B, 3, align_threshold=0.99)
+
+
+def test_prepare_shard_prepares_a_rank_rows_as_prepare_does():
+    checked = check_options(ridge=0.1, tol=1e-6, align_threshold=0.0, positive=True, backend="auto",
+                            compute_dtype=None, min_cosine=None, stop_ratio=None, max_iters=None,
+                            strategy="auto", prefetch=None)
+    options = {k: v for k, v in checked.items() if k not in ("strategy", "prefetch")}
+    whole = prepare(A[10:], B, 3, exclude=[0], **options)  # the same rows through select's path
+    shard = prepare_shard(A[10:], B, 25, checkpoint_weights=None, num_checkpoints=None, exclude=[0],
+                          checked=checked)  # k above the shard's rows: judged over the pool later
+    assert shard.prepared.problem.exclude.tolist() == whole.problem.exclude.tolist()
+    assert shard.prepared.guard_excluded == whole.guard_excluded > 0
+    torch.testing.assert_close(shard.prepared.problem.targets, whole.problem.targets, rtol=0, atol=0)
+    assert shard.prepared.options == whole.options
+    assert shard.selectable == 19  # 20 rows, one excluded (before the guard)
+    norms = A[10:].double().norm(dim=1)  # over every non-zero row, excluded or not
+    assert shard.norm_range == pytest.approx((float(norms.min()), float(norms.max())), rel=1e-6)
+
+
+def test_prepare_shard_accepts_empty_and_all_zero_shards():
+    checked = check_options(ridge=0.0, tol=1e-6, align_threshold=0.0, backend="auto", compute_dtype=None)
+    for rows in (A[:0], torch.zeros(5, 12)):
+        shard = prepare_shard(rows, B, 3, checkpoint_weights=None, num_checkpoints=None, exclude=None,
+                              checked=checked)
+        assert shard.selectable == 0 and shard.prepared.guard_excluded == 0
+        assert shard.prepared.problem.num_candidates == rows.shape[0]
+    with pytest.raises(InputError, match="NaN or Inf"):
+        bad = A[:5].clone()
+        bad[2, 3] = float("nan")
+        prepare_shard(bad, B, 3, checkpoint_weights=None, num_checkpoints=None, exclude=None, checked=checked)
