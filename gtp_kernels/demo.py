@@ -144,7 +144,7 @@ def plot_format(path: str) -> str:
     Raises InputError when matplotlib is missing or cannot write that format, or when the path
     cannot be written (a folder, a missing or read-only parent).
     """
-    from .io import check_output_file
+    from .files import check_output_file
 
     try:
         from matplotlib.figure import Figure
@@ -227,7 +227,7 @@ def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .api import fit_residual
-    from .io import atomic_write_bytes
+    from .files import atomic_write_bytes
     import io as _io
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gtp_kernels as gk
-import gtp_kernels.io as gio
+import gtp_kernels.files as gfiles
 from gtp_kernels.cli import main as cli_main
 from gtp_kernels.collect import store_target
 from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter, open_store
@@ -180,19 +180,19 @@ def test_force_never_replaces_a_folder_with_other_files(tmp_path, capsys):
 def test_library_write_selection_writes_the_folder_whole(tmp_path):
     A, B, _, _ = planted_problem(60, 20, 3, seed=2, dtype=torch.float32)
     sel = gk.select(A, B[:, 0], 3)
-    paths = gio.write_selection(tmp_path / "o", sel)
+    paths = gfiles.write_selection(tmp_path / "o", sel)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["selection.jsonl", "summary.json"]
     assert len(_lines(paths["selection"])) == len(sel.indices)
-    gio.write_selection(tmp_path / "o", gk.select(A, B[:, 0], 2, method="topk"))  # replaces its own output
+    gfiles.write_selection(tmp_path / "o", gk.select(A, B[:, 0], 2, method="topk"))  # replaces its own output
     assert json.loads(paths["summary"].read_text())["method"] == "topk"
     (tmp_path / "o" / "other").write_text("x")
     with pytest.raises(gk.InputError, match="other"):
-        gio.write_selection(tmp_path / "o", sel)
+        gfiles.write_selection(tmp_path / "o", sel)
 
 
 def test_a_failure_while_staging_leaves_the_previous_output_and_no_temp(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{\"old\": 1}\n"})
+    gfiles.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{\"old\": 1}\n"})
     calls = []
     real_fsync = os.fsync
 
@@ -201,16 +201,16 @@ def test_a_failure_while_staging_leaves_the_previous_output_and_no_temp(tmp_path
         if len(calls) == 2:  # the second file: the first is already staged
             raise OSError(28, "No space left on device")
         return real_fsync(fd)
-    monkeypatch.setattr(gio.os, "fsync", failing_fsync)
+    monkeypatch.setattr(gfiles.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space"):
-        gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{\"new\": 1}\n"}, force=True)
+        gfiles.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{\"new\": 1}\n"}, force=True)
     assert _outputs(out) == {"selection.jsonl": b"old\n", "summary.json": b"{\"old\": 1}\n"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 
 def test_a_failed_rename_into_place_puts_the_previous_output_back(tmp_path, monkeypatch):
     out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{}\n"})
+    gfiles.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{}\n"})
     real_rename = os.rename
     calls = []
 
@@ -219,9 +219,9 @@ def test_a_failed_rename_into_place_puts_the_previous_output_back(tmp_path, monk
         if len(calls) == 2:  # the new folder into place, after the old one moved aside
             raise OSError(5, "Input/output error")
         return real_rename(src, dst)
-    monkeypatch.setattr(gio.os, "rename", rename)
+    monkeypatch.setattr(gfiles.os, "rename", rename)
     with pytest.raises(OSError):
-        gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{}\n"}, force=True)
+        gfiles.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{}\n"}, force=True)
     assert _outputs(out) == {"selection.jsonl": b"old\n", "summary.json": b"{}\n"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
@@ -239,7 +239,7 @@ def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans
     """crash_at 1: killed before the old output moves aside; 2: between moving it aside and
     renaming the new folder in (the only window with no OUT). The killed writer's pid is dead."""
     out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"old\n"})
+    gfiles.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"old\n"})
     real_rename, real_replace, calls = os.rename, os.replace, []
 
     def crashing(real):
@@ -250,12 +250,12 @@ def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans
             return real(src, dst)
         return step
     with monkeypatch.context() as m:
-        m.setattr(gio.os, "rename", crashing(real_rename))
-        m.setattr(gio.os, "replace", crashing(real_replace))
-        m.setattr(gio.os, "getpid", lambda: DEAD_PID)
-        m.setattr(gio.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing up
+        m.setattr(gfiles.os, "rename", crashing(real_rename))
+        m.setattr(gfiles.os, "replace", crashing(real_replace))
+        m.setattr(gfiles.os, "getpid", lambda: DEAD_PID)
+        m.setattr(gfiles.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing up
         with pytest.raises(_Killed):
-            gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"new\n"}, force=True)
+            gfiles.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"new\n"}, force=True)
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
     assert leftovers  # the killed process's staging
     for folder in [out] + leftovers:  # every folder on disk is one run's complete pair
@@ -266,14 +266,14 @@ def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans
         assert _outputs(out)["summary.json"] == b"old\n"
     else:
         assert not out.exists()
-    gio.write_output_folder(out, {"selection.jsonl": b"third\n", "summary.json": b"third\n"}, force=True)
+    gfiles.write_output_folder(out, {"selection.jsonl": b"third\n", "summary.json": b"third\n"}, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the stale staging is gone
     assert _outputs(out)["summary.json"] == b"third\n"
 
 
 def test_staging_of_a_live_process_is_left_alone(tmp_path):
     out = tmp_path / "o"
-    live = tmp_path / f".o.tmp-{gio._host_tag()}-{os.getppid()}"  # our parent: alive
+    live = tmp_path / f".o.tmp-{gfiles._host_tag()}-{os.getppid()}"  # our parent: alive
     live.mkdir()
-    gio.write_output_folder(out, {"selection.jsonl": b"x\n"})
+    gfiles.write_output_folder(out, {"selection.jsonl": b"x\n"})
     assert live.exists()
