@@ -227,7 +227,7 @@ def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .api import fit_residual
-    from .files import atomic_write_bytes
+    from .atomic import atomic_write_bytes
     import io as _io
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -10,6 +10,7 @@ import torch
 
 import gtp_kernels as gk
 import gtp_kernels.files as gfiles
+from gtp_kernels.atomic import host_tag
 from gtp_kernels.cli import main as cli_main
 from gtp_kernels.collect import store_target
 from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter, open_store
@@ -273,7 +274,7 @@ def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans
 
 def test_staging_of_a_live_process_is_left_alone(tmp_path):
     out = tmp_path / "o"
-    live = tmp_path / f".o.tmp-{gfiles._host_tag()}-{os.getppid()}"  # our parent: alive
+    live = tmp_path / f".o.tmp-{host_tag()}-{os.getppid()}"  # our parent: alive
     live.mkdir()
     gfiles.write_output_folder(out, {"selection.jsonl": b"x\n"})
     assert live.exists()

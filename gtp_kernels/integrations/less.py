@@ -140,7 +140,7 @@ def less_select(grads_root: str | os.PathLike, train_file_names: Sequence[str], 
     atomically.
     """
     from ..api import METHODS, select
-    from ..files import atomic_write_files
+    from ..atomic import atomic_write_files
 
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r}; choose one of: {', '.join(METHODS)}")
