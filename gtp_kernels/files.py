@@ -154,21 +154,6 @@ def render_selection(selection, ids: Optional[Sequence[Any]] = None,
             "summary.json": json.dumps(summary, indent=2) + "\n"}
 
 
-def write_selection(out_dir: os.PathLike, selection, ids: Optional[Sequence[Any]] = None,
-                    examples: Optional[Sequence[Any]] = None) -> Dict[str, Path]:
-    """Write the folder ``out_dir`` holding ``selection.jsonl`` (rank, index, weight, targets,
-    filled[, id, example]) and ``summary.json``.
-
-    The folder is written whole or not at all (:func:`write_output_folder`): staged beside it
-    and renamed into place once. An existing ``out_dir`` that holds only selection outputs is
-    replaced; one holding anything else is refused (InputError). Returns the paths written.
-    """
-    out = Path(out_dir)
-    texts = render_selection(selection, ids, examples)
-    write_output_folder(out, {name: texts[name].encode("utf-8") for name in SELECTION_FILES}, force=True)
-    return {"selection": out / "selection.jsonl", "summary": out / "summary.json"}
-
-
 # --- output folders written whole: staged as a sibling, renamed into place once ---
 #
 # OUT is written as PARENT/.OUT.tmp-<host>-<pid>/ (every file written and fsync'ed), then renamed

@@ -7,11 +7,8 @@ kernels on machines without a GPU.
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import torch
-
-Backend = Literal["auto", "triton", "torch"]
 
 
 def triton_available() -> bool:
