@@ -42,7 +42,7 @@ from typing import Literal
 import torch
 
 # the compiled extension, shared with ops.products (lsq._C and lsq.extension_status stay here)
-from ._ext import _C, _EXT_ERROR, extension_status  # noqa: F401
+from ._ext import _C, extension_status  # noqa: F401
 from ._library import register
 
 STATUS_APPENDED = 1
