@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from ..validation import check_choice
+
 
 def triton_available() -> bool:
     try:
@@ -25,8 +27,7 @@ def interpreting() -> bool:
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Return "triton" or "torch" for tensors living on one device."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_choice(backend, "backend", ("auto", "triton", "torch"))
     on_cuda = any(t.is_cuda for t in tensors)
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
