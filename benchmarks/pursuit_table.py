@@ -129,7 +129,7 @@ def save_chart(chart, path: str) -> None:
     import matplotlib.ticker
 
     from gtp_kernels.demo import plot_format
-    from gtp_kernels.io import atomic_write_bytes
+    from gtp_kernels.atomic import atomic_write_bytes
 
     methods = list(dict.fromkeys(name for _, ratios in chart for name in ratios))
     width = 0.8 / len(methods)

@@ -258,7 +258,7 @@ def _cmd_select(args) -> int:
     from .collect.data import selected_examples_text
     from .collect.store import check_compatible, is_store, open_store
     from .collect.targets import store_target
-    from .io import check_replaceable_folder, load_array, render_selection, write_output_folder
+    from .files import check_replaceable_folder, load_array, render_selection, write_output_folder
 
     # Everything that can be checked before the work is checked here; nothing is written
     # until the selection is done, and then the output folder is put in place whole.

@@ -126,9 +126,9 @@ def check_demo_arguments(k, num_candidates, seed, method: Optional[str], label=l
     gtp = DEFAULT_METHOD if method is None else method
     if gtp not in METHODS:
         raise InputError(f"{label('method')}: unknown method {gtp!r}; choose one of: {', '.join(METHODS)}")
-    for name, value in (("k", k), ("num_candidates", num_candidates), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise InputError(f"{label(name)} must be an integer, got {value!r}")
+    k = check_int(k, label("k"))
+    num_candidates = check_int(num_candidates, label("num_candidates"))
+    check_int(seed, label("seed"))
     if num_candidates < min_demo_candidates():
         raise InputError(f"{label('num_candidates')} must be at least {min_demo_candidates()} (the demo pool holds "
                          f"{min_demo_candidates() - 1} near-copies plus at least one plain example), got {num_candidates}")
@@ -144,7 +144,7 @@ def plot_format(path: str) -> str:
     Raises InputError when matplotlib is missing or cannot write that format, or when the path
     cannot be written (a folder, a missing or read-only parent).
     """
-    from .io import check_output_file
+    from .files import check_output_file
 
     try:
         from matplotlib.figure import Figure
@@ -227,7 +227,7 @@ def _plot_residual_curves(A, b, pool, selections, path, fmt: str = "png") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from .api import fit_residual
-    from .io import atomic_write_bytes
+    from .atomic import atomic_write_bytes
     import io as _io
 
     fig, ax = plt.subplots(figsize=(6, 4))

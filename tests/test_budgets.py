@@ -17,7 +17,7 @@ def test_every_method_budgets_k_per_column_and_writes_the_columns(method):
     assert all(len(ts.indices) <= 5 for ts in sel.per_target)
     if method in ("topk", "random"):
         assert all(len(ts.indices) == 5 for ts in sel.per_target)
-    from gtp_kernels.io import render_selection
+    from gtp_kernels.files import render_selection
     lines = [json.loads(x) for x in render_selection(sel)["selection.jsonl"].splitlines()]
     assert [r["index"] for r in lines] == sel.indices.tolist()
     assert [tuple(r["targets"]) for r in lines] == sel.row_targets

@@ -1,15 +1,13 @@
 """gtp select's outputs: k rows per column by default with one line saying why pursuit stopped,
 target stores as one column or one per example, summary.json's record of the run, --version,
---force, and an output folder that is written whole (crashes simulated between the steps)."""
+and --force (the output folder's atomic write is tested in test_files.py)."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 import gtp_kernels as gk
-import gtp_kernels.io as gio
 from gtp_kernels.cli import main as cli_main
 from gtp_kernels.collect import store_target
 from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter, open_store
@@ -175,105 +173,3 @@ def test_force_never_replaces_a_folder_with_other_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "notes.txt" in err and "not a selection output" in err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-
-
-def test_library_write_selection_writes_the_folder_whole(tmp_path):
-    A, B, _, _ = planted_problem(60, 20, 3, seed=2, dtype=torch.float32)
-    sel = gk.select(A, B[:, 0], 3)
-    paths = gio.write_selection(tmp_path / "o", sel)
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["selection.jsonl", "summary.json"]
-    assert len(_lines(paths["selection"])) == len(sel.indices)
-    gio.write_selection(tmp_path / "o", gk.select(A, B[:, 0], 2, method="topk"))  # replaces its own output
-    assert json.loads(paths["summary"].read_text())["method"] == "topk"
-    (tmp_path / "o" / "other").write_text("x")
-    with pytest.raises(gk.InputError, match="other"):
-        gio.write_selection(tmp_path / "o", sel)
-
-
-def test_a_failure_while_staging_leaves_the_previous_output_and_no_temp(tmp_path, monkeypatch):
-    out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{\"old\": 1}\n"})
-    calls = []
-    real_fsync = os.fsync
-
-    def failing_fsync(fd):
-        calls.append(fd)
-        if len(calls) == 2:  # the second file: the first is already staged
-            raise OSError(28, "No space left on device")
-        return real_fsync(fd)
-    monkeypatch.setattr(gio.os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="No space"):
-        gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{\"new\": 1}\n"}, force=True)
-    assert _outputs(out) == {"selection.jsonl": b"old\n", "summary.json": b"{\"old\": 1}\n"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-
-
-def test_a_failed_rename_into_place_puts_the_previous_output_back(tmp_path, monkeypatch):
-    out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"{}\n"})
-    real_rename = os.rename
-    calls = []
-
-    def rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # the new folder into place, after the old one moved aside
-            raise OSError(5, "Input/output error")
-        return real_rename(src, dst)
-    monkeypatch.setattr(gio.os, "rename", rename)
-    with pytest.raises(OSError):
-        gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"{}\n"}, force=True)
-    assert _outputs(out) == {"selection.jsonl": b"old\n", "summary.json": b"{}\n"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
-
-
-class _Killed(BaseException):
-    """The process dies here: nothing after this point runs (no cleanup, no restore)."""
-
-
-DEAD_PID = 2 ** 22 + 12345  # above Linux's largest pid_max: no such process
-
-
-@pytest.mark.parametrize("crash_at", [1, 2])
-def test_a_crash_between_steps_never_leaves_a_mixed_pair_and_the_next_run_cleans_up(tmp_path, monkeypatch,
-                                                                                    crash_at):
-    """crash_at 1: killed before the old output moves aside; 2: between moving it aside and
-    renaming the new folder in (the only window with no OUT). The killed writer's pid is dead."""
-    out = tmp_path / "o"
-    gio.write_output_folder(out, {"selection.jsonl": b"old\n", "summary.json": b"old\n"})
-    real_rename, real_replace, calls = os.rename, os.replace, []
-
-    def crashing(real):
-        def step(src, dst):
-            calls.append(src)
-            if len(calls) >= crash_at:
-                raise _Killed()
-            return real(src, dst)
-        return step
-    with monkeypatch.context() as m:
-        m.setattr(gio.os, "rename", crashing(real_rename))
-        m.setattr(gio.os, "replace", crashing(real_replace))
-        m.setattr(gio.os, "getpid", lambda: DEAD_PID)
-        m.setattr(gio.shutil, "rmtree", lambda *a, **kw: None)  # a killed process cleans nothing up
-        with pytest.raises(_Killed):
-            gio.write_output_folder(out, {"selection.jsonl": b"new\n", "summary.json": b"new\n"}, force=True)
-    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".o.")]
-    assert leftovers  # the killed process's staging
-    for folder in [out] + leftovers:  # every folder on disk is one run's complete pair
-        if folder.exists():
-            files = _outputs(folder)
-            assert sorted(files) == ["selection.jsonl", "summary.json"] and len(set(files.values())) == 1
-    if crash_at == 1:
-        assert _outputs(out)["summary.json"] == b"old\n"
-    else:
-        assert not out.exists()
-    gio.write_output_folder(out, {"selection.jsonl": b"third\n", "summary.json": b"third\n"}, force=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]  # the stale staging is gone
-    assert _outputs(out)["summary.json"] == b"third\n"
-
-
-def test_staging_of_a_live_process_is_left_alone(tmp_path):
-    out = tmp_path / "o"
-    live = tmp_path / f".o.tmp-{gio._host_tag()}-{os.getppid()}"  # our parent: alive
-    live.mkdir()
-    gio.write_output_folder(out, {"selection.jsonl": b"x\n"})
-    assert live.exists()

@@ -278,6 +278,16 @@ def test_candidate_scores_1d_column_and_reference():
 
 
 # ----------------------------------------------------------------------------- bad inputs
+def test_numpy_integer_m_top_is_an_int():
+    import numpy as np
+
+    A, R = torch.randn(30, 6), torch.randn(6, 2)
+    for fn in (correlate_topk, correlate_topk_reference):
+        values, indices = fn(A, R, np.int64(3))
+        expected = fn(A, R, 3)
+        assert torch.equal(values, expected[0]) and torch.equal(indices, expected[1])
+
+
 def test_bad_inputs_raise():
     A = torch.randn(10, 6)
     R = torch.randn(6, 2)

@@ -142,3 +142,8 @@ def test_seed_and_kind_validation():
     with pytest.raises(ValueError, match="kind"):
         philox.check_kind("uniform")
     assert philox.seed_key(2**64 - 1) == (M32, M32)
+    # numpy integers are seeds too, and come back as Python ints (what the kernels' keys take)
+    assert philox.check_seed(np.uint64(2**64 - 1)) == 2**64 - 1 and type(philox.check_seed(np.int64(3))) is int
+    assert philox.seed_key(np.uint64(2**64 - 1)) == (M32, M32)
+    with pytest.raises(TypeError, match="seed"):
+        philox.seed_key(True)

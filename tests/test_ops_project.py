@@ -521,3 +521,11 @@ def test_triton_on_cpu_without_the_interpreter_is_an_input_error(monkeypatch):
         project(torch.randn(4, 10), 8, 0, backend="triton")
     with pytest.raises(InputError, match="needs the Triton interpreter"):
         project_linear_factored(torch.randn(2, 3, 4), torch.randn(2, 3, 5), 2, 2, 0, backend="triton")
+
+
+def test_numpy_integer_arguments_project_as_python_ints():
+    g = torch.randn(3, 40)
+    expected = project(g, 8, 5, feature_offset=7, backend="torch")
+    got = project(g, np.int64(8), np.uint64(5), feature_offset=np.int32(7), scale=np.float32(1.0), backend="torch")
+    assert torch.equal(got, expected)
+    assert torch.equal(projection_matrix(np.int64(8), np.int64(40), np.uint64(5)), projection_matrix(8, 40, 5))

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
+
+from gtp_kernels.atomic import write_atomically
 
 from study import (METHODS, mean_spread, near_copy_picks, plot_accuracy, plot_residuals, residual_curves,
                    save_figure, select_accepts, select_budget, stage)
@@ -203,8 +204,7 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
             feats = np.load(feature_file)["x"]
         else:
             feats = mean_pooled_features(texts, s.feature_max_length)
-            np.savez(feature_file.with_suffix(".tmp.npz"), x=feats)
-            feature_file.with_suffix(".tmp.npz").replace(feature_file)
+            write_atomically(feature_file, lambda handle: np.savez(handle, x=feats))
     n_rows = len(data["rows"])
     row_x, test_x = feats[:n_rows], feats[n_rows:]
     row_y = np.asarray([label_id[r["label"]] for r in data["rows"]])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 import gtp_kernels as gk
+from gtp_kernels.atomic import atomic_write_text, write_atomically
 
 METHODS = ("gtp", "gtp-cosamp", "topk", "random")
 
@@ -117,15 +117,11 @@ def mean_spread(values: Sequence[float]) -> Dict[str, float]:
 
 def write_json(path: Path, payload: Any) -> None:
     """Atomic: a temp file renamed over the result."""
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1, sort_keys=True) + "\n")
 
 
 def save_figure(fig, path: Path) -> None:
-    temp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(temp, dpi=110, bbox_inches="tight")
-    os.replace(temp, path)
+    write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
 
 
 COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "tab:cyan", "topk": "tab:red", "random": "tab:gray",

@@ -295,7 +295,7 @@ def write_selected_examples(
         raise InputError(f"selected_ids: {len(unknown)} id(s) not in {data} (first: {unknown[0]!r}); was the store collected from it?")
     if weights is not None and len(weights) != len(ids):
         raise InputError(f"weights: {len(weights)} values for {len(ids)} ids")
-    from ..io import atomic_write_text  # temp file + rename; removed if writing fails
+    from ..atomic import atomic_write_text  # temp file + rename; removed if writing fails
 
     atomic_write_text(out, selected_examples_text(by_id, ids, weights))
     return len(ids)

@@ -541,7 +541,7 @@ def collect_trajectory(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"out: {out} is a file; the store is a folder")
-    from ..io import check_output_folder
+    from ..files import check_output_folder
 
     check_output_folder(out, "out")  # a read-only file system, no permission: before any work
     if not resume and (out / MANIFEST).exists():

@@ -65,7 +65,6 @@ import math
 import operator
 import os
 import re
-import secrets
 import socket
 import time
 import warnings
@@ -74,6 +73,9 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+# absolute: tests load this file on its own, outside the package
+from gtp_kernels.atomic import write_atomically
 
 FORMAT_NAME = "gtp-trajectory"
 FORMAT_VERSION = 1
@@ -263,10 +265,6 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{_host_tag()}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -299,28 +297,6 @@ def _remove_stale_temps(root: Path) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    try:  # make the rename itself durable where the platform allows
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -549,7 +525,7 @@ class TrajectoryStoreWriter:
 
     def _save_manifest(self) -> None:
         text = json.dumps(self.manifest, indent=1).encode("utf-8")
-        _write_atomically(self.path / MANIFEST, lambda handle: handle.write(text))
+        write_atomically(self.path / MANIFEST, lambda handle: handle.write(text))
 
     def missing_shards(self) -> list[int]:
         """Shards no writer has listed yet (re-read from disk: other writers may have added some)."""
@@ -570,7 +546,7 @@ class TrajectoryStoreWriter:
         if not np.isfinite(array).all():
             raise ValueError(f"shard {index}: contains NaN or Inf (rows {start}..{stop})")
         file = self.path / _shard_file(index)
-        _write_atomically(file, lambda handle: np.save(handle, array, allow_pickle=False))
+        write_atomically(file, lambda handle: np.save(handle, array, allow_pickle=False))
         if input_sha256 is not None and not (isinstance(input_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", input_sha256)):
             raise ValueError(f"input_sha256 must be 64 lowercase hex digits, got {input_sha256!r}")
         header, sample = _shard_fingerprint(file)

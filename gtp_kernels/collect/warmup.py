@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..atomic import atomic_write_text
 from ..validation import SEED_LIMIT, InputError, check_int, refused_pickle_reason
 from .data import TokenizedExample, collate
 
@@ -272,9 +273,8 @@ def warmup_train(
         "warmup_example_ids": [t.id for t in train],
         "checkpoints": [{"name": c.name, "step": c.step, "learning_rate": c.learning_rate} for c in checkpoints],
     }
-    tmp = out / (WARMUP_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, out / WARMUP_MANIFEST)  # written last: its presence marks a finished warm-up
+    # written last, atomically: its presence marks a finished warm-up
+    atomic_write_text(out / WARMUP_MANIFEST, json.dumps(manifest, indent=1))
     return checkpoints
 
 

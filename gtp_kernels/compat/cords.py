@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..api import select
-from ..validation import InputError, InputTypeError, resolve_device
+from ..validation import InputError, InputTypeError, check_bool, check_int, resolve_device
 
 
 def _real(name: str, value: Any) -> float:
@@ -61,13 +61,10 @@ def _solve(A: Any, b: Any, tol: Any, nnz: Any, positive: Any, lam: Any,
         raise InputError(f"b must be a vector of length d = {d} (A is (d, n)), got shape {tuple(bt.shape)}")
     tol = _real("tol", tol)
     lam = _real("lam", lam)
-    if not isinstance(positive, (bool, np.bool_)):
-        raise InputTypeError(f"positive must be True or False, got {positive!r}")
+    positive = check_bool(positive, "positive")
     if nnz is None:
         k = n
-    elif isinstance(nnz, bool) or not isinstance(nnz, (int, np.integer)):
-        raise InputTypeError(f"nnz must be an integer or None, got {nnz!r}")
-    elif nnz < 1:
+    elif check_int(nnz, "nnz") < 1:
         raise InputError(f"nnz must be >= 1, got {nnz}")
     else:
         k = min(int(nnz), n)  # CORDS runs nnz iterations over n atoms: at most n picks

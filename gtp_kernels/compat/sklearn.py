@@ -44,7 +44,7 @@ import torch
 
 from ..api import select
 from ..selection.common import STOP_BUDGET, STOP_TOLERANCE
-from ..validation import InputError, InputTypeError
+from ..validation import InputError, InputTypeError, check_bool, check_int
 
 # scikit-learn's own message (sklearn/linear_model/_omp.py), so code filtering on it still works
 PREMATURE = (
@@ -99,10 +99,10 @@ def _as_float_tensor(x: Any, name: str, ndim: Tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-def _check_flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputTypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+def _check_precompute(value: Any) -> None:
+    """precompute is a flag (numpy's bools too, as scikit-learn accepts them) or 'auto'."""
+    if not (isinstance(value, (bool, np.bool_)) or value == "auto"):
+        raise InputTypeError(f"precompute must be True, False or 'auto', got {value!r}")
 
 
 def _check_budget(n_nonzero_coefs: Any, tol: Any, n_features: int, default: int) -> Tuple[int, Optional[float]]:
@@ -115,8 +115,7 @@ def _check_budget(n_nonzero_coefs: Any, tol: Any, n_features: int, default: int)
         if not (math.isfinite(tol) and tol >= 0):
             raise InputError(f"tol must be a finite number >= 0 (a squared residual norm), got {tol}")
     if n_nonzero_coefs is not None:
-        if isinstance(n_nonzero_coefs, bool) or not isinstance(n_nonzero_coefs, (int, np.integer)):
-            raise InputTypeError(f"n_nonzero_coefs must be an integer or None, got {n_nonzero_coefs!r}")
+        n_nonzero_coefs = check_int(n_nonzero_coefs, "n_nonzero_coefs")
         if n_nonzero_coefs < 1:
             raise InputError(f"n_nonzero_coefs must be >= 1, got {n_nonzero_coefs}")
     if tol is not None:
@@ -276,11 +275,10 @@ def orthogonal_mp(X: Any, y: Any, *, n_nonzero_coefs: Optional[int] = None, tol:
         InputError (a ValueError) for bad shapes, NaN/Inf, n_nonzero_coefs outside
         1..n_features or a negative tol; InputTypeError (also a TypeError) for wrong types.
     """
-    if not (isinstance(precompute, (bool, np.bool_)) or precompute == "auto"):
-        raise InputTypeError(f"precompute must be True, False or 'auto', got {precompute!r}")
-    _check_flag("copy_X", copy_X)
-    return _omp(X, y, n_nonzero_coefs, tol, positive=False, return_path=_check_flag("return_path", return_path),
-                return_n_iter=_check_flag("return_n_iter", return_n_iter))
+    _check_precompute(precompute)
+    check_bool(copy_X, "copy_X")
+    return _omp(X, y, n_nonzero_coefs, tol, positive=False, return_path=check_bool(return_path, "return_path"),
+                return_n_iter=check_bool(return_n_iter, "return_n_iter"))
 
 
 def orthogonal_mp_gram(Gram: Any, Xy: Any, *, n_nonzero_coefs: Optional[int] = None, tol: Optional[float] = None,
@@ -306,9 +304,9 @@ def orthogonal_mp_gram(Gram: Any, Xy: Any, *, n_nonzero_coefs: Optional[int] = N
         return_n_iter (coef, n_iters).
     """
     for name, value in (("copy_Gram", copy_Gram), ("copy_Xy", copy_Xy)):
-        _check_flag(name, value)
-    return_path = _check_flag("return_path", return_path)
-    return_n_iter = _check_flag("return_n_iter", return_n_iter)
+        check_bool(value, name)
+    return_path = check_bool(return_path, "return_path")
+    return_n_iter = check_bool(return_n_iter, "return_n_iter")
     G = _as_float_tensor(Gram, "Gram", (2,))
     n = G.shape[0]
     if n == 0 or G.shape[1] != n:
@@ -395,10 +393,9 @@ class OrthogonalMatchingPursuit:
         ya = _as_float_tensor(y, "y", (1, 2)).to(torch.float64).numpy()
         if ya.shape[0] != Xa.shape[0]:
             raise InputError(f"y has {ya.shape[0]} rows but X has {Xa.shape[0]}")
-        fit_intercept = _check_flag("fit_intercept", self.fit_intercept)
-        positive = _check_flag("positive", self.positive)
-        if not (isinstance(self.precompute, (bool, np.bool_)) or self.precompute == "auto"):
-            raise InputTypeError(f"precompute must be True, False or 'auto', got {self.precompute!r}")
+        fit_intercept = check_bool(self.fit_intercept, "fit_intercept")
+        positive = check_bool(self.positive, "positive")
+        _check_precompute(self.precompute)
         n_features = Xa.shape[1]
         if fit_intercept:
             X_offset, y_offset = Xa.mean(axis=0), ya.mean(axis=0)

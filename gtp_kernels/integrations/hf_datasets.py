@@ -21,8 +21,6 @@ from typing import Any, Sequence
 
 from ..validation import InputError
 
-ID_COLUMN_MISSING = object()
-
 
 def is_dataset_path(path: str | os.PathLike) -> bool:
     """A ``save_to_disk`` folder (dataset_info.json / state.json inside) or a ``.parquet`` file."""

@@ -35,8 +35,8 @@ from typing import Sequence
 
 import torch
 
-from ..collect.less_store import _dim_folder, _load_rows, _read_dim_folder
-from ..validation import InputError
+from ..collect.less_store import _dim_folder, _read_dim_folder
+from ..validation import InputError, check_int, check_real
 
 #: sub-task counts of LESS's target tasks (matching.py); other tasks default to 1 (no grouping)
 LESS_SUBTASKS = {"mmlu": 57, "bbh": 27, "tydiqa": 9}
@@ -140,7 +140,7 @@ def less_select(grads_root: str | os.PathLike, train_file_names: Sequence[str], 
     atomically.
     """
     from ..api import METHODS, select
-    from ..io import atomic_write_files
+    from ..atomic import atomic_write_files
 
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -148,9 +148,9 @@ def less_select(grads_root: str | os.PathLike, train_file_names: Sequence[str], 
         raise InputError(f"{len(train_file_names)} train file names for {len(train_files)} train files")
     if (max_samples is None) == (percentage is None):
         raise InputError("give exactly one of --max-samples and --percentage")
-    if max_samples is not None and max_samples < 1:
-        raise InputError(f"--max-samples must be >= 1, got {max_samples}")
-    if percentage is not None and not 0 < percentage <= 1:
+    if max_samples is not None:
+        max_samples = check_int(max_samples, "--max-samples", low=1)
+    if percentage is not None and not 0 < check_real(percentage, "--percentage") <= 1:
         raise InputError(f"--percentage must lie in (0, 1], got {percentage}")
     root = Path(grads_root)
     if ckpts is None:

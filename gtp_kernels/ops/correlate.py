@@ -69,6 +69,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..validation import check_choice, check_int
 from ._dispatch import resolve_backend
 from ._library import register
 
@@ -144,13 +145,11 @@ def _check_row_scale(row_scale: Optional[torch.Tensor], candidates: torch.Tensor
 
 
 def _check_inputs(candidates, residuals, m_top, exclude, row_scale):
-    """Validate; return (A, R (D, m) fp32 contiguous, exclude or None, row_scale fp32 or None)."""
+    """Validate; return (A, R (D, m) fp32 contiguous, m_top as an int, exclude or None, row_scale fp32
+    or None)."""
     _check_candidates(candidates)
     R = _check_columns("residuals", residuals, candidates)
-    if isinstance(m_top, bool) or not isinstance(m_top, int):
-        raise TypeError(f"m_top must be an int, got {type(m_top).__name__}")
-    if m_top < 1:
-        raise ValueError(f"m_top must be >= 1, got {m_top}")
+    m_top = check_int(m_top, "m_top", low=1)
     n, m = candidates.shape[0], R.shape[1]
     if exclude is not None:
         if not isinstance(exclude, torch.Tensor):
@@ -161,7 +160,7 @@ def _check_inputs(candidates, residuals, m_top, exclude, row_scale):
             raise ValueError(f"exclude must have shape ({n},) or ({n}, {m}), got {tuple(exclude.shape)}")
         if exclude.device != candidates.device:
             raise ValueError(f"exclude is on {exclude.device} but candidates are on {candidates.device}")
-    return candidates, R, exclude, _check_row_scale(row_scale, candidates)
+    return candidates, R, m_top, exclude, _check_row_scale(row_scale, candidates)
 
 
 # ----------------------------------------------------------------------------------------
@@ -191,9 +190,8 @@ def correlate_topk_reference(
     torch.argmax (first maximal index) or a stable descending sort, so ties go to the
     lowest row. Returns values (m, m_top) float32 and indices (m, m_top) int64.
     """
-    A, R, exclude, row_scale = _check_inputs(candidates, residuals, m_top, exclude, row_scale)
-    if compute_dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"compute_dtype must be torch.float32 or torch.float64, got {compute_dtype}")
+    A, R, m_top, exclude, row_scale = _check_inputs(candidates, residuals, m_top, exclude, row_scale)
+    check_choice(compute_dtype, "compute_dtype", (torch.float32, torch.float64))
     n, m = A.shape[0], R.shape[1]
     device = A.device
     Rc = R.to(compute_dtype)
@@ -599,7 +597,7 @@ def correlate_topk_triton(candidates, residuals, m_top: int = 1, *, exclude=None
                           absolute: bool = False, config: Optional[KernelConfig] = None
                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton correlate_topk (CUDA, or CPU under TRITON_INTERPRET=1); config for tuning/tests."""
-    A, R, exclude, row_scale = _check_inputs(candidates, residuals, m_top, exclude, row_scale)
+    A, R, m_top, exclude, row_scale = _check_inputs(candidates, residuals, m_top, exclude, row_scale)
     n, d = A.shape
     m = R.shape[1]
     if n > MAX_ROWS:
@@ -681,7 +679,7 @@ def correlate_topk(
     torch.compile / torch.export); the inputs are checked here first, so errors are raised
     before the op and carry the same messages as the kernels' own checks.
     """
-    _check_inputs(candidates, residuals, m_top, exclude, row_scale)
+    m_top = _check_inputs(candidates, residuals, m_top, exclude, row_scale)[2]
     resolve_backend(backend, candidates)  # a bad backend name fails here, before the op
     return _correlate_topk_op(candidates, residuals, m_top, exclude, row_scale, bool(absolute), backend)
 

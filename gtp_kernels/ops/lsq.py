@@ -42,6 +42,7 @@ from typing import Literal
 import torch
 
 # the compiled extension, shared with ops.products (lsq._C and lsq.extension_status stay here)
+from ..validation import check_choice, check_int, check_real
 from ._ext import extension as _C, extension_status  # noqa: F401
 from ._library import register
 
@@ -92,10 +93,8 @@ def lsq_init(
     m: int, k_max: int, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu"
 ) -> LsqState:
     """Empty state for m pursuits of capacity k_max."""
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-        raise ValueError(f"m must be a non-negative int, got {m!r}")
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"k_max must be a positive int, got {k_max!r}")
+    m = check_int(m, "m", low=0)
+    k_max = check_int(k_max, "k_max", low=1)
     if dtype not in DEFAULT_DEP_TOL:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     return LsqState(
@@ -113,8 +112,6 @@ def _validate(
     gram_col: torch.Tensor,
     gram_diag: torch.Tensor,
     rhs_new: torch.Tensor,
-    lam: float,
-    dep_tol: float,
 ) -> None:
     L = state.L
     if not isinstance(L, torch.Tensor) or L.dim() != 3 or L.shape[1] != L.shape[2]:
@@ -149,15 +146,10 @@ def _validate(
         raise TypeError(f"state.size must be int32 or int64, got {state.size.dtype}")
     if m and bool(((state.size < 0) | (state.size > k)).any()):  # one host sync, checked mode only
         raise ValueError(f"state.size must lie in [0, k_max={k}], got {state.size.tolist()[:8]}")
-    if not (math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be finite and >= 0, got {lam}")
-    if not (math.isfinite(dep_tol) and dep_tol >= 0):
-        raise ValueError(f"dep_tol must be finite and >= 0, got {dep_tol}")
 
 
 def _resolve(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "ext", "torch"):
-        raise ValueError(f"backend must be 'auto', 'ext' or 'torch', got {backend!r}")
+    check_choice(backend, "backend", ("auto", "ext", "torch"))
     ext_ok = _C is not None and (device.type == "cpu" or (device.type == "cuda" and _C.has_cuda()))
     if backend == "auto":
         return "ext" if ext_ok else "torch"
@@ -202,13 +194,13 @@ def lsq_update(
         dep_tol = DEFAULT_DEP_TOL.get(state.L.dtype, 0.0)
     if weight_tol is None:
         weight_tol = DEFAULT_WEIGHT_TOL.get(state.L.dtype, 0.0)
-    lam = float(lam)
-    dep_tol = float(dep_tol)
-    weight_tol = float(weight_tol)
     if checked:
-        _validate(state, new_atom, gram_col, gram_diag, rhs_new, lam, dep_tol)
-        if not (math.isfinite(weight_tol) and weight_tol >= 0):
-            raise ValueError(f"weight_tol must be finite and >= 0, got {weight_tol}")
+        _validate(state, new_atom, gram_col, gram_diag, rhs_new)
+        lam = check_real(lam, "lam", low=0.0)
+        dep_tol = check_real(dep_tol, "dep_tol", low=0.0)
+        weight_tol = check_real(weight_tol, "weight_tol", low=0.0)
+    else:
+        lam, dep_tol, weight_tol = float(lam), float(dep_tol), float(weight_tol)
     _resolve(backend, state.L.device)  # a bad or unavailable backend fails here, before the op
     if not _tracing():
         # eager (the pursuits' loop, once per iteration): the op's body without the dispatcher,

@@ -51,6 +51,8 @@ import math
 
 import torch
 
+from ..validation import SEED_LIMIT, check_choice, check_int
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9
@@ -69,22 +71,18 @@ KINDS = ("rademacher", "gaussian")
 
 
 def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
-    return seed
+    """``seed`` as an int in [0, 2^64) (the 64-bit Philox key)."""
+    return check_int(seed, "seed", low=0, high=SEED_LIMIT - 1)
 
 
 def check_kind(kind: str) -> str:
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    return kind
+    """``kind``, one of KINDS."""
+    return check_choice(kind, "kind", KINDS)
 
 
 def seed_key(seed: int) -> tuple[int, int]:
     """The Philox key (k0, k1) of a 64-bit seed."""
-    check_seed(seed)
+    seed = check_seed(seed)
     return seed & MASK32, seed >> 32
 
 

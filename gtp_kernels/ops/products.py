@@ -19,6 +19,7 @@ from typing import Literal, Optional
 
 import torch
 
+from ..validation import check_choice
 from ._ext import extension as _C, extension_status
 
 ProductsBackend = Literal["auto", "ext", "torch"]
@@ -60,8 +61,7 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
     compute ``A @ X.T`` in torch, in the dtype torch promotes to. isa: force the kernel's
     variant ("avx512", "avx2", "baseline"; tests), "" for the widest this CPU has.
     """
-    if backend not in ("auto", "ext", "torch"):
-        raise ValueError(f"backend must be 'auto', 'ext' or 'torch', got {backend!r}")
+    check_choice(backend, "backend", ("auto", "ext", "torch"))
     if X.dim() == 1:
         X = X[None, :]
     _check(A, X, out)

@@ -43,7 +43,7 @@ import torch
 from gtp_kernels.ops import philox
 from gtp_kernels.ops._dispatch import interpreting, resolve_backend
 from gtp_kernels.ops._library import register
-from gtp_kernels.validation import InputError, InputTypeError, check_backend, check_bool
+from gtp_kernels.validation import InputError, InputTypeError, check_backend, check_bool, check_int, check_real
 
 try:
     import triton
@@ -63,14 +63,6 @@ _WORKSPACE_LIMIT_BYTES = 1 << 30
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputTypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise InputError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_grads(name: str, grads, ndim: int) -> torch.Tensor:
     if not isinstance(grads, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(grads).__name__}")
@@ -81,16 +73,8 @@ def _check_grads(name: str, grads, ndim: int) -> torch.Tensor:
     return grads
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise InputTypeError(f"scale must be a float, got {type(scale).__name__}")
-    if not math.isfinite(scale):
-        raise InputError(f"scale must be finite, got {scale}")
-    return float(scale)
-
-
 def _check_offset(feature_offset, n_features: int) -> int:
-    _check_int("feature_offset", feature_offset, 0)
+    feature_offset = check_int(feature_offset, "feature_offset", low=0)
     if feature_offset + n_features - 1 > MAX_GLOBAL_INDEX:
         raise InputError(f"feature_offset + n_features must stay below 2^63, got {feature_offset} + {n_features}")
     return feature_offset
@@ -142,11 +126,11 @@ def projection_matrix(d: int, n_features: int, seed: int, kind: str = "rademache
     dtype), which for float32 is exactly what the kernel applies to an identity input.
     ``output_factor`` gives Pi_out of the factored linear-layer projection instead.
     """
-    _check_int("d", d, 1)
-    _check_int("n_features", n_features, 0)
-    philox.check_seed(seed)
+    d = check_int(d, "d", low=1)
+    n_features = check_int(n_features, "n_features", low=0)
+    seed = philox.check_seed(seed)
     philox.check_kind(kind)
-    _check_offset(feature_offset, n_features)
+    feature_offset = _check_offset(feature_offset, n_features)
     entries = philox.unscaled_entries(kind, seed, feature_offset, n_features, d, device, output_factor)
     return (entries.to(dtype) * torch.tensor(_inv_sqrt(d), dtype=dtype, device=entries.device)).contiguous()
 
@@ -449,11 +433,11 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     _check_grads("grads", grads, 2)
     check_backend(backend, grads.device)  # triton on CPU tensors only in the interpreter
     check_finite = check_bool(check_finite, "check_finite")
-    _check_int("d", d, 1)
-    philox.check_seed(seed)
+    d = check_int(d, "d", low=1)
+    seed = philox.check_seed(seed)
     philox.check_kind(kind)
-    _check_offset(feature_offset, grads.shape[1])
-    scale = _check_scale(scale)
+    feature_offset = _check_offset(feature_offset, grads.shape[1])
+    scale = check_real(scale, "scale")
     given_out = out is not None
     out, col_start = _output_view(out, out_columns, grads.shape[0], d, grads.device)
     _project_into(grads, d, seed, kind, feature_offset, out, col_start, scale * _inv_sqrt(d), backend)
@@ -496,14 +480,14 @@ def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in:
                          f"{tuple(out_grads.shape)}")
     if inputs.device != out_grads.device:
         raise InputError(f"inputs ({inputs.device}) and out_grads ({out_grads.device}) must be on one device")
-    _check_int("d_in", d_in, 1)
-    _check_int("d_out", d_out, 1)
-    philox.check_seed(seed)
+    d_in = check_int(d_in, "d_in", low=1)
+    d_out = check_int(d_out, "d_out", low=1)
+    seed = philox.check_seed(seed)
     philox.check_kind(kind)
     n_batch, n_tokens, n_in = inputs.shape
     n_out = out_grads.shape[2]
-    _check_offset(feature_offset, n_in * n_out)
-    scale = _check_scale(scale)
+    feature_offset = _check_offset(feature_offset, n_in * n_out)
+    scale = check_real(scale, "scale")
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
             raise InputTypeError(f"token_mask must be a torch.Tensor or None, got {type(token_mask).__name__}")

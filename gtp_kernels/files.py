@@ -1,19 +1,17 @@
-"""Reading candidate/target arrays and writing selections, atomically.
+"""Input array files and output folders.
 
 Readers accept .npy (memory-mapped), .pt (a tensor, or a dict holding exactly one tensor)
-and .safetensors (one tensor, or ``FILE:KEY``). Writers put each file in place with a
-temp-file + ``os.replace`` so a crash never leaves a half-written output.
+and .safetensors (one tensor, or ``FILE:KEY``). Output paths are checked before any work
+starts, and a selection's output folder is written whole or not at all (write_output_folder:
+staged beside it, renamed into place once). Single files are written with gtp_kernels.atomic.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
 import shutil
-import socket
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from .atomic import fsync_folder, host_tag, process_alive
 from .validation import InputError
 
 ARRAY_SUFFIXES = (".npy", ".pt", ".pth", ".safetensors")
@@ -90,88 +89,6 @@ def load_array(spec: str, name: str = "array") -> torch.Tensor:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _umask() -> int:
-    """The process umask, read once: from /proc where it is shown (no change to process state),
-    else by setting and restoring it (before any file of ours is written)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _new_file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give a new file."""
-    return 0o666 & ~_umask()
-
-
-def _stage_bytes(path: Path, data: bytes) -> str:
-    """Write data to a temp file next to path (mode as a plain open() gives), fsync; return its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        f = os.fdopen(fd, "wb")  # owns (and closes) fd from here, whatever fails next
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    try:
-        with f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), _new_file_mode())  # mkstemp makes 0600; outputs are ordinary files
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
-    """Write bytes to path via a temp file in the same folder and an atomic rename."""
-    atomic_write_files({Path(path): data})
-
-
-def atomic_write_text(path: os.PathLike, text: str) -> None:
-    """Write text to path via a temp file in the same folder and an atomic rename."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_files(files: Dict[os.PathLike, bytes], remove: Iterable[os.PathLike] = ()) -> None:
-    """Write several files as one step: every temp file first, then the renames, back to back.
-
-    ``remove`` lists files to delete once every temp file is written (stale outputs), just
-    before the renames. If staging any file fails, no output is touched and every temp file is
-    removed. (Each rename is atomic; only a crash between them can leave a mix.)
-    """
-    staged = []
-    try:
-        for path, data in files.items():
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            staged.append((_stage_bytes(path, data), path))
-        for path in remove:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        while staged:
-            tmp, path = staged[0]
-            os.replace(tmp, path)
-            staged.pop(0)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-
 def check_output_file(path: os.PathLike, what: str) -> Path:
     """Refuse, before any work, an output file path that cannot be written.
 
@@ -237,21 +154,6 @@ def render_selection(selection, ids: Optional[Sequence[Any]] = None,
             "summary.json": json.dumps(summary, indent=2) + "\n"}
 
 
-def write_selection(out_dir: os.PathLike, selection, ids: Optional[Sequence[Any]] = None,
-                    examples: Optional[Sequence[Any]] = None) -> Dict[str, Path]:
-    """Write the folder ``out_dir`` holding ``selection.jsonl`` (rank, index, weight, targets,
-    filled[, id, example]) and ``summary.json``.
-
-    The folder is written whole or not at all (:func:`write_output_folder`): staged beside it
-    and renamed into place once. An existing ``out_dir`` that holds only selection outputs is
-    replaced; one holding anything else is refused (InputError). Returns the paths written.
-    """
-    out = Path(out_dir)
-    texts = render_selection(selection, ids, examples)
-    write_output_folder(out, {name: texts[name].encode("utf-8") for name in SELECTION_FILES}, force=True)
-    return {"selection": out / "selection.jsonl", "summary": out / "summary.json"}
-
-
 # --- output folders written whole: staged as a sibling, renamed into place once ---
 #
 # OUT is written as PARENT/.OUT.tmp-<host>-<pid>/ (every file written and fsync'ed), then renamed
@@ -267,26 +169,8 @@ STALE_STAGING_SECONDS = 24 * 3600
 _OLD_TEMP = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in OUTPUT_FILES) + r")\..+\.tmp$")
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-
-
 def _staging_path(out: Path, kind: str) -> Path:
-    return out.parent / f".{out.name}.{kind}-{_host_tag()}-{os.getpid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if os.name != "posix" or pid <= 0:
-        return True  # cannot tell: keep its files
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
+    return out.parent / f".{out.name}.{kind}-{host_tag()}-{os.getpid()}"
 
 
 def clean_stale_staging(out: os.PathLike) -> list:
@@ -296,7 +180,7 @@ def clean_stale_staging(out: os.PathLike) -> list:
     removed = []
     if not out.parent.is_dir():
         return removed
-    host = _host_tag()
+    host = host_tag()
     for entry in out.parent.iterdir():
         match = _STAGING.match(entry.name)
         if match is None or match["name"] != out.name:
@@ -305,7 +189,7 @@ def clean_stale_staging(out: os.PathLike) -> list:
             age = time.time() - entry.lstat().st_mtime
         except FileNotFoundError:
             continue
-        dead = match["host"] == host and not _process_alive(int(match["pid"]))
+        dead = match["host"] == host and not process_alive(int(match["pid"]))
         if dead or age > STALE_STAGING_SECONDS:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
@@ -369,12 +253,12 @@ def write_output_folder(out: os.PathLike, files: Dict[str, bytes], *, force: boo
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        _fsync_folder(stage)
+        fsync_folder(stage)
         _put_in_place(stage, target)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    _fsync_folder(target.parent)
+    fsync_folder(target.parent)
     return target
 
 
@@ -393,17 +277,3 @@ def _put_in_place(stage: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, target)  # absent, or an empty folder: one rename
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make renames in folder durable where the platform allows."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
