@@ -35,6 +35,8 @@ import torch
 
 from ..validation import InputError, check_int, refused_pickle_reason, resolve_device
 from .data import TokenizedExample, ExampleFormat, as_examples, check_examples, collate, label_mapping, pad_token_id, read_jsonl, tokenize_all
+from .gradients import project_checkpoint
+from .projector import Projector
 from .per_example import adam_precondition, per_example_gradients, trainable_parameters
 from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, _read_manifest, open_store
 from .warmup import (
@@ -318,7 +320,7 @@ def _duration(seconds: float) -> str:
 class _TimedProjector:
     """Wraps a projector to time the K1 part of a calibration batch apart from the gradients."""
 
-    def __init__(self, projector: "_Projector"):
+    def __init__(self, projector: Projector):
         self.projector, self.seconds = projector, 0.0
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
@@ -329,7 +331,7 @@ class _TimedProjector:
 
 def _calibrate(
     net: torch.nn.Module, tokenized: Sequence[Any], task: str, pad_id: int, batch_size: int, params: dict[str, torch.Tensor],
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], projector: "_Projector",
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], projector: Projector,
     d: int, seed: int, normalise: bool, chunk_size: int | None, device: torch.device,
 ) -> dict[str, float]:
     """Time one batch (the data's first, as collection will see it) at one checkpoint: per-example
@@ -351,7 +353,7 @@ def _calibrate(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        _project_checkpoint(net, batch, task, params, moments, names, timed, d, seed, 1.0, normalise, chunk_size)
+        project_checkpoint(net, batch, task, params, moments, names, timed, d, seed, 1.0, normalise, chunk_size)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         collect_s = time.perf_counter() - started
@@ -383,7 +385,7 @@ def _adapter(lora: Any) -> str:
 def _plan_lines(
     calibration: dict[str, float], tokenized: Sequence[Any], spec_n: int, t_count: int, d: int, max_length: int,
     batch_size: int, shard_size: int, todo: Sequence[int], n_shards: int, trainable: int, adapter: str, gradient_type: str,
-    warmup: Any, projector: "_Projector", device: torch.device,
+    warmup: Any, projector: Projector, device: torch.device,
 ) -> list[str]:
     """The plan printed before any work, with its time and memory estimate from the calibration.
 
@@ -401,7 +403,7 @@ def _plan_lines(
             chunk = lengths[b0 : min(stop, b0 + batch_size)]
             share = len(chunk) / calibration["examples"]
             collect_s += t_count * (grad_per_token * len(chunk) * max(chunk)
-                                    + project_per_batch * (share if projector.cache else 1.0))
+                                    + project_per_batch * (share if projector.cached else 1.0))
     warmup_s = 0.0
     if warmup is not None:
         n_train = max(1, round(warmup.fraction * len(tokenized)))
@@ -413,7 +415,7 @@ def _plan_lines(
         f"plan: N={spec_n} examples (mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} tokens; "
         f"max_length {max_length}), T={t_count} checkpoints, d={d}, {gradient_type} gradients, batch {batch_size}, "
         f"{len(todo)} of {n_shards} shard(s) of {shard_size} rows to write ({len(rows)} examples), "
-        f"{trainable:,} trainable parameters ({adapter}), K1 Pi {'cached' if projector.cache else 'generated per batch'}",
+        f"{trainable:,} trainable parameters ({adapter}), K1 Pi {'cached' if projector.cached else 'generated per batch'}",
     ]
     estimate = (f"estimate (one calibration batch of {calibration['examples']:.0f} on {device.type}): "
                 + (f"warm-up ~{_duration(warmup_s)}, " if warmup is not None else "")
@@ -536,7 +538,6 @@ def collect_trajectory(
     if tokenizer is None and not is_path:
         raise InputError("tokenizer: required when model is not a model folder")
     from ..ops._dispatch import resolve_backend
-    from ..ops.project import project  # K1; imported here so the rest of collect works without it
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -621,8 +622,8 @@ def collect_trajectory(
             names = list(trainable_parameters(trainee))
             params = trainable_parameters(trainee)
             seeds = [seed + t if seed_mode == "per_checkpoint" else seed for t in range(t_expected)]
-            projector = _Projector(project, names, {n: params[n].numel() for n in names}, d, kind, backend, device,
-                                   sorted(set(seeds)), projection_cache_mb)
+            projector = Projector({n: params[n].numel() for n in names}, d, sorted(set(seeds)), kind=kind,
+                                  backend=backend, device=device, cache_mb=projection_cache_mb)
             todo = [s for s in range(n_shards) if shards is None or s in set(shards)]
             calibration = _calibrate(trainee, tokenized, task, pad_id, batch_size, params, None, names, projector, d,
                                      seeds[0], normalise, vmap_chunk_size, device)
@@ -682,8 +683,9 @@ def collect_trajectory(
     })
     writer = TrajectoryStoreWriter(out, spec, resume=resume)
     sizes = {n: states[0][n].numel() for n in names}
-    if projector is None or projector.key != _Projector.key_of(names, sizes, sorted(set(seeds))):
-        projector = _Projector(project, names, sizes, d, kind, backend, device, sorted(set(seeds)), projection_cache_mb)
+    if projector is None or projector.key != Projector.key_of(sizes, sorted(set(seeds))):
+        projector = Projector(sizes, d, sorted(set(seeds)), kind=kind, backend=backend, device=device,
+                              cache_mb=projection_cache_mb)
     todo = writer.missing_shards()
     if shards is not None:
         wanted = set(int(s) for s in shards)
@@ -709,7 +711,7 @@ def collect_trajectory(
             b1 = min(stop, b0 + batch_size)
             batch = {k: v.to(device) for k, v in collate(tokenized[b0:b1], pad_id).items()}
             for t in range(t_count):
-                rows[b0 - start : b1 - start, t] = _project_checkpoint(
+                rows[b0 - start : b1 - start, t] = project_checkpoint(
                     net, batch, task, states[t], moments[t] if moments else None, names, projector,
                     d, seeds[t], scales[t], normalise, vmap_chunk_size)
             if bar is not None:
@@ -725,70 +727,6 @@ def collect_trajectory(
     if writer.missing_shards():
         return open_store(out, allow_incomplete=True)
     return writer.finish()
-
-
-def _project_checkpoint(
-    net: torch.nn.Module, batch: dict[str, torch.Tensor], task: str, state: dict[str, torch.Tensor],
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, names: Sequence[str], projector: "_Projector",
-    d: int, seed: int, scale: float, normalise: bool, chunk_size: int | None,
-) -> torch.Tensor:
-    """(B, d) block for one checkpoint: per-example gradients, Adam direction, K1 projection
-    parameter by parameter (global feature offsets), then normalisation and the block scale."""
-    grads = per_example_gradients(net, batch, task, params=state, chunk_size=chunk_size)
-    n_rows = batch["input_ids"].shape[0]
-    block = torch.zeros(n_rows, d, dtype=torch.float32, device=batch["input_ids"].device)
-    for name in names:
-        flat = grads[name].reshape(n_rows, -1)
-        if moments is not None:
-            exp_avg, exp_avg_sq = moments[name]
-            flat = adam_precondition(flat.float(), exp_avg, exp_avg_sq)
-        if flat.dtype == torch.float64:  # K1 takes fp32/fp16/bf16
-            flat = flat.float()
-        projector(flat.contiguous(), name, seed, block, 1.0 if normalise else scale)
-    if normalise:
-        norms = block.norm(dim=1, keepdim=True)
-        block = torch.where(norms > 0, block / norms.clamp_min(torch.finfo(torch.float32).tiny), block) * scale
-    return block
-
-
-class _Projector:
-    """K1 for one parameter at its global feature offset: ``project`` (in-kernel Pi), or on the
-    torch path a cached dense ``projection_matrix`` (same Pi entries) when it fits the budget."""
-
-    def __init__(self, project: Callable[..., torch.Tensor], names: Sequence[str], sizes: dict[str, int], d: int,
-                 kind: str, backend: str, device: torch.device, seeds: Sequence[int], cache_mb: float):
-        from ..ops._dispatch import resolve_backend
-        from ..ops.project import projection_matrix
-
-        self.project, self.d, self.kind, self.backend = project, d, kind, backend
-        self.key = self.key_of(names, sizes, seeds)
-        self.offsets: dict[str, int] = {}
-        offset = 0
-        for name in names:
-            self.offsets[name] = offset
-            offset += sizes[name]
-        self.cache: dict[tuple[int, str], torch.Tensor] = {}
-        probe = torch.empty(0, device=device)
-        cache_bytes = len(seeds) * offset * d * 4
-        if resolve_backend(backend, probe) == "torch" and cache_bytes <= cache_mb * 2**20:
-            for seed in seeds:
-                for name in names:
-                    self.cache[(seed, name)] = projection_matrix(
-                        d, sizes[name], seed, kind, self.offsets[name], dtype=torch.float32, device=device).T.contiguous()
-
-    @staticmethod
-    def key_of(names: Sequence[str], sizes: dict[str, int], seeds: Sequence[int]) -> tuple:
-        """What a projector depends on besides d, kind, backend and device (fixed per collection)."""
-        return tuple(names), tuple(sizes[n] for n in names), tuple(seeds)
-
-    def __call__(self, flat: torch.Tensor, name: str, seed: int, block: torch.Tensor, scale: float) -> None:
-        cached = self.cache.get((seed, name))
-        if cached is not None:
-            block.addmm_(flat.float(), cached, alpha=scale)
-        else:
-            # no per-call finiteness check (a host sync per parameter): each shard is checked whole
-            self.project(flat, self.d, seed, kind=self.kind, feature_offset=self.offsets[name], out=block,
-                         scale=scale, backend=self.backend, check_finite=False)
 
 
 def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
