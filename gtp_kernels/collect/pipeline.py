@@ -26,6 +26,7 @@ targets with ``checkpoints=<pool store>/warmup`` and ``gradient_type="sgd"``.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -259,8 +260,8 @@ def check_options(*, task: str, gradient_type: str, d: int, seed: int, seed_mode
     projection_cache_mb = check_real(projection_cache_mb, "projection_cache_mb", low=0.0, finite=False)
     if learning_rates is not None:
         learning_rates = list(learning_rates)
-        if not learning_rates or not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr)
-                                         and lr > 0 for lr in learning_rates):
+        if not learning_rates or not all(isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0
+                                         for lr in learning_rates):
             raise InputError(f"learning_rates must be positive numbers, one per checkpoint, got {learning_rates!r}")
     if shards is not None:
         shards = [check_int(x, "shards", low=0) for x in shards]
