@@ -3,7 +3,7 @@ on the same random GPT-2 (built from a config, no download) and the same token s
 
     python benchmarks/bench_bergson_collect.py --examples 96 --layers 2 --hidden 128 --bergson-dim 16
 
-gtp side: ``per_example_gradients`` (vmap, as `gtp collect`) then ``_Projector`` (K1, Rademacher) to
+gtp side: ``per_example_gradients`` (vmap, as `gtp collect`) then ``Projector`` (K1, Rademacher) to
 ``d`` features per checkpoint, over the same weight matrices bergson projects (``--gtp-params same``:
 the blocks' attention and MLP weights, no biases, embeddings or layer norms) or over every parameter
 (``--gtp-params all``). ``d`` defaults to bergson's total width, so both write the same number of
@@ -53,8 +53,7 @@ def _run_gtp(args) -> dict:
     import torch
 
     from gtp_kernels.collect.per_example import per_example_gradients
-    from gtp_kernels.collect.pipeline import _Projector
-    from gtp_kernels.ops.project import project
+    from gtp_kernels.collect.projector import Projector
 
     model, sequences = _model_and_data(args)
     model.set_attn_implementation("eager")  # as `gtp collect` runs collection (vmap has no SDPA batching rule)
@@ -65,8 +64,8 @@ def _run_gtp(args) -> dict:
         params = dict(model.named_parameters())
     names = list(params)
     d = args.d or args.bergson_dim**2 * len(_bergson_modules(model))
-    projector = _Projector(project, names, {n: p.numel() for n, p in params.items()}, d, "rademacher", "auto",
-                           torch.device("cpu"), [0], float(args.cache_mb))
+    projector = Projector({n: p.numel() for n, p in params.items()}, d, [0], device="cpu",
+                          cache_mb=float(args.cache_mb))
     batches = []
     for start in range(0, len(sequences), args.batch_size):
         chunk = sequences[start : start + args.batch_size]

@@ -76,12 +76,10 @@ def run_loop(model, batches, projector=None):
 
 def make_projector(model, d: int, cache_mb: float):
     """The pipeline's K1 step (Pi cached as a dense matrix on CPU when cache_mb allows)."""
-    from gtp_kernels.collect.pipeline import _Projector
-    from gtp_kernels.ops.project import project
+    from gtp_kernels.collect.projector import Projector
 
     params = trainable_parameters(model)
-    return _Projector(project, list(params), {n: p.numel() for n, p in params.items()}, d, "rademacher", "auto",
-                      torch.device("cpu"), [0], cache_mb)
+    return Projector({n: p.numel() for n, p in params.items()}, d, [0], device="cpu", cache_mb=cache_mb)
 
 
 def _project(grads, names, projector):

@@ -45,9 +45,8 @@ def _one(profile: str, mode: str, examples: int, repeats: int, batch_size: int |
 
     from gtp_kernels.collect.data import as_examples, collate, tokenize_all
     from gtp_kernels.collect.per_example import per_example_gradients, per_example_gradients_loop, trainable_parameters
-    from gtp_kernels.collect.pipeline import _Projector
+    from gtp_kernels.collect.projector import Projector
     from gtp_kernels.collect.warmup import LoraSettings, wrap_for_training
-    from gtp_kernels.ops.project import project
 
     transformers.logging.set_verbosity_error()
     settings = dict(PROFILES[profile])
@@ -66,8 +65,7 @@ def _one(profile: str, mode: str, examples: int, repeats: int, batch_size: int |
     batches = [collate(tokens[i : i + settings["batch_size"]], 0) for i in range(0, len(tokens), settings["batch_size"])]
     params = trainable_parameters(model)
     names = list(params)
-    projector = _Projector(project, names, {n: p.numel() for n, p in params.items()}, settings["d"], "rademacher",
-                           "auto", torch.device("cpu"), [0], 1024.0)
+    projector = Projector({n: p.numel() for n, p in params.items()}, settings["d"], [0], device="cpu", cache_mb=1024.0)
     gradients = per_example_gradients if mode == "batched" else per_example_gradients_loop
     best = float("inf")
     best_cpu = best_grad_cpu = 0.0

@@ -55,8 +55,8 @@ def main() -> int:
         print("no CUDA device: skipped")
         return 0
     from gtp_kernels.collect.per_example import flatten_gradients, per_example_gradients, per_example_gradients_loop, trainable_parameters
-    from gtp_kernels.collect.pipeline import _project_checkpoint, _Projector
-    from gtp_kernels.ops.project import project
+    from gtp_kernels.collect.gradients import project_checkpoint
+    from gtp_kernels.collect.projector import Projector
 
     # Correctness first, in float32 on a 2-layer copy.
     small = build(torch.float32, layers=2)
@@ -75,13 +75,12 @@ def main() -> int:
     names = list(params)
     n_params = sum(p.numel() for p in params.values())
     d, batch_size, length = 8192, 16, 256
-    projector = _Projector(project, names, {n: p.numel() for n, p in params.items()}, d, "rademacher", "auto",
-                           torch.device("cuda"), [0], 0.0)
+    projector = Projector({n: p.numel() for n, p in params.items()}, d, [0], device="cuda")
     moments = {n: (torch.zeros(p.numel(), device="cuda"), torch.full((p.numel(),), 1e-6, device="cuda")) for n, p in params.items()}
     batch = batch_of(batch_size, length, seed=2)
 
     def batched():
-        return _project_checkpoint(model, batch, "causal_lm", params, moments, names, projector, d, 0, 1.0, True, None)
+        return project_checkpoint(model, batch, "causal_lm", params, moments, names, projector, d, 0, 1.0, True, None)
 
     def looped():
         from gtp_kernels.collect.per_example import adam_precondition

@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+import time
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
+from .collect.models import TASKS
 from .collect.store import StoreError
 from .validation import SEED_LIMIT, InputError, check_int
+
+if TYPE_CHECKING:
+    from .collect.store import TrajectoryStore
 
 
 def _methods_help() -> str:
@@ -248,77 +253,114 @@ def _describe_store(store) -> dict:
 
 
 def _cmd_select(args) -> int:
-    import shlex
     from pathlib import Path
 
     import torch
 
-    from . import __version__
-    from .api import DEFAULT_METHOD, METHODS, select
-    from .collect.data import selected_examples_text
-    from .collect.store import check_compatible, is_store, open_store
+    from .api import select
+    from .collect.store_selection import select_from_stores
     from .collect.targets import store_target
-    from .files import check_replaceable_folder, load_array, render_selection, write_output_folder
 
     # Everything that can be checked before the work is checked here; nothing is written
     # until the selection is done, and then the output folder is put in place whole.
+    out = Path(args.out)
+    _check_select_arguments(args, out)
+    candidate_store, target_store = _open_select_stores(args)
+    inputs = {}
+    by_id = _read_select_data(args, candidate_store, inputs)
+    options = dict(method=args.method, positive=not args.no_positive, ridge=args.ridge, tol=args.tol,
+                   align_threshold=args.align_threshold, stop_ratio=args.stop_ratio, batch_size=args.batch_size,
+                   topk_reduce=args.topk_reduce, fill=None if args.fill == "none" else args.fill, seed=args.seed,
+                   device=args.device, compute_dtype=torch.float64 if args.float64 else None, progress=args.progress)
+    # inputs in this order: --data, --candidates, --target (as summary.json lists them)
+    if candidate_store is not None:
+        inputs["candidates"] = _describe_store(candidate_store)
+    else:
+        candidates = _load_described(args.candidates, "candidates", inputs)
+    if target_store is not None:
+        target = target_store if candidate_store is not None else store_target(target_store, args.target_mode)
+        inputs["target"] = {**_describe_store(target_store), "mode": args.target_mode}
+    else:
+        target = _load_described(args.target, "target", inputs)
+    if candidate_store is not None:
+        sel = select_from_stores(candidate_store, target, args.k, target_mode=args.target_mode,
+                                 checkpoint_weights=args.checkpoint_weights, **options)
+    else:
+        sel = select(candidates, target, args.k, checkpoint_weights=args.checkpoint_weights,
+                     num_checkpoints=args.num_checkpoints, **options)
+    _write_selection(args, out, sel, candidate_store.ids if candidate_store is not None else None, by_id, inputs)
+    return 0
+
+
+def _check_select_arguments(args, out) -> None:
+    """Every check of gtp select's options that needs no input read."""
+    from pathlib import Path
+
+    from .collect.store import is_store
+    from .files import check_replaceable_folder
+
     _check_method(args.method)
     _check_device(args.device)
     if args.k < 1:
         raise InputError(f"--k must be >= 1, got {args.k}")
     check_int(args.seed, "--seed", low=0, high=SEED_LIMIT - 1)
-    out = Path(args.out)
     check_replaceable_folder(out, "--out", args.force)
-    candidates_is_store = is_store(args.candidates)
-    target_is_store = is_store(args.target)
     if args.data is not None:
-        if not candidates_is_store:
+        if not is_store(args.candidates):
             raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
         if Path(args.data).resolve() == (out / EXAMPLES_FILE).resolve():
             raise InputError(f"--data {args.data} is the output {out / EXAMPLES_FILE}; it would be overwritten")
-    if args.target_mode != "mean" and not target_is_store:
+    if args.target_mode != "mean" and not is_store(args.target):
         raise InputError(f"--target-mode {args.target_mode} needs --target to be a store; a target file is used as "
                          "it is, (D,) or (D, m) with one column per target")
 
-    ids = None
-    by_id = None
-    inputs = {}
-    checkpoint_weights = args.checkpoint_weights
-    method_spec = METHODS[args.method or DEFAULT_METHOD]
-    target_store = open_store(args.target, verify=args.verify) if target_is_store else None
-    if candidates_is_store:
-        store = open_store(args.candidates, verify=args.verify)
-        if target_store is not None:
-            check_compatible(store, target_store)  # e.g. another projection seed: rows in other spaces
-        if checkpoint_weights is not None and store.weights_applied:
-            raise InputError(f"--checkpoint-weights: the rows of {args.candidates} already carry their checkpoint "
-                             "weights (weights_applied); passing weights again would apply them twice")
-        ids = store.ids
-        if args.data is not None:
-            by_id = _read_data(args.data, args.id_field, ids)
-            inputs["data"] = {"path": str(Path(args.data).resolve()), "sha256": _file_sha256(args.data)}
-        inputs["candidates"] = _describe_store(store)
-        candidates = store.rows_source()  # the memory-mapped shards, read a chunk at a time
-        if checkpoint_weights is None:
-            checkpoint_weights = store.weights_for(method_spec.block_scale_invariant)
-        num_checkpoints = store.t
-    else:
-        candidates = load_array(args.candidates, "candidates")
-        inputs["candidates"] = _describe_array(args.candidates, candidates)
-        num_checkpoints = args.num_checkpoints
+
+def _open_select_stores(args) -> tuple:
+    """(candidate store or None, target store or None), opened and verified; a candidate store
+    that already carries its weights refuses --checkpoint-weights."""
+    from .collect.store import is_store, open_store
+
+    target_store = open_store(args.target, verify=args.verify) if is_store(args.target) else None
+    if not is_store(args.candidates):
+        return None, target_store
+    store = open_store(args.candidates, verify=args.verify)
     if target_store is not None:
-        target = store_target(target_store, args.target_mode)
-        inputs["target"] = {**_describe_store(target_store), "mode": args.target_mode}
-    else:
-        target = load_array(args.target, "target")
-        inputs["target"] = _describe_array(args.target, target)
-    sel = select(candidates, target, args.k, method=args.method, checkpoint_weights=checkpoint_weights,
-                 num_checkpoints=num_checkpoints, positive=not args.no_positive, ridge=args.ridge,
-                 tol=args.tol, align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,
-                 batch_size=args.batch_size, topk_reduce=args.topk_reduce,
-                 fill=None if args.fill == "none" else args.fill, seed=args.seed,
-                 device=args.device, compute_dtype=torch.float64 if args.float64 else None,
-                 progress=args.progress)
+        from .collect.store import check_compatible
+
+        check_compatible(store, target_store)  # e.g. another projection seed: rows in other spaces
+    if args.checkpoint_weights is not None and store.weights_applied:
+        raise InputError(f"--checkpoint-weights: the rows of {args.candidates} already carry their checkpoint "
+                         "weights (weights_applied); passing weights again would apply them twice")
+    return store, target_store
+
+
+def _read_select_data(args, store, inputs: dict):
+    """--data's records by id (None without --data), recorded in ``inputs``."""
+    if args.data is None:
+        return None
+    from pathlib import Path
+
+    by_id = _read_data(args.data, args.id_field, store.ids)
+    inputs["data"] = {"path": str(Path(args.data).resolve()), "sha256": _file_sha256(args.data)}
+    return by_id
+
+
+def _load_described(path: str, what: str, inputs: dict):
+    from .files import load_array
+
+    array = load_array(path, what)
+    inputs[what] = _describe_array(path, array)
+    return array
+
+
+def _write_selection(args, out, sel, ids, by_id, inputs: dict) -> None:
+    """The output folder, whole (selection.jsonl, summary.json, and selected.jsonl with --data),
+    then the lines saying what was selected and written."""
+    import shlex
+
+    from . import __version__
+    from .collect.data import selected_examples_text
+    from .files import render_selection, write_output_folder
 
     run = {"inputs": inputs, "gtp_kernels_version": __version__,
            "command_line": shlex.join(getattr(args, "summary_argv", None) or ["gtp", "select"])}
@@ -340,12 +382,9 @@ def _cmd_select(args) -> int:
     if replaced_examples:
         print(f"removed {stale}: an earlier run's examples, which do not match this selection "
               f"(pass --data to write them)")
-    return 0
 
 
 def _add_collect(sub) -> None:
-    from .collect.pipeline import add_collect_arguments
-
     p = sub.add_parser("collect", help="projected gradient trajectories of a transformers model's examples",
                        description="Warm up the model (LoRA by default) on a share of the data, or use given "
                                    "checkpoints; compute every example's per-checkpoint gradient in batches, "
@@ -355,10 +394,114 @@ def _add_collect(sub) -> None:
 
 
 def _cmd_collect(args) -> int:
-    from .collect.pipeline import collect_from_args
-
     collect_from_args(args)  # prints the store's summary line itself (unless --quiet)
     return 0
+
+
+def add_collect_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``gtp collect`` options, added to ``parser`` (parsed by :func:`collect_from_args`)."""
+    from .collect.pipeline import BACKENDS, GRADIENT_TYPES, KINDS
+    from .collect.store import STORE_DTYPES
+
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model folder, or a model id already in the local HF cache (loaded offline, never downloaded)")
+    parser.add_argument("--data", required=True,
+                        help="JSON-lines file of examples, a dataset saved with save_to_disk, or a parquet file")
+    parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: --model; loaded offline)")
+    parser.add_argument("--task", choices=TASKS, default="causal_lm")
+    parser.add_argument("--checkpoints", default=None, help="existing warm-up folder (default: warm up into OUT/warmup)")
+    parser.add_argument("--learning-rates", default=None, metavar="LR1,LR2,...", help="override the checkpoints' learning rates")
+    parser.add_argument("--gradient-type", choices=GRADIENT_TYPES, default="adam", help="adam: candidates (LESS); sgd: targets")
+    parser.add_argument("--d", type=int, default=8192, help="projected dimensions per checkpoint (default 8192)")
+    parser.add_argument("--seed", type=int, default=0, help="projection seed (checkpoint t uses seed+t unless --shared-seed)")
+    parser.add_argument("--shared-seed", action="store_true", help="one projection for every checkpoint (as LESS)")
+    parser.add_argument("--kind", choices=KINDS, default="rademacher")
+    parser.add_argument("--no-normalise", action="store_true", help="keep projected norms (default: unit-normalise each checkpoint block)")
+    parser.add_argument("--no-checkpoint-weights", action="store_true", help="record, but do not apply, sqrt(w_t) to the blocks")
+    parser.add_argument("--dtype", choices=STORE_DTYPES, default="float32", help="store dtype")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per batched backward")
+    parser.add_argument("--vmap-chunk-size", type=int, default=None, help="bound memory: examples per vmap chunk")
+    parser.add_argument("--shard-size", type=int, default=1024, help="rows per store shard (the resume unit)")
+    parser.add_argument("--shards", default=None, metavar="I,J,...", help="compute only these shards (split across jobs)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model-dtype", default=None, help="float32 | bfloat16 | float16 (default: as saved)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto", help="projection kernel")
+    parser.add_argument("--projection-cache-mb", type=float, default=1024.0,
+                        help="CPU path: materialise Pi once if it fits in this many MiB (default 1024; 0 = never)")
+    parser.add_argument("--warmup-fraction", type=float, default=0.05)
+    parser.add_argument("--warmup-epochs", type=int, default=4, help="T: checkpoints saved, one per epoch")
+    parser.add_argument("--warmup-lr", type=float, default=2e-5)
+    parser.add_argument("--warmup-batch-size", type=int, default=8)
+    parser.add_argument("--warmup-seed", type=int, default=0)
+    parser.add_argument("--full-finetune", action="store_true", help="warm up every parameter instead of LoRA")
+    parser.add_argument("--lora-r", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=int, default=32)
+    parser.add_argument("--lora-targets", default=None, metavar="q_proj,v_proj", help="modules to adapt (default: peft's)")
+    parser.add_argument("--id-field", default="id")
+    parser.add_argument("--messages-field", default="messages")
+    parser.add_argument("--prompt-field", default="instruction")
+    parser.add_argument("--response-field", default="response")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--label-field", default="label")
+    parser.add_argument("--no-chat-template", action="store_true")
+    parser.add_argument("--no-resume", action="store_true", help="refuse to continue an existing store")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _csv(text: str | None, kind: Callable[[str], Any], option: str = "", example: str = "") -> list[Any] | None:
+    """Parse a comma-separated option value; a bad item is an InputError naming the option."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        values = [kind(x) for x in items]
+    except ValueError:
+        what = "numbers" if kind is float else "integers" if kind is int else "values"
+        raise InputError(f"{option or 'value'}: expected comma-separated {what}{f' like {example}' if example else ''}, "
+                         f"got {text!r}") from None
+    if not values:
+        raise InputError(f"{option or 'value'}: empty list {text!r}{f'; expected e.g. {example}' if example else ''}")
+    return values
+
+
+def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
+    """Run :func:`collect_trajectory` from parsed ``add_collect_arguments`` options.
+
+    Option values are parsed here and checked (with the data, checkpoints and model source) by
+    :func:`collect_trajectory` before anything loads; mistakes raise :class:`InputError`.
+    """
+    from .collect.data import ExampleFormat
+    from .collect.pipeline import collect_trajectory
+    from .collect.warmup import LoraSettings, WarmupSettings
+
+    shards = _csv(args.shards, int, "--shards", "0,2,5")
+    learning_rates = _csv(args.learning_rates, float, "--learning-rates", "2e-5,1e-5")
+    targets = _csv(args.lora_targets, str, "--lora-targets", "q_proj,v_proj") if args.lora_targets else None
+    lora = None if args.full_finetune else LoraSettings(
+        r=args.lora_r, alpha=args.lora_alpha, target_modules=tuple(targets) if targets else None)
+    warmup = WarmupSettings(fraction=args.warmup_fraction, epochs=args.warmup_epochs, learning_rate=args.warmup_lr,
+                            batch_size=args.warmup_batch_size, seed=args.warmup_seed, lora=lora)
+    fmt = ExampleFormat(id_field=args.id_field, messages_field=args.messages_field, prompt_field=args.prompt_field,
+                        response_field=args.response_field, text_field=args.text_field, label_field=args.label_field,
+                        use_chat_template=not args.no_chat_template)
+    started = time.perf_counter()
+    store = collect_trajectory(
+        args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
+        learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
+        seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
+        normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
+        batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
+        model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
+        projection_cache_mb=args.projection_cache_mb,
+        resume=not args.no_resume, progress=not args.quiet, shards=shards,
+    )
+    if not args.quiet:
+        state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"
+        print(f"store {store.path}: N={store.n} T={store.t} d={store.d} {store.dtype} {state} "
+              f"in {time.perf_counter() - started:.1f} s")
+    return store
 
 
 def _add_less_select(sub) -> None:

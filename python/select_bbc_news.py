@@ -7,8 +7,8 @@ Pipeline (every step is the library's, nothing downloads):
      with a 5-way classification head, T checkpoints, Adam-preconditioned per-example gradients
      computed in batches, K1 projection to d dims, written to a trajectory store;
   3. the same for the targets with plain ("sgd") gradients and the pool's checkpoints;
-  4. ``gtp_kernels.select``: GTP pursuit vs the LESS top-k score vs random, target = the mean
-     target row; the selected articles are written back by id, and the share of each selection
+  4. ``select_from_stores`` (``gtp_kernels.select`` on the stores' rows): GTP pursuit vs the
+     LESS top-k score vs random, target = the mean target row; the selected articles are written back by id, and the share of each selection
      that is on the target topic is printed.
 
 Needs two optional, offline PyPI packages (not dependencies of gtp_kernels):
@@ -83,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()  # the untrained 5-way head is expected, not news
 
-    from gtp_kernels import METHODS, select
     from gtp_kernels.collect.pipeline import collect_trajectory
-    from gtp_kernels.collect.store import check_compatible
+    from gtp_kernels.collect.store_selection import select_from_stores
     from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings
 
     torch.manual_seed(args.seed)
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"collected {candidates.n} + {target_store.n} trajectories (T={candidates.t}, d={candidates.d}) "
           f"in {time.perf_counter() - started:.0f} s; learning rates {candidates.metadata['learning_rates']}")
 
-    check_compatible(candidates, target_store)
     matrix = candidates.candidates()
     target = target_store.mean()
     labels = {a["id"]: a["label"] for a in pool}
@@ -128,11 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     share = sum(a["label"] == args.topic for a in pool) / len(pool)
     print(f"{'method':<14}{'selected':>9}{'on topic':>10}{'rel. residual':>15}   (topic share in pool: {share:.0%})")
     for method in ("gtp", "topk", "random"):
-        # top-k compares blocks by cosine, which cancels weights built into the rows: it gets w_t
-        weights_in = candidates.weights_for(METHODS[method].block_scale_invariant)
-        # the store's rows are flat (N, T*d): T is passed with the checkpoint weights
-        selection = select(matrix, target, args.k, method=method, checkpoint_weights=weights_in,
-                           num_checkpoints=candidates.t, seed=args.seed)
+        # checks that the stores match, targets their mean row, and gives each method the checkpoint
+        # weights it needs (top-k compares blocks by cosine, which cancels the weights built into the rows)
+        selection = select_from_stores(candidates, target_store, args.k, method=method, seed=args.seed)
         chosen = [candidates.ids[i] for i in selection.indices.tolist()]
         write_jsonl(out / f"selected_{method}.jsonl", [by_id[i] for i in chosen])
         on_topic = sum(labels[i] == args.topic for i in chosen) / max(1, len(chosen))

@@ -73,6 +73,19 @@ def tiny_bert_classifier(seed: int = 0, num_labels: int = 3, dtype: torch.dtype 
     return BertForSequenceClassification(config).to(dtype).eval()
 
 
+def decoder_classifier(arch="llama", pad=None, seed=0):
+    """A tiny decoder classifier whose config leaves pad_token_id unset (as Llama/GPT-2 configs do)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, num_labels=3, pad_token_id=pad)).eval()
+    return GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                                    num_labels=3, pad_token_id=pad)).eval()
+
+
 def sentence(rng: random.Random, low: int = 2, high: int = 9) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
 

@@ -499,14 +499,42 @@ def test_select_full_disk_is_one_line_and_writes_nothing(tmp_path, capsys, monke
 def test_oserror_anywhere_is_one_line(monkeypatch, capsys):
     """Any OSError out of a command (here: collect's store on a full disk) is one line, exit 2."""
     import errno
-    import gtp_kernels.collect.pipeline as pipeline
+    import gtp_kernels.cli as cli
 
     def full(args):
         raise OSError(errno.ENOSPC, "No space left on device", "/store/shard-00003.npy")
-    monkeypatch.setattr(pipeline, "collect_from_args", full)
+    monkeypatch.setattr(cli, "collect_from_args", full)
     assert cli_main(["collect", "--model", "m", "--data", "d.jsonl", "--out", "o"]) == 2
     cap = _one_line_error(capsys)
     assert cap.err.strip() == "gtp: error: No space left on device: /store/shard-00003.npy"
+
+
+# gtp collect: its options (add_collect_arguments, collect_from_args)
+
+def test_command_line_options_on_a_saved_model_folder(tmp_path, capsys):
+    """`gtp collect` options (add_collect_arguments) on a model + tokenizer saved to disk, loaded offline."""
+    import argparse
+
+    from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer, write_jsonl
+    from gtp_kernels.cli import add_collect_arguments, collect_from_args
+
+    folder = tmp_path / "model"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat_template=True).save_pretrained(folder)
+    data = write_jsonl(tmp_path / "d.jsonl", [{**r, "uid": f"u{i}"} for i, r in enumerate(instruction_records(9, seed=2))])
+    parser = argparse.ArgumentParser()
+    add_collect_arguments(parser)
+    args = parser.parse_args(["--model", str(folder), "--data", data, "--out", str(tmp_path / "store"), "--d", "24",
+                              "--warmup-fraction", "0.5", "--warmup-epochs", "2", "--warmup-lr", "1e-3",
+                              "--lora-r", "2", "--lora-targets", "q_proj,k_proj", "--shard-size", "4", "--id-field", "uid",
+                              "--shared-seed", "--seed", "5", "--dtype", "float16", "--device", "cpu", "--quiet"])
+    store = collect_from_args(args)
+    assert store.ids == [f"u{i}" for i in range(9)] and store.t == 2 and store.d == 24 and store.dtype == np.float16
+    assert store.metadata["projection"]["seeds"] == [5, 5] and store.metadata["model"] == str(folder)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "store" / "warmup" / "checkpoint-1" / "trainable.safetensors"))
+    assert any("k_proj.lora_A" in n for n in trained) and not any("v_proj" in n for n in trained)
 
 
 # gtp collect: the same, for its arguments, the file system and pickled checkpoint files
@@ -577,10 +605,10 @@ def test_collect_deeply_nested_data_is_one_line(tiny_model, tmp_path, capsys):
 def test_collect_unwritable_out_is_refused_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch):
     """A read-only file system (as root, chmod does not stop writes: os.access is what reports
     EROFS) was an OSError traceback from mkdir after the model had loaded."""
-    import gtp_kernels.collect.pipeline as pipeline
+    import gtp_kernels.collect.models as models
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(tmp_path) else real_access(p, mode, **kw))
-    monkeypatch.setattr(pipeline, "_build_model", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(models, "build_model", lambda *a, **kw: (_ for _ in ()).throw(AssertionError("model loaded")))
     _collect_fails(capsys, ["--model", str(tiny_model / "model"), "--data", str(tiny_model / "pool.jsonl"),
                             "--out", str(tmp_path / "o"), *COLLECT_QUICK], "no permission to write in")
     assert not (tmp_path / "o").exists()

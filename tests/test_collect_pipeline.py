@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from collect_tiny import classification_records, instruction_records, tiny_bert_classifier, tiny_llama, tiny_tokenizer, write_jsonl
+from collect_tiny import (
+    classification_records, decoder_classifier, instruction_records, tiny_bert_classifier, tiny_llama, tiny_tokenizer,
+    write_jsonl,
+)
 from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokenize_all, write_selected_examples
 from gtp_kernels.collect.per_example import adam_precondition, per_example_gradients_loop
 from gtp_kernels.collect.pipeline import collect_trajectory
@@ -158,31 +161,6 @@ def test_bad_arguments(tmp_path):
         collect_trajectory(tiny_llama, [{"text": "a"}], tmp_path / "x")
 
 
-def test_command_line_options_on_a_saved_model_folder(tmp_path, capsys):
-    """`gtp collect` options (add_collect_arguments) on a model + tokenizer saved to disk, loaded offline."""
-    import argparse
-
-    from gtp_kernels.collect.pipeline import add_collect_arguments, collect_from_args
-
-    folder = tmp_path / "model"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer(chat_template=True).save_pretrained(folder)
-    data = write_jsonl(tmp_path / "d.jsonl", [{**r, "uid": f"u{i}"} for i, r in enumerate(instruction_records(9, seed=2))])
-    parser = argparse.ArgumentParser()
-    add_collect_arguments(parser)
-    args = parser.parse_args(["--model", str(folder), "--data", data, "--out", str(tmp_path / "store"), "--d", "24",
-                              "--warmup-fraction", "0.5", "--warmup-epochs", "2", "--warmup-lr", "1e-3",
-                              "--lora-r", "2", "--lora-targets", "q_proj,k_proj", "--shard-size", "4", "--id-field", "uid",
-                              "--shared-seed", "--seed", "5", "--dtype", "float16", "--device", "cpu", "--quiet"])
-    store = collect_from_args(args)
-    assert store.ids == [f"u{i}" for i in range(9)] and store.t == 2 and store.d == 24 and store.dtype == np.float16
-    assert store.metadata["projection"]["seeds"] == [5, 5] and store.metadata["model"] == str(folder)
-    from safetensors.torch import load_file
-
-    trained = load_file(str(tmp_path / "store" / "warmup" / "checkpoint-1" / "trainable.safetensors"))
-    assert any("k_proj.lora_A" in n for n in trained) and not any("v_proj" in n for n in trained)
-
-
 def test_foreign_peft_checkpoints_give_the_same_rows(pool, tmp_path):
     """Checkpoints as a transformers Trainer leaves them (peft adapter + torch optimizer state_dict +
     trainer_state.json) yield the rows our own warm-up folder gives for that checkpoint."""
@@ -206,65 +184,22 @@ def test_foreign_peft_checkpoints_give_the_same_rows(pool, tmp_path):
     np.testing.assert_allclose(foreign.trajectory_view()[:, 0], want, rtol=1e-4, atol=1e-5)
 
 
-def _decoder_classifier(arch="llama", pad=None, seed=0):
-    """A tiny decoder classifier whose config leaves pad_token_id unset (as Llama/GPT-2 configs do)."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
-
-    from collect_tiny import VOCAB_SIZE
-
-    torch.manual_seed(seed)
-    if arch == "llama":
-        return LlamaForSequenceClassification(LlamaConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, num_labels=3, pad_token_id=pad)).eval()
-    return GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                                    num_labels=3, pad_token_id=pad)).eval()
-
-
-@pytest.mark.parametrize("source", ["module", "factory", "folder"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_decoder_classifier_built_by_the_pipeline_pools_real_tokens(arch, source, tmp_path):
-    """The pipeline's model-building path sets an unset config.pad_token_id to collate's pad id, so
-    batched (vmap) per-example gradients equal one unpadded backward per example (float64)."""
-    from gtp_kernels.collect.per_example import flatten_gradients, per_example_gradients
-    from gtp_kernels.collect.pipeline import _build_model
-
-    tokenizer = tiny_tokenizer()
-    pad_id = pad_token_id(tokenizer)
-    reference = _decoder_classifier(arch).double()
-    assert reference.config.pad_token_id is None
-    model = {"module": reference, "factory": lambda: _decoder_classifier(arch)}.get(source)
-    if source == "folder":
-        model = tmp_path / "model"
-        reference.save_pretrained(model)
-    label2id = {"blue": 0, "green": 1, "red": 2}
-    built = _build_model(model, "classification", label2id, torch.float64, 0, False, pad_id)
-    assert built.config.pad_token_id == pad_id and reference.config.pad_token_id is None  # the module passed is untouched
-    tokens = tokenize_all(as_examples(classification_records(6, seed=5)), tokenizer, "classification", label2id=label2id)
-    batch = collate(tokens, pad_id)
-    assert batch["attention_mask"].sum(1).unique().numel() > 1  # padded
-    batched = flatten_gradients(per_example_gradients(built, batch, "classification", chunk_size=4))
-    looped = flatten_gradients(per_example_gradients_loop(reference, batch, "classification"))  # pad id unset: alone, unpadded
-    assert looped.abs().max() > 1e-3
-    torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-12)
-
-
 def test_decoder_classifier_warmup_and_collection(tmp_path):
     """Warm-up (batches > 1) and collection of a Llama classifier whose config has no pad_token_id;
     then targets ("sgd", no normalisation) equal an independent projection of looped gradients."""
     tokenizer = tiny_tokenizer()
     records = classification_records(10, seed=6)
     warmup = WarmupSettings(fraction=0.5, epochs=2, learning_rate=1e-3, batch_size=3, lora=LoraSettings(r=2, alpha=4))
-    store = collect_trajectory(_decoder_classifier, records, tmp_path / "pool", tokenizer=tokenizer, task="classification",
+    store = collect_trajectory(decoder_classifier, records, tmp_path / "pool", tokenizer=tokenizer, task="classification",
                                warmup=warmup, **{**COMMON, "d": 16})
     assert (store.n, store.t, store.d) == (10, 2, 16)
     assert np.isfinite(store.candidates()).all() and np.abs(store.candidates()).max() > 0
 
-    targets = collect_trajectory(_decoder_classifier, records[:5], tmp_path / "val", tokenizer=tokenizer, task="classification",
+    targets = collect_trajectory(decoder_classifier, records[:5], tmp_path / "val", tokenizer=tokenizer, task="classification",
                                  checkpoints=tmp_path / "pool" / "warmup", gradient_type="sgd", normalise=False,
                                  apply_checkpoint_weights=False, **{**COMMON, "d": 16})
     label2id = targets.metadata["label2id"]
-    model = wrap_for_training(_decoder_classifier(), "classification", LoraSettings(r=2, alpha=4)).eval()  # pad id unset
+    model = wrap_for_training(decoder_classifier(), "classification", LoraSettings(r=2, alpha=4)).eval()  # pad id unset
     tokens = tokenize_all(as_examples(records[:5]), tokenizer, "classification", label2id=label2id)
     batch = collate(tokens, pad_token_id(tokenizer))
     for t, checkpoint in enumerate(load_checkpoints(tmp_path / "pool" / "warmup")):

@@ -126,3 +126,48 @@ def test_killed_and_resumed_collection_equals_an_uninterrupted_one(setup, uninte
     assert _manifest(out) == _manifest(uninterrupted)
     assert not list(out.glob(".*.tmp"))
     open_store(out, verify="sha256")
+
+
+# --- collect.resume's checks on their own (no collection) ---
+
+def _written_store(folder, d=3):
+    import numpy as np
+
+    from gtp_kernels.collect.store import StoreSpec, TrajectoryStoreWriter
+
+    meta = {"task": "causal_lm", "gradient_type": "adam", "normalisation": "unit", "weights_applied": True,
+            "projection": {"kind": "rademacher", "seed": 0, "seed_mode": "per_checkpoint"}}
+    writer = TrajectoryStoreWriter(folder, StoreSpec(n=4, t=1, d=d, example_ids=list("abcd"), shard_size=2, metadata=meta))
+    writer.write_shard(0, np.ones((2, 1, d), dtype=np.float32), input_sha256="0" * 64)
+    return folder
+
+
+def test_check_resumable_names_what_differs(tmp_path):
+    from gtp_kernels.collect.resume import check_resumable
+
+    store = _written_store(tmp_path / "s")
+    same = dict(out=store, resume=True, n=4, ids=list("abcd"), d=3, dtype="float32", shard_size=2, task="causal_lm",
+                gradient_type="adam", kind="rademacher", seed=0, seed_mode="per_checkpoint", normalise=True,
+                weights_applied=True)
+    check_resumable(**same)
+    check_resumable(**{**same, "out": tmp_path / "new"})  # nothing there yet
+    for change, needle in ((dict(d=4), "'d' differs"), (dict(seed=1), "'projection seed' differs"),
+                           (dict(gradient_type="sgd"), "'gradient_type' differs"),
+                           (dict(ids=list("abce")), "example ids differ"), (dict(resume=False), "already exists")):
+        with pytest.raises(StoreError, match=needle):
+            check_resumable(**{**same, **change})
+
+
+def test_shard_digests_say_what_the_rows_were_computed_from(tmp_path):
+    from gtp_kernels.collect.data import TokenizedExample
+    from gtp_kernels.collect.resume import check_inputs_unchanged, shard_input_digest
+
+    examples = [TokenizedExample(id=i, input_ids=[1, 2, 3], labels=[-100, 2, 3]) for i in "ab"]
+    digest = shard_input_digest(examples)
+    assert digest == shard_input_digest(list(examples))
+    edited = [examples[0], TokenizedExample(id="b", input_ids=[1, 2, 4], labels=[-100, 2, 4])]
+    assert shard_input_digest(edited) != digest
+    store = _written_store(tmp_path / "s")  # shard 0 recorded with input digest "0" * 64
+    check_inputs_unchanged(store, ["0" * 64, "f" * 64], list("abcd"), 2)  # shard 1 is not written: not compared
+    with pytest.raises(StoreError, match="shard 0 .*'a'..'b'.*other content"):
+        check_inputs_unchanged(store, [digest, "f" * 64], list("abcd"), 2)

@@ -37,19 +37,68 @@ _CKPT = re.compile(r"ckpt[-_]?(\d+)")
 
 @dataclass
 class LessGradients:
-    """A LESS gradient trajectory: (N, T, d) float32 rows plus where each checkpoint came from."""
+    """A LESS gradient trajectory: (N, T, d) float32 rows plus where each checkpoint came from.
+
+    It is a :class:`~.store_selection.StoreReader` (select from it with
+    :func:`~.store_selection.select_from_stores`): ``example_ids`` default to the row numbers,
+    ``weights`` (w_t, recorded, never built into the rows) to equal weights.
+    """
 
     trajectory: torch.Tensor
     checkpoint_names: list[str]
     files: list[list[str]]
     normalized: bool
+    path: Path = Path(".")
+    example_ids: list[str] | None = None
+    weights: list[float] | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.trajectory.shape[0])
+
+    @property
+    def t(self) -> int:
+        return int(self.trajectory.shape[1])
 
     @property
     def d(self) -> int:
         return int(self.trajectory.shape[2])
 
+    @property
+    def ids(self) -> list[str]:
+        return list(self.example_ids) if self.example_ids is not None else [str(i) for i in range(self.n)]
 
-def _dim_folder(checkpoint: Path, d: int | None) -> Path:
+    @property
+    def checkpoint_weights(self) -> list[float]:
+        return normalized_checkpoint_weights(self.weights, self.t)
+
+    weights_applied = property(lambda self: False)
+    complete = property(lambda self: True)
+
+    @property
+    def metadata(self) -> dict:
+        """As :func:`less_to_store` records it (LESS projects every checkpoint with one shared matrix)."""
+        return {"source": "LESS", "less_folder": str(self.path), "checkpoints": list(self.checkpoint_names),
+                "normalisation": "unit" if self.normalized else "none", "checkpoint_weights": self.checkpoint_weights,
+                "weights_applied": False,
+                "projection": {"kind": "rademacher", "seed_mode": "shared", "library": "TRAK fast_jl"}}
+
+    def rows_source(self):
+        """The rows (N, T*d) as a RowSource over the trajectory (no copy)."""
+        from ..selection.rows import RowSource
+
+        return RowSource([self.trajectory])
+
+    def mean(self) -> np.ndarray:
+        """The mean row (T*d,), accumulated in float64, returned float32."""
+        return self.trajectory.reshape(self.n, -1).double().mean(0).float().numpy()
+
+    def iter_shards(self):
+        """One shard: (0, N, the (N, T, d) rows as NumPy)."""
+        yield 0, self.n, self.trajectory.numpy()
+
+
+def dim_folder(checkpoint: Path, d: int | None) -> Path:
     if _DIM.match(checkpoint.name):
         return checkpoint
     dims = sorted((int(_DIM.match(p.name).group(1)), p) for p in checkpoint.iterdir() if p.is_dir() and _DIM.match(p.name))
@@ -65,7 +114,7 @@ def _dim_folder(checkpoint: Path, d: int | None) -> Path:
     raise InputError(f"LESS folder {checkpoint}: no dim{d} (has {[n for n, _ in dims]})")
 
 
-def _load_rows(path: Path) -> torch.Tensor:
+def load_rows(path: Path) -> torch.Tensor:
     try:
         rows = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused it: nothing of it ran
@@ -98,14 +147,14 @@ def _check_arguments(folder, d, normalized) -> Path:
     return Path(folder)
 
 
-def _read_dim_folder(folder: Path, normalized: bool) -> tuple[torch.Tensor, list[str]]:
+def read_dim_folder(folder: Path, normalized: bool) -> tuple[torch.Tensor, list[str]]:
     merged = folder / ("all_orig.pt" if normalized else "all_unormalized.pt")
     if merged.is_file():
-        return _load_rows(merged), [str(merged)]
+        return load_rows(merged), [str(merged)]
     shards = sorted((int(_SHARD.match(p.name).group(1)), p) for p in folder.iterdir() if _SHARD.match(p.name))
     if not shards:
         raise InputError(f"LESS folder {folder}: neither {merged.name} nor grads-*.pt shards")
-    rows = torch.cat([_load_rows(p) for _, p in shards])
+    rows = torch.cat([load_rows(p) for _, p in shards])
     if normalized:  # what LESS's merge_and_normalize_info does to each shard
         rows = torch.nn.functional.normalize(rows, dim=1)
     return rows, [str(p) for _, p in shards]
@@ -137,14 +186,14 @@ def read_less_gradients(folder: str | os.PathLike, d: int | None = None, normali
         raise InputError(f"LESS folder {root} does not exist")
     blocks, names, files = [], [], []
     for checkpoint in _checkpoint_folders(root, d):
-        rows, sources = _read_dim_folder(_dim_folder(checkpoint, d), normalized)
+        rows, sources = read_dim_folder(dim_folder(checkpoint, d), normalized)
         blocks.append(rows)
         names.append(checkpoint.name)
         files.append(sources)
     sizes = {tuple(b.shape) for b in blocks}
     if len(sizes) != 1:
         raise InputError(f"LESS folder {root}: checkpoints disagree on (N, d): {dict(zip(names, [tuple(b.shape) for b in blocks]))}")
-    return LessGradients(torch.stack(blocks, dim=1), names, files, normalized)
+    return LessGradients(torch.stack(blocks, dim=1), names, files, normalized, path=root)
 
 
 def less_to_store(
@@ -213,8 +262,7 @@ def write_trajectory_store(trajectory: np.ndarray, out: str | os.PathLike, examp
     folders this call created are removed again (an ``out`` that existed before is left as it is).
     """
     n, t, dim = trajectory.shape
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise InputError(f"shard_size must be a positive integer, got {shard_size!r}")
+    shard_size = check_int(shard_size, "shard_size", low=1)
     ids = [str(i) for i in (example_ids if example_ids is not None else range(n))]
     if len(set(ids)) != n:
         raise InputError(f"example_ids must be unique ({n - len(set(ids))} duplicate(s))")

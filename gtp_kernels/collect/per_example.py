@@ -36,17 +36,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from .data import IGNORE_INDEX
-
-# Encoders attend both ways: their padding must be masked explicitly (see module docstring).
-BIDIRECTIONAL_MODEL_TYPES = frozenset(
-    {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
-     "mpnet", "camembert", "modernbert", "ernie", "megatron-bert", "roformer", "nomic_bert"}
+from .models import (  # noqa: F401  (BIDIRECTIONAL_MODEL_TYPES: re-exported)
+    BIDIRECTIONAL_MODEL_TYPES, accepts_position_ids, base_model, check_pools_real_tokens, example_loss, uses_causal_attention,
 )
-
 
 def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached trainable parameters by name, in ``named_parameters`` order (the flattening order)."""
@@ -56,53 +50,10 @@ def trainable_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return params
 
 
-def uses_causal_attention(model: torch.nn.Module) -> bool:
-    """True unless the model's config names a bidirectional encoder architecture."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    return model_type not in BIDIRECTIONAL_MODEL_TYPES
-
-
-def example_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Loss of ONE example. logits (S, V) with labels (S,) for causal LM; logits (C,), label () otherwise."""
-    if task == "causal_lm":
-        shifted_logits = logits[:-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:-1]
-        shifted_labels = labels[1:]
-        token_losses = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="none")
-        n_targets = (shifted_labels != IGNORE_INDEX).sum()
-        return token_losses.sum() / n_targets
-    if task == "classification":
-        class_logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-        return F.cross_entropy(class_logits[None], labels[None])
-    raise ValueError(f"task must be 'causal_lm' or 'classification', got {task!r}")
-
-
 def is_right_padded(attention_mask: torch.Tensor) -> bool:
     """True when every row of the (B, S) mask is ones then zeros (no padding counts as right-padded)."""
     present = attention_mask != 0
     return bool((present[:, 1:] <= present[:, :-1]).all())
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def accepts_position_ids(model: torch.nn.Module) -> bool:
-    """True when the (unwrapped) model's forward names a ``position_ids`` argument."""
-    import inspect
-
-    try:
-        return "position_ids" in inspect.signature(_base_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _text_config(model: torch.nn.Module) -> Any:
-    config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    return get_text() if callable(get_text) else config
 
 
 def _additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype, causal: bool) -> torch.Tensor:
@@ -154,18 +105,13 @@ def per_example_gradients(
     params = dict(params)
     if causal_attention is None:
         causal_attention = uses_causal_attention(model)
-    config = _text_config(model)
-    if task == "classification" and causal_attention and config is not None and getattr(config, "pad_token_id", None) is None:
-        raise ValueError(
-            f"model: {type(_base_model(model)).__name__} pools the last non-padding token by config.pad_token_id, "
-            "which is unset, so each example would pool a padding position; set model.config.pad_token_id "
-            "to the pad id of the batch")
+    check_pools_real_tokens(model, task, causal_attention)
     mask_dtype = _model_dtype(model)
     position_ids = None
     if not is_right_padded(batch["attention_mask"]):
         if not causal_attention or not accepts_position_ids(model):
             why = ("a bidirectional encoder" if not causal_attention
-                   else f"{type(_base_model(model)).__name__}.forward takes no position_ids")
+                   else f"{type(base_model(model)).__name__}.forward takes no position_ids")
             raise ValueError(f"batch: not right-padded, and positions cannot be given explicitly ({why}); "
                              "right-pad the batch (as collate does)")
         position_ids = (batch["attention_mask"].ne(0).long().cumsum(-1) - 1).clamp_min(0)

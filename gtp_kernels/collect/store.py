@@ -59,6 +59,7 @@ rows alone would silently be a different store. ``complete``, ``written_shards``
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -112,6 +113,7 @@ class StoreSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # store.py imports nothing of the package (it runs standalone): no validation.check_int here
         for name in ("n", "t", "d", "shard_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -343,10 +345,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _field_error(path: Path, name: str, problem: str, value: Any = ...) -> StoreError:
+    got = "" if value is ... else f", got {_short(value)}"
+    return StoreError(f"store {path}: {MANIFEST} field {name!r} {problem}{got}")
+
+
 def _validate_manifest(path: Path, manifest: Any) -> None:
-    def bad(name: str, problem: str, value: Any = ...) -> StoreError:
-        got = "" if value is ... else f", got {_short(value)}"
-        return StoreError(f"store {path}: {MANIFEST} field {name!r} {problem}{got}")
+    bad = functools.partial(_field_error, path)
 
     if not isinstance(manifest, dict):
         raise StoreError(f"store {path}: {MANIFEST} top level is a JSON {_json_type(manifest)}, expected an object")
@@ -403,45 +408,7 @@ def _validate_manifest(path: Path, manifest: Any) -> None:
     n_shards = -(-n // shard_size)
     seen_index: set[int] = set()
     for position, entry in enumerate(shards):
-        where = f"shards[{position}]"
-        if not isinstance(entry, dict):
-            raise bad(where, "must be an object", entry)
-        for key in ("index", "file", "start", "stop", "bytes", "sha256"):
-            if key not in entry:
-                raise StoreError(f"store {path}: {MANIFEST} field {where!r} lacks {key!r}")
-        index = entry["index"]
-        if not _is_int(index) or not 0 <= index < n_shards:
-            raise bad(f"{where}.index", f"must be a shard number in [0, {n_shards}) (N={n}, shard_size={shard_size})", index)
-        if index in seen_index:
-            raise bad("shards", f"lists shard {index} twice")
-        seen_index.add(index)
-        if entry["file"] != _shard_file(index):
-            raise bad(f"{where}.file", f"must be {_shard_file(index)!r} for shard {index}", entry["file"])
-        start, stop = index * shard_size, min(n, (index + 1) * shard_size)
-        if (entry["start"], entry["stop"]) != (start, stop) or not (_is_int(entry["start"]) and _is_int(entry["stop"])):
-            raise StoreError(f"store {path}: {MANIFEST} field 'shards' lists rows {_short(entry['start'])}..{_short(entry['stop'])} "
-                             f"for shard {index}, expected {start}..{stop} (N={n}, shard_size={shard_size})")
-        if not _is_int(entry["bytes"]) or entry["bytes"] < 1:
-            raise bad(f"{where}.bytes", "must be a positive integer", entry["bytes"])
-        sha = entry["sha256"]
-        if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            raise bad(f"{where}.sha256", "must be 64 lowercase hex digits", sha)
-        # optional (stores written before them lack them): the cheap fingerprint, see _shard_fingerprint
-        if "header" in entry:
-            header = entry["header"]
-            if not isinstance(header, str) or not re.fullmatch(r"(?:[0-9a-f]{2}){10,65536}", header) \
-                    or not header.startswith(b"\x93NUMPY".hex()):
-                raise bad(f"{where}.header", "must be the .npy header as lowercase hex", header)
-        if "sample" in entry:
-            sample = entry["sample"]
-            if not (isinstance(sample, dict) and _is_int(sample.get("blocks")) and sample["blocks"] >= 1
-                    and _is_int(sample.get("block_bytes")) and sample["block_bytes"] >= 1
-                    and isinstance(sample.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", sample["sha256"])):
-                raise bad(f"{where}.sample", "must be {\"blocks\": int >= 1, \"block_bytes\": int >= 1, "
-                          "\"sha256\": 64 lowercase hex digits}", sample)
-        if "input_sha256" in entry and not (isinstance(entry["input_sha256"], str)
-                                            and re.fullmatch(r"[0-9a-f]{64}", entry["input_sha256"])):
-            raise bad(f"{where}.input_sha256", "must be 64 lowercase hex digits", entry["input_sha256"])
+        _validate_shard_entry(path, position, entry, n, shard_size, seen_index)
     all_listed = len(seen_index) == n_shards
     if manifest["complete"] and not all_listed:
         missing = [i for i in range(n_shards) if i not in seen_index]
@@ -449,6 +416,51 @@ def _validate_manifest(path: Path, manifest: Any) -> None:
                          f"{n_shards} are not listed")
     if not manifest["complete"] and all_listed:
         raise bad("complete", f"is false but all {n_shards} shards are listed (inconsistent)")
+
+
+def _validate_shard_entry(path: Path, position: int, entry: Any, n: int, shard_size: int, seen_index: set[int]) -> None:
+    """One entry of the manifest's ``shards`` (its index is added to ``seen_index``)."""
+    bad = functools.partial(_field_error, path)
+    n_shards = -(-n // shard_size)
+    where = f"shards[{position}]"
+    if not isinstance(entry, dict):
+        raise bad(where, "must be an object", entry)
+    for key in ("index", "file", "start", "stop", "bytes", "sha256"):
+        if key not in entry:
+            raise StoreError(f"store {path}: {MANIFEST} field {where!r} lacks {key!r}")
+    index = entry["index"]
+    if not _is_int(index) or not 0 <= index < n_shards:
+        raise bad(f"{where}.index", f"must be a shard number in [0, {n_shards}) (N={n}, shard_size={shard_size})", index)
+    if index in seen_index:
+        raise bad("shards", f"lists shard {index} twice")
+    seen_index.add(index)
+    if entry["file"] != _shard_file(index):
+        raise bad(f"{where}.file", f"must be {_shard_file(index)!r} for shard {index}", entry["file"])
+    start, stop = index * shard_size, min(n, (index + 1) * shard_size)
+    if (entry["start"], entry["stop"]) != (start, stop) or not (_is_int(entry["start"]) and _is_int(entry["stop"])):
+        raise StoreError(f"store {path}: {MANIFEST} field 'shards' lists rows {_short(entry['start'])}..{_short(entry['stop'])} "
+                         f"for shard {index}, expected {start}..{stop} (N={n}, shard_size={shard_size})")
+    if not _is_int(entry["bytes"]) or entry["bytes"] < 1:
+        raise bad(f"{where}.bytes", "must be a positive integer", entry["bytes"])
+    sha = entry["sha256"]
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise bad(f"{where}.sha256", "must be 64 lowercase hex digits", sha)
+    # optional (stores written before them lack them): the cheap fingerprint, see _shard_fingerprint
+    if "header" in entry:
+        header = entry["header"]
+        if not isinstance(header, str) or not re.fullmatch(r"(?:[0-9a-f]{2}){10,65536}", header) \
+                or not header.startswith(b"\x93NUMPY".hex()):
+            raise bad(f"{where}.header", "must be the .npy header as lowercase hex", header)
+    if "sample" in entry:
+        sample = entry["sample"]
+        if not (isinstance(sample, dict) and _is_int(sample.get("blocks")) and sample["blocks"] >= 1
+                and _is_int(sample.get("block_bytes")) and sample["block_bytes"] >= 1
+                and isinstance(sample.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", sample["sha256"])):
+            raise bad(f"{where}.sample", "must be {\"blocks\": int >= 1, \"block_bytes\": int >= 1, "
+                      "\"sha256\": 64 lowercase hex digits}", sample)
+    if "input_sha256" in entry and not (isinstance(entry["input_sha256"], str)
+                                        and re.fullmatch(r"[0-9a-f]{64}", entry["input_sha256"])):
+        raise bad(f"{where}.input_sha256", "must be 64 lowercase hex digits", entry["input_sha256"])
 
 
 def _json_type(value: Any) -> str:
@@ -640,14 +652,17 @@ class TrajectoryStore:
 
     @property
     def selection_checkpoint_weights(self) -> list[float] | None:
-        """The weights a selection should still apply: None when the blocks already carry them."""
-        return None if self.weights_applied else self.checkpoint_weights
+        """The weights a selection should still apply: None when the blocks already carry them
+        (:func:`.store_selection.selection_weights` for a pursuit)."""
+        from .store_selection import selection_weights
+
+        return selection_weights(self, block_scale_invariant=False)
 
     def weights_for(self, block_scale_invariant: bool) -> list[float] | None:
-        """The checkpoint weights a method should be given: a method that compares blocks by
-        cosine (LESS top-k) cancels the built-in sqrt(w_t) block scales and needs w_t itself;
-        the pursuits take the blocks as they are (``selection_checkpoint_weights``)."""
-        return self.checkpoint_weights if block_scale_invariant else self.selection_checkpoint_weights
+        """The checkpoint weights a method should be given (:func:`.store_selection.selection_weights`)."""
+        from .store_selection import selection_weights
+
+        return selection_weights(self, block_scale_invariant)
 
     def __len__(self) -> int:
         """N, the store's rows, written or not (see ``n_written``)."""
@@ -842,3 +857,9 @@ def _same_value(a: Any, b: Any) -> bool:
         return (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)
                 and not isinstance(b, bool) and math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0))
     return a == b
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated manifest of the store folder ``path`` (schema, types, ranges, consistency);
+    :class:`StoreError` naming the problem otherwise. Reads no shard."""
+    return _read_manifest(Path(path))

@@ -8,16 +8,21 @@ column (n columns, k rows each: the union holds up to n * k rows; top-k's
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from ..validation import InputError
-from .store import StoreError, TrajectoryStore
+from .store import StoreError
+
+if TYPE_CHECKING:
+    from .store_selection import StoreReader
 
 TARGET_MODES = ("mean", "examples")
 
 
-def store_target(store: TrajectoryStore, mode: str = "mean") -> np.ndarray:
-    """The target of ``select`` from a complete target store, float32: the mean row (D,)
+def store_target(store: "StoreReader", mode: str = "mean") -> np.ndarray:
+    """The target of ``select`` from a complete target store (any :class:`~.store_selection.StoreReader`), float32: the mean row (D,)
     (``mode="mean"``) or every example's row as a column, (D, n) (``mode="examples"``, column j
     being ``store.ids[j]``). An all-zero example row is refused in "examples" mode (it would be
     a column with nothing to match), naming the example."""
@@ -26,8 +31,8 @@ def store_target(store: TrajectoryStore, mode: str = "mean") -> np.ndarray:
     if mode == "mean":
         return store.mean()
     if not store.complete:
-        raise StoreError(f"target store {store.path}: incomplete ({len(store.written_shards)}/{store.n_shards} "
-                         "shards written); a target of every example needs every row: resume the collection")
+        raise StoreError(f"target store {store.path}: incomplete (shards missing); a target of every example "
+                         "needs every row: resume the collection")
     columns = np.empty((store.t * store.d, store.n), dtype=np.float32)
     for start, stop, array in store.iter_shards():
         columns[:, start:stop] = np.asarray(array, dtype=np.float32).reshape(stop - start, -1).T

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import pickle
 import random
@@ -37,8 +36,9 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import atomic_write_text
-from ..validation import SEED_LIMIT, InputError, check_int, refused_pickle_reason
+from ..validation import SEED_LIMIT, InputError, check_int, check_real, refused_pickle_reason
 from .data import TokenizedExample, collate
+from .models import align_pad_token_id, batch_loss, peft_task_type, wrap_for_training  # noqa: F401  (wrap_for_training: re-exported)
 
 WARMUP_MANIFEST = "warmup.json"
 
@@ -54,20 +54,20 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         check_int(self.r, "lora r", low=1, high=2**31 - 1)  # beyond it torch's shapes overflow
-        if not _finite(self.alpha) or self.alpha <= 0:
+        if check_real(self.alpha, "lora alpha") <= 0:
             raise InputError(f"lora alpha must be positive, got {self.alpha!r}")
-        if not _finite(self.dropout) or not 0 <= self.dropout < 1:
+        if not 0 <= check_real(self.dropout, "lora dropout") < 1:
             raise InputError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         if self.target_modules is not None and not all(isinstance(m, str) and m for m in self.target_modules):
             raise InputError(f"lora target_modules must be non-empty module names, got {self.target_modules!r}")
 
     def peft_config(self, task: str) -> Any:
-        from peft import LoraConfig, TaskType
+        from peft import LoraConfig
 
         return LoraConfig(
             r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
             target_modules=list(self.target_modules) if self.target_modules else None,
-            task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+            task_type=peft_task_type(task),
         )
 
 
@@ -85,22 +85,15 @@ class WarmupSettings:
     lora: LoraSettings | None = field(default_factory=LoraSettings)
 
     def __post_init__(self) -> None:
-        if not _finite(self.fraction) or not 0 < self.fraction <= 1:
+        if not 0 < check_real(self.fraction, "warm-up fraction") <= 1:
             raise InputError(f"warm-up fraction must be in (0, 1], got {self.fraction!r}")
         for name in ("epochs", "batch_size"):
             check_int(getattr(self, name), f"warm-up {name}", low=1, high=2**31 - 1)
-        if not _finite(self.learning_rate) or self.learning_rate <= 0:
+        if check_real(self.learning_rate, "warm-up learning_rate") <= 0:
             raise InputError(f"warm-up learning_rate must be positive, got {self.learning_rate!r}")
-        if not _finite(self.weight_decay) or self.weight_decay < 0:
-            raise InputError(f"warm-up weight_decay must be non-negative, got {self.weight_decay!r}")
-        if not _finite(self.warmup_ratio) or not 0 <= self.warmup_ratio <= 1:
-            raise InputError(f"warm-up warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        check_real(self.weight_decay, "warm-up weight_decay", low=0.0)
+        check_real(self.warmup_ratio, "warm-up warmup_ratio", low=0.0, high=1.0)
         check_int(self.seed, "warm-up seed", low=0, high=SEED_LIMIT - 1)  # torch.Generator's range
-
-
-def _finite(value: Any) -> bool:
-    """A real (non-bool) number that is not NaN or infinite."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -112,72 +105,6 @@ class Checkpoint:
     learning_rate: float
     step: int = 0
     layout: str = "gtp"  # "gtp" (trainable.safetensors) or "peft" (an adapter folder)
-
-
-def wrap_for_training(model: torch.nn.Module, task: str, lora: LoraSettings | None) -> torch.nn.Module:
-    """Apply LoRA (trainable: adapters, plus the classifier head for classification) or leave
-    every parameter trainable for full fine-tuning."""
-    if lora is None:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, lora.peft_config(task))
-    except ValueError as error:  # peft: unknown target modules, no default targets for the architecture
-        targets = ",".join(lora.target_modules) if lora.target_modules else "peft's default"
-        raise InputError(f"lora target_modules ({targets}): {str(error).splitlines()[0]} "
-                         "(choose modules of this model, or warm up without LoRA)") from None
-
-
-def _pad_configs(model_or_config: Any) -> list[Any]:
-    """The config(s) a classifier reads pad_token_id from: the model's config and, for composite
-    (e.g. vision-language) configs, its text config."""
-    config = getattr(model_or_config, "config", None) if isinstance(model_or_config, torch.nn.Module) else model_or_config
-    if config is None:
-        return []
-    configs = [config]
-    get_text = getattr(config, "get_text_config", None)
-    text = get_text() if callable(get_text) else config
-    if text is not None and text is not config:
-        configs.append(text)
-    return configs
-
-
-def _is_decoder_config(config: Any) -> bool:
-    from .per_example import BIDIRECTIONAL_MODEL_TYPES
-
-    return getattr(config, "model_type", None) not in BIDIRECTIONAL_MODEL_TYPES
-
-
-def check_pad_token_id(config: Any, pad_token_id: int, task: str, where: str = "model") -> None:
-    """Raise an InputError when a decoder classifier's ``config.pad_token_id`` is set and differs
-    from ``pad_token_id``, the id its batches are padded with (it pools the last token that is not
-    ``config.pad_token_id``, so it would pool a padding position)."""
-    if task != "classification":
-        return
-    for cfg in _pad_configs(config):
-        have = getattr(cfg, "pad_token_id", None)
-        if have is not None and _is_decoder_config(cfg) and int(have) != int(pad_token_id):
-            raise InputError(
-                f"{where}: config.pad_token_id is {have}, but batches are padded with {pad_token_id} (the tokenizer's pad "
-                "id, else its EOS id); a decoder classifier pools the last token that is not config.pad_token_id, so it "
-                "would pool a padding position. Use the model's own tokenizer, or make the two pad ids agree")
-
-
-def align_pad_token_id(model: torch.nn.Module, pad_token_id: int, task: str, where: str = "model") -> torch.nn.Module:
-    """For classification, set ``model.config.pad_token_id`` to ``pad_token_id`` (the id the
-    batches are padded with) when it is unset, so decoder classifiers (Llama, GPT-2, ...
-    ``ForSequenceClassification``) pool each example's last real token; a decoder's differing
-    pad id is an InputError (:func:`check_pad_token_id`). Returns ``model``."""
-    if task != "classification":
-        return model
-    check_pad_token_id(model, pad_token_id, task, where)
-    for cfg in _pad_configs(model):
-        if getattr(cfg, "pad_token_id", None) is None:
-            cfg.pad_token_id = int(pad_token_id)
-    return model
 
 
 def _linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -233,7 +160,7 @@ def warmup_train(
             batch = collate([train[i] for i in order[start : start + settings.batch_size]], pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = _batch_loss(logits, batch["labels"], task)
+            loss = batch_loss(logits, batch["labels"], task)
             epoch_lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -292,13 +219,6 @@ def settings_from_json(data: dict[str, Any]) -> WarmupSettings:
         targets = lora.get("target_modules")
         lora_settings = LoraSettings(lora["r"], lora["alpha"], lora["dropout"], tuple(targets) if targets else None)
     return WarmupSettings(**{**{k: v for k, v in data.items() if k != "lora"}, "lora": lora_settings})
-
-
-def _batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Token-mean loss over the batch's targets (causal LM), class cross-entropy otherwise."""
-    if task == "causal_lm":
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-    return torch.nn.functional.cross_entropy(logits.float(), labels)
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:

@@ -21,7 +21,7 @@ from typing import Union
 
 import torch
 
-from ._projector import Gradients, checked_kind, model_seed, sketch
+from .sketch import Gradients, checked_kind, model_seed, sketch
 
 try:
     from dattri.func.projection import AbstractProjector, ProjectionType

@@ -35,7 +35,7 @@ from typing import Sequence
 
 import torch
 
-from ..collect.less_store import _dim_folder, _read_dim_folder
+from ..collect.less_store import LessGradients, dim_folder, read_dim_folder
 from ..validation import InputError, check_int, check_real
 
 #: sub-task counts of LESS's target tasks (matching.py); other tasks default to 1 (no grouping)
@@ -67,7 +67,7 @@ def read_checkpoint_rows(grads_root: Path, name: str, ckpt: int, optimizer: str,
     folder = grads_root / f"{name}-ckpt{ckpt}-{optimizer}"
     if not folder.is_dir():
         raise InputError(f"LESS gradient folder {folder} does not exist")
-    rows, _ = _read_dim_folder(_dim_folder(folder, d), normalized=True)
+    rows, _ = read_dim_folder(dim_folder(folder, d), normalized=True)
     if not bool(torch.isfinite(rows).all()):
         raise InputError(f"LESS gradient folder {folder}: values are not finite (NaN/Inf)")
     return rows
@@ -139,8 +139,9 @@ def less_select(grads_root: str | os.PathLike, train_file_names: Sequence[str], 
     Everything is read and checked before anything is written; each output file is written
     atomically.
     """
-    from ..api import METHODS, select
+    from ..api import METHODS
     from ..atomic import atomic_write_files
+    from ..collect.store_selection import select_from_stores
 
     if method not in METHODS:
         raise InputError(f"--method: unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -209,8 +210,9 @@ def less_select(grads_root: str | os.PathLike, train_file_names: Sequence[str], 
             # (N, T, d) candidates; one target column per sub-task: the mean validation row, per checkpoint
             candidates = torch.stack([torch.cat([blocks[t] for blocks in train]) for t in range(len(ckpts))], 1)
             columns = torch.stack([v.reshape(n_sub, -1, v.shape[1]).mean(1) for v in target], 1)  # (n_sub, T, d)
-            sel = select(candidates, columns.reshape(n_sub, -1).T.contiguous(), budget, method=method,
-                         checkpoint_weights=weights, device=device, **select_options)
+            reader = LessGradients(candidates, [f"ckpt{c}" for c in ckpts], [], True, path=root, weights=weights)
+            sel = select_from_stores(reader, columns.reshape(n_sub, -1).T.contiguous(), budget, method=method,
+                                     device=device, **select_options)
             pairs = sorted(zip(sel.indices.tolist(), sel.weights.tolist()), key=lambda p: (-p[1], p[0]))
             chosen = [(row_file[i], row_index[i], w) for i, w in pairs][:budget]
         selected = out / task / f"top_{amount_name}.jsonl"

@@ -2,7 +2,8 @@
 
 TRAK's and dattri's projectors have one interface under two sets of names (grad_dim / feature_dim,
 model_id / ensemble_id) and two scales (TRAK's sketch is grads @ E^T, dattri's grads @ E^T / sqrt(proj_dim),
-E with entries +-1 or N(0, 1)); both are K1's ``project`` with ``scale`` sqrt(proj_dim) or 1.
+E with entries +-1 or N(0, 1)); both are the collection's :class:`~gtp_kernels.collect.projector.Projector`
+(K1 at global feature offsets) with ``scale`` sqrt(proj_dim) or 1.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Mapping, Union
 
 import torch
 
-from ..ops.project import project
+from ..collect.projector import Projector
 
 _KINDS = {"rademacher": "rademacher", "normal": "gaussian"}
 _PROJECTABLE = (torch.bfloat16, torch.float16, torch.float32)
@@ -55,13 +56,14 @@ def sketch(grads: Gradients, *, dim_name: str, dim: int, proj_dim: int, key: int
         raise ValueError(f"grads have {sum(widths)} features per example, the projector was built for "
                          f"{dim_name}={dim}")
     out = torch.zeros(n_rows, proj_dim, dtype=torch.float32, device=device)
-    offset = 0
-    for block, width in zip(blocks, widths):
+    # every call checks its result for NaN/Inf (the frameworks hand over any gradients)
+    projector = Projector({str(j): width for j, width in enumerate(widths)}, proj_dim, [key], kind=kind,
+                          backend=backend, device=device, check_finite=True)
+    for j, block in enumerate(blocks):
         if block.shape[0] != n_rows:
             raise ValueError(f"every gradient block must have {n_rows} rows, got {tuple(block.shape)}")
-        flat = block.detach().reshape(n_rows, width).to(device)
+        flat = block.detach().reshape(n_rows, widths[j]).to(device)
         if flat.dtype not in _PROJECTABLE:
             flat = flat.to(torch.float32)
-        project(flat, proj_dim, key, kind=kind, feature_offset=offset, out=out, scale=scale, backend=backend)
-        offset += width
+        projector(flat, str(j), key, out, scale)
     return out.to(dtype or blocks[0].dtype)
