@@ -16,8 +16,6 @@ from typing import Literal, get_args
 
 import torch
 
-from .products import row_products
-
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = get_args(Backend)  # ("auto", "triton", "torch")
 
@@ -61,6 +59,8 @@ def candidate_products(A, X: torch.Tensor, dtype: torch.dtype, backend: str = "a
         return candidate_scores(A, X.contiguous(), backend="triton")
     if A.dtype == dtype:
         if backend != "torch":
+            from .products import row_products  # here: products imports validation, which reads BACKENDS
+
             return row_products(A, X.T)
         return A @ X
     out = torch.empty(A.shape[0], X.shape[1], dtype=dtype, device=A.device)
