@@ -456,6 +456,7 @@ def collect_trajectory(
     progress: bool = True,
     shards: Sequence[int] | None = None,
     on_shard_written: Callable[[int], None] | None = None,
+    coordinator: Any = None,
 ) -> TrajectoryStore:
     """Collect the (N, T, d) gradient trajectory of ``data`` into the store folder ``out``.
 
@@ -484,6 +485,9 @@ def collect_trajectory(
         shards: compute only these shard indices (split a collection across jobs); the returned
             store is then possibly incomplete (opened with allow_incomplete).
         on_shard_written: called with each shard index after it is durably written.
+        coordinator: set by :func:`.distributed.collect_distributed` on each rank of a
+            multi-process collection (its hooks: wait for rank 0's warm-up, announce it, split
+            the missing shards); None in a single process.
 
     Raises:
         InputError: a bad option, data file, checkpoint folder or model source, before any model
@@ -564,6 +568,8 @@ def collect_trajectory(
                          f"of {shard_size} rows (indices 0..{n_shards - 1})")
 
     # Checkpoints: given, or a (possibly finished) warm-up of our own.
+    if coordinator is not None:
+        coordinator.wait_for_checkpoints()  # ranks > 0: rank 0 warms up (once) and says when it is done
     warmup_dir = Path(checkpoints) if checkpoints is not None else out / "warmup"
     warm_manifest = read_warmup_manifest(warmup_dir) if warmup_dir.is_dir() else None
     if warm_manifest is not None and warm_manifest.get("task", task) != task:
@@ -635,6 +641,8 @@ def collect_trajectory(
         del trainee
     if ckpts is None:
         ckpts = load_checkpoints(warmup_dir, learning_rates)
+    if coordinator is not None:
+        coordinator.checkpoints_ready()
 
     # The model whose forward is differentiated; each checkpoint's trainable values are passed in.
     net = _build_model(model, task, label2id, model_dtype, settings.seed if settings else 0, progress, pad_id)
@@ -688,6 +696,8 @@ def collect_trajectory(
     if shards is not None:
         wanted = set(int(s) for s in shards)
         todo = [s for s in todo if s in wanted]
+    if coordinator is not None:
+        todo = coordinator.assign_shards(todo)  # this rank's share, from one list every rank agrees on
     if progress and todo and calibration is None:  # the plan, before any gradient is collected
         calibration = _calibrate(net, tokenized, task, pad_id, batch_size, states[0], moments[0] if moments else None,
                                  names, projector, d, seeds[0], normalise, vmap_chunk_size, device)
@@ -872,8 +882,11 @@ def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
     fmt = ExampleFormat(id_field=args.id_field, messages_field=args.messages_field, prompt_field=args.prompt_field,
                         response_field=args.response_field, text_field=args.text_field, label_field=args.label_field,
                         use_chat_template=not args.no_chat_template)
+    from .distributed import collect_distributed, is_main_process
+
     started = time.perf_counter()
-    store = collect_trajectory(
+    # under torchrun (WORLD_SIZE > 1) every rank fills its share of one store; else collect_trajectory
+    store = collect_distributed(
         args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
         learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
         seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
@@ -883,7 +896,7 @@ def collect_from_args(args: argparse.Namespace) -> TrajectoryStore:
         projection_cache_mb=args.projection_cache_mb,
         resume=not args.no_resume, progress=not args.quiet, shards=shards,
     )
-    if not args.quiet:
+    if not args.quiet and is_main_process():
         state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"
         print(f"store {store.path}: N={store.n} T={store.t} d={store.d} {store.dtype} {state} "
               f"in {time.perf_counter() - started:.1f} s")
