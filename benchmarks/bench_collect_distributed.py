@@ -109,7 +109,7 @@ def launch(args: argparse.Namespace) -> None:
         for round_ in range(args.rounds):
             for p in range(1, args.max_procs + 1):
                 out, report = root / f"store_p{p}_r{round_}", root / f"report_p{p}_r{round_}"
-                command = ["torchrun", "--standalone", f"--nproc_per_node={p}", str(Path(__file__).resolve()),
+                command = ["torchrun", "--standalone", f"--nproc_per_node={p}", "--", str(Path(__file__).resolve()),
                            "--worker", str(root), str(out), str(report)]
                 started = time.perf_counter()
                 subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -121,3 +121,25 @@ def test_no_resume_is_refused_on_an_existing_store(inputs, reference):
                str(inputs / "model"), "--data", str(inputs / "pool.jsonl"), "--out", str(out), *OPTIONS, "--no-resume"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode != 0 and "already exists" in done.stdout + done.stderr
+
+
+def test_sharded_selection_of_a_store_under_torchrun(inputs, reference, tmp_path):
+    """python/select_sharded_store.py on two ranks (whole shards each) picks what select() picks."""
+    import numpy as np
+
+    import gtp_kernels as gk
+    from gtp_kernels.collect import open_store, store_target
+
+    out = tmp_path / "selected.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = ["torchrun", "--standalone", "--nproc_per_node=2", str(ROOT / "python" / "select_sharded_store.py"),
+               "--candidates", str(reference), "--target", str(reference), "--k", "6", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-5000:]
+    got = json.loads(out.read_text())
+    pool = open_store(reference)
+    want = gk.select(pool.candidates(), store_target(pool), 6, method="gtp",
+                     checkpoint_weights=pool.selection_checkpoint_weights)
+    assert got["rows"] == want.indices.tolist() and got["ids"] == [pool.ids[i] for i in want.indices]
+    np.testing.assert_allclose(got["weights"], want.weights, rtol=1e-6)
+    assert got["world_size"] == 2
