@@ -143,3 +143,43 @@ def test_sharded_selection_of_a_store_under_torchrun(inputs, reference, tmp_path
     assert got["rows"] == want.indices.tolist() and got["ids"] == [pool.ids[i] for i in want.indices]
     np.testing.assert_allclose(got["weights"], want.weights, rtol=1e-6)
     assert got["world_size"] == 2
+
+
+def _model_failing_on_rank_0():
+    """A model factory that fails where only rank 0 calls it first: building the warm-up's model."""
+    if dist.get_rank() == 0:
+        raise RuntimeError("injected failure while building the warm-up model")
+    return tiny_llama()
+
+
+def _failing_rank(rank, world, rendezvous, out, messages):
+    from gtp_kernels.collect import LoraSettings, WarmupSettings, collect_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        collect_distributed(_model_failing_on_rank_0, instruction_records(8, seed=1), out,
+                            tokenizer=tiny_tokenizer(chat_template=True), d=16, batch_size=4, shard_size=4,
+                            warmup=WarmupSettings(fraction=0.5, epochs=1, batch_size=4, lora=LoraSettings(r=2, alpha=4)),
+                            progress=False, device="cpu")
+    except Exception as error:  # noqa: BLE001 - recorded for the test, which checks what each rank raised
+        Path(messages, f"rank{rank}").write_text(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_of_rank_0_before_the_warm_up_reaches_the_other_ranks(tmp_path):
+    """Rank 1 waits for rank 0's warm-up; rank 0 fails building its model: rank 1 is told and
+    raises too, instead of waiting in the collective until the group's timeout."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_failing_rank, args=(2, str(tmp_path / "rendezvous"), str(tmp_path / "store"),
+                                                      str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):
+        assert time.monotonic() < deadline, "a rank did not finish"
+    first = (tmp_path / "rank0").read_text()
+    assert first.startswith("RuntimeError: injected failure")
+    second = (tmp_path / "rank1").read_text()
+    assert "rank 0 failed before the checkpoints were ready" in second and "injected failure" in second
