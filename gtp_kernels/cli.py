@@ -473,7 +473,7 @@ def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
     :func:`collect_trajectory` before anything loads; mistakes raise :class:`InputError`.
     """
     from .collect.data import ExampleFormat
-    from .collect.pipeline import collect_trajectory
+    from .collect.distributed import collect_distributed, is_main_process
     from .collect.warmup import LoraSettings, WarmupSettings
 
     shards = _csv(args.shards, int, "--shards", "0,2,5")
@@ -487,7 +487,8 @@ def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
                         response_field=args.response_field, text_field=args.text_field, label_field=args.label_field,
                         use_chat_template=not args.no_chat_template)
     started = time.perf_counter()
-    store = collect_trajectory(
+    # under torchrun (WORLD_SIZE > 1) every rank fills its share of one store; else collect_trajectory
+    store = collect_distributed(
         args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
         learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
         seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
@@ -497,7 +498,7 @@ def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
         projection_cache_mb=args.projection_cache_mb,
         resume=not args.no_resume, progress=not args.quiet, shards=shards,
     )
-    if not args.quiet:
+    if not args.quiet and is_main_process():
         state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"
         print(f"store {store.path}: N={store.n} T={store.t} d={store.d} {store.dtype} {state} "
               f"in {time.perf_counter() - started:.1f} s")

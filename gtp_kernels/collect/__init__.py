@@ -12,6 +12,7 @@ transformers and peft are imported only when a model is built or trained.
 from .data import ExampleFormat, collate, read_jsonl, tokenize_all, write_selected_examples
 from .less_store import LessGradients, less_to_store, read_less_gradients
 from .per_example import adam_precondition, per_example_gradients, per_example_gradients_loop, trainable_parameters
+from .distributed import collect_distributed
 from .pipeline import collect_trajectory
 from .projector import Projector
 from .store import StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, is_store, open_store
@@ -20,7 +21,7 @@ from .targets import TARGET_MODES, store_target
 from .warmup import Checkpoint, LoraSettings, WarmupSettings, load_checkpoints, warmup_train, wrap_for_training
 
 __all__ = [
-    "collect_trajectory", "Projector", "select_from_stores", "selection_weights", "StoreReader",
+    "collect_trajectory", "collect_distributed", "Projector", "select_from_stores", "selection_weights", "StoreReader",
     "open_store", "is_store", "store_target", "TARGET_MODES", "write_selected_examples", "TrajectoryStore", "TrajectoryStoreWriter", "StoreSpec", "StoreError",
     "read_less_gradients", "less_to_store", "LessGradients",
     "per_example_gradients", "per_example_gradients_loop", "adam_precondition", "trainable_parameters",

@@ -172,6 +172,7 @@ def collect_trajectory(
     progress: bool = True,
     shards: Sequence[int] | None = None,
     on_shard_written: Callable[[int], None] | None = None,
+    coordinator: Any = None,
 ) -> TrajectoryStore:
     """Collect the (N, T, d) gradient trajectory of ``data`` into the store folder ``out``.
 
@@ -200,6 +201,9 @@ def collect_trajectory(
         shards: compute only these shard indices (split a collection across jobs); the returned
             store is then possibly incomplete (opened with allow_incomplete).
         on_shard_written: called with each shard index after it is durably written.
+        coordinator: set by :func:`.distributed.collect_distributed` on each rank of a
+            multi-process collection (its hooks: wait for rank 0's warm-up, announce it, split
+            the missing shards); None in a single process.
 
     Raises:
         InputError: a bad option, data file, checkpoint folder or model source, before any model
@@ -217,9 +221,11 @@ def collect_trajectory(
         projection_cache_mb=projection_cache_mb, resume=resume, progress=progress, learning_rates=learning_rates,
         shards=shards, warmup=warmup)
     _check_model_argument(model, tokenizer)
-    plan = _plan(data, out, checkpoints, device, model_dtype, opts)
+    plan = _plan(data, out, checkpoints, device, model_dtype, opts, coordinator)
     inputs = _model_inputs(model, tokenizer, plan, opts)
     warm = _warm_up(model, plan, inputs, opts)
+    if coordinator is not None:
+        coordinator.checkpoints_ready()
     grad_model = _gradient_model(model, plan, inputs, warm, opts)
     spec, seeds, scales = _store_spec(model, data, warm.checkpoints, inputs, grad_model, opts)
     projector = _projection(warm.projector, grad_model, seeds, plan.device, opts)
@@ -227,6 +233,8 @@ def collect_trajectory(
     todo = writer.missing_shards()
     if opts.shards is not None:
         todo = [s for s in todo if s in set(opts.shards)]
+    if coordinator is not None:
+        todo = coordinator.assign_shards(todo)  # this rank's share, from one list every rank agrees on
     if opts.progress and todo:  # the plan, before any gradient is collected
         _print_collection_plan(warm, grad_model, inputs, spec, todo, projector, seeds, plan.device, opts)
     _write_shards(writer, spec, todo, grad_model, inputs, projector, seeds, scales, plan.device, opts, on_shard_written)
@@ -281,7 +289,8 @@ def _check_model_argument(model: Any, tokenizer: Any) -> None:
         raise InputError("tokenizer: required when model is not a model folder")
 
 
-def _plan(data: Any, out: Any, checkpoints: Any, device: Any, model_dtype: Any, opts: CollectOptions) -> _Plan:
+def _plan(data: Any, out: Any, checkpoints: Any, device: Any, model_dtype: Any, opts: CollectOptions,
+          coordinator: Any = None) -> _Plan:
     """Stage 1, before any model or tokenizer: the output folder, the device, the data (file, JSON,
     ids and the fields the task reads), the checkpoints (given, or a possibly finished warm-up of
     our own) and whether an existing store there can be resumed."""
@@ -307,6 +316,8 @@ def _plan(data: Any, out: Any, checkpoints: Any, device: Any, model_dtype: Any, 
         raise InputError(f"shards: index {max(opts.shards)} out of range; {len(examples)} examples make {n_shards} "
                          f"shard(s) of {opts.shard_size} rows (indices 0..{n_shards - 1})")
 
+    if coordinator is not None:
+        coordinator.wait_for_checkpoints()  # ranks > 0: rank 0 warms up (once) and says when it is done
     warmup_dir = Path(checkpoints) if checkpoints is not None else out / "warmup"
     warm_manifest = read_warmup_manifest(warmup_dir) if warmup_dir.is_dir() else None
     if warm_manifest is not None and warm_manifest.get("task", opts.task) != opts.task:

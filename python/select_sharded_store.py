@@ -1,0 +1,68 @@
+"""Exact GTP over a trajectory store, its rows split across the ranks of a torchrun launch.
+
+    torchrun --nproc_per_node=8 python/select_sharded_store.py --candidates pool_store \
+        --target val_store --k 1000 --out selected_ids.json
+
+Rank r loads only its block of the pool: whole shards [S*r/P, S*(r+1)/P) of the store's S
+shards, in row order (so a rank holds about N/P rows, in the store's dtype), moves them to its
+GPU when there is one (NCCL; gloo on CPUs), and calls ``gtp_kernels.select_sharded`` with the
+target (the target store's mean row) and the pool's checkpoint weights. Every rank gets the same
+selection, equal to ``gtp select`` on the whole store; rank 0 writes the chosen example ids (in
+selection order) with their weights as JSON. ``--shard-and-merge`` runs the approximate
+one-round mode instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import gtp_kernels as gk
+from gtp_kernels.collect import open_store, store_target
+from gtp_kernels.selection.distributed import select_shard_and_merge
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", required=True, help="pool store folder (gtp collect)")
+    parser.add_argument("--target", required=True, help="target store folder (its mean row is the target)")
+    parser.add_argument("--k", type=int, required=True)
+    parser.add_argument("--out", required=True, help="JSON file rank 0 writes: ids, rows, weights")
+    parser.add_argument("--shard-and-merge", action="store_true", help="approximate one-round mode")
+    args = parser.parse_args()
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        pool = open_store(args.candidates)
+        cuts = [pool.n_shards * r // world for r in range(world + 1)]
+        mine = [array for i, (_, _, array) in enumerate(pool.iter_shards()) if cuts[rank] <= i < cuts[rank + 1]]
+        block = np.concatenate(mine) if mine else np.empty((0, pool.t, pool.d), dtype=pool.dtype)
+        rows = torch.from_numpy(block.reshape(len(block), pool.t * pool.d))
+        target = torch.from_numpy(store_target(open_store(args.target)))
+        if on_gpu:
+            rows, target = rows.cuda(), target.cuda()
+        run = select_shard_and_merge if args.shard_and_merge else gk.select_sharded
+        sel = run(rows, target, args.k, checkpoint_weights=pool.selection_checkpoint_weights)
+        if rank == 0:
+            chosen = [int(i) for i in sel.indices]
+            result = {"ids": [pool.ids[i] for i in chosen], "rows": chosen,
+                      "weights": [float(w) for w in sel.weights], "method": sel.method, "world_size": world}
+            tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            os.replace(tmp, args.out)
+            print(f"{len(chosen)} examples selected over {world} ranks ({sel.method}) -> {args.out}")
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
