@@ -13,10 +13,7 @@ Rules (every ``import``/``from ... import`` counts, at module level or inside a 
              public names they define may be imported; their own underscore names may not.
              tests/ is not scanned (tests may reach into a module's internals).
 
-KNOWN_VIOLATIONS lists exactly the violations that remain in files other work on issue #15 is
-rewriting (api.py, selection/, collect/, cli.py, integrations/_projector.py), in the
-benchmarks that import collect's internals, and in integrations/less.py, which imports
-collect.less_store's internals. The lead empties it when merging issue #15. The
+KNOWN_VIOLATIONS lists violations accepted for a while (none since issue #15 merged). The
 test fails on any violation not listed, and on any listed one that no longer exists, so the
 list can only shrink, explicitly.
 """
@@ -28,24 +25,7 @@ PACKAGE = "gtp_kernels"
 OPS_MAY_IMPORT = {"gtp_kernels.validation"}
 PRIVATE_NAME_EXEMPT = {"_C"}
 
-KNOWN_VIOLATIONS = {
-    # the lead empties this set when merging issue #15
-    "benchmarks/bench_bergson_collect.py: private gtp_kernels.collect.pipeline._Projector",
-    "benchmarks/bench_collect.py: private gtp_kernels.collect.pipeline._Projector",
-    "benchmarks/bench_collect_minilm.py: private gtp_kernels.collect.pipeline._Projector",
-    "benchmarks/gpu_collect.py: private gtp_kernels.collect.pipeline._Projector",
-    "benchmarks/gpu_collect.py: private gtp_kernels.collect.pipeline._project_checkpoint",
-    "gtp_kernels/collect/pipeline.py: private gtp_kernels.collect.store._read_manifest",
-    "gtp_kernels/collect/pipeline.py: private gtp_kernels.collect.warmup._batch_loss",
-    # less.py is fixed once collect/less_store.py (being restructured) makes these two public
-    "gtp_kernels/integrations/less.py: private gtp_kernels.collect.less_store._dim_folder",
-    "gtp_kernels/integrations/less.py: private gtp_kernels.collect.less_store._read_dim_folder",
-    "gtp_kernels/selection/distributed.py: private gtp_kernels.api._exclude_misaligned",
-    "gtp_kernels/selection/distributed.py: private gtp_kernels.api._is_integer",
-    "gtp_kernels/selection/distributed.py: private gtp_kernels.validation._exclusion",
-    "gtp_kernels/selection/distributed.py: private gtp_kernels.validation._finite_rows_and_zero_rows",
-    "gtp_kernels/selection/distributed.py: selection imports gtp_kernels.api",
-}
+KNOWN_VIOLATIONS: set = set()  # emptied when issue #15 merged; keep it empty
 
 
 def _module_name(path: Path, root: Path) -> str:
