@@ -18,6 +18,7 @@ import torch
 from .selection.baselines import TOPK_REDUCE, random_selection, topk_less
 from .selection.cosamp import gtp_cosamp
 from .selection.fill import FILL_SCORES, fill_budget
+from .selection.joint import TARGET_MODES, fill_joint, run_joint
 from .selection.pursuit import gtp_pursuit
 from .selection.common import SelectOptions, TargetSelection, warn_early_stops
 from .selection.reference import gtp_reference, nnls_on_support, weighted_norm
@@ -67,6 +68,7 @@ class Selection:
     per_target: tuple
     params: Dict[str, Any]
     timings: Dict[str, float]
+    targets: str = "columns"  # "joint": k rows in all, shared by every column (selection/joint.py)
 
     @property
     def num_targets(self) -> int:
@@ -91,14 +93,16 @@ class Selection:
 
     @property
     def weights(self) -> np.ndarray:
-        if len(self.per_target) == 1:
+        if len(self.per_target) == 1 and self.targets != "joint":
             return self.per_target[0].weights
         spec = METHODS.get(self.method)
         add = spec is None or spec.fit_weights  # scores and ones are not summed: the best one
         total: Dict[int, float] = {}
+        joint = add and self.targets == "joint"  # the mean over columns of w_j / ||b_j||_W
         for ts in self.per_target:
+            scale = len(self.per_target) * float(ts.residual_norms[0]) if joint else 1.0
             for i, w in zip(ts.indices.tolist(), ts.weights.tolist()):
-                total[i] = (total.get(i, 0.0) + w) if add else max(total.get(i, -float("inf")), w)
+                total[i] = (total.get(i, 0.0) + w / scale) if add else max(total.get(i, -float("inf")), w)
         return np.asarray([total[i] for i in self.indices.tolist()], dtype=np.float64)
 
     @property
@@ -188,7 +192,8 @@ class Selection:
     def __repr__(self) -> str:
         rel = self.relative_residual
         rel_s = "n/a" if rel is None else f"{rel:.4g}"
-        k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
+        k_s = (f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target") if self.targets != "joint" \
+            else f"k={self.k} in all, joint"
         filled = f" ({self.num_filled} filled)" if self.num_filled else ""
         return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}{filled}, "
                 f"targets={self.num_targets}, relative_residual={rel_s}, "
@@ -256,6 +261,7 @@ def select(
     batch_size: Optional[int] = None,
     topk_reduce: str = "column",
     fill: Optional[str] = None,
+    targets: str = "columns",
     seed: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
@@ -298,6 +304,12 @@ def select(
             near-copy of a row already chosen; see selection/fill.py): "target" (cosine with
             the target column) or "residual" (cosine with the final residual: what pursuit
             would take next). None (default): the method's rows only.
+        targets: "columns" (default): each target column its own k rows, as above. "joint": one
+            selection of k rows in all shared by every column, for a (D, m) target of m target
+            examples: joint non-negative pursuit on unit-norm columns for "gtp", one ranking by
+            the columns' mean (or ``topk_reduce="max"``) LESS score for "topk", k random rows
+            for "random" (see selection/joint.py); ``weights`` is then the mean over columns
+            of each column's weights for its unit-norm target.
         seed: for random selection (an integer >= 0).
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
             In float32 the candidates' row norms must lie within 2^-50..2^50 (float64:
@@ -328,6 +340,7 @@ def select(
         raise InputError(f"fill must be None, {' or '.join(repr(f) for f in FILL_SCORES)}, got {fill!r}")
     positive = check_bool(positive, "positive")
     progress = check_bool(progress, "progress")
+    targets = check_choice(targets, "targets", TARGET_MODES)
     if batch_size is not None and not _is_integer(batch_size):
         raise InputError(f"batch_size must be an integer, got {batch_size!r}")
     seed = check_int(seed, "seed", low=0, high=SEED_LIMIT - 1)
@@ -360,7 +373,8 @@ def select(
     spec = METHODS[name]
     bar, tick = _progress_bar(progress, k * problem.num_targets, name)
     try:
-        per_target = spec.run(problem, k, opts, tick)
+        per_target = (run_joint(name, problem, k, opts, tick) if targets == "joint"
+                      else spec.run(problem, k, opts, tick))
         if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
             bar.update(max(0, bar.total - bar.n))
     finally:
@@ -368,8 +382,9 @@ def select(
             bar.close()
     t_fill = time.perf_counter()
     if fill is not None:  # on the scaled problem, whose weights per_target holds
-        per_target = fill_budget(problem, per_target, k, fill, positive=bool(positive),
-                                 dtype=opts.resolved_compute_dtype(problem.candidates.dtype))
+        per_target = (fill_joint if targets == "joint" else fill_budget)(
+            problem, per_target, k, fill, positive=bool(positive),
+            dtype=opts.resolved_compute_dtype(problem.candidates.dtype))
     per_target = scaling.undo(per_target, spec.fit_weights)
     warn_early_stops(per_target, k, tol)  # EarlyStopWarning: rounding floor or dependence
     if problem.candidates.is_cuda:
@@ -379,6 +394,7 @@ def select(
         "positive": positive, "ridge": ridge, "tol": tol, "min_cosine": min_cosine,
         "align_threshold": align_threshold, "guard_excluded": guard_excluded, "stop_ratio": stop_ratio,
         "max_iters": max_iters, "batch_size": batch_size, "topk_reduce": topk_reduce, "fill": fill,
+        "targets": targets,
         "seed": seed, "compute_dtype": str(opts.resolved_compute_dtype(problem.candidates.dtype)),
         "num_candidates": problem.num_candidates, "dim": problem.dim, "num_targets": problem.num_targets,
         "num_checkpoints": problem.num_checkpoints,
@@ -387,7 +403,7 @@ def select(
     }
     timings = {"validate_s": t1 - t0, "select_s": t2 - t1, "fill_s": t2 - t_fill if fill is not None else 0.0,
                "total_s": t2 - t0}
-    return Selection(name, int(k), tuple(per_target), params, timings)
+    return Selection(name, int(k), tuple(per_target), params, timings, targets)
 
 
 def check_pursuit_options(*, compute_dtype, ridge, tol, min_cosine, align_threshold, stop_ratio, backend,
