@@ -57,6 +57,10 @@ class Selection:
     array (rows past a target's stop repeat its last value), ``row_targets`` the target columns
     each row serves; ``per_target`` keeps each target's own result.
 
+    With ``targets="joint"`` k is the budget in all: every column's result lists the same rows
+    (the shared selection), each with that column's own weights (0 where its fit does not use
+    the row), and ``weights`` is the mean over columns of w_j / ||b_j||_W (selection/joint.py).
+
     ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
     methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
     negative), for ``random`` ones (see ``METHODS[name].fit_weights``). Rows added by

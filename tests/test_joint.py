@@ -203,3 +203,11 @@ def test_bad_input_is_refused():
         gk.select(A, np.zeros((6, 2)), 3, targets="joint")
     with pytest.raises(InputError):
         gk.select(A, B, 21, targets="joint")
+
+
+def test_rows_in_blocks_select_as_one_array():
+    A, B, S, _ = planted_shared(n=90, dim=40, k=5, m=3, seed=6)
+    whole = gk.select(A, B, 8, targets="joint", fill="target")
+    blocks = gk.select([A[:31], A[31:70], A[70:]], B, 8, targets="joint", fill="target")
+    assert blocks.indices.tolist() == whole.indices.tolist()
+    np.testing.assert_allclose(blocks.weights, whole.weights, rtol=1e-12)
