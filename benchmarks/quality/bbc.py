@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
