@@ -17,10 +17,11 @@ from .selection.baselines import random_selection, topk_less
 from .selection.common import SelectOptions, Selection, TargetSelection, selection_timings, weighted_norm
 from .selection.cosamp import gtp_cosamp
 from .selection.fill import fill_budget
+from .selection.joint import TARGET_MODES, fill_joint, run_joint
 from .selection.prepare import prepare
 from .selection.pursuit import gtp_pursuit
 from .selection.reference import gtp_reference, nnls_on_support
-from .validation import ArrayLike, CandidatesLike, InputError, Problem, check_number, validate_problem
+from .validation import ArrayLike, CandidatesLike, InputError, Problem, check_choice, check_number, validate_problem
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
 
@@ -82,11 +83,13 @@ def _progress_bar(enabled: bool, total: int, desc: str):
     return bar, bar.update
 
 
-def _run_method(spec: MethodSpec, problem: Problem, k: int, opts: SelectOptions) -> List[TargetSelection]:
-    """spec.run on the prepared problem, under a progress bar when opts.progress."""
+def _run_method(spec: MethodSpec, problem: Problem, k: int, opts: SelectOptions,
+                joint: bool = False) -> List[TargetSelection]:
+    """spec.run (or the joint selection of selection/joint.py) on the prepared problem, under a
+    progress bar when opts.progress."""
     bar, tick = _progress_bar(opts.progress, k * problem.num_targets, spec.name)
     try:
-        per_target = spec.run(problem, k, opts, tick)
+        per_target = run_joint(spec.name, problem, k, opts, tick) if joint else spec.run(problem, k, opts, tick)
         if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
             bar.update(max(0, bar.total - bar.n))
     finally:
@@ -114,6 +117,7 @@ def select(
     batch_size: Optional[int] = None,
     topk_reduce: str = "column",
     fill: Optional[str] = None,
+    targets: str = "columns",
     seed: int = 0,
     compute_dtype: Optional[torch.dtype] = None,
     device: Optional[Union[str, torch.device]] = None,
@@ -156,6 +160,12 @@ def select(
             near-copy of a row already chosen; see selection/fill.py): "target" (cosine with
             the target column) or "residual" (cosine with the final residual: what pursuit
             would take next). None (default): the method's rows only.
+        targets: "columns" (default): each target column its own k rows, as above. "joint": one
+            selection of k rows in all shared by every column, for a (D, m) target of m target
+            examples: joint non-negative pursuit on unit-norm columns for "gtp", one ranking by
+            the columns' mean (or ``topk_reduce="max"``) LESS score for "topk", k random rows
+            for "random" (see selection/joint.py); ``weights`` is then the mean over columns
+            of each column's weights for its unit-norm target.
         seed: for random selection (an integer >= 0).
         compute_dtype: torch.float32 or torch.float64 (default: float64 for float64 input).
             In float32 the candidates' row norms must lie within 2^-50..2^50 (float64:
@@ -174,6 +184,7 @@ def select(
     name = DEFAULT_METHOD if method is None else method
     if name not in METHODS:
         raise InputError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
+    targets = check_choice(targets, "targets", TARGET_MODES)
     prepared = prepare(candidates, target, k, checkpoint_weights=checkpoint_weights,
                        num_checkpoints=num_checkpoints, exclude=exclude, device=device,
                        compute_dtype=compute_dtype, ridge=ridge, tol=tol, min_cosine=min_cosine,
@@ -184,16 +195,18 @@ def select(
     problem, opts = prepared.problem, prepared.options
     t1 = time.perf_counter()
     spec = METHODS[name]
-    per_target = _run_method(spec, problem, k, opts)
+    per_target = _run_method(spec, problem, k, opts, joint=targets == "joint")
     t_fill = time.perf_counter()
     fill = prepared.checked["fill"]
     if fill is not None:  # on the scaled problem, whose weights per_target holds
-        per_target = fill_budget(problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
+        per_target = (fill_joint if targets == "joint" else fill_budget)(
+            problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
     per_target = prepared.finish(per_target, k, spec.fit_weights)  # EarlyStopWarning: rounding floor or dependence
     t2 = time.perf_counter()
     params = prepared.params(SELECT_PARAMS)
+    params = {key: value for key, value in params.items() if key != "seed"} | {"targets": targets, "seed": params["seed"]}
     timings = selection_timings(t0, t1, t2, fill_s=t2 - t_fill if fill is not None else 0.0)
-    return Selection(name, k, tuple(per_target), params, timings, fit_weights=spec.fit_weights)
+    return Selection(name, k, tuple(per_target), params, timings, fit_weights=spec.fit_weights, targets=targets)
 
 
 # the options a Selection from select() reports in its params, in this order

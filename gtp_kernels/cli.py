@@ -98,12 +98,17 @@ def _add_select(sub) -> None:
                    help="(N, D) or (N, T, d) array file, or a trajectory store folder (gtp collect)")
     p.add_argument("--target", required=True,
                    help="(D,) or (D, m) array file, or a store folder (see --target-mode)")
-    p.add_argument("--target-mode", choices=TARGET_MODES, default="mean",
-                   help="a target store as one column, the mean of its examples (default: --k then counts rows), or as "
-                        "one column per example ('examples', as LESS scores every validation example: k rows per "
-                        "example; the quality study found it trains better models at the same total size)")
+    p.add_argument("--target-mode", choices=TARGET_MODES, default=None,
+                   help="'joint' (the default for a target store, with methods that have it: gtp, topk, random; "
+                        "else 'mean'): one column per target example, each scaled to "
+                        "unit norm, and ONE selection of --k rows in all that serves them jointly (the quality study's "
+                        "best GTP mode, benchmarks/quality/QUALITY.md); also takes a (D, m) target file. 'mean': a "
+                        "target store as one column, the mean of its examples. 'examples': one column per example, "
+                        "each its own --k rows (the union holds up to m*k). A target file is otherwise used as it "
+                        "is, one selection per column")
     p.add_argument("--k", type=int, required=True,
-                   help="budget: at most k examples per target column; the union of m columns holds up to m*k")
+                   help="budget: at most k examples per target column (with --target-mode joint: in all); the union "
+                        "of m columns holds up to m*k")
     p.add_argument("--method", default=None, help="selection method (see below)")
     p.add_argument("--out", required=True,
                    help="output folder, written whole; must be new or empty unless --force")
@@ -142,7 +147,7 @@ def _add_select(sub) -> None:
 SELECTION_FILES = ("selection.jsonl", "summary.json")
 EXAMPLES_FILE = "selected.jsonl"
 FILL_CHOICES = ("target", "residual", "none")
-TARGET_MODES = ("mean", "examples")
+TARGET_MODES = ("joint", "mean", "examples")
 
 
 def _read_data(path: str, id_field: str, store_ids) -> dict:
@@ -198,7 +203,13 @@ def _selection_line(sel) -> str:
     elif not fill:
         filled += " (--fill none)"
     m = sel.num_targets
-    if m == 1:
+    joint = getattr(sel, "targets", "columns") == "joint"
+    if joint:  # one selection for every column: the columns share the rows and the stop
+        head = f"method={sel.method}, k={sel.k} in all, joint over {m} target{'s' if m > 1 else ''}, " \
+               f"selected={len(sel.indices)}: {chosen}, {filled}, "
+        tail = f"relative_residual={rel_s} (worst target), time={time_s}"
+        m = 1
+    elif m == 1:
         head = f"method={sel.method}, k={sel.k}, selected={len(sel.indices)}: {chosen}, {filled}, "
         tail = f"relative_residual={rel_s}, time={time_s}"
     else:
@@ -208,14 +219,14 @@ def _selection_line(sel) -> str:
     parts = [head + tail]
     if pursuit:
         reasons: dict = {}
-        for ts in sel.per_target:
+        for ts in (sel.per_target[:1] if joint else sel.per_target):
             reasons[ts.stopped_by] = reasons.get(ts.stopped_by, 0) + 1
         said = [f"{code} ({_STOP_WORDS[code]})" if code in _STOP_WORDS else code for code in reasons]
         if m > 1:
             said = [f"{words} for {count} target{'s' if count > 1 else ''}"
                     for words, count in zip(said, reasons.values())]
         parts.append("pursuit stopped: " + ", ".join(said))
-    short = sum(max(0, sel.k - len(ts.indices)) for ts in sel.per_target)
+    short = sum(max(0, sel.k - len(ts.indices)) for ts in (sel.per_target[:1] if joint else sel.per_target))
     if short:
         why = "no eligible candidate left that is not a near-copy" if fill else "pass --fill to fill the budget"
         parts.append(f"{short} row{'s' if short > 1 else ''} short of k" + (" in all" if m > 1 else "") + f" ({why})")
@@ -265,23 +276,28 @@ def _cmd_select(args) -> int:
     # until the selection is done, and then the output folder is put in place whole.
     out = Path(args.out)
     _check_select_arguments(args, out)
+    args.target_mode = _target_mode(args)
     candidate_store, target_store = _open_select_stores(args)
     inputs = {}
     by_id = _read_select_data(args, candidate_store, inputs)
     options = dict(method=args.method, positive=not args.no_positive, ridge=args.ridge, tol=args.tol,
                    align_threshold=args.align_threshold, stop_ratio=args.stop_ratio, batch_size=args.batch_size,
                    topk_reduce=args.topk_reduce, fill=None if args.fill == "none" else args.fill, seed=args.seed,
-                   device=args.device, compute_dtype=torch.float64 if args.float64 else None, progress=args.progress)
+                   device=args.device, compute_dtype=torch.float64 if args.float64 else None, progress=args.progress,
+                   targets="joint" if args.target_mode == "joint" else "columns")
     # inputs in this order: --data, --candidates, --target (as summary.json lists them)
     if candidate_store is not None:
         inputs["candidates"] = _describe_store(candidate_store)
     else:
         candidates = _load_described(args.candidates, "candidates", inputs)
     if target_store is not None:
-        target = target_store if candidate_store is not None else store_target(target_store, args.target_mode)
+        target = target_store if candidate_store is not None else store_target(
+            target_store, "examples" if args.target_mode == "joint" else args.target_mode)
         inputs["target"] = {**_describe_store(target_store), "mode": args.target_mode}
     else:
         target = _load_described(args.target, "target", inputs)
+        if args.target_mode == "joint":
+            inputs["target"]["mode"] = "joint"
     if candidate_store is not None:
         sel = select_from_stores(candidate_store, target, args.k, target_mode=args.target_mode,
                                  checkpoint_weights=args.checkpoint_weights, **options)
@@ -310,9 +326,24 @@ def _check_select_arguments(args, out) -> None:
             raise InputError("--data needs --candidates to be a trajectory store (it maps rows to example ids)")
         if Path(args.data).resolve() == (out / EXAMPLES_FILE).resolve():
             raise InputError(f"--data {args.data} is the output {out / EXAMPLES_FILE}; it would be overwritten")
-    if args.target_mode != "mean" and not is_store(args.target):
+    if args.target_mode in ("mean", "examples") and not is_store(args.target):
         raise InputError(f"--target-mode {args.target_mode} needs --target to be a store; a target file is used as "
-                         "it is, (D,) or (D, m) with one column per target")
+                         "it is, (D,) or (D, m) with one column per target (or jointly: --target-mode joint)")
+
+
+def _target_mode(args) -> str | None:
+    """--target-mode, or its default: for a target store 'joint' where the method has a joint
+    mode (compressive sampling and the reference pursue each column on its own: 'mean');
+    None for a target file (used as it is)."""
+    from .api import DEFAULT_METHOD
+    from .collect.store import is_store
+    from .selection.joint import JOINT_METHODS
+
+    if args.target_mode is not None:
+        return args.target_mode
+    if not is_store(args.target):
+        return None
+    return "joint" if (args.method or DEFAULT_METHOD) in JOINT_METHODS else "mean"
 
 
 def _open_select_stores(args) -> tuple:

@@ -8,8 +8,14 @@ Pipeline (every step is the library's, nothing downloads):
      computed in batches, K1 projection to d dims, written to a trajectory store;
   3. the same for the targets with plain ("sgd") gradients and the pool's checkpoints;
   4. ``select_from_stores`` (``gtp_kernels.select`` on the stores' rows): GTP pursuit vs the
-     LESS top-k score vs random, target = the mean target row; the selected articles are written back by id, and the share of each selection
-     that is on the target topic is printed.
+     LESS top-k score vs random. Target (default ``--target-mode joint``): one column per target
+     article, each scaled to unit norm, and one selection of k articles serving all of them
+     (``targets="joint"``; top-k ranks by the mean cosine over the articles, as LESS does);
+     ``--target-mode mean``: the mean target row. The quality study
+     (benchmarks/quality/QUALITY.md) found the joint mode trains better models. The selected
+     articles are written back by id, and the share of each selection that is on the target
+     topic is printed, with the root mean square over target articles of the relative residual
+     of the best non-negative fit on each selection.
 
 Needs two optional, offline PyPI packages (not dependencies of gtp_kernels):
 
@@ -67,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=64, help="tokens per article (default 64)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--target-mode", choices=("joint", "mean"), default="joint",
+                        help="joint (default): one column per target article, one selection of k for all; "
+                             "mean: the mean target gradient")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help=f"a small pool with small settings ({_describe(QUICK)}); explicit options still win")
@@ -83,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()  # the untrained 5-way head is expected, not news
 
+    from gtp_kernels import fit_residual
     from gtp_kernels.collect.pipeline import collect_trajectory
+    from gtp_kernels.collect.targets import store_target
     from gtp_kernels.collect.store_selection import select_from_stores
     from gtp_kernels.collect.warmup import LoraSettings, WarmupSettings
 
@@ -120,25 +131,25 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.perf_counter() - started:.0f} s; learning rates {candidates.metadata['learning_rates']}")
 
     matrix = candidates.candidates()
-    target = target_store.mean()
+    joint = args.target_mode == "joint"
+    columns = store_target(target_store, "examples" if joint else "mean").reshape(matrix.shape[1], -1)  # (D, m)
     labels = {a["id"]: a["label"] for a in pool}
     by_id = {a["id"]: a for a in pool}
     share = sum(a["label"] == args.topic for a in pool) / len(pool)
     print(f"{'method':<14}{'selected':>9}{'on topic':>10}{'rel. residual':>15}   (topic share in pool: {share:.0%})")
     for method in ("gtp", "topk", "random"):
-        # checks that the stores match, targets their mean row, and gives each method the checkpoint
-        # weights it needs (top-k compares blocks by cosine, which cancels the weights built into the rows)
-        selection = select_from_stores(candidates, target_store, args.k, method=method, seed=args.seed)
+        # checks that the stores match, builds the target (--target-mode), and gives each method the
+        # checkpoint weights it needs (top-k compares blocks by cosine, which cancels the weights built into the rows)
+        selection = select_from_stores(candidates, target_store, args.k, method=method, seed=args.seed,
+                                       target_mode=args.target_mode)
         chosen = [candidates.ids[i] for i in selection.indices.tolist()]
         write_jsonl(out / f"selected_{method}.jsonl", [by_id[i] for i in chosen])
         on_topic = sum(labels[i] == args.topic for i in chosen) / max(1, len(chosen))
-        rows = np.asarray(matrix[selection.indices], dtype=np.float64)
-        weights = np.asarray(selection.weights, dtype=np.float64)
-        if method != "gtp":  # baselines carry no weights: fit the best non-negative combination for a fair residual
-            from scipy.optimize import nnls
-
-            weights = nnls(rows.T, target.astype(np.float64))[0]
-        residual = np.linalg.norm(target - weights @ rows) / np.linalg.norm(target)
+        # every method on the same footing: each target column's best non-negative fit on the rows
+        residual = float(np.sqrt(np.mean([
+            fit_residual(matrix, columns[:, j], selection.indices, num_checkpoints=candidates.t,
+                         checkpoint_weights=candidates.selection_checkpoint_weights) ** 2
+            for j in range(columns.shape[1])])))
         print(f"{method:<14}{len(chosen):>9}{on_topic:>10.0%}{residual:>15.3f}")
     print(f"selected articles: {out}/selected_<method>.jsonl")
     return 0

@@ -423,7 +423,7 @@ def test_select_topk_on_a_weighted_store_uses_the_learning_rates(tmp_path, capsy
     assert want.indices.tolist() != unweighted.indices.tolist()  # the weights matter here
     out = tmp_path / "o"
     assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"),
-                     "--k", "8", "--method", "topk", "--out", str(out)]) == 0
+                     "--k", "8", "--method", "topk", "--target-mode", "mean", "--out", str(out)]) == 0
     got = [json.loads(x)["index"] for x in (out / "selection.jsonl").read_text().splitlines()]
     assert got == want.indices.tolist()
 

@@ -87,7 +87,7 @@ def test_summary_records_inputs_version_and_command_line(tmp_path, capsys):
     assert cand["path"] == str((tmp_path / "pool").resolve()) and cand["kind"] == "store"
     assert cand["shape"] == [20, 2, 5] and cand["dtype"] == "float32"
     assert cand["manifest_sha256"] == hashlib.sha256((pool.path / "manifest.json").read_bytes()).hexdigest()
-    assert target["shape"] == [3, 2, 5] and target["dtype"] == "float16" and target["mode"] == "mean"
+    assert target["shape"] == [3, 2, 5] and target["dtype"] == "float16" and target["mode"] == "joint"
     assert summary["gtp_kernels_version"] == gk.__version__
     assert summary["command_line"].split() == ["gtp"] + argv
     # a file target: path, shape, dtype of the array
@@ -119,8 +119,26 @@ def test_target_store_as_examples_or_mean(tmp_path, capsys):
     rows = _lines(tmp_path / "e" / "selection.jsonl")
     for j in range(3):  # target example j is a noisy copy of pool row j: top of its own column
         assert j in {r["index"] for r in rows if j in r["targets"]}
-    assert cli_main(base + ["--out", str(tmp_path / "m")]) == 0
+    assert cli_main(base + ["--out", str(tmp_path / "m"), "--target-mode", "mean"]) == 0
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["num_targets"] == 1
+    # the default for a store, joint: --k rows in all, serving every example; k = 3 takes the
+    # three pool rows the examples copy
+    capsys.readouterr()
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"), "--k", "3",
+                     "--out", str(tmp_path / "j")]) == 0
+    assert "k=3 in all, joint over 3 targets" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "j" / "summary.json").read_text())
+    assert summary["inputs"]["target"]["mode"] == "joint" and summary["params"]["targets"] == "joint"
+    assert sorted(r["index"] for r in _lines(tmp_path / "j" / "selection.jsonl")) == [0, 1, 2]
+    # compressive sampling has no joint mode: its default stays the mean
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"), "--k", "3",
+                     "--method", "gtp-cosamp", "--out", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["inputs"]["target"]["mode"] == "mean"
+    # a (D, m) file target, jointly on request
+    np.save(tmp_path / "b.npy", store_target(val, "examples"))
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "b.npy"), "--k",
+                     "3", "--target-mode", "joint", "--out", str(tmp_path / "f")]) == 0
+    assert sorted(r["index"] for r in _lines(tmp_path / "f" / "selection.jsonl")) == [0, 1, 2]
 
 
 def test_target_mode_examples_refuses_a_zero_example_and_a_file_target(tmp_path, capsys):

@@ -27,8 +27,8 @@ import numpy as np
 
 from gtp_kernels.atomic import write_atomically
 
-from study import (METHODS, mean_spread, near_copy_picks, plot_accuracy, plot_residuals, residual_curves,
-                   save_figure, select_accepts, select_budget, stage)
+from study import (COLOURS, joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy, plot_residuals,
+                   residual_curves, save_figure, select_accepts, select_budget, stage, variant_table)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 from bbc_news import bbc_articles, minilm_path  # noqa: E402  (the loaders the BBC recipe uses)
@@ -221,25 +221,9 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         rows = target_rows[seed * s.targets : (seed + 1) * s.targets]
         return rows.mean(axis=0) if mode == "mean" else np.ascontiguousarray(rows.T)
 
-    variants = {  # name: (method, target mode, align_threshold, fill, train with NNLS weights)
-        "gtp": ("gtp", "mean", None, None, False),
-        "gtp-cosamp": ("gtp-cosamp", "mean", None, None, False),
-        "topk": ("topk", "mean", None, None, False),
-        "random": ("random", "mean", None, None, False),
-        "gtp align>0": ("gtp", "mean", 0.0, None, False),
-        "gtp per-example": ("gtp", "columns", None, None, False),
-        "gtp per-example align>0": ("gtp", "columns", 0.0, None, False),
-        "gtp nnls-weighted": ("gtp", "mean", None, None, True),
-        "topk per-example": ("topk", "columns", None, None, False),
-    }
-    fills = ["target", "residual"] if select_accepts("fill") else []
-    for fill in fills:
-        variants[f"gtp fill={fill}"] = ("gtp", "mean", None, fill, False)
-        variants[f"gtp per-example fill={fill}"] = ("gtp", "columns", None, fill, False)
-    if fills:
-        variants["gtp align>0 fill=target"] = ("gtp", "mean", 0.0, "target", False)
+    variants = variant_table(select_accepts("targets"))
     results: Dict[str, Any] = {"settings": asdict(s), "topics": topics, "collection": collected["metadata"],
-                               "fill_available": bool(fills), "pools": {}}
+                               "pools": {}}
     for pool_name, index in data["pools"].items():
         n = len(index)
         pool_matrix = matrix[index]
@@ -249,20 +233,18 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         full = train_and_score(row_x[index], row_y[index], test_x, test_y, s.head_c)
         pool_result["full_pool_accuracy"] = {"mean": full, "std": 0.0, "values": [full] * len(s.seeds)}
         with stage(times, f"select + train, {pool_name} pool"):
-            for name, (method, mode, align, fill, weighted) in variants.items():
+            for name, v in variants.items():
                 per_budget: Dict[str, Any] = {}
                 for pct in s.budgets_pct:
                     budget = _budget_rows(pct, n)
                     accs, copies, wrong, sizes, secs, infos = [], [], [], [], [], []
                     for seed in s.seeds:
-                        picked = select_budget(pool_matrix, target_for(seed, mode), budget, method,
-                                               store_weights=weights_for, num_checkpoints=store.t, seed=seed, align_threshold=align, fill=fill)
+                        picked = select_budget(pool_matrix, target_for(seed, v.mode), budget, v.method,
+                                               store_weights=weights_for, num_checkpoints=store.t, seed=seed,
+                                               align_threshold=v.align, fill=v.fill, joint=v.mode == "joint",
+                                               topk_reduce=v.topk_reduce)
                         rows = index[picked.indices]
-                        weights = None
-                        if weighted:
-                            weights = np.maximum(picked.weights, 0.0)
-                            weights = weights * len(weights) / max(weights.sum(), 1e-30)
-                        accs.append(train_and_score(row_x[rows], row_y[rows], test_x, test_y, s.head_c, weights))
+                        accs.append(train_and_score(row_x[rows], row_y[rows], test_x, test_y, s.head_c))
                         copies.append(near_copy_picks(picked.indices, groups))
                         wrong.append(int(mislabelled[rows].sum()))
                         sizes.append(len(rows))
@@ -282,13 +264,23 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
             ks = [k for k in ks if all(len(o) >= k for o in orders.values())]
             pool_result["residual_curve"] = {"k": ks, **residual_curves(
                 pool_matrix, target, ks, orders, store.selection_checkpoint_weights, store.t)}
+            if "gtp joint" in variants:  # the joint objective: per-example columns, RMS relative residual
+                examples = target_for(0, "joint")
+                joint_orders = {name: select_budget(pool_matrix, examples, top, variants[name].method,
+                                                    store_weights=weights_for, num_checkpoints=store.t, seed=0,
+                                                    joint=True, topk_reduce=variants[name].topk_reduce).indices
+                                for name in ("gtp joint", "topk joint mean-cos", "random")}
+                jks = [k for k in ks if all(len(o) >= k for o in joint_orders.values())]
+                pool_result["joint_residual_curve"] = {"k": jks, **joint_residual_curves(
+                    pool_matrix, examples, jks, joint_orders, store.selection_checkpoint_weights, store.t)}
         results["pools"][pool_name] = pool_result
 
     # figures
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, pool_name in zip(axes, results["pools"]):
         pr = results["pools"][pool_name]
-        shown = (*METHODS, "gtp per-example", "topk per-example")  # per-example: one target column per article
+        shown = [m for m in ("gtp", "topk", "random", "gtp per-example", "topk per-example", "gtp joint",
+                             "topk joint mean-cos", "topk joint max-cos") if m in pr["variants"]]
         table = {m: {b: v["accuracy"] for b, v in pr["variants"][m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, pr["full_pool_accuracy"], "test accuracy (3 seeds, mean +- std)",
                       f"BBC News, {pool_name} pool (N={pr['n']})")
@@ -299,18 +291,26 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         curve = results["pools"][pool_name]["residual_curve"]
         plot_residuals(ax, curve["k"], {m: curve[m] for m in ("gtp", "topk", "random")},
                        f"BBC News, {pool_name} pool: residual against k (seed 0)")
+        joint = results["pools"][pool_name].get("joint_residual_curve")
+        if joint:
+            for m in (m for m in joint if m != "k"):
+                ax.plot(joint["k"], joint[m], marker="x", linestyle="--", label=f"{m} (per-example RMS)",
+                        color=COLOURS.get(m, COLOURS.get(m.split(" ")[0])))
+            ax.legend(fontsize=8)
     save_figure(fig, out / "bbc_residual.png")
     plt.close(fig)
     pr = results["pools"]["noisy"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    width = 0.8 / len(METHODS)
-    for j, m in enumerate(METHODS):
+    shown = [m for m in ("gtp", "topk", "random", "gtp per-example", "gtp joint", "topk joint mean-cos")
+             if m in pr["variants"]]
+    width = 0.8 / len(shown)
+    for j, m in enumerate(shown):
         xs = np.arange(len(s.budgets_pct)) + j * width
         axes[0].bar(xs, [np.mean(pr["variants"][m][str(b)]["near_copy_picks"]) for b in s.budgets_pct], width,
-                    label=m)
+                    label=m, color=COLOURS.get(m))
         axes[1].bar(xs, [np.mean(np.asarray(pr["variants"][m][str(b)]["mislabelled_picks"])
                                  / np.asarray(pr["variants"][m][str(b)]["selected"])) for b in s.budgets_pct],
-                    width, label=m)
+                    width, label=m, color=COLOURS.get(m))
     for ax, title in zip(axes, ("near-copy picks (2nd+ member of a copy group)", "share of picks mislabelled")):
         ax.set_xticks(np.arange(len(s.budgets_pct)) + 0.4 - width / 2)
         ax.set_xticklabels([f"{b:g}%" for b in s.budgets_pct])

@@ -23,8 +23,8 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from study import (METHODS, mean_spread, near_copy_picks, plot_accuracy, plot_residuals, residual_curves,
-                   save_figure, select_budget, stage)
+from study import (joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy, plot_residuals,
+                   residual_curves, save_figure, select_accepts, select_budget, stage, variant_table, COLOURS)
 
 SKILLS = ("add", "rev", "sort", "get")
 TARGET_SKILL = "sort"
@@ -303,8 +303,9 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
     def weights_for(method: str):
         return store.weights_for(REGISTRY[method].block_scale_invariant)
 
-    def target_for(seed: int) -> np.ndarray:
-        return target_rows[seed * s.targets : (seed + 1) * s.targets].mean(axis=0)
+    def target_for(seed: int, mode: str = "mean") -> np.ndarray:
+        rows = target_rows[seed * s.targets : (seed + 1) * s.targets]
+        return rows.mean(axis=0) if mode == "mean" else np.ascontiguousarray(rows.T)
 
     results: Dict[str, Any] = {"settings": asdict(s), "target_skill": TARGET_SKILL, "n": n,
                                "wrong_answers": int(wrong.sum()), "duplicate_rows": len(data["group_of"]),
@@ -328,16 +329,17 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
 
         full = [scored(np.arange(n), seed) for seed in s.seeds]
         results["full_pool"] = {m: mean_spread([f[m] for f in full]) for m in ("exact_match", "answer_loss")}
-        runs = {m: (m, None) for m in METHODS}
-        runs.update({"gtp fill=target": ("gtp", "target"), "gtp fill=residual": ("gtp", "residual")})
-        for name, (method, fill) in runs.items():
+        runs = variant_table(select_accepts("targets"))
+        for name, v in runs.items():
             per_budget = {}
             for pct in s.budgets_pct:
                 budget = max(1, round(pct * n / 100))
                 scores, copies, bad, skill, secs = [], [], [], [], []
                 for seed in s.seeds:
-                    picked = select_budget(matrix, target_for(seed), budget, method, store_weights=weights_for,
-                                           num_checkpoints=store.t, seed=seed, fill=fill)
+                    picked = select_budget(matrix, target_for(seed, v.mode), budget, v.method,
+                                           store_weights=weights_for, num_checkpoints=store.t, seed=seed,
+                                           align_threshold=v.align, fill=v.fill, joint=v.mode == "joint",
+                                           topk_reduce=v.topk_reduce)
                     scores.append(scored(picked.indices, seed))
                     copies.append(near_copy_picks(picked.indices, data["group_of"]))
                     bad.append(int(wrong[picked.indices].sum()))
@@ -359,16 +361,33 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
         ks = [k for k in ks if all(len(o) >= k for o in orders.values())]
         results["residual_curve"] = {"k": ks, **residual_curves(matrix, target, ks, orders,
                                                                  store.selection_checkpoint_weights, store.t)}
+        if "gtp joint" in runs:  # the joint objective: per-example columns, RMS relative residual
+            examples = target_for(0, "joint")
+            joint_orders = {name: select_budget(matrix, examples, top, runs[name].method, store_weights=weights_for,
+                                                num_checkpoints=store.t, seed=0, joint=True,
+                                                topk_reduce=runs[name].topk_reduce).indices
+                            for name in ("gtp joint", "topk joint mean-cos", "random")}
+            jks = [k for k in ks if all(len(o) >= k for o in joint_orders.values())]
+            results["joint_residual_curve"] = {"k": jks, **joint_residual_curves(
+                matrix, examples, jks, joint_orders, store.selection_checkpoint_weights, store.t)}
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     for ax, metric, label in ((axes[0], "exact_match", "exact match, held-out sort prompts"),
                               (axes[1], "answer_loss", "answer loss, held-out sort prompts")):
-        table = {m: {b: v[metric] for b, v in variants[m].items()} for m in (*METHODS, "gtp fill=target")}
+        shown = [m for m in ("gtp fill=target", "topk", "random", "gtp per-example", "topk per-example", "gtp joint",
+                             "gtp joint fill=target", "topk joint mean-cos") if m in variants]
+        table = {m: {b: v[metric] for b, v in variants[m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, results["full_pool"][metric], label + " (mean +- std)",
                       f"chat mixture, target skill {TARGET_SKILL!r}")
     curve = results["residual_curve"]
     plot_residuals(axes[2], curve["k"], {m: curve[m] for m in ("gtp", "topk", "random")},
                    "chat mixture: residual against k (seed 0)")
+    joint = results.get("joint_residual_curve")
+    if joint:  # per-example targets: RMS over the columns of the relative residual
+        for m in (m for m in joint if m != "k"):
+            axes[2].plot(joint["k"], joint[m], marker="x", linestyle="--", label=f"{m} (per-example RMS)",
+                         color=COLOURS.get(m, COLOURS.get(m.split(" ")[0])))
+        axes[2].legend(fontsize=8)
     save_figure(fig, out / "chat_quality.png")
     plt.close(fig)
     (cache / "chat_results.json").write_text(json.dumps(results, default=str))

@@ -33,10 +33,11 @@ def _fmt(stat, digits: int = 1, scale: float = 100.0) -> str:
 
 
 def _residual_table(curve: dict, title: str) -> list:
-    """Markdown lines: the relative residual against k for gtp, top-k and random."""
+    """Markdown lines: the relative residual against k, one row per method of the curve."""
     lines = ["", title, "", "| k | " + " | ".join(str(k) for k in curve["k"]) + " |",
              "|---" * (len(curve["k"]) + 1) + "|"]
-    lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in curve[m]) + " |" for m in ("gtp", "topk", "random")]
+    lines += [f"| {m} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+              for m, values in curve.items() if m != "k"]
     return lines + [""]
 
 def tables(results) -> str:
@@ -62,7 +63,11 @@ def tables(results) -> str:
                 cells = [f"{sum(per[b]['near_copy_picks'])} / {sum(per[b]['mislabelled_picks'])} / "
                          f"{sum(per[b]['selected'])}" for b in budgets]
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
-            lines += _residual_table(pr["residual_curve"], "Relative residual against k (seed 0, `gk.fit_residual`)")
+            lines += _residual_table(pr["residual_curve"], "Relative residual against k, mean target (seed 0, "
+                                     "`gk.fit_residual`)")
+            if "joint_residual_curve" in pr:
+                lines += _residual_table(pr["joint_residual_curve"], "Per-example targets: root mean square over "
+                                         "the 24 columns of the relative residual against k (seed 0)")
     chat = results.get("chat")
     if chat:
         budgets = [str(b) for b in chat["settings"]["budgets_pct"]]
@@ -88,7 +93,10 @@ def tables(results) -> str:
                      f"{sum(per[b]['on_target_skill_share']) / len(per[b]['on_target_skill_share']):.2f}"
                      for b in budgets]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
-        lines += _residual_table(chat["residual_curve"], "Relative residual against k (seed 0)")
+        lines += _residual_table(chat["residual_curve"], "Relative residual against k, mean target (seed 0)")
+        if "joint_residual_curve" in chat:
+            lines += _residual_table(chat["joint_residual_curve"], "Per-example targets: root mean square over the "
+                                     "columns of the relative residual against k (seed 0)")
     lines += ["### Stage times (wall seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"

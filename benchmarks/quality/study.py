@@ -49,23 +49,31 @@ def round_robin(per_column: Sequence[np.ndarray], budget: int) -> np.ndarray:
 
 def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: str, *, store_weights,
                   seed: int, num_checkpoints: int, align_threshold: Optional[float] = None,
-                  fill: Optional[str] = None) -> Picked:
+                  fill: Optional[str] = None, joint: bool = False, topk_reduce: Optional[str] = None) -> Picked:
     """``budget`` rows by ``method`` for a (D,) target or a (D, m) target (one column per target
-    example). ``select`` holds k per column: with m columns each is asked for ceil(budget / m)
-    rows and the union is taken round-robin (every column's first pick, then every second, ...)
-    up to the budget. ``fill`` (when this gtp_kernels has it) tops each column up to its k."""
+    example).
+
+    Per-column (``joint=False``): ``select`` holds k per column, so with m columns each is asked
+    for ceil(budget / m) rows and the union is taken round-robin (every column's first pick, then
+    every second, ...) up to the budget. Joint (``joint=True``, a (D, m) target): one selection of
+    ``budget`` rows in all for every column (``select(..., targets="joint")``). ``fill`` tops each
+    column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k."""
     columns = 1 if target.ndim == 1 else target.shape[1]
-    per_column_k = max(1, -(-budget // columns))
+    per_column_k = budget if joint else max(1, -(-budget // columns))
     options: Dict[str, Any] = {"method": method, "checkpoint_weights": store_weights(method), "seed": seed,
                                "num_checkpoints": num_checkpoints}
     if align_threshold is not None:
         options["align_threshold"] = align_threshold
     if fill is not None:
         options["fill"] = fill
+    if joint:
+        options["targets"] = "joint"
+    if topk_reduce is not None:
+        options["topk_reduce"] = topk_reduce
     started = time.perf_counter()
     selection = gk.select(matrix, target, per_column_k, **options)
     seconds = time.perf_counter() - started
-    if columns == 1:
+    if columns == 1 or joint:
         indices = np.asarray(selection.indices, dtype=np.int64)[:budget]
         weights = np.asarray(selection.weights, dtype=np.float64)[:budget]
     else:
@@ -74,8 +82,48 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         weights = np.asarray([total[i] for i in indices.tolist()], dtype=np.float64)
     filled = getattr(selection, "num_filled", 0)
     info = {"guard_excluded": selection.params.get("guard_excluded", 0), "filled": int(filled),
-            "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target})}
+            "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target}),
+            "relative_residual": selection.relative_residual}
     return Picked(indices, weights, seconds, info)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the study's tables: a method with its target construction and options.
+
+    mode: "mean" (one column, the mean target gradient), "columns" (one column per target
+    example, each its own share of the budget, union round-robin) or "joint" (one column per
+    target example, one selection for all: ``targets="joint"``)."""
+
+    method: str
+    mode: str = "mean"
+    align: Optional[float] = None
+    fill: Optional[str] = None
+    topk_reduce: Optional[str] = None
+
+
+def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
+    """The study's variants (both tasks). Dropped after the first study showed nothing (identical or worse in
+    every cell): align>0 on the mean and per-example targets, training on the NNLS weights, and
+    fill="residual" (ties or loses to fill="target")."""
+    variants = {
+        "gtp": Variant("gtp"),
+        "gtp-cosamp": Variant("gtp-cosamp"),
+        "topk": Variant("topk"),
+        "random": Variant("random"),
+        "gtp fill=target": Variant("gtp", fill="target"),
+        "gtp per-example": Variant("gtp", "columns"),
+        "topk per-example": Variant("topk", "columns"),
+    }
+    if joint_available:
+        variants.update({
+            "gtp joint": Variant("gtp", "joint"),
+            "gtp joint fill=target": Variant("gtp", "joint", fill="target"),
+            "gtp joint align>0": Variant("gtp", "joint", align=0.0),
+            "topk joint mean-cos": Variant("topk", "joint", topk_reduce="mean"),
+            "topk joint max-cos": Variant("topk", "joint", topk_reduce="max"),
+        })
+    return variants
 
 
 def near_copy_picks(indices: Sequence[int], group_of: Dict[int, int]) -> int:
@@ -97,6 +145,20 @@ def residual_curves(matrix: np.ndarray, target: np.ndarray, ks: Sequence[int], o
         curves[name] = [float(gk.fit_residual(matrix, target, order[:k], checkpoint_weights=weights,
                                                 num_checkpoints=num_checkpoints))
                         for k in ks]
+    return curves
+
+
+def joint_residual_curves(matrix: np.ndarray, targets: np.ndarray, ks: Sequence[int], orders: Dict[str, np.ndarray],
+                          weights, num_checkpoints: int) -> Dict[str, List[float]]:
+    """For a (D, m) target of m examples: the root mean square over columns of each column's
+    relative residual after its best non-negative fit on the first k picks (the joint objective
+    on unit-norm columns, ``select(..., targets="joint")``)."""
+    curves = {}
+    for name, order in orders.items():
+        curves[name] = [float(np.sqrt(np.mean([
+            gk.fit_residual(matrix, targets[:, j], order[:k], checkpoint_weights=weights,
+                            num_checkpoints=num_checkpoints) ** 2 for j in range(targets.shape[1])])))
+            for k in ks]
     return curves
 
 
@@ -124,9 +186,10 @@ def save_figure(fig, path: Path) -> None:
     write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"))
 
 
-COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "tab:cyan", "topk": "tab:red", "random": "tab:gray",
-           "full pool": "black", "gtp fill=target": "tab:green", "gtp fill=residual": "tab:olive",
-           "gtp per-example": "tab:purple", "topk per-example": "tab:orange"}
+COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "lightsteelblue", "topk": "tab:red", "random": "tab:gray",
+           "full pool": "black", "gtp fill=target": "tab:cyan",
+           "gtp per-example": "tab:purple", "topk per-example": "tab:orange", "gtp joint": "tab:green",
+           "gtp joint fill=target": "tab:olive", "topk joint mean-cos": "tab:pink", "topk joint max-cos": "tab:brown"}
 
 
 def plot_accuracy(ax, budgets_pct: Sequence[float], table: Dict[str, Dict[str, Dict[str, float]]],

@@ -94,6 +94,9 @@ def select_from_stores(candidates: StoreReader, target: StoreReader | Any, k: in
         target: a target store (checked compatible with the candidates, :func:`.store.check_compatible`;
             made a target by :func:`.targets.store_target` with ``target_mode``), or a target as
             ``select`` takes it ((T*d,) or (T*d, m)).
+        target_mode: "mean" (one column, the mean of the target examples), "examples" (one column
+            per example, each its own k rows) or "joint" (one column per example and k rows in all
+            shared by them: ``select(..., targets="joint")``).
         k, method: as ``select``.
         checkpoint_weights: w_t to use instead of the store's; refused when the candidates' blocks
             already carry their weights (they would be applied twice).
@@ -111,7 +114,9 @@ def select_from_stores(candidates: StoreReader, target: StoreReader | Any, k: in
         from .store import check_compatible
 
         check_compatible(candidates, target)  # e.g. another projection seed: rows in other spaces
-        target = store_target(target, target_mode)
+        target = store_target(target, "examples" if target_mode == "joint" else target_mode)
+    if target_mode == "joint":  # one column per target example, k rows in all (selection/joint.py)
+        select_options.setdefault("targets", "joint")
     if checkpoint_weights is not None and candidates.weights_applied:
         raise InputError(f"checkpoint_weights: the rows of {candidates.path} already carry their checkpoint weights "
                          "(weights_applied); passing weights again would apply them twice")

@@ -292,6 +292,10 @@ class Selection:
     array (rows past a target's stop repeat its last value), ``row_targets`` the target columns
     each row serves; ``per_target`` keeps each target's own result.
 
+    With ``targets="joint"`` k is the budget in all: every column's result lists the same rows
+    (the shared selection), each with that column's own weights (0 where its fit does not use
+    the row), and ``weights`` is the mean over columns of w_j / ||b_j||_W (selection/joint.py).
+
     ``weights`` are the non-negative least-squares coefficients w of b ~ A_S^T w for the GTP
     methods; for ``topk`` they are the LESS scores of the chosen rows (cosines, possibly
     negative), for ``random`` ones (``fit_weights``, from ``METHODS[name].fit_weights``). Rows added by
@@ -306,6 +310,7 @@ class Selection:
     # the weights are fit coefficients, summed over targets (select: METHODS[method].fit_weights);
     # False: scores or ones, of which the largest is kept
     fit_weights: bool = True
+    targets: str = "columns"  # "joint": k rows in all, shared by every column (selection/joint.py)
 
     @property
     def num_targets(self) -> int:
@@ -330,13 +335,15 @@ class Selection:
 
     @property
     def weights(self) -> np.ndarray:
-        if len(self.per_target) == 1:
+        if len(self.per_target) == 1 and self.targets != "joint":
             return self.per_target[0].weights
         add = self.fit_weights  # scores and ones are not summed: the best one
         total: Dict[int, float] = {}
+        joint = add and self.targets == "joint"  # the mean over columns of w_j / ||b_j||_W
         for ts in self.per_target:
+            scale = len(self.per_target) * float(ts.residual_norms[0]) if joint else 1.0
             for i, w in zip(ts.indices.tolist(), ts.weights.tolist()):
-                total[i] = (total.get(i, 0.0) + w) if add else max(total.get(i, -float("inf")), w)
+                total[i] = (total.get(i, 0.0) + w / scale) if add else max(total.get(i, -float("inf")), w)
         return np.asarray([total[i] for i in self.indices.tolist()], dtype=np.float64)
 
     @property
@@ -426,7 +433,8 @@ class Selection:
     def __repr__(self) -> str:
         rel = self.relative_residual
         rel_s = "n/a" if rel is None else f"{rel:.4g}"
-        k_s = f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target"
+        k_s = (f"k={self.k}" if self.num_targets == 1 else f"k={self.k} per target") if self.targets != "joint" \
+            else f"k={self.k} in all, joint"
         filled = f" ({self.num_filled} filled)" if self.num_filled else ""
         return (f"Selection(method={self.method!r}, {k_s}, selected={len(self.indices)}{filled}, "
                 f"targets={self.num_targets}, relative_residual={rel_s}, "
