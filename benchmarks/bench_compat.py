@@ -15,7 +15,6 @@ cords==0.0.4). Usage: python benchmarks/bench_compat.py
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 
@@ -26,25 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_seconds, script_help  # noqa: E402
 
 from gtp_kernels.compat import OrthogonalMP_REG, OrthogonalMP_REG_Parallel, orthogonal_mp  # noqa: E402
+from gtp_kernels.compat.cords import load_cords_solvers  # noqa: E402
 
 SHAPES = [(2000, 256, 50), (10000, 1024, 100), (20000, 1024, 200)]  # (N, D, k)
 REPEAT = 3
-
-
-def load_cords():
-    spec = importlib.util.find_spec("cords")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "selectionstrategies", "helpers",
-                        "omp_solvers.py")
-    saved = np.geterr()
-    try:
-        s = importlib.util.spec_from_file_location("cords_omp_solvers", path)
-        module = importlib.util.module_from_spec(s)
-        s.loader.exec_module(module)
-    finally:
-        np.seterr(**saved)  # it sets np.seterr(all="raise") on import
-    return module
 
 
 def problem(n, d, seed=0):
@@ -60,7 +44,7 @@ def main() -> None:
     script_help(__doc__)
     from sklearn.linear_model import orthogonal_mp as sk_orthogonal_mp
 
-    cords = load_cords()
+    cords = load_cords_solvers()
     print(f"torch threads: {torch.get_num_threads()}; median of {REPEAT} after a warm-up; "
           f"cords: {'0.0.4' if cords is not None else 'not installed'}")
     header = f"{'solver':<34} {'N':>6} {'D':>5} {'k':>4} {'theirs s':>9} {'ours s':>8} {'ratio':>6}  same rows"

@@ -3,15 +3,13 @@
 CORDS (pip install --no-deps cords==0.0.4; .ci/run installs it, test-only) is read from its
 module file cords/selectionstrategies/helpers/omp_solvers.py, loaded by path: importing the
 package's strategies would pull torchvision, ray and the rest of its dependencies, while this
-module needs only numpy, scipy and torch. The module sets np.seterr(all="raise") on import;
+module needs only numpy, scipy and torch (gtp_kernels.compat.cords.load_cords_solvers);
 the loader restores numpy's error state so that nothing else in the session is affected, and
 each CORDS call runs under its own setting. Without cords the side-by-side tests skip; the
 convention tests run regardless.
 """
 import contextlib
-import importlib.util
 import inspect
-import os
 
 import numpy as np
 import pytest
@@ -19,27 +17,10 @@ import torch
 
 import gtp_kernels as gk
 from gtp_kernels.compat import OrthogonalMP_REG, OrthogonalMP_REG_Parallel, OrthogonalMP_REG_Parallel_V1
+from gtp_kernels.compat.cords import load_cords_solvers
 
 
-def _load_cords_solvers():
-    spec = importlib.util.find_spec("cords")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "selectionstrategies", "helpers",
-                        "omp_solvers.py")
-    if not os.path.exists(path):
-        return None
-    saved = np.geterr()
-    try:
-        module_spec = importlib.util.spec_from_file_location("cords_omp_solvers", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    finally:
-        np.seterr(**saved)
-    return module
-
-
-CORDS = _load_cords_solvers()
+CORDS = load_cords_solvers()
 needs_cords = pytest.mark.skipif(CORDS is None, reason="cords is not installed (pip install --no-deps cords==0.0.4)")
 
 
@@ -181,3 +162,15 @@ def test_bad_shapes_raise():
         OrthogonalMP_REG(A[0].numpy(), b.numpy())
     with pytest.raises(TypeError, match="floating-point"):
         OrthogonalMP_REG(A.numpy().astype(np.int64), b.numpy())
+
+
+def test_cords_loader_restores_numpy_error_state_and_reports_absence(monkeypatch):
+    before = np.geterr()
+    module = load_cords_solvers()
+    assert np.geterr() == before  # CORDS's module sets np.seterr(all="raise") on import
+    if module is not None:
+        assert callable(module.OrthogonalMP_REG_Parallel)
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert load_cords_solvers() is None

@@ -529,3 +529,28 @@ def test_numpy_integer_arguments_project_as_python_ints():
     got = project(g, np.int64(8), np.uint64(5), feature_offset=np.int32(7), scale=np.float32(1.0), backend="torch")
     assert torch.equal(got, expected)
     assert torch.equal(projection_matrix(np.int64(8), np.int64(40), np.uint64(5)), projection_matrix(8, 40, 5))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inputs_that_require_grad_record_no_graph(backend):
+    # Per-example gradients from torch.func over parameters that require grad require grad
+    # themselves; the torch path used to record grads @ Pi^T, so autograd held every generated
+    # block of Pi alive through ``out`` (3.3 GB per call in bench_bergson_collect.py).
+    torch.manual_seed(3)
+    params = torch.randn(5, 37, dtype=torch.float64, device=KERNEL_DEVICE, requires_grad=True)
+    grads = (params * 1.5).float()  # a non-leaf that requires grad, like torch.func.grad's outputs
+    assert grads.requires_grad
+    reference, _ = _dense_reference(grads.detach(), 12, 4, "rademacher", 0)
+    out = torch.full((5, 12), SENTINEL, device=KERNEL_DEVICE)
+    got = project(grads, 12, seed=4, out=out, backend=backend)
+    assert got.grad_fn is None and not got.requires_grad
+    torch.testing.assert_close(got.double().cpu(), reference + SENTINEL, rtol=1e-5, atol=1e-4)
+
+    inputs = torch.randn(2, 3, 7, device=KERNEL_DEVICE, requires_grad=True) * 1.0
+    out_grads = torch.randn(2, 3, 5, device=KERNEL_DEVICE, requires_grad=True) * 1.0
+    factored = project_linear_factored(inputs, out_grads, 4, 3, seed=2, backend=backend)
+    assert factored.grad_fn is None and not factored.requires_grad
+    explicit = torch.einsum("bso,bsi->boi", out_grads.detach().double(), inputs.detach().double()).reshape(2, -1)
+    pi = torch.kron(projection_matrix(3, 5, 2, "rademacher", 0, dtype=torch.float64, output_factor=True),
+                    projection_matrix(4, 7, 2, "rademacher", 0, dtype=torch.float64))
+    torch.testing.assert_close(factored.double().cpu(), explicit.cpu() @ pi.T, rtol=1e-5, atol=1e-5)

@@ -129,3 +129,31 @@ def OrthogonalMP_REG(A: Union[np.ndarray, torch.Tensor], b: Union[np.ndarray, to
     w = np.zeros(n, dtype=np.float64)
     w[idx.numpy()] = weights.numpy()
     return w
+
+
+def load_cords_solvers() -> Optional[Any]:
+    """CORDS's own ``omp_solvers`` module, for side-by-side comparisons; None without cords.
+
+    Loaded by file path (cords/selectionstrategies/helpers/omp_solvers.py) because importing
+    the package's strategies pulls torchvision, ray and the rest of CORDS's dependencies, while
+    this module needs only numpy, scipy and torch. It sets ``np.seterr(all="raise")`` on
+    import; numpy's error state is restored afterwards so nothing else is affected.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("cords")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "selectionstrategies", "helpers",
+                        "omp_solvers.py")
+    if not os.path.exists(path):
+        return None
+    saved = np.geterr()
+    try:
+        module_spec = importlib.util.spec_from_file_location("cords_omp_solvers", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    finally:
+        np.seterr(**saved)
+    return module

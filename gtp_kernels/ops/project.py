@@ -387,6 +387,7 @@ def _project_into_impl(grads: torch.Tensor, d: int, seed: int, kind: str, featur
 _SEED_WRAP = 2**64
 
 
+@torch.no_grad()
 def _project_accumulate_kernel(grads, out, col_start, d, seed, kind, feature_offset, multiplier, output_factor,
                                backend) -> None:
     _project_into_impl(grads, d, seed % _SEED_WRAP, kind, feature_offset, out[:, col_start:col_start + d],
@@ -412,6 +413,7 @@ def _project_into(grads: torch.Tensor, d: int, seed: int, kind: str, feature_off
                            backend)
 
 
+@torch.no_grad()
 def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", feature_offset: int = 0,
             out: torch.Tensor | None = None, out_columns: slice | None = None, scale: float = 1.0,
             backend: str = "auto", check_finite: bool = True) -> torch.Tensor:
@@ -429,6 +431,10 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     next to the B x P input; on CUDA it waits for the kernel) raises InputError when any is
     NaN/Inf: grads holding NaN/Inf, or a result overflowing float32. A given ``out`` has then
     been accumulated into. Pass False in a loop that checks its own results.
+
+    Not differentiable: it runs under torch.no_grad on every path (the Triton kernel records no
+    graph either), so gradients that still require grad (torch.func outputs of parameters that
+    require grad) are projected without autograd holding every generated block of Pi alive.
     """
     _check_grads("grads", grads, 2)
     check_backend(backend, grads.device)  # triton on CPU tensors only in the interpreter
@@ -445,6 +451,7 @@ def project(grads: torch.Tensor, d: int, seed: int, kind: str = "rademacher", fe
     return out
 
 
+@torch.no_grad()
 def project_linear_factored(inputs: torch.Tensor, out_grads: torch.Tensor, d_in: int, d_out: int, seed: int,
                             kind: str = "rademacher", feature_offset: int = 0,
                             token_mask: torch.Tensor | None = None, out: torch.Tensor | None = None,
