@@ -149,6 +149,33 @@ def test_passes_never_hold_more_than_a_chunk_of_upcast_rows(monkeypatch):
     assert largest and max(largest) <= 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gtp", "gtp-cosamp"])
+def test_passes_read_16_bit_chunks_in_their_stored_dtype(monkeypatch, method, dtype):
+    """On CPU the pursuits' passes over a 16-bit row source hand each chunk as stored to the
+    row-products op (which converts in registers): no float32 copy of a chunk is made for them."""
+    from gtp_kernels.selection import pursuit
+
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(dtype)
+    source = RowSource([tensor[lo:hi] for lo, hi in zip(SPLITS[:-1], SPLITS[1:])])
+    seen = []
+    real = pursuit.row_products
+
+    def spying_row_products(a, x, **kwargs):
+        seen.append((a.dtype, a.shape[0]))
+        return real(a, x, **kwargs)
+
+    monkeypatch.setattr(pursuit, "row_products", spying_row_products)
+    want = gk.select(tensor, b, 12, method="gtp-reference")  # float32 products of the stored values
+    got = gk.select(source, b, 12, method=method)
+    assert seen and {d for d, _ in seen} == {dtype}
+    assert sum(n for _, n in seen) >= 301  # at least one whole pass went through it
+    if method == "gtp":
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-4)
+
+
 def test_to_device_copies_a_block_at_a_time():
     A, _ = _pool()
     source = RowSource(_blocks(A))
