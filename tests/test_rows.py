@@ -176,6 +176,38 @@ def test_passes_read_16_bit_chunks_in_their_stored_dtype(monkeypatch, method, dt
         np.testing.assert_allclose(got.weights, want.weights, rtol=1e-4)
 
 
+def test_memory_mapped_blocks_get_read_ahead_hints(tmp_path, monkeypatch):
+    """A pass over memory-mapped blocks advises each block sequential and asks for the next
+    chunk (this block's, or the next block's first) before yielding the current one; the
+    ranges lie inside the maps; the rows read are unchanged. Plain arrays get no hints."""
+    A, _ = _pool(n=301)
+    np.save(tmp_path / "a.npy", A[:150])
+    np.save(tmp_path / "b.npy", A[150:])
+    maps = [np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")[3:]]
+    calls = []
+    real = rows_module._advise
+
+    def spying_advise(region, first_row, rows, advice):
+        if region is not None:
+            mapping, offset, row_bytes = region
+            assert row_bytes == 48 * 4 and 0 <= offset + first_row * row_bytes < len(mapping)
+            calls.append((id(mapping), first_row, rows, advice))
+        return real(region, first_row, rows, advice)
+
+    monkeypatch.setattr(rows_module, "_advise", spying_advise)
+    source = RowSource(maps + [A[:5]])  # a plain array last: no region, no hints
+    got = np.concatenate([c.numpy() for _, c in source.chunks(48 * 40)])  # chunks of 40 rows
+    np.testing.assert_array_equal(got, np.concatenate([A[:150], A[153:], A[:5]]).reshape(-1, 48))
+    seq, need = rows_module._MADV_SEQUENTIAL, rows_module._MADV_WILLNEED
+    first, second = id(maps[0]._mmap), id(maps[1]._mmap)
+    assert (first, 0, 150, seq) in calls and (second, 0, 148, seq) in calls
+    assert [(m, r) for m, r, _, a in calls if a == need] == [(first, 40), (first, 80), (first, 120), (second, 0),
+                                                             (second, 40), (second, 80), (second, 120)]
+    assert rows_module._mapped_region(A) is None and rows_module._mapped_region(maps[1][::2]) is None
+    offset = rows_module._mapped_region(maps[1])[1]
+    assert offset == rows_module._mapped_region(np.load(tmp_path / "b.npy", mmap_mode="r"))[1] + 3 * 48 * 4
+
+
 def test_to_device_copies_a_block_at_a_time():
     A, _ = _pool()
     source = RowSource(_blocks(A))

@@ -4,7 +4,7 @@
     pool = collect_trajectory("path/to/model", "pool.jsonl", "pool_store")            # warm-up + Adam grads
     val = collect_trajectory("path/to/model", "val.jsonl", "val_store",
                              checkpoints="pool_store/warmup", gradient_type="sgd")    # targets
-    sel = gtp_kernels.select(pool.candidates(), val.mean(), k,
+    sel = gtp_kernels.select(pool, val.mean(), k,   # the store itself: its shards stay memory-mapped
                              checkpoint_weights=pool.selection_checkpoint_weights)
     chosen_ids = [pool.ids[i] for i in sel.indices]
 
