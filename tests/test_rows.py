@@ -176,6 +176,59 @@ def test_passes_read_16_bit_chunks_in_their_stored_dtype(monkeypatch, method, dt
         np.testing.assert_allclose(got.weights, want.weights, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosamp_samples_16_bit_rows_as_stored(monkeypatch, dtype):
+    """On CPU gtp-cosamp keeps its sample in the stored 16-bit dtype (half the memory of a float32
+    copy): the same products, so the same selection bit for bit as with an upcast sample."""
+    from gtp_kernels.selection import cosamp
+
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(dtype)
+    source = RowSource([tensor[lo:hi] for lo, hi in zip(SPLITS[:-1], SPLITS[1:])])
+    buffers = []
+    real_gather = cosamp._SampledPursuit._gather
+
+    def spying_gather(self, A_, idx):
+        rows = real_gather(self, A_, idx)
+        buffers.append(rows.dtype)
+        return rows
+
+    monkeypatch.setattr(cosamp._SampledPursuit, "_gather", spying_gather)
+    stored = gk.select(source, b, 12, method="gtp-cosamp")
+    assert buffers and set(buffers) == {dtype}
+    monkeypatch.setattr(cosamp, "sample_keeps_stored_dtype", lambda A_, dtype_: False)
+    buffers.clear()
+    upcast = gk.select(source, b, 12, method="gtp-cosamp")
+    assert set(buffers) == {torch.float32}
+    np.testing.assert_array_equal(stored.indices, upcast.indices)
+    np.testing.assert_array_equal(stored.weights, upcast.weights)
+    np.testing.assert_array_equal(stored.residual_norms, upcast.residual_norms)
+
+
+def test_cosamp_sample_bytes_are_capped(monkeypatch):
+    """The sample never holds more than MAX_SAMPLE_BYTES of rows (here 20 rows of 48 fp16
+    values), however large N; the selection still reaches k with a residual like exact pursuit's."""
+    from gtp_kernels.selection import cosamp
+
+    monkeypatch.setattr(cosamp, "MAX_SAMPLE_BYTES", 20 * 48 * 2)
+    monkeypatch.setattr(cosamp, "MIN_SAMPLE", 8)
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(torch.float16)
+    sizes = []
+    real_gather = cosamp._SampledPursuit._gather
+
+    def spying_gather(self, A_, idx):
+        sizes.append(len(idx))
+        return real_gather(self, A_, idx)
+
+    monkeypatch.setattr(cosamp._SampledPursuit, "_gather", spying_gather)
+    capped = gk.select(tensor, b, 12, method="gtp-cosamp")
+    assert sizes and max(sizes) <= 20
+    exact = gk.select(tensor, b, 12, method="gtp")
+    assert len(capped.indices) == 12
+    assert gk.fit_residual(tensor, b, capped.indices) <= 1.05 * gk.fit_residual(tensor, b, exact.indices)
+
+
 def test_memory_mapped_blocks_get_read_ahead_hints(tmp_path, monkeypatch):
     """A pass over memory-mapped blocks advises each block sequential and asks for the next
     chunk (this block's, or the next block's first) before yielding the current one; the
