@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
               f"all {[round(x, 1) for x in reps]}; peak anon {floor['peak_anon'] / 2**30:.2f} GiB; "
               f"page cache {_cached_gib():.1f} GiB; load {_load()}", flush=True)
         for method in args.methods.split(","):
-            cap = args.max_seconds if method == "gtp" else 0
+            cap = args.max_seconds if method == "gtp" else args.max_seconds_cosamp
             res = _run_one({**common, "mode": method, "max_seconds": cap, "kwargs": {}}, args.threads)
             times = sorted(res["pass_seconds"])
             per_pass = times[len(times) // 2] if times else float("nan")  # median full pass
@@ -316,6 +316,7 @@ def main() -> None:
     rn.add_argument("--small-n", type=int, default=67_584)
     rn.add_argument("--methods", default="gtp-cosamp,gtp")
     rn.add_argument("--max-seconds", type=float, default=1500.0, help="cap for the exact gtp run (0: none)")
+    rn.add_argument("--max-seconds-cosamp", type=float, default=0.0, help="cap for the gtp-cosamp run (0: none)")
     rn.add_argument("--floor-reps", type=int, default=3)
     rn.add_argument("--threads", type=int, default=1)
     rn.add_argument("--warm", dest="cold", action="store_false",
