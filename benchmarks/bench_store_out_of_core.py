@@ -254,7 +254,8 @@ def run(args: argparse.Namespace) -> None:
 
     store = open_store(args.store)
     dim = store.t * store.d
-    pools = [("full", store.n), ("small", min(args.small_n, store.n))]
+    pools = [(name, n) for name, n in (("full", store.n), ("small", min(args.small_n, store.n)))
+             if name in args.pools.split(",")]
     rows_out = []
     print(f"store {args.store}: N={store.n} T={store.t} d={store.d} {store.dtype}; k={args.k}; "
           f"threads={args.threads}; load {_load()}", flush=True)
@@ -315,6 +316,7 @@ def main() -> None:
     rn.add_argument("--k", type=int, default=1000)
     rn.add_argument("--small-n", type=int, default=67_584)
     rn.add_argument("--methods", default="gtp-cosamp,gtp")
+    rn.add_argument("--pools", default="full,small", help="which pools: full (all N rows), small (--small-n)")
     rn.add_argument("--max-seconds", type=float, default=1500.0, help="cap for the exact gtp run (0: none)")
     rn.add_argument("--max-seconds-cosamp", type=float, default=0.0, help="cap for the gtp-cosamp run (0: none)")
     rn.add_argument("--floor-reps", type=int, default=3)
