@@ -1,10 +1,12 @@
 """CPU row products Y = A X^T (ops.products.row_products): the compiled kernel vs torch's
 A @ X.T (MKL here) and the read floor (one plain read of A, ``A.sum()``), for the product
-widths the pursuits use: p = 1 (one residual), 8 (eight targets), 17 (a column fetch).
+widths the pursuits use: p = 1 (one residual), 8 (eight targets), 17 (a column fetch); fp16 and
+bf16 pools against the torch path (a block of rows upcast to float32, then A @ X.T).
 Also the float64 k-sized side (Gram column, residual) from float32 rows vs torch float64.
 
     python -m pytest benchmarks/bench_products.py --benchmark-only
     python benchmarks/bench_products.py          # side-by-side table with ratios
+    python benchmarks/bench_products.py --only-16-bit   # the fp16/bf16 table alone
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ EXT = products._C is not None
 # (N, D, p)
 CASES = [(10_000, 1024, 1), (10_000, 1024, 8), (10_000, 1024, 17), (100_000, 2048, 1), (20_000, 8192, 17)]
 QUICK = [(10_000, 1024, 1), (10_000, 1024, 17)]
+# fp16 / bf16 pools, (N, D, p): 268 MB of A
+HALF_CASES = [(16_384, 8192, 1), (16_384, 8192, 4), (16_384, 8192, 17)]
 # (support size, D) of the k-sized side
 SIDE = [(100, 1024), (400, 1024), (800, 1024)]
 
@@ -60,8 +64,11 @@ def _median_ms(fn, repeat=15):
     return median_seconds(fn, repeat) * 1e3
 
 
-def main() -> None:
+def main(only_16_bit: bool = False) -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, kernel: {products.rows_dot_isa()}")
+    if only_16_bit:
+        half_table()
+        return
     print("| N | D | p | kernel ms | torch A @ X.T ms | read of A ms | torch / kernel | kernel / read |")
     print("|---|---|---|---|---|---|---|---|")
     for n, d, p in CASES:
@@ -71,8 +78,33 @@ def main() -> None:
         read = _median_ms(lambda: A.sum())
         print(f"| {n} | {d} | {p} | {ours:.2f} | {mkl:.2f} | {read:.2f} | {mkl / ours:.2f}x | {ours / read:.2f} |")
     print()
+    half_table()
+    print()
     print("| support | D | Gram column: kernel us | torch f64 us | residual: kernel us | torch f64 us |")
     print("|---|---|---|---|---|---|")
+    side_table()
+
+
+def half_table() -> None:
+    # 16-bit pools (a store's fp16 shards): the kernel converts rows in registers; the torch path
+    # (what a pass did before) upcasts a block of rows to float32 and multiplies; the floor reads
+    # the same bytes as integers (torch's fp16 sum is compute-bound here)
+    print("| dtype | N | D | p | kernel ms | upcast + torch ms | read of A ms | torch / kernel | kernel / read |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, d, p in HALF_CASES:
+            A, X = _problem(n, d, p)
+            A = A.to(dtype)
+            ours = _median_ms(lambda: row_products(A, X, backend="ext"), 7)
+            upcast = _median_ms(lambda: row_products(A, X, backend="torch"), 3)
+            words = A.view(torch.int64)
+            read = _median_ms(lambda: words.sum(), 7)
+            name = str(dtype).replace("torch.", "")
+            print(f"| {name} | {n} | {d} | {p} | {ours:.1f} | {upcast:.1f} | {read:.1f} | {upcast / ours:.1f}x "
+                  f"| {ours / read:.2f} |")
+
+
+def side_table() -> None:
     for s, d in SIDE:
         g = torch.Generator().manual_seed(s)
         M32 = torch.randn(s, d, generator=g)
@@ -88,9 +120,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from timing import script_help
+    import argparse
 
-    script_help(__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only-16-bit", action="store_true", help="only the fp16/bf16 table")
+    args = parser.parse_args()
     if not EXT:
         raise SystemExit(f"the compiled extension is needed: {products.extension_status()}")
-    main()
+    main(args.only_16_bit)

@@ -116,11 +116,13 @@ torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::opti
                        const std::string& isa) {
   const gtp::CpuKernels* kernels = gtp::cpu_kernels(isa.c_str());
   TORCH_CHECK(kernels != nullptr, "rows_dot: instruction set '", isa, "' is not available on this CPU/build");
-  const gtp::RowsDotFn fn = kernels->rows_dot;
   // gtp_kernels/ops/products.py validates with readable errors first; these guard direct calls.
   TORCH_CHECK(A.device().is_cpu() && X.device().is_cpu(), "rows_dot takes CPU tensors");
-  TORCH_CHECK(A.scalar_type() == torch::kFloat32 && X.scalar_type() == torch::kFloat32,
-              "rows_dot takes float32 A and X");
+  const auto a_type = A.scalar_type();
+  TORCH_CHECK((a_type == torch::kFloat32 || a_type == torch::kFloat16 || a_type == torch::kBFloat16) &&
+                  X.scalar_type() == torch::kFloat32,
+              "rows_dot takes float32, float16 or bfloat16 A and float32 X, got ", a_type, " and ",
+              X.scalar_type());
   TORCH_CHECK(A.dim() == 2 && X.dim() == 2 && A.size(1) == X.size(1),
               "rows_dot: A (n, D) and X (p, D), got ", A.sizes(), " and ", X.sizes());
   TORCH_CHECK(A.size(1) <= 1 || A.stride(1) == 1, "rows_dot: A must have unit stride along D");
@@ -133,11 +135,10 @@ torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::opti
                     Y.size(0) == n && Y.size(1) == p && Y.is_contiguous(),
                 "rows_dot: out must be a contiguous float32 CPU tensor of shape (", n, ", ", p, ")");
   } else {
-    Y = torch::empty({n, p}, A.options());
+    Y = torch::empty({n, p}, X.options());
   }
   if (n == 0 || p == 0) return Y;
   if (D == 0) return Y.zero_();
-  const float* a = A.data_ptr<float>();
   const float* x = X.data_ptr<float>();
   float* y = Y.data_ptr<float>();
   const int64_t lda = A.stride(0), ldx = X.stride(0);
@@ -147,9 +148,18 @@ torch::Tensor rows_dot(const torch::Tensor& A, const torch::Tensor& X, c10::opti
   // as 8 chunks on 2 busy cores; float32 pools ran 3x slower than float64 ones, whose torch GEMV
   // stays on one thread)
   const int64_t grain = std::max<int64_t>(16, kParallelGrainMacs / std::max<int64_t>(1, D * p));
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    fn(a, lda, begin, end, D, x, ldx, p, y, p);
-  });
+  if (a_type == torch::kFloat32) {
+    const float* a = A.data_ptr<float>();
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      kernels->rows_dot(a, lda, begin, end, D, x, ldx, p, y, p);
+    });
+  } else {  // fp16 / bf16: the kernel reads the raw 16-bit patterns
+    const auto* a = static_cast<const uint16_t*>(A.const_data_ptr());
+    const gtp::RowsDotHalfFn fn = a_type == torch::kFloat16 ? kernels->rows_dot_f16 : kernels->rows_dot_bf16;
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      fn(a, lda, begin, end, D, x, ldx, p, y, p);
+    });
+  }
   return Y;
 }
 
@@ -230,7 +240,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           py::arg("new_atom"), py::arg("gram_col"), py::arg("gram_diag"), py::arg("rhs_new"),
           py::arg("lam"), py::arg("positive"), py::arg("dep_tol"), py::arg("weight_tol") = 0.0);
   mod.def("rows_dot", &rows_dot,
-          "Y = A @ X.T for float32 CPU A (n, D) and X (p, D), float32 accumulation; returns Y (n, p). "
+          "Y = A @ X.T for CPU A (n, D) float32, float16 or bfloat16 and float32 X (p, D), float32 "
+          "accumulation; returns float32 Y (n, p). "
           "isa: '' (the widest this CPU has), 'avx512', 'avx2' or 'baseline' (tests)",
           py::arg("A"), py::arg("X"), py::arg("out") = py::none(), py::arg("isa") = "");
   mod.def("rows_dot_f64", &rows_dot_f64,

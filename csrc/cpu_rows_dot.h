@@ -11,6 +11,10 @@ namespace gtp {
 // the row range, so splitting rows over threads does not change a bit of the result.
 using RowsDotFn = void (*)(const float* A, int64_t lda, int64_t i0, int64_t i1, int64_t D,
                            const float* X, int64_t ldx, int64_t p, float* Y, int64_t ldy);
+// The same with A stored in 16 bits (IEEE fp16 or bf16 bit patterns): each element is converted
+// to float32 in registers as it is loaded (exact), so the pass reads the stored bytes only.
+using RowsDotHalfFn = void (*)(const uint16_t* A, int64_t lda, int64_t i0, int64_t i1, int64_t D,
+                               const float* X, int64_t ldx, int64_t p, float* Y, int64_t ldy);
 
 // The pursuits' k-sized side on float32 copies of the selected rows, float64 arithmetic:
 //   RowsDotF64Fn:     y[i] = sum_d M[i, d] x[d]               for rows [i0, i1)
@@ -22,6 +26,8 @@ using RowsCombineF64Fn = void (*)(const float* M, int64_t ldm, int64_t n, int64_
 
 struct CpuKernels {
   RowsDotFn rows_dot;
+  RowsDotHalfFn rows_dot_f16;
+  RowsDotHalfFn rows_dot_bf16;
   RowsDotF64Fn rows_dot_f64;
   RowsCombineF64Fn rows_combine_f64;
   const char* isa;

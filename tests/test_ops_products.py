@@ -126,12 +126,108 @@ def test_empty_and_degenerate():
 def test_other_dtypes_take_torch(dtype):
     g = torch.Generator().manual_seed(5)
     A, X = torch.randn(19, 33, generator=g).to(dtype), torch.randn(3, 33, generator=g).to(dtype)
-    Y = row_products(A, X)  # auto: the kernel is float32-only, torch computes A @ X.T
+    Y = row_products(A, X)  # auto: the kernel takes float32 X only, torch computes A @ X.T
     assert Y.dtype == dtype
     torch.testing.assert_close(Y, A @ X.T)
     if EXT:
-        with pytest.raises(RuntimeError, match="float32 CPU"):
+        with pytest.raises(RuntimeError, match="X float32"):
             row_products(A, X, backend="ext")
+
+
+# ---- 16-bit rows (fp16 / bf16 A, float32 X): converted in registers, float32 accumulation ----
+
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _half_rows(n: int, d: int, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Rows of mixed scale in the stored dtype; the float64 reference reads the same stored values."""
+    return (torch.randn(n, d, generator=g) * torch.rand(n, 1, generator=g) * 10).to(dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n,d,p", SHAPES)
+def test_half_rows_variants_match_float64(isa, dtype, n, d, p):
+    g = torch.Generator().manual_seed(n * 1000 + d + p + 1)
+    A = _half_rows(n, d, dtype, g)
+    X = torch.randn(p, d, generator=g)
+    out = torch.full((n, p), float("nan"))
+    Y = row_products(A, X, out=out, backend="ext", isa=isa)
+    assert Y.data_ptr() == out.data_ptr()
+    _check(Y, A, X)  # A.double() is exactly what the kernel converts: the fp32 bound holds as is
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_rows_torch_path_same_products(dtype, monkeypatch):
+    """The fallback: float32 products of the stored values, a block of rows upcast at a time
+    (blocks of 3 rows here, so the loop and the last short block run)."""
+    monkeypatch.setattr(products, "_UPCAST_ELEMENTS", 3 * 45)
+    g = torch.Generator().manual_seed(21)
+    A, X = _half_rows(17, 45, dtype, g), torch.randn(4, 45, generator=g)
+    Y = row_products(A, X, backend="torch")
+    _check(Y, A, X)
+    out = torch.full((17, 4), float("nan"))
+    assert row_products(A, X, out=out, backend="torch").data_ptr() == out.data_ptr()
+    _check(out, A, X)
+    if EXT:  # the kernel and the fallback compute the same sums up to their order
+        torch.testing.assert_close(row_products(A, X, backend="ext"), Y, rtol=0, atol=1e-4 * float(Y.abs().max()))
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_fp16_special_values(isa):
+    """Subnormals, the largest normal, -0, inf and NaN convert exactly (in the vector body and
+    in the scalar tail): a one-hot X reads each stored value back (a sum from +0: -0 reads 0)."""
+    patterns = [0x0001, 0x03FF, 0x0400, 0x7BFF, 0x8001, 0x8000, 0x3C00, 0xC000, 0x7C00, 0xFC00, 0x7E00, 0x3555]
+    values = torch.tensor(patterns, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    d = 37  # 32 or 16 lanes of vector body, then a scalar tail
+    for position in (0, d - 1):
+        A = torch.zeros(len(patterns), d, dtype=torch.float16)
+        A[:, position] = values
+        X = torch.zeros(1, d)
+        X[0, position] = 1.0
+        Y = row_products(A, X, backend="ext", isa=isa)[:, 0]
+        expect = values.float()
+        finite = torch.isfinite(expect)
+        assert torch.equal(Y[finite], expect[finite])
+        assert torch.equal(Y[~finite].isnan(), expect[~finite].isnan())
+        assert torch.equal(Y[torch.isinf(expect)], expect[torch.isinf(expect)])
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_bf16_special_values(isa):
+    values = torch.tensor([1e-40, -3e38, 3.3895e38, float("inf"), -float("inf"), -0.0, 1.0 / 3],
+                          dtype=torch.bfloat16)
+    for position in (0, 18):  # vector body, scalar tail
+        A = torch.zeros(len(values), 19, dtype=torch.bfloat16)
+        A[:, position] = values
+        X = torch.zeros(1, 19)
+        X[0, position] = 1.0
+        Y = row_products(A, X, backend="ext", isa=isa)[:, 0]
+        assert torch.equal(Y, values.float())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_rows_strided_and_memory_mapped(dtype, tmp_path):
+    """A column slice of 16-bit rows (row stride > D), and an fp16 memory map read in place."""
+    g = torch.Generator().manual_seed(4)
+    big = _half_rows(97, 300, dtype, g)
+    X = torch.randn(3, 250, generator=g)
+    _check(row_products(big[:, 20:270], X, backend="ext"), big[:, 20:270], X)
+    if dtype == torch.float16:
+        import numpy as np
+
+        from gtp_kernels.selection.rows import tensor_from_array
+
+        path = tmp_path / "rows.npy"
+        np.save(path, big.numpy())
+        mapped = tensor_from_array(np.load(path, mmap_mode="r"))
+        assert mapped.dtype == torch.float16
+        Y = row_products(mapped[:, :250], X, backend="ext")
+        _check(Y, big[:, :250], X)
 
 
 def test_mixed_dtypes_compute_in_the_promoted_dtype():

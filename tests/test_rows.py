@@ -149,6 +149,118 @@ def test_passes_never_hold_more_than_a_chunk_of_upcast_rows(monkeypatch):
     assert largest and max(largest) <= 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["gtp", "gtp-cosamp"])
+def test_passes_read_16_bit_chunks_in_their_stored_dtype(monkeypatch, method, dtype):
+    """On CPU the pursuits' passes over a 16-bit row source hand each chunk as stored to the
+    row-products op (which converts in registers): no float32 copy of a chunk is made for them."""
+    from gtp_kernels.ops import products
+
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(dtype)
+    source = RowSource([tensor[lo:hi] for lo, hi in zip(SPLITS[:-1], SPLITS[1:])])
+    seen = []
+    real = products.row_products
+
+    def spying_row_products(a, x, **kwargs):
+        seen.append((a.dtype, a.shape[0]))
+        return real(a, x, **kwargs)
+
+    monkeypatch.setattr(products, "row_products", spying_row_products)  # ops.backends imports it per call
+    want = gk.select(tensor, b, 12, method="gtp-reference")  # float32 products of the stored values
+    got = gk.select(source, b, 12, method=method)
+    assert seen and {d for d, _ in seen} == {dtype}
+    assert sum(n for _, n in seen) >= 301  # at least one whole pass went through it
+    if method == "gtp":
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.weights, want.weights, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cosamp_samples_16_bit_rows_as_stored(monkeypatch, dtype):
+    """On CPU gtp-cosamp keeps its sample in the stored 16-bit dtype (half the memory of a float32
+    copy): the same products, so the same selection bit for bit as with an upcast sample."""
+    from gtp_kernels.selection import cosamp
+
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(dtype)
+    source = RowSource([tensor[lo:hi] for lo, hi in zip(SPLITS[:-1], SPLITS[1:])])
+    buffers = []
+    real_gather = cosamp._SampledPursuit._gather
+
+    def spying_gather(self, A_, idx):
+        rows = real_gather(self, A_, idx)
+        buffers.append(rows.dtype)
+        return rows
+
+    monkeypatch.setattr(cosamp._SampledPursuit, "_gather", spying_gather)
+    stored = gk.select(source, b, 12, method="gtp-cosamp")
+    assert buffers and set(buffers) == {dtype}
+    monkeypatch.setattr(cosamp, "sample_keeps_stored_dtype", lambda A_, dtype_: False)
+    buffers.clear()
+    upcast = gk.select(source, b, 12, method="gtp-cosamp")
+    assert set(buffers) == {torch.float32}
+    np.testing.assert_array_equal(stored.indices, upcast.indices)
+    np.testing.assert_array_equal(stored.weights, upcast.weights)
+    np.testing.assert_array_equal(stored.residual_norms, upcast.residual_norms)
+
+
+def test_cosamp_sample_bytes_are_capped(monkeypatch):
+    """The sample never holds more than MAX_SAMPLE_BYTES of rows (here 20 rows of 48 fp16
+    values), however large N; the selection still reaches k with a residual like exact pursuit's."""
+    from gtp_kernels.selection import cosamp
+
+    monkeypatch.setattr(cosamp, "MAX_SAMPLE_BYTES", 20 * 48 * 2)
+    monkeypatch.setattr(cosamp, "MIN_SAMPLE", 8)
+    A, b = _pool(n=301)
+    tensor = torch.from_numpy(A).to(torch.float16)
+    sizes = []
+    real_gather = cosamp._SampledPursuit._gather
+
+    def spying_gather(self, A_, idx):
+        sizes.append(len(idx))
+        return real_gather(self, A_, idx)
+
+    monkeypatch.setattr(cosamp._SampledPursuit, "_gather", spying_gather)
+    capped = gk.select(tensor, b, 12, method="gtp-cosamp")
+    assert sizes and max(sizes) <= 20
+    exact = gk.select(tensor, b, 12, method="gtp")
+    assert len(capped.indices) == 12
+    assert gk.fit_residual(tensor, b, capped.indices) <= 1.05 * gk.fit_residual(tensor, b, exact.indices)
+
+
+def test_memory_mapped_blocks_get_read_ahead_hints(tmp_path, monkeypatch):
+    """A pass over memory-mapped blocks advises each block sequential and asks for the next
+    chunk (this block's, or the next block's first) before yielding the current one; the
+    ranges lie inside the maps; the rows read are unchanged. Plain arrays get no hints."""
+    A, _ = _pool(n=301)
+    np.save(tmp_path / "a.npy", A[:150])
+    np.save(tmp_path / "b.npy", A[150:])
+    maps = [np.load(tmp_path / "a.npy", mmap_mode="r"), np.load(tmp_path / "b.npy", mmap_mode="r")[3:]]
+    calls = []
+    real = rows_module._advise
+
+    def spying_advise(region, first_row, rows, advice):
+        if region is not None:
+            mapping, offset, row_bytes = region
+            assert row_bytes == 48 * 4 and 0 <= offset + first_row * row_bytes < len(mapping)
+            calls.append((id(mapping), first_row, rows, advice))
+        return real(region, first_row, rows, advice)
+
+    monkeypatch.setattr(rows_module, "_advise", spying_advise)
+    source = RowSource(maps + [A[:5]])  # a plain array last: no region, no hints
+    got = np.concatenate([c.numpy() for _, c in source.chunks(48 * 40)])  # chunks of 40 rows
+    np.testing.assert_array_equal(got, np.concatenate([A[:150], A[153:], A[:5]]).reshape(-1, 48))
+    seq, need = rows_module._MADV_SEQUENTIAL, rows_module._MADV_WILLNEED
+    first, second = id(maps[0]._mmap), id(maps[1]._mmap)
+    assert (first, 0, 150, seq) in calls and (second, 0, 148, seq) in calls
+    assert [(m, r) for m, r, _, a in calls if a == need] == [(first, 40), (first, 80), (first, 120), (second, 0),
+                                                             (second, 40), (second, 80), (second, 120)]
+    assert rows_module._mapped_region(A) is None and rows_module._mapped_region(maps[1][::2]) is None
+    offset = rows_module._mapped_region(maps[1])[1]
+    assert offset == rows_module._mapped_region(np.load(tmp_path / "b.npy", mmap_mode="r"))[1] + 3 * 48 * 4
+
+
 def test_to_device_copies_a_block_at_a_time():
     A, _ = _pool()
     source = RowSource(_blocks(A))

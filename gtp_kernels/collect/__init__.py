@@ -4,7 +4,7 @@
     pool = collect_trajectory("path/to/model", "pool.jsonl", "pool_store")            # warm-up + Adam grads
     val = collect_trajectory("path/to/model", "val.jsonl", "val_store",
                              checkpoints="pool_store/warmup", gradient_type="sgd")    # targets
-    sel = select_from_stores(pool, val, k)                                             # the mean target row
+    sel = select_from_stores(pool, val, k)   # the mean target row; the shards stay memory-mapped
     chosen_ids = [pool.ids[i] for i in sel.indices]
 
 transformers and peft are imported only when a model is built or trained.

@@ -698,7 +698,11 @@ class TrajectoryStore:
 
     def candidates(self, as_tensor: bool = False, dtype: Any = None) -> Any:
         """(N, T*d) rows a_i (checkpoint blocks side by side), as NumPy or a torch tensor.
-        Refuses an incomplete store (row i must be example ids[i])."""
+        Refuses an incomplete store (row i must be example ids[i]).
+
+        A store of several shards (or a tensor, or another dtype) is copied into memory whole:
+        to select from a store larger than RAM pass the store itself (``select(store, ...)``
+        reads :meth:`rows_source`, the memory-mapped shards, a chunk at a time)."""
         self._require_complete("candidates()")
         matrix = self.trajectory_view().reshape(self.n, self.t * self.d)
         owned = len(self._shards) > 1  # concatenated in memory: already a copy of our own

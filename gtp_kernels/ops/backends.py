@@ -43,7 +43,8 @@ def candidate_products(A, X: torch.Tensor, dtype: torch.dtype, backend: str = "a
 
     On CUDA in float32 this is the K2 kernel family (fp32 accumulation over bf16/fp16/fp32
     rows); on CPU in float32 the compiled row-products kernel (ops.products, about 1.6x
-    torch's GEMV here and 2-3x its skinny GEMM); elsewhere a chunked torch matmul,
+    torch's GEMV here and 2-3x its skinny GEMM; fp16/bf16 rows converted as they are read);
+    elsewhere a chunked torch matmul,
     upcasting A a block of rows at a time. A row source (selection.rows.RowSource: anything
     that is not a tensor) runs a chunk at a time through the same paths, each chunk in its
     stored dtype.
@@ -57,11 +58,13 @@ def candidate_products(A, X: torch.Tensor, dtype: torch.dtype, backend: str = "a
         from .correlate import candidate_scores
 
         return candidate_scores(A, X.contiguous(), backend="triton")
-    if A.dtype == dtype:
-        if backend != "torch":
-            from .products import row_products  # here: products imports validation, which reads BACKENDS
+    # the row-products op reads float32 rows, and fp16/bf16 rows without a float32 copy
+    if backend != "torch" and (A.dtype == dtype or (dtype == torch.float32 and not A.is_cuda
+                                                    and A.dtype in (torch.float16, torch.bfloat16))):
+        from .products import row_products  # here: products imports validation, which reads BACKENDS
 
-            return row_products(A, X.T)
+        return row_products(A, X.T)
+    if A.dtype == dtype:
         return A @ X
     out = torch.empty(A.shape[0], X.shape[1], dtype=dtype, device=A.device)
     step = max(1, CHUNK_ELEMENTS // max(1, A.shape[1]))

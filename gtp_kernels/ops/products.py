@@ -1,15 +1,19 @@
 """Row products Y = A X^T on CPU: the passes over the candidates where no GPU is used.
 
-For float32 candidates A (N x D) and a few float32 rows X (p x D) the op returns the (N, p)
-matrix of inner products <a_i, x_c>, float32 accumulation (partial sums in vector lanes, so
-the rounding is at most that of a sequential fp32 sum). This is what the pursuits compute on
+For candidates A (N x D) in float32, float16 or bfloat16 and a few float32 rows X (p x D) the
+op returns the float32 (N, p) matrix of inner products <a_i, x_c>, float32 accumulation
+(partial sums in vector lanes, so the rounding is at most that of a sequential fp32 sum).
+16-bit rows are converted to float32 in registers as they are read (exact), so a pass over an
+fp16/bf16 pool, e.g. a memory-mapped trajectory store, reads its stored bytes once and makes
+no float32 copy of it. This is what the pursuits compute on
 CPU once per pass: c = A W r for m residuals (p = m) and, for the cached exact strategy, the
 columns A W a_j of likely-next atoms (p up to ~32).
 
 Backends: ``"ext"``, the compiled kernel in ``csrc/cpu_rows_dot.cpp`` (register-tiled, one
-copy per instruction set: AVX-512, AVX2, baseline, picked at run time); ``"torch"``, the
-plain reference ``A @ X.T`` (MKL on x86). ``"auto"`` takes the kernel for float32 CPU tensors
-when the extension is built, else torch. Why a kernel of our own: on our CPU torch's GEMV
+copy per instruction set: AVX-512, AVX2 + F16C, baseline, picked at run time); ``"torch"``,
+the plain reference ``A @ X.T`` (MKL on x86; 16-bit A upcast a block of rows at a time, the
+same products in float32). ``"auto"`` takes the kernel for CPU tensors it covers when the
+extension is built, else torch. Why a kernel of our own: on our CPU torch's GEMV
 reads A at about half the bandwidth of a plain read, and its skinny GEMM (p = 2..32) costs
 2-4 GEMVs; the kernel's p <= 8 costs about one read of A (BENCHMARKS.md, "CPU row products").
 """
@@ -41,11 +45,18 @@ def _check(A: torch.Tensor, X: torch.Tensor, out: Optional[torch.Tensor]) -> Non
         raise ValueError(f"out must be ({A.shape[0]}, {X.shape[0]}) on {A.device}, got {tuple(out.shape)} on {out.device}")
 
 
+# stored dtypes of A the compiled kernel reads (X is float32)
+EXT_ROW_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# rows of a 16-bit A upcast at a time by the torch path (values: 16M = 64 MiB of float32)
+_UPCAST_ELEMENTS = 1 << 24
+
+
 def _ext_ok(A: torch.Tensor, X: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
     return (
         _C is not None
         and A.device.type == "cpu"
-        and A.dtype == torch.float32
+        and A.dtype in EXT_ROW_DTYPES
         and X.dtype == torch.float32
         and (out is None or (out.dtype == torch.float32 and out.is_contiguous()))
     )
@@ -56,10 +67,13 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
     """Y = A @ X.T as an (N, p) matrix, one read of A.
 
     A: (N, D); X: (p, D), same device (a 1-D X is one row). out: optional (N, p) result.
-    Float32 CPU tensors run the compiled kernel under backend "auto" or "ext" (rows need unit
-    stride along D: a non-conforming A or X is made contiguous first); other dtypes and devices
-    compute ``A @ X.T`` in torch, in the dtype torch promotes to. isa: force the kernel's
-    variant ("avx512", "avx2", "baseline"; tests), "" for the widest this CPU has.
+    On CPU, A float32, float16 or bfloat16 with X float32 runs the compiled kernel under
+    backend "auto" or "ext" (rows need unit stride along D: a non-conforming A or X is made
+    contiguous first), returning float32: Y[i, c] = sum_d float(A[i, d]) * X[c, d] accumulated
+    in float32. The torch path computes the same products: a 16-bit A with a float32 X is
+    upcast a block of rows at a time (never the whole A); other dtype pairs compute
+    ``A @ X.T`` in the dtype torch promotes to. isa: force the kernel's variant ("avx512",
+    "avx2", "baseline"; tests), "" for the widest this CPU has.
     """
     check_choice(backend, "backend", ("auto", "ext", "torch"))
     if X.dim() == 1:
@@ -68,8 +82,8 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
     use_ext = backend != "torch" and _ext_ok(A, X, out)
     if backend == "ext" and not use_ext:
         raise RuntimeError(
-            f"backend='ext' needs float32 CPU tensors and the extension ({extension_status()}); "
-            f"got A {A.dtype} on {A.device}, X {X.dtype}"
+            f"backend='ext' needs CPU tensors, A float32/float16/bfloat16 and X float32, and the extension "
+            f"({extension_status()}); got A {A.dtype} on {A.device}, X {X.dtype}"
         )
     if use_ext:
         if A.shape[1] > 1 and A.stride(1) != 1:
@@ -78,6 +92,15 @@ def row_products(A: torch.Tensor, X: torch.Tensor, *, out: Optional[torch.Tensor
             X = X.contiguous()
         return _C.rows_dot(A, X, out, isa)
     dtype = torch.promote_types(A.dtype, X.dtype)  # mm itself refuses mixed dtypes
+    if A.dtype in _HALF_DTYPES and dtype == torch.float32:
+        # the kernel's semantics in torch: float32 products of the stored values, a block of
+        # rows upcast at a time so that the extra memory is one block, whatever N
+        if out is None:
+            out = torch.empty(A.shape[0], X.shape[0], dtype=dtype, device=A.device)
+        step = max(1, _UPCAST_ELEMENTS // max(1, A.shape[1]))
+        for start in range(0, A.shape[0], step):
+            torch.mm(A[start : start + step].to(dtype), X.T, out=out[start : start + step])
+        return out
     A, X = A.to(dtype), X.to(dtype)
     if out is None:
         return A @ X.T

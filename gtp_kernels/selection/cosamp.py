@@ -27,8 +27,10 @@ joint selection):
      about WRONG_PICKS picks per run that exact pursuit would not make.
 
 The sample (the user's batch_size fixes it) starts at M = N / PICKS_PER_PASS rows, at least
-MIN_SAMPLE (a floor for tiny N, not tuned): a 12-pick pass then spends as many row products
-in the sample as the pass spent on A. It doubles (up to N/2)
+MIN_SAMPLE (a floor for tiny N, not tuned) and at most MAX_SAMPLE_BYTES of rows (1 GiB: the
+working set stays bounded as N grows; on CPU fp16/bf16 rows are sampled as stored): a 12-pick
+pass then spends as many row products in the sample as the pass spent on A. It doubles (up to
+N/2, within the byte cap)
 after a pass the test cut short while the target averages fewer than PICKS_PER_PASS picks a
 pass, and halves after a pass of more than 2 * PICKS_PER_PASS picks (in-sample work that a
 smaller sample would have done too) unless no more atoms are left to pick than that pass made:
@@ -110,9 +112,22 @@ MIN_SAMPLE = 64
 # expected picks per run that exact pursuit would not make (step 3)
 WRONG_PICKS = 1.0
 
+# ... and at most this many bytes of sampled rows (unless the user's batch_size says otherwise),
+# so that the working set of a pass does not grow with N: N / PICKS_PER_PASS rows of a
+# LESS-sized pool (N = 270k, D = 32768) would be 1.5 GB in fp16, 3 GB in float32, and a
+# doubled sample twice that. A smaller sample costs passes, never exactness.
+MAX_SAMPLE_BYTES = 1 << 30
+
 _SQRT2 = math.sqrt(2.0)
 # values per slice when a sample of fp16/bf16 rows is gathered and upcast (see _gather)
 _GATHER_ELEMENTS = 1 << 22
+
+
+def sample_keeps_stored_dtype(A, dtype: torch.dtype) -> bool:
+    """Whether the sampled rows stay in A's 16-bit dtype: on CPU the row-products op reads
+    fp16/bf16 rows with float32 products (the same values as upcast rows, summed alike), so an
+    upcast copy would only double the sample's memory and the bytes each step reads."""
+    return dtype == torch.float32 and A.dtype in (torch.float16, torch.bfloat16) and A.device.type == "cpu"
 
 
 def initial_sample_size(n: int) -> int:
@@ -218,9 +233,11 @@ class _SampledPursuit:
         advanced indexing copies ~15x slower on CPU (1.2 ms vs 0.08 ms, 833 rows of 1024)."""
         idx = sample_idx.to(A.device)
         rows = len(idx)
-        if self._sample_buf is None or self._sample_buf.shape[0] < rows:
-            self._sample_buf = torch.empty(rows, A.shape[1], dtype=self.dtype, device=A.device)
-        if A.dtype == self.dtype:
+        keep = sample_keeps_stored_dtype(A, self.dtype)
+        buf_dtype = A.dtype if keep else self.dtype
+        if self._sample_buf is None or self._sample_buf.shape[0] < rows or self._sample_buf.dtype != buf_dtype:
+            self._sample_buf = torch.empty(rows, A.shape[1], dtype=buf_dtype, device=A.device)
+        if A.dtype == buf_dtype:
             return gather_rows(A, idx, out=self._sample_buf[:rows])
         # fp16/bf16 rows: gathered and upcast a slice at a time into the compute-dtype buffer, so
         # the sample is never held twice (a whole gather then .to() peaked at 1.5x its fp32 size)
@@ -232,8 +249,8 @@ class _SampledPursuit:
     def _sample_correlations(self, rows: torch.Tensor) -> torch.Tensor:
         """c = S W r for the sampled rows (|sample| x D); the in-sample cost of a step."""
         n = rows.shape[0]
-        if self._corr_buf is None or self._corr_buf.shape[0] < n or self._corr_buf.dtype != rows.dtype:
-            self._corr_buf = torch.empty(n, 1, dtype=rows.dtype, device=rows.device)
+        if self._corr_buf is None or self._corr_buf.shape[0] < n or self._corr_buf.dtype != self.dtype:
+            self._corr_buf = torch.empty(n, 1, dtype=self.dtype, device=rows.device)
         return row_products(rows, self.r_c, out=self._corr_buf[:n])[:, 0]
 
     def _may_be_beaten(self, v: float, corr: torch.Tensor, c_pass: torch.Tensor, picked: torch.Tensor,
@@ -372,8 +389,11 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
     fw = problem.feature_weights(torch.float64)
     B = problem.targets.to(torch.float64)
     n = problem.num_candidates
-    # rows pursued per pass, per target: the user's batch_size, else adapted pass by pass
-    sizes = [min(opts.batch_size, n) if opts.batch_size else initial_sample_size(n)] * m
+    # rows pursued per pass, per target: the user's batch_size, else adapted pass by pass,
+    # within MAX_SAMPLE_BYTES of sampled rows
+    row_bytes = problem.dim * (A.element_size() if sample_keeps_stored_dtype(A, dtype) else torch.finfo(dtype).bits // 8)
+    max_sample = max(MIN_SAMPLE, MAX_SAMPLE_BYTES // max(1, row_bytes))
+    sizes = [min(opts.batch_size, n) if opts.batch_size else min(initial_sample_size(n), max_sample)] * m
     max_passes = opts.max_iters or k
     exclude = problem.exclude[:, None].repeat(1, m)
     base = problem.exclude
@@ -405,8 +425,8 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
             steps = pursuits[t].pursue_sample(A, ids[:size], bounds, progress)
             if not opts.batch_size:
                 p = pursuits[t]
-                sizes[t] = next_sample_size(size, p.sample_short, steps, p.iterations, passes, n,
-                                            p.k - len(p.support))
+                sizes[t] = min(max_sample, next_sample_size(size, p.sample_short, steps, p.iterations, passes, n,
+                                                            p.k - len(p.support)))
     out = []
     for p in pursuits:
         out.append(TargetSelection(
