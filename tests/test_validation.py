@@ -223,7 +223,10 @@ def test_checkpoint_weight_magnitude_does_not_change_the_picks(method):
                         ridge=0.01 * factor)
         assert sel.indices.tolist() == ref.indices.tolist(), factor
         exact = math.log(factor, 4).is_integer()
-        np.testing.assert_allclose(sel.weights, ref.weights, rtol=1e-12 if exact else 1e-4)
+        # a factor that is not a power of four rounds differently in float32: errors of a few ulps of
+        # the largest weight, which the smallest weights (1/400 of it here) see as ~1e-4 relative
+        np.testing.assert_allclose(sel.weights, ref.weights, rtol=1e-12 if exact else 1e-4,
+                                   atol=0.0 if exact else 1e-5 * float(np.abs(ref.weights).max()))
         np.testing.assert_allclose(sel.residual_norms, ref.residual_norms * math.sqrt(factor),
                                    rtol=1e-12 if exact else 1e-4)
         assert sel.params["checkpoint_weights"] == pytest.approx((w * factor).tolist(), rel=1e-15)
