@@ -37,7 +37,7 @@ TOPK_REDUCE = ("column", "mean", "max")
 def _less_score_chunks(problem: Problem, dtype: torch.dtype):
     """(start, (n, m) LESS scores of rows start..start+n against each target column) per chunk."""
     T, d = problem.num_checkpoints, problem.checkpoint_dim
-    N, m = problem.num_candidates, problem.num_targets
+    m = problem.num_targets
     if problem.checkpoint_weights is None:
         w = torch.full((T,), 1.0 / T, dtype=dtype)
     else:
