@@ -48,12 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _save_atomically(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    from gtp_kernels.atomic import write_atomically
+
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 def generate(args: argparse.Namespace) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import gtp_kernels as gk
+from gtp_kernels.atomic import atomic_write_text
 from gtp_kernels.collect import open_store, store_target
 from gtp_kernels.selection.distributed import select_shard_and_merge
 
@@ -56,9 +56,7 @@ def main() -> None:
             chosen = [int(i) for i in sel.indices]
             result = {"ids": [pool.ids[i] for i in chosen], "rows": chosen,
                       "weights": [float(w) for w in sel.weights], "method": sel.method, "world_size": world}
-            tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
-            tmp.write_text(json.dumps(result, indent=1))
-            os.replace(tmp, args.out)
+            atomic_write_text(args.out, json.dumps(result, indent=1))
             print(f"{len(chosen)} examples selected over {world} ranks ({sel.method}) -> {args.out}")
     finally:
         dist.destroy_process_group()
