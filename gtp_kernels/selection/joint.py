@@ -104,196 +104,250 @@ def gtp_joint(problem: Problem, k: int, opts: SelectOptions,
               progress: Optional[Callable[[int], None]] = None) -> List[TargetSelection]:
     """Joint (simultaneous) non-negative pursuit: one support of at most k rows for all columns.
 
-    See the module docstring for the problem, the score and the stopping rules.
+    See the module docstring for the problem, the score and the stopping rules; each phase is
+    one method of :class:`JointPursuit`.
     """
-    f64 = torch.float64
-    dtype = opts.resolved_compute_dtype(problem.candidates.dtype)
-    A = problem.candidates
-    device = A.device
-    N, D, m = problem.num_candidates, problem.dim, problem.num_targets
-    fw = problem.feature_weights(f64)
-    U, b_norms = unit_columns(problem)
-    lam = float(opts.ridge)
-    min_cos = opts.resolved_min_cosine(dtype)
-    dep_tol = opts.resolved_dep_tol(dtype)
-    weight_tol = opts.resolved_weight_tol(dtype)
-    max_iters = opts.resolved_max_iters(k)
+    pursuit = JointPursuit(problem, k, opts)
+    while pursuit.stopped is None:
+        if pursuit.stop_before_pass():
+            break
+        j = pursuit.best_row()
+        if pursuit.stop_on_score():
+            break
+        pursuit.add(j)
+        pursuit.reenter()
+        held = pursuit.prune(j)
+        if j in held and progress is not None:
+            progress(1)
+        pursuit.record_residuals()
+    return pursuit.results()
 
-    # ||a_i||_W of every row, one pass (zero rows are excluded by validation; clamped anyway)
-    row_norms = torch.empty(N, dtype=dtype, device=device)
-    fw_c = None if fw is None else fw.to(dtype)
-    for start, a in row_chunks(A, CHUNK_ELEMENTS):
-        row_norms[start : start + a.shape[0]] = weighted_norm(a.to(dtype), fw_c)
-    row_norms.clamp_min_(torch.finfo(dtype).tiny)
-    passes = 1
 
-    state = lsq.lsq_init(m, k, f64, device)
-    exclude = problem.exclude.clone()
-    banned: set = set()
-    support: List[int] = []  # S in pick order
-    slot_of = torch.full((N,), -1, dtype=torch.long, device=device)  # row -> slot of S's buffers
-    free_slots = list(range(k))
-    rows_buf = torch.zeros(k, D, dtype=f64, device=device)  # selected rows by slot
-    gram = torch.zeros(k, k, dtype=f64, device=device)  # <a_s, a_s'>_W by slot
-    rhs = torch.zeros(k, m, dtype=f64, device=device)  # <a_s, u_j>_W by slot
-    R = U.clone()
-    hist = [[1.0] for _ in range(m)]  # relative residual norms per column
-    stopped: Optional[str] = None
-    iterations = rejected = dropped = 0
-    first_score: Optional[float] = None
-    gram_col = torch.zeros(m, k, dtype=f64, device=device)
-    columns = torch.arange(m, device=device)
+class JointPursuit:
+    """The state of :func:`gtp_joint`: S (the shared support, rows by slot in buffers), one K3
+    factor per column, the unit-norm columns' residuals R and their norms' history."""
 
-    def factor_slots() -> torch.Tensor:
+    def __init__(self, problem: Problem, k: int, opts: SelectOptions):
+        f64 = torch.float64
+        self.problem, self.k, self.opts = problem, k, opts
+        self.dtype = opts.resolved_compute_dtype(problem.candidates.dtype)
+        self.A = problem.candidates
+        self.device = device = self.A.device
+        N, D, m = problem.num_candidates, problem.dim, problem.num_targets
+        self.m = m
+        self.fw = problem.feature_weights(f64)
+        self.U, self.b_norms = unit_columns(problem)
+        self.min_cos = opts.resolved_min_cosine(self.dtype)
+        self.dep_tol = opts.resolved_dep_tol(self.dtype)
+        self.weight_tol = opts.resolved_weight_tol(self.dtype)
+        self.max_iters = opts.resolved_max_iters(k)
+        self.row_norms = self._row_norms()
+        self.passes = 1
+        self.state = lsq.lsq_init(m, k, f64, device)
+        self.exclude = problem.exclude.clone()
+        self.support: List[int] = []  # S in pick order
+        self.slot_of = torch.full((N,), -1, dtype=torch.long, device=device)  # row -> slot of S's buffers
+        self.free_slots = list(range(k))
+        self.rows_buf = torch.zeros(k, D, dtype=f64, device=device)  # selected rows by slot
+        self.gram = torch.zeros(k, k, dtype=f64, device=device)  # <a_s, a_s'>_W by slot
+        self.rhs = torch.zeros(k, m, dtype=f64, device=device)  # <a_s, u_j>_W by slot
+        self.R = self.U.clone()
+        self.hist = [[1.0] for _ in range(m)]  # relative residual norms per column
+        self.stopped: Optional[str] = None
+        self.iterations = self.rejected = self.dropped = 0
+        self.first_score: Optional[float] = None
+        self.best_val = -math.inf
+        self.gram_col = torch.zeros(m, k, dtype=f64, device=device)
+        self.columns = torch.arange(m, device=device)
+
+    def _row_norms(self) -> torch.Tensor:
+        """||a_i||_W of every row, one pass (zero rows are excluded by validation; clamped anyway)."""
+        dtype = self.dtype
+        row_norms = torch.empty(self.problem.num_candidates, dtype=dtype, device=self.device)
+        fw_c = None if self.fw is None else self.fw.to(dtype)
+        for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
+            row_norms[start : start + a.shape[0]] = weighted_norm(a.to(dtype), fw_c)
+        return row_norms.clamp_min_(torch.finfo(dtype).tiny)
+
+    # -- the factors --
+
+    def factor_slots(self) -> torch.Tensor:
         """(m, k) slot of each factor position (0 beyond a column's size: ignored by K3)."""
-        return slot_of[state.support.clamp_min(0)].clamp_min(0)
+        return self.slot_of[self.state.support.clamp_min(0)].clamp_min(0)
 
-    def append(atoms: torch.Tensor) -> List[int]:
+    def append(self, atoms: torch.Tensor) -> List[int]:
         """Append atoms[j] (a row of S, -1: none) to column j's factor and re-solve (K3)."""
-        slots = slot_of[atoms.clamp_min(0)].clamp_min(0)  # (m,)
-        gram_col.copy_(gram[slots[:, None], factor_slots()])
-        diag = gram[slots, slots].contiguous()
-        rhs_new = rhs[slots, columns].contiguous()
-        return lsq.lsq_update(state, atoms.contiguous(), gram_col, diag, rhs_new, lam=lam,
-                              positive=opts.positive, dep_tol=dep_tol, weight_tol=weight_tol,
+        slots = self.slot_of[atoms.clamp_min(0)].clamp_min(0)  # (m,)
+        self.gram_col.copy_(self.gram[slots[:, None], self.factor_slots()])
+        diag = self.gram[slots, slots].contiguous()
+        rhs_new = self.rhs[slots, self.columns].contiguous()
+        return lsq.lsq_update(self.state, atoms.contiguous(), self.gram_col, diag, rhs_new, lam=float(self.opts.ridge),
+                              positive=self.opts.positive, dep_tol=self.dep_tol, weight_tol=self.weight_tol,
                               checked=False).tolist()
 
-    def weight_matrix() -> torch.Tensor:
+    def weight_matrix(self) -> torch.Tensor:
         """(k, m) weights by slot: W[slot(s), j] = w_j(s)."""
-        W = torch.zeros(k, m, dtype=f64, device=device)
-        sizes = state.size
-        held = torch.arange(k, device=device)[None, :] < sizes[:, None]  # (m, k)
-        col_idx = columns[:, None].expand(m, k)
-        W[factor_slots()[held], col_idx[held]] = state.weights[held]
+        k, m = self.k, self.m
+        W = torch.zeros(k, m, dtype=torch.float64, device=self.device)
+        held = torch.arange(k, device=self.device)[None, :] < self.state.size[:, None]  # (m, k)
+        col_idx = self.columns[:, None].expand(m, k)
+        W[self.factor_slots()[held], col_idx[held]] = self.state.weights[held]
         return W
 
-    def refresh_residuals() -> None:
-        R.copy_(U - rows_buf.T @ weight_matrix())
+    def refresh_residuals(self) -> None:
+        self.R.copy_(self.U - self.rows_buf.T @ self.weight_matrix())
 
-    while True:
-        if len(support) == k:
-            stopped = STOP_BUDGET
-            break
-        if iterations >= max_iters:
-            stopped = STOP_MAX_ITERS
-            break
-        # 1. scores: ||max(A W R, 0)||_2 per row over the row norm, one chunked pass
-        RW = (R if fw is None else R * fw[:, None]).to(dtype)
+    def _weighted(self, X: torch.Tensor) -> torch.Tensor:
+        return X if self.fw is None else X * self.fw[:, None]
+
+    # -- the phases of one iteration --
+
+    def stop_before_pass(self) -> bool:
+        """Budget or iteration cap reached: stop before another pass."""
+        if len(self.support) == self.k:
+            self.stopped = STOP_BUDGET
+        elif self.iterations >= self.max_iters:
+            self.stopped = STOP_MAX_ITERS
+        return self.stopped is not None
+
+    def best_row(self) -> int:
+        """1. Scores ||max(A W R, 0)||_2 per row over the row norm, one chunked pass; the best
+        eligible row (ties: the lowest index)."""
+        RW = self._weighted(self.R).to(self.dtype)
         best_val, best_idx = -math.inf, -1
-        for start, a in row_chunks(A, CHUNK_ELEMENTS):
-            c = candidate_products(a, RW, dtype, opts.backend)
-            if opts.positive:
+        for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
+            c = candidate_products(a, RW, self.dtype, self.opts.backend)
+            if self.opts.positive:
                 c = c.clamp_min_(0)
-            score = torch.linalg.vector_norm(c, dim=1) / row_norms[start : start + c.shape[0]]
-            score.masked_fill_(exclude[start : start + c.shape[0]], -math.inf)
+            score = torch.linalg.vector_norm(c, dim=1) / self.row_norms[start : start + c.shape[0]]
+            score.masked_fill_(self.exclude[start : start + c.shape[0]], -math.inf)
             value, idx = torch.max(score, dim=0)  # ties: the lowest index
             if float(value) > best_val:  # strictly: an earlier chunk keeps a tie
                 best_val, best_idx = float(value), start + int(idx)
-        passes += 1
-        iterations += 1
-        frob = math.sqrt(sum(h[-1] ** 2 for h in hist))
-        if best_val == -math.inf:
-            stopped = STOP_EXHAUSTED
-            break
-        if best_val <= min_cos * frob:
-            stopped = STOP_NO_CORRELATION
-            break
-        if first_score is None:
-            first_score = best_val
-        elif opts.stop_ratio is not None and best_val < opts.stop_ratio * first_score:
-            stopped = STOP_GUARD
-            break
+        self.passes += 1
+        self.iterations += 1
+        self.best_val = best_val
+        return best_idx
 
-        # 2. the pick into S's buffers, then into every column's factor
-        j = best_idx
-        row = gather_rows(A, [j]).to(f64)[0]
-        row_w = row if fw is None else row * fw
-        slot = free_slots.pop(0)
-        slot_of[j] = slot
-        rows_buf[slot] = row
-        gram[slot] = rows_buf @ row_w
-        gram[:, slot] = gram[slot]
-        rhs[slot] = row_w @ U
-        exclude[j] = True
-        support.append(j)
-        append(torch.full((m,), j, dtype=torch.long, device=device))
-        # 3. KKT on S: a row of S that a column dropped re-enters while it is positively
-        #    correlated with that column's residual (one row per column per round)
+    def stop_on_score(self) -> bool:
+        """No eligible row, no correlation above the noise, or the stop-ratio guard."""
+        frob = math.sqrt(sum(h[-1] ** 2 for h in self.hist))
+        if self.best_val == -math.inf:
+            self.stopped = STOP_EXHAUSTED
+        elif self.best_val <= self.min_cos * frob:
+            self.stopped = STOP_NO_CORRELATION
+        elif self.first_score is None:
+            self.first_score = self.best_val
+        elif self.opts.stop_ratio is not None and self.best_val < self.opts.stop_ratio * self.first_score:
+            self.stopped = STOP_GUARD
+        return self.stopped is not None
+
+    def add(self, j: int) -> None:
+        """2. The pick into S's buffers, then into every column's factor."""
+        f64 = torch.float64
+        row = gather_rows(self.A, [j]).to(f64)[0]
+        row_w = row if self.fw is None else row * self.fw
+        slot = self.free_slots.pop(0)
+        self.slot_of[j] = slot
+        self.rows_buf[slot] = row
+        self.gram[slot] = self.rows_buf @ row_w
+        self.gram[:, slot] = self.gram[slot]
+        self.rhs[slot] = row_w @ self.U
+        self.exclude[j] = True
+        self.support.append(j)
+        self.append(torch.full((self.m,), j, dtype=torch.long, device=self.device))
+
+    def _held_by_column(self) -> torch.Tensor:
+        """(|S|, m) whether column t's factor holds row S[p]."""
+        held = torch.zeros(len(self.support), self.m, dtype=torch.bool, device=self.device)
+        pos_in_s = {a: p for p, a in enumerate(self.support)}
+        for t, size in enumerate(self.state.size.tolist()):
+            for a in self.state.support[t, :size].tolist():
+                held[pos_in_s[a], t] = True
+        return held
+
+    def reenter(self) -> None:
+        """3. KKT on S: a row of S that a column dropped re-enters while it is positively
+        correlated with that column's residual (one row per column per round)."""
+        device, f64 = self.device, torch.float64
         for _ in range(_MAX_REENTRY_ROUNDS):
-            refresh_residuals()
-            slots_s = slot_of[torch.tensor(support, dtype=torch.long, device=device)]
-            corr = rows_buf[slots_s] @ (R if fw is None else R * fw[:, None])  # (|S|, m)
-            if not opts.positive:
+            self.refresh_residuals()
+            support_t = torch.tensor(self.support, dtype=torch.long, device=device)
+            corr = self.rows_buf[self.slot_of[support_t]] @ self._weighted(self.R)  # (|S|, m)
+            if not self.opts.positive:
                 corr = corr.abs()
-            held = torch.zeros(len(support), m, dtype=torch.bool, device=device)
-            pos_in_s = {a: p for p, a in enumerate(support)}
-            for t, size in enumerate(state.size.tolist()):
-                for a in state.support[t, :size].tolist():
-                    held[pos_in_s[a], t] = True
-            norms_s = row_norms[torch.tensor(support, device=device)].to(f64)
+            norms_s = self.row_norms[support_t].to(f64)
             # the same noise threshold as the stop test, per column
-            col_norms = weighted_norm(R.T, fw)
+            col_norms = weighted_norm(self.R.T, self.fw)
             cos = corr / norms_s[:, None] / col_norms.clamp_min(torch.finfo(f64).tiny)[None, :]
-            cos = cos.masked_fill(held, -math.inf)
+            cos = cos.masked_fill(self._held_by_column(), -math.inf)
             best_cos, best_pos = cos.max(dim=0)
-            want = best_cos > min_cos
+            want = best_cos > self.min_cos
             if not bool(want.any()):
                 break
-            atoms = torch.where(want, torch.tensor(support, device=device)[best_pos], torch.full_like(best_pos, -1))
-            statuses = append(atoms)
+            atoms = torch.where(want, support_t[best_pos], torch.full_like(best_pos, -1))
+            statuses = self.append(atoms)
             if all(s & (lsq.STATUS_DEPENDENT | lsq.STATUS_NEW_DROPPED) for s, w in zip(statuses, want.tolist())
                    if w):
                 break  # nothing re-entered: rounding, not a real KKT violation
         else:  # pragma: no cover - the loop ends within a few rounds
-            refresh_residuals()
+            self.refresh_residuals()
 
-        # 4. S = rows some column holds: a row none holds leaves S (a pick none took is refused)
+    def prune(self, j: int) -> set:
+        """4. S = rows some column holds: a row none holds leaves S (a pick none took is
+        refused); returns the rows held."""
         held_rows = set()
-        for t, size in enumerate(state.size.tolist()):
-            held_rows.update(state.support[t, :size].tolist())
-        for a in [a for a in support if a not in held_rows]:
-            support.remove(a)
-            free_slots.append(int(slot_of[a]))
-            free_slots.sort()
-            rows_buf[slot_of[a]] = 0.0
-            gram[slot_of[a]] = 0.0
-            gram[:, slot_of[a]] = 0.0
-            rhs[slot_of[a]] = 0.0
-            slot_of[a] = -1
+        for t, size in enumerate(self.state.size.tolist()):
+            held_rows.update(self.state.support[t, :size].tolist())
+        for a in [a for a in self.support if a not in held_rows]:
+            slot = int(self.slot_of[a])
+            self.support.remove(a)
+            self.free_slots.append(slot)
+            self.free_slots.sort()
+            self.rows_buf[slot] = 0.0
+            self.gram[slot] = 0.0
+            self.gram[:, slot] = 0.0
+            self.rhs[slot] = 0.0
+            self.slot_of[a] = -1
             if a == j:
-                banned.add(a)
-                rejected += 1
+                self.rejected += 1
             else:
-                dropped += 1
-                exclude[a] = bool(problem.exclude[a])  # eligible again
-        norms_now = weighted_norm(R.T, fw).tolist()
-        for t in range(m):
-            hist[t].append(norms_now[t])
-        if j in held_rows and progress is not None:
-            progress(1)
-        rms = math.sqrt(sum(h[-1] ** 2 for h in hist) / m)
-        if rms < opts.tol:
-            stopped = STOP_TOLERANCE
-            break
-        if support and all(
-            hist[t][-1] <= residual_floor(dtype, 1.0, state.weights[t, : int(state.size[t])],
-                                          row_norms.to(f64)[state.support[t, : int(state.size[t])]])
-            for t in range(m)
-        ):
-            stopped = STOP_RESIDUAL_FLOOR
-            break
+                self.dropped += 1
+                self.exclude[a] = bool(self.problem.exclude[a])  # eligible again
+        return held_rows
 
-    W = weight_matrix()
-    slots_s = slot_of[torch.tensor(support, dtype=torch.long, device=device)] if support else None
-    out = []
-    for t in range(m):
-        scale = float(b_norms[t])  # back to the column's own target: b_j = ||b_j||_W u_j
-        w_t = (W[slots_s, t] * scale).cpu().numpy() if support else np.zeros(0)
-        out.append(TargetSelection(indices=np.asarray(support, dtype=np.int64), weights=w_t.astype(np.float64),
-                                   residual_norms=np.asarray(hist[t], dtype=np.float64) * scale,
-                                   stopped_by=stopped, iterations=iterations, rejected=rejected, dropped=dropped,
-                                   passes=float(passes)))
-    return out
+    def record_residuals(self) -> None:
+        """5. The columns' residual norms; stop at the tolerance or the rounding floor."""
+        f64 = torch.float64
+        norms_now = weighted_norm(self.R.T, self.fw).tolist()
+        for t in range(self.m):
+            self.hist[t].append(norms_now[t])
+        rms = math.sqrt(sum(h[-1] ** 2 for h in self.hist) / self.m)
+        state = self.state
+        if rms < self.opts.tol:
+            self.stopped = STOP_TOLERANCE
+        elif self.support and all(
+            self.hist[t][-1] <= residual_floor(self.dtype, 1.0, state.weights[t, : int(state.size[t])],
+                                               self.row_norms.to(f64)[state.support[t, : int(state.size[t])]])
+            for t in range(self.m)
+        ):
+            self.stopped = STOP_RESIDUAL_FLOOR
+
+    def results(self) -> List[TargetSelection]:
+        """One TargetSelection per column: the shared rows, that column's weights for its own
+        target (b_j = ||b_j||_W u_j), its residual history."""
+        W = self.weight_matrix()
+        support = self.support
+        slots_s = self.slot_of[torch.tensor(support, dtype=torch.long, device=self.device)] if support else None
+        out = []
+        for t in range(self.m):
+            scale = float(self.b_norms[t])
+            w_t = (W[slots_s, t] * scale).cpu().numpy() if support else np.zeros(0)
+            out.append(TargetSelection(indices=np.asarray(support, dtype=np.int64), weights=w_t.astype(np.float64),
+                                       residual_norms=np.asarray(self.hist[t], dtype=np.float64) * scale,
+                                       stopped_by=self.stopped, iterations=self.iterations, rejected=self.rejected,
+                                       dropped=self.dropped, passes=float(self.passes)))
+        return out
 
 
 def run_joint(method: str, problem: Problem, k: int, opts: SelectOptions,
