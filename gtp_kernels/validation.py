@@ -513,6 +513,27 @@ def _refuse_mixed_bools(entries: Sequence[Any]) -> None:
                              "pass a bool mask of length N or integer row indices, not both")
 
 
+# elements per slice when 16-bit rows are upcast for their norms: 8 MB of float32, cache-resident
+_NORM_SLICE_ELEMENTS = 1 << 21
+
+
+def block_row_norms(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """||row||_2 of every row of ``block``, accumulated in ``dtype``.
+
+    fp16/bf16 rows on the CPU are upcast a cache-sized slice of rows at a time: torch's
+    vector_norm(dtype=float32) on 16-bit input ran at ~1.1 GB/s here (34 MB in 31 ms), the
+    sliced upcast at ~5 GB/s (6.8 ms), with the same float32 values (the upcast is exact and
+    both sum in float32), so the input check's pass no longer costs many times a read of the pool.
+    """
+    if block.device.type != "cpu" or block.dtype not in (torch.float16, torch.bfloat16) or block.ndim != 2:
+        return torch.linalg.vector_norm(block, dim=1, dtype=dtype)
+    out = torch.empty(block.shape[0], dtype=dtype)
+    step = max(1, _NORM_SLICE_ELEMENTS // max(1, block.shape[1]))
+    for lo in range(0, block.shape[0], step):
+        out[lo : lo + step] = torch.linalg.vector_norm(block[lo : lo + step].to(dtype), dim=1)
+    return out
+
+
 def finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> tuple:
     """One chunked pass over A: raise on NaN/Inf; return the (N,) mask of all-zero rows and
     (smallest, largest) norm of the other rows (0 / inf where float32 norms under/overflow).
@@ -528,7 +549,7 @@ def finite_rows_and_zero_rows(A: Union[torch.Tensor, RowSource], name: str) -> t
     lo = torch.full((), float("inf"), dtype=acc, device=A.device)
     hi = torch.zeros((), dtype=acc, device=A.device)
     for start, block in row_chunks(A, CHUNK_ELEMENTS):  # a row source: a chunk of a block at a time
-        norms = torch.linalg.vector_norm(block, dim=1, dtype=acc)
+        norms = block_row_norms(block, acc)
         if not bool(torch.isfinite(norms).all()):
             _check_finite(block, name, row_offset=start)
         is_zero = norms == 0

@@ -337,3 +337,22 @@ def test_float64_products_out_of_range_are_refused():
             assert sel.indices.tolist() == gk.select(A64, b64, 5, method=method).indices.tolist(), (scale, method)
         assert sel.relative_residual < 1
     assert gk.select(A64 * 2.0 ** 390, b64, 5).indices.tolist() == ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 7), (301, 129), (5000, 640)])
+def test_block_row_norms_match_float64(dtype, shape):
+    """The input check's row norms: 16-bit rows upcast a slice at a time (several slices for the
+    larger shapes) give the float64 norms of the stored values to float32 rounding."""
+    from gtp_kernels.validation import block_row_norms
+
+    g = torch.Generator().manual_seed(shape[0])
+    block = (torch.randn(shape, generator=g) * torch.logspace(-3, 3, shape[0])[:, None]).to(dtype)
+    block[0, 0] = 7.0  # never an all-zero first row
+    got = block_row_norms(block, torch.float32)
+    want = torch.linalg.vector_norm(block.double(), dim=1)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got.double(), want, rtol=4e-6 * max(1, shape[1]) ** 0.5, atol=0)
+    bad = block.clone()
+    bad[-1, -1] = float("inf")
+    assert not bool(torch.isfinite(block_row_norms(bad, torch.float32)[-1]))
