@@ -374,7 +374,7 @@ def test_two_processes_fill_disjoint_shards_at_once(tmp_path):
 
 def test_only_stale_temp_files_are_removed(tmp_path):
     import time
-    from gtp_kernels.collect.store import _host_tag
+    from gtp_kernels.atomic import host_tag as _host_tag
     spec = _spec()
     root = tmp_path / "s"
     _fill(root, spec, indices=[0])

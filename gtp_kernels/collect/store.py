@@ -66,7 +66,6 @@ import math
 import operator
 import os
 import re
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -76,7 +75,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 # absolute: tests load this file on its own, outside the package
-from gtp_kernels.atomic import write_atomically
+from gtp_kernels.atomic import host_tag, process_alive, write_atomically
 
 FORMAT_NAME = "gtp-trajectory"
 FORMAT_VERSION = 1
@@ -113,7 +112,8 @@ class StoreSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # store.py imports nothing of the package (it runs standalone): no validation.check_int here
+        # store.py is also loaded by path in a test (no package context): it imports only the leaf
+        # module gtp_kernels.atomic, absolutely; validation (which imports selection) stays out
         for name in ("n", "t", "d", "shard_size"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -263,28 +263,10 @@ _TEMP_NAME = re.compile(r"^\.(?P<target>shard-\d{5,}\.npy|manifest\.json)"
                         r"(?:\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{16}))?\.tmp$")
 
 
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if os.name != "posix" or pid <= 0:  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's; anything else: do not guess
-        return True
-    return True
-
-
 def _remove_stale_temps(root: Path) -> list[Path]:
     """Remove the store's temp files whose writer is provably gone (rules above); returns them."""
     removed = []
-    host = _host_tag()
+    host = host_tag()
     for tmp in root.glob(".*.tmp"):
         match = _TEMP_NAME.match(tmp.name)
         if match is None:
@@ -293,7 +275,7 @@ def _remove_stale_temps(root: Path) -> list[Path]:
             age = time.time() - tmp.stat().st_mtime
         except FileNotFoundError:  # its writer renamed it meanwhile
             continue
-        dead_here = match["pid"] is not None and match["host"] == host and not _pid_alive(int(match["pid"]))
+        dead_here = match["pid"] is not None and match["host"] == host and not process_alive(int(match["pid"]))
         if dead_here or age > STALE_TEMP_SECONDS:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
