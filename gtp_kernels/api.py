@@ -233,7 +233,13 @@ def fit_residual(
                                num_checkpoints=num_checkpoints, compute_dtype=torch.float64,
                                require_selectable=False)
     fw = problem.feature_weights(torch.float64)
+    if isinstance(indices, torch.Tensor):
+        indices = indices.detach().cpu().numpy()
     raw = np.asarray(indices)
+    # bools are not row indices: numpy reads [True, 1] as [1, 1] and a mask as rows 0 and 1
+    listed = indices if isinstance(indices, (list, tuple)) else ()
+    if raw.size and (raw.dtype == bool or any(isinstance(e, (bool, np.bool_)) for e in listed)):
+        raise InputError("indices must be integer row indices, got bools (for a mask, pass np.flatnonzero(mask))")
     if raw.size and raw.dtype.kind not in "iu":
         raise InputError(f"indices must be integers, got dtype {raw.dtype}")
     idx = torch.as_tensor(raw.astype(np.int64).reshape(-1))

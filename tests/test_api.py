@@ -45,6 +45,10 @@ def test_fit_residual_checks_its_indices():
         gk.fit_residual(A, b, [-1])
     with pytest.raises(InputError, match="indices must be integers"):
         gk.fit_residual(A, b, [0.5])
+    for bools in ([True, 1], [True, False] * 10, np.ones(20, dtype=bool), torch.zeros(20, dtype=torch.bool)):
+        with pytest.raises(InputError, match="got bools"):  # numpy would read them as rows 0 and 1
+            gk.fit_residual(A, b, bools)
+    assert gk.fit_residual(A, b, torch.tensor([1, 2])) == gk.fit_residual(A, b, [1, 2])
 
 
 def test_fit_residual_computes_in_float64_for_any_pool():
