@@ -114,10 +114,11 @@ def _add_select(sub) -> None:
                    help="output folder, written whole; must be new or empty unless --force")
     p.add_argument("--force", action="store_true",
                    help="replace an --out folder that holds an earlier gtp select output (and nothing else)")
-    p.add_argument("--fill", choices=FILL_CHOICES, default="target",
+    p.add_argument("--fill", choices=FILL_CHOICES, default=None,
                    help="when pursuit stops before k rows, fill each column's budget with the best remaining "
                         "candidates (weight 0, marked filled, no near-copies) by cosine with the 'target' (default: "
-                        "best in the quality study) or with the final 'residual'; 'none' keeps pursuit's rows")
+                        "best in the quality study) or with the final 'residual'; 'none' keeps pursuit's rows "
+                        "(the only choice, and the default, under torchrun)")
     p.add_argument("--data", default=None, metavar="JSONL",
                    help="the pool's JSON lines (with a store): also write OUT/selected.jsonl, the chosen examples "
                         "(without --data, a selected.jsonl left there by an earlier run is removed)")
@@ -276,6 +277,10 @@ def _cmd_select(args) -> int:
     # until the selection is done, and then the output folder is put in place whole.
     out = Path(args.out)
     _check_select_arguments(args, out)
+    launch = _distributed_launch()
+    if launch is not None:
+        return _cmd_select_distributed(args, out, *launch)
+    args.fill = args.fill or "target"
     args.target_mode = _target_mode(args)
     candidate_store, target_store = _open_select_stores(args)
     inputs = {}
@@ -305,6 +310,87 @@ def _cmd_select(args) -> int:
         sel = select(candidates, target, args.k, checkpoint_weights=args.checkpoint_weights,
                      num_checkpoints=args.num_checkpoints, **options)
     _write_selection(args, out, sel, candidate_store.ids if candidate_store is not None else None, by_id, inputs)
+    return 0
+
+
+def _distributed_launch() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) under a multi-process torchrun launch, else None."""
+    from .collect.distributed import distributed_environment
+
+    try:
+        return distributed_environment()
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+# what gtp select runs under torchrun: exact GTP with the rows split across the ranks
+DISTRIBUTED_METHODS = ("gtp",)
+
+
+def _check_distributed_select(args, world: int) -> None:
+    """Refuse what the sharded selection does not do, before the process group starts (every
+    rank sees the same arguments, so every rank refuses alike)."""
+    from .collect.store import is_store
+
+    launch = f"under torchrun (WORLD_SIZE={world})"
+    if (args.method or "gtp") not in DISTRIBUTED_METHODS:
+        raise InputError(f"--method {args.method}: {launch} gtp select runs exact GTP with the candidate rows split "
+                         f"across the ranks; supported: {', '.join(DISTRIBUTED_METHODS)} (run other methods in one "
+                         "process)")
+    if not is_store(args.candidates):
+        raise InputError(f"--candidates {args.candidates}: {launch} the candidates must be a trajectory store "
+                         "(gtp collect), which each rank reads its share of")
+    if args.target_mode == "joint":
+        raise InputError(f"--target-mode joint: {launch} each target column is pursued on its own; "
+                         "use --target-mode mean (the default there) or examples")
+    if args.fill not in (None, "none"):
+        raise InputError(f"--fill {args.fill}: {launch} pursuit's rows are kept as they are (--fill none)")
+    for flag, given in (("--batch-size", args.batch_size is not None), ("--num-checkpoints", args.num_checkpoints
+                        is not None), ("--progress", args.progress), ("--topk-reduce", args.topk_reduce != "column")):
+        if given:
+            raise InputError(f"{flag}: not used by the sharded gtp that gtp select runs {launch}")
+
+
+def _cmd_select_distributed(args, out, rank: int, world: int, local_rank: int) -> int:
+    """gtp select under torchrun: every rank reads its contiguous share of the candidate store's
+    rows (whole shards where it can), they run exact sharded GTP together (the selection a single
+    process makes), and rank 0 alone writes the output folder and prints."""
+    import torch
+    import torch.distributed as dist
+
+    from .collect.store_selection import select_sharded_from_stores
+    from .validation import resolve_device
+
+    _check_distributed_select(args, world)
+    args.target_mode = args.target_mode or "mean"
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), "--device")
+    if device.type == "cuda":  # this rank's own GPU
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    candidate_store, target_store = _open_select_stores(args)
+    inputs: dict = {}
+    by_id = _read_select_data(args, candidate_store, inputs)  # on every rank: a bad file fails them all alike
+    inputs["candidates"] = _describe_store(candidate_store)
+    if target_store is not None:
+        target = target_store
+        inputs["target"] = {**_describe_store(target_store), "mode": args.target_mode}
+    else:
+        target = _load_described(args.target, "target", inputs)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        sel = select_sharded_from_stores(
+            candidate_store, target, args.k, target_mode=args.target_mode, checkpoint_weights=args.checkpoint_weights,
+            device=device, positive=not args.no_positive, ridge=args.ridge, tol=args.tol,
+            align_threshold=args.align_threshold, stop_ratio=args.stop_ratio,
+            compute_dtype=torch.float64 if args.float64 else None)
+        if rank == 0:
+            _write_selection(args, out, sel, candidate_store.ids, by_id, inputs)
+        dist.barrier()  # the other ranks exit once the output is in place
+    finally:
+        if started:
+            dist.destroy_process_group()
     return 0
 
 

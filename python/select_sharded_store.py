@@ -9,7 +9,9 @@ GPU when there is one (NCCL; gloo on CPUs), and calls ``gtp_kernels.select_shard
 target (the target store's mean row) and the pool's checkpoint weights. Every rank gets the same
 selection, equal to ``gtp select`` on the whole store; rank 0 writes the chosen example ids (in
 selection order) with their weights as JSON. ``--shard-and-merge`` runs the approximate
-one-round mode instead.
+one-round mode instead. (``torchrun ... -m gtp_kernels -- select`` runs the exact mode and
+writes gtp select's output folder; both read the store through
+``gtp_kernels.collect.store_selection.select_sharded_from_stores``.)
 """
 from __future__ import annotations
 
@@ -17,14 +19,12 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-import gtp_kernels as gk
 from gtp_kernels.atomic import atomic_write_text
-from gtp_kernels.collect import open_store, store_target
-from gtp_kernels.selection.distributed import select_shard_and_merge
+from gtp_kernels.collect import open_store
+from gtp_kernels.collect.store_selection import select_sharded_from_stores
 
 
 def main() -> None:
@@ -43,15 +43,8 @@ def main() -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         pool = open_store(args.candidates)
-        cuts = [pool.n_shards * r // world for r in range(world + 1)]
-        mine = [array for i, (_, _, array) in enumerate(pool.iter_shards()) if cuts[rank] <= i < cuts[rank + 1]]
-        block = np.concatenate(mine) if mine else np.empty((0, pool.t, pool.d), dtype=pool.dtype)
-        rows = torch.from_numpy(block.reshape(len(block), pool.t * pool.d))
-        target = torch.from_numpy(store_target(open_store(args.target)))
-        if on_gpu:
-            rows, target = rows.cuda(), target.cuda()
-        run = select_shard_and_merge if args.shard_and_merge else gk.select_sharded
-        sel = run(rows, target, args.k, checkpoint_weights=pool.selection_checkpoint_weights)
+        sel = select_sharded_from_stores(pool, open_store(args.target), args.k, shard_and_merge=args.shard_and_merge,
+                                         device="cuda" if on_gpu else None)
         if rank == 0:
             chosen = [int(i) for i in sel.indices]
             result = {"ids": [pool.ids[i] for i in chosen], "rows": chosen,

@@ -29,7 +29,7 @@ import numpy as np
 from ..validation import InputError
 from .targets import store_target
 
-__all__ = ["StoreReader", "selection_weights", "select_from_stores"]
+__all__ = ["StoreReader", "selection_weights", "select_from_stores", "rank_rows", "select_sharded_from_stores"]
 
 
 @runtime_checkable
@@ -124,3 +124,70 @@ def select_from_stores(candidates: StoreReader, target: StoreReader | Any, k: in
         checkpoint_weights = selection_weights(candidates, spec.block_scale_invariant)
     return api.select(candidates.rows_source(), target, k, method=method, checkpoint_weights=checkpoint_weights,
                       num_checkpoints=candidates.t, **select_options)
+
+
+def rank_rows(store: StoreReader, rank: int, world: int) -> tuple[int, np.ndarray]:
+    """(offset, rows (n_r, T*d) in the store's dtype): rank `rank`'s contiguous block of a complete
+    store's N rows among `world` ranks, in row order (rank order = row order, as
+    :func:`gtp_kernels.select_sharded` needs). With S >= world shards a rank takes whole shards
+    [S*r/P, S*(r+1)/P) (no shard is split); with fewer shards than ranks, rows [N*r/P, N*(r+1)/P)."""
+    if not 0 <= rank < world:
+        raise InputError(f"rank {rank} is outside [0, {world})")
+    if not store.complete:
+        raise InputError(f"candidate store {store.path}: incomplete (shards missing); resume the collection")
+    shards = list(store.iter_shards())  # memory maps: nothing read yet
+    if len(shards) >= world:
+        cuts = [len(shards) * r // world for r in range(world + 1)]
+        bounds = [shards[c][0] if c < len(shards) else store.n for c in cuts]
+    else:
+        bounds = [store.n * r // world for r in range(world + 1)]
+    low, high = bounds[rank], bounds[rank + 1]
+    pieces = [array[max(low, start) - start:min(high, stop) - start]
+              for start, stop, array in shards if start < high and low < stop]
+    block = np.concatenate(pieces) if pieces else np.empty((0, store.t, store.d), dtype=shards[0][2].dtype)
+    return low, np.ascontiguousarray(block).reshape(high - low, store.t * store.d)
+
+
+def select_sharded_from_stores(candidates: StoreReader, target: StoreReader | Any, k: int, *, group: Any = None,
+                               target_mode: str = "mean", checkpoint_weights: Sequence[float] | None = None,
+                               shard_and_merge: bool = False, device: Any = None, **select_options: Any) -> Any:
+    """:func:`gtp_kernels.select_sharded` (exact GTP) on a candidate store whose rows are split
+    across the ranks of `group` (an initialised torch.distributed group); every rank calls it alike.
+
+    Each rank reads only its block (:func:`rank_rows`), moved to ``device`` (None: the CPU); the
+    target (a target store, made one column by ``target_mode`` "mean" or one per example by
+    "examples", or a (T*d,) / (T*d, m) array) and the checkpoint weights are the ones
+    :func:`select_from_stores` gives method "gtp", so the selection equals that single-process
+    one. ``shard_and_merge``: the approximate one-round mode
+    (:func:`gtp_kernels.selection.distributed.select_shard_and_merge`) instead. select_options:
+    passed on (positive, ridge, tol, align_threshold, stop_ratio, compute_dtype, ...).
+
+    Returns the :class:`gtp_kernels.Selection`, the same on every rank; row i is example
+    ``candidates.ids[i]``.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from ..selection.distributed import select_shard_and_merge, select_sharded
+
+    if target_mode not in ("mean", "examples"):
+        raise InputError(f"target mode {target_mode!r}: the sharded selection pursues each target column on its own; "
+                         "use 'mean' or 'examples'")
+    if isinstance(target, StoreReader):
+        from .store import check_compatible
+
+        check_compatible(candidates, target)  # e.g. another projection seed: rows in other spaces
+        target = store_target(target, target_mode)
+    if checkpoint_weights is not None and candidates.weights_applied:
+        raise InputError(f"checkpoint_weights: the rows of {candidates.path} already carry their checkpoint weights "
+                         "(weights_applied); passing weights again would apply them twice")
+    if checkpoint_weights is None:
+        checkpoint_weights = selection_weights(candidates, block_scale_invariant=False)  # gtp's weights
+    _, block = rank_rows(candidates, dist.get_rank(group), dist.get_world_size(group))
+    rows = torch.from_numpy(block)
+    target = torch.as_tensor(target)
+    if device is not None:
+        rows, target = rows.to(device), target.to(device)
+    run = select_shard_and_merge if shard_and_merge else select_sharded
+    return run(rows, target, k, group=group, checkpoint_weights=checkpoint_weights, num_checkpoints=candidates.t,
+               **select_options)
