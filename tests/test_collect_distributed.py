@@ -99,6 +99,10 @@ def test_two_ranks_write_the_single_process_store(inputs, reference):
     torchrun(inputs, out)
     assert_same_store(out, reference)
     assert not list(out.glob(".*.tmp"))
+    # a rerun on the finished store: rank 0 decides for both that there is nothing to write
+    manifest = (out / "manifest.json").read_bytes()
+    torchrun(inputs, out)
+    assert (out / "manifest.json").read_bytes() == manifest
 
 
 def test_two_ranks_resume_a_partial_single_process_store(inputs, reference):

@@ -210,3 +210,75 @@ def test_decoder_classifier_warmup_and_collection(tmp_path):
         flat = torch.cat([g.reshape(5, -1).double() for g in grads.values()], dim=1)
         want = flat @ projection_matrix(16, flat.shape[1], seed=t, dtype=torch.float64).T
         np.testing.assert_allclose(np.asarray(targets.trajectory_view()[:, t], dtype=np.float64), want.numpy(), rtol=2e-4, atol=2e-5)
+
+
+class _Rank:
+    """A coordinator's hooks on one rank of a pretend group: rank 0's verdict is ``verdict``."""
+
+    def __init__(self, rank, verdict=None):
+        self.rank, self.verdict, self.offered = rank, verdict, []
+
+    def wait_for_checkpoints(self):
+        pass
+
+    def checkpoints_ready(self):
+        pass
+
+    def decided_by_rank_0(self, value):
+        self.offered.append(value)
+        return value if self.rank == 0 else self.verdict
+
+    def assign_shards(self, todo):
+        return list(todo)
+
+
+def test_rerun_on_a_finished_store_builds_no_model(pool, tmp_path, monkeypatch):
+    """Nothing to write: the store comes back after the cheap checks, no model is built; any
+    difference the checks see still raises what it raised before."""
+    from gtp_kernels.collect import models
+
+    root, _, tokenizer, _ = pool
+    records = instruction_records(23, seed=1)
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    kwargs = dict(tokenizer=tokenizer, checkpoints=root / "store" / "warmup", **COMMON)
+
+    def crash_after_first(shard):
+        raise RuntimeError(f"injected failure after shard {shard}")
+
+    with pytest.raises(RuntimeError, match="injected"):
+        collect_trajectory(tiny_llama, data, tmp_path / "store", on_shard_written=crash_after_first, **kwargs)
+    built = []
+    real_build = models.build_model
+    monkeypatch.setattr(models, "build_model", lambda *a, **kw: built.append(1) or real_build(*a, **kw))
+    part = collect_trajectory(tiny_llama, data, tmp_path / "store", shards=[0], **kwargs)  # shard 0 is written
+    assert built == [] and part.written_shards == [0] and not part.complete
+    full = collect_trajectory(tiny_llama, data, tmp_path / "store", **kwargs)
+    assert len(built) == 1 and full.complete  # shards 1 and 2 were missing: one gradient model
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+
+    again = collect_trajectory(tiny_llama, data, tmp_path / "store", **kwargs)
+    assert len(built) == 1 and again.manifest == full.manifest
+    np.testing.assert_array_equal(np.asarray(again.trajectory_view()), np.asarray(full.trajectory_view()))
+    rank_0, rank_1 = _Rank(0), _Rank(1, verdict=True)
+    assert collect_trajectory(tiny_llama, data, tmp_path / "store", coordinator=rank_0, **kwargs).complete
+    assert collect_trajectory(tiny_llama, data, tmp_path / "store", coordinator=rank_1, **kwargs).complete
+    assert len(built) == 1 and rank_0.offered == [True] and rank_1.offered == [False]  # only rank 0 looks
+
+    with pytest.raises(StoreError, match="'d' differs"):
+        collect_trajectory(tiny_llama, data, tmp_path / "store", **{**kwargs, "d": 32})
+    # learning rates are part of the spec the writer compares: the full path raises as before
+    with pytest.raises(StoreError, match="'metadata' differs"):
+        collect_trajectory(tiny_llama, data, tmp_path / "store", learning_rates=[1e-3, 2e-3], **kwargs)
+    assert len(built) == 2
+    edited = [dict(r) for r in records]
+    edited[21]["response"] = "the quick brown fox"
+    write_jsonl(data, edited)
+    with pytest.raises(StoreError, match=r"cannot resume: shard 2 .*data file was edited"):
+        collect_trajectory(tiny_llama, data, tmp_path / "store", **kwargs)
+    write_jsonl(data, records)
+    # rank 0 says there is work: every rank takes the full path
+    rank_1 = _Rank(1, verdict=False)
+    with pytest.raises(StoreError, match="'metadata' differs"):
+        collect_trajectory(tiny_llama, data, tmp_path / "store", coordinator=rank_1, learning_rates=[1e-3, 2e-3],
+                           **kwargs)
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text()) == manifest  # nothing rewritten

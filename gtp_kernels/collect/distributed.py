@@ -103,6 +103,10 @@ class RankCoordinator:
             self.warmup_announced = True
             self._broadcast(f"{type(error).__name__}: {error}")
 
+    def decided_by_rank_0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (so that all ranks take the same path)."""
+        return self._broadcast(value)
+
     def assign_shards(self, todo: Sequence[int]) -> list[int]:
         """This rank's share of the shards still to write: rank 0's list (read once every rank has
         opened the store and before any rank writes, so all ranks split the same list), every

@@ -44,7 +44,9 @@ from .gradients import Moments, shard_rows
 from .per_example import trainable_parameters
 from .projector import Projector
 from .resume import check_inputs_unchanged, check_resumable, shard_input_digest
-from .store import MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store
+from .store import (
+    MANIFEST, STORE_DTYPES, StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, open_store, read_manifest,
+)
 from .warmup import (
     Checkpoint, LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
     load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
@@ -205,6 +207,9 @@ def collect_trajectory(
             multi-process collection (its hooks: wait for rank 0's warm-up, announce it, split
             the missing shards); None in a single process.
 
+    A rerun with nothing left to write (every shard, or every one of ``shards``, written) returns
+    the store after the options, data, inputs and spec checks, without building the model.
+
     Raises:
         InputError: a bad option, data file, checkpoint folder or model source, before any model
             or tokenizer loads (the options, then the data, then the checkpoints, then the model);
@@ -226,8 +231,11 @@ def collect_trajectory(
     warm = _warm_up(model, plan, inputs, opts)
     if coordinator is not None:
         coordinator.checkpoints_ready()
+    finished = _finished_store(model, data, plan, inputs, warm, opts, coordinator)
+    if finished is not None:  # a rerun on a store with nothing left to do: no model is built
+        return finished
     grad_model = _gradient_model(model, plan, inputs, warm, opts)
-    spec, seeds, scales = _store_spec(model, data, warm.checkpoints, inputs, grad_model, opts)
+    spec, seeds, scales = _store_spec(model, data, warm.checkpoints, inputs, _trainable_count(grad_model), opts)
     projector = _projection(warm.projector, grad_model, seeds, plan.device, opts)
     writer = TrajectoryStoreWriter(plan.out, spec, resume=opts.resume)
     todo = writer.missing_shards()
@@ -419,14 +427,17 @@ def _gradient_model(model: Any, plan: _Plan, inputs: _Inputs, warm: _WarmUp, opt
     return _GradientModel(net, names, states, moments)
 
 
-def _store_spec(model: Any, data: Any, ckpts: Sequence[Checkpoint], inputs: _Inputs, grad_model: _GradientModel,
+def _trainable_count(grad_model: _GradientModel) -> int:
+    return int(sum(grad_model.states[0][n].numel() for n in grad_model.names))
+
+
+def _store_spec(model: Any, data: Any, ckpts: Sequence[Checkpoint], inputs: _Inputs, trainable_parameters: int,
                 opts: CollectOptions) -> tuple[StoreSpec, list[int], list[float]]:
     """Stage 5: the store's layout and metadata, with each checkpoint's seed_t and block scale c_t."""
     t_count = len(ckpts)
     weights = checkpoint_weights(ckpts)
     scales = [math.sqrt(w) if opts.apply_checkpoint_weights else 1.0 for w in weights]
     seeds = opts.seeds(t_count)
-    state = grad_model.states[0]
     spec = StoreSpec(n=len(inputs.tokenized), t=t_count, d=opts.d, example_ids=[x.id for x in inputs.tokenized],
                      dtype=opts.dtype, shard_size=opts.shard_size, metadata={
         "model": models.model_name(model), "task": opts.task, "label2id": inputs.label2id,
@@ -434,11 +445,59 @@ def _store_spec(model: Any, data: Any, ckpts: Sequence[Checkpoint], inputs: _Inp
         "checkpoint_weights": weights, "weights_applied": opts.apply_checkpoint_weights, "block_scales": scales,
         "gradient_type": opts.gradient_type, "normalisation": "unit" if opts.normalise else "none",
         "projection": {"kind": opts.kind, "seed": opts.seed, "seeds": seeds, "seed_mode": opts.seed_mode, "d": opts.d},
-        "trainable_parameters": int(sum(state[n].numel() for n in grad_model.names)),
+        "trainable_parameters": trainable_parameters,
         "max_length": opts.max_length, "format": asdict(opts.fmt),
         "data": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else "in-memory records",
     })
     return spec, seeds, scales
+
+
+def _finished_store(model: Any, data: Any, plan: _Plan, inputs: _Inputs, warm: _WarmUp, opts: CollectOptions,
+                    coordinator: Any) -> TrajectoryStore | None:
+    """The store, when this call has no shard left to write and the store provably describes this
+    collection; None otherwise (then the full path runs, with every check it makes).
+
+    The full spec is compared with the manifest as the writer compares it, except that the
+    trainable-parameter count is read from the first checkpoint's trainable.safetensors instead of
+    a built model: only our own checkpoint layout records exactly the trainable parameters, so peft
+    adapters always take the full path. What only a built model can check (checkpoint shapes
+    against the model, the Adam moments' shapes, a factory's pad id) was checked when the shards
+    were written and is not repeated: a model folder edited since to other shapes is not noticed
+    here (the full path would refuse the checkpoints); one edited to the same shapes is not noticed
+    by either. With a coordinator, rank 0 decides for every rank (one path for all)."""
+    done = False
+    if coordinator is None or coordinator.rank == 0:
+        done = _nothing_to_write(model, data, plan, inputs, warm, opts)
+    if coordinator is not None:
+        done = coordinator.decided_by_rank_0(done)
+    if not done:
+        return None
+    return open_store(plan.out, allow_incomplete=opts.shards is not None)
+
+
+def _nothing_to_write(model: Any, data: Any, plan: _Plan, inputs: _Inputs, warm: _WarmUp, opts: CollectOptions) -> bool:
+    manifest_path = plan.out / MANIFEST
+    if not opts.resume or not manifest_path.is_file() or warm.checkpoints[0].layout != "gtp":
+        return False
+    trainable = Path(warm.checkpoints[0].path) / "trainable.safetensors"
+    if not trainable.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(trainable), framework="pt") as handle:  # shapes from the header: no tensor is read
+            count = sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint: the full path reports it
+        return False
+    spec, _, _ = _store_spec(model, data, warm.checkpoints, inputs, int(count), opts)
+    manifest = read_manifest(plan.out)
+    if any(manifest.get(key) != value for key, value in spec.header().items()):
+        return False  # the full path raises the error it always raised
+    # the writer re-checks the spec and forgets shards whose files are gone or damaged
+    todo = TrajectoryStoreWriter(plan.out, spec, resume=True).missing_shards()
+    if opts.shards is not None:
+        todo = [s for s in todo if s in set(opts.shards)]
+    return not todo
 
 
 def _projection(made: Projector | None, grad_model: _GradientModel, seeds: Sequence[int], device: torch.device,
