@@ -84,6 +84,24 @@ def selection_weights(store: StoreReader, block_scale_invariant: bool) -> list[f
     return None
 
 
+def _target_and_weights(candidates: StoreReader, target: StoreReader | Any, target_mode: str,
+                        checkpoint_weights: Sequence[float] | None, block_scale_invariant: bool) -> tuple:
+    """(target, checkpoint weights) for a selection over ``candidates``: a target store is checked
+    compatible and made a target by ``target_mode`` ("joint" takes one column per example);
+    given weights are refused when the rows already carry theirs, else the store's are used."""
+    if isinstance(target, StoreReader):
+        from .store import check_compatible
+
+        check_compatible(candidates, target)  # e.g. another projection seed: rows in other spaces
+        target = store_target(target, "examples" if target_mode == "joint" else target_mode)
+    if checkpoint_weights is not None and candidates.weights_applied:
+        raise InputError(f"checkpoint_weights: the rows of {candidates.path} already carry their checkpoint weights "
+                         "(weights_applied); passing weights again would apply them twice")
+    if checkpoint_weights is None:
+        checkpoint_weights = selection_weights(candidates, block_scale_invariant)
+    return target, checkpoint_weights
+
+
 def select_from_stores(candidates: StoreReader, target: StoreReader | Any, k: int, *, method: str | None = None,
                        target_mode: str = "mean", checkpoint_weights: Sequence[float] | None = None,
                        **select_options: Any) -> Any:
@@ -110,18 +128,10 @@ def select_from_stores(candidates: StoreReader, target: StoreReader | Any, k: in
     spec = api.METHODS.get(method or api.DEFAULT_METHOD)
     if spec is None:
         raise InputError(f"method: unknown method {method!r}; choose one of: {', '.join(api.METHODS)}")
-    if isinstance(target, StoreReader):
-        from .store import check_compatible
-
-        check_compatible(candidates, target)  # e.g. another projection seed: rows in other spaces
-        target = store_target(target, "examples" if target_mode == "joint" else target_mode)
+    target, checkpoint_weights = _target_and_weights(candidates, target, target_mode, checkpoint_weights,
+                                                     spec.block_scale_invariant)
     if target_mode == "joint":  # one column per target example, k rows in all (selection/joint.py)
         select_options.setdefault("targets", "joint")
-    if checkpoint_weights is not None and candidates.weights_applied:
-        raise InputError(f"checkpoint_weights: the rows of {candidates.path} already carry their checkpoint weights "
-                         "(weights_applied); passing weights again would apply them twice")
-    if checkpoint_weights is None:
-        checkpoint_weights = selection_weights(candidates, spec.block_scale_invariant)
     return api.select(candidates.rows_source(), target, k, method=method, checkpoint_weights=checkpoint_weights,
                       num_checkpoints=candidates.t, **select_options)
 
@@ -173,16 +183,8 @@ def select_sharded_from_stores(candidates: StoreReader, target: StoreReader | An
     if target_mode not in ("mean", "examples"):
         raise InputError(f"target mode {target_mode!r}: the sharded selection pursues each target column on its own; "
                          "use 'mean' or 'examples'")
-    if isinstance(target, StoreReader):
-        from .store import check_compatible
-
-        check_compatible(candidates, target)  # e.g. another projection seed: rows in other spaces
-        target = store_target(target, target_mode)
-    if checkpoint_weights is not None and candidates.weights_applied:
-        raise InputError(f"checkpoint_weights: the rows of {candidates.path} already carry their checkpoint weights "
-                         "(weights_applied); passing weights again would apply them twice")
-    if checkpoint_weights is None:
-        checkpoint_weights = selection_weights(candidates, block_scale_invariant=False)  # gtp's weights
+    target, checkpoint_weights = _target_and_weights(candidates, target, target_mode, checkpoint_weights,
+                                                     block_scale_invariant=False)  # gtp's weights
     _, block = rank_rows(candidates, dist.get_rank(group), dist.get_world_size(group))
     rows = torch.from_numpy(block)
     target = torch.as_tensor(target)
