@@ -87,7 +87,8 @@ def _run_method(spec: MethodSpec, problem: Problem, k: int, opts: SelectOptions,
                 joint: bool = False) -> List[TargetSelection]:
     """spec.run (or the joint selection of selection/joint.py) on the prepared problem, under a
     progress bar when opts.progress."""
-    bar, tick = _progress_bar(opts.progress, k * problem.num_targets, spec.name)
+    # joint: k rows in all, one tick each; otherwise k per target column
+    bar, tick = _progress_bar(opts.progress, k if joint else k * problem.num_targets, spec.name)
     try:
         per_target = run_joint(spec.name, problem, k, opts, tick) if joint else spec.run(problem, k, opts, tick)
         if bar is not None:  # methods that pick at once (top-k, random) tick nothing on the way
@@ -203,15 +204,15 @@ def select(
             problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
     per_target = prepared.finish(per_target, k, spec.fit_weights)  # EarlyStopWarning: rounding floor or dependence
     t2 = time.perf_counter()
+    prepared.checked["targets"] = targets
     params = prepared.params(SELECT_PARAMS)
-    params = {key: value for key, value in params.items() if key != "seed"} | {"targets": targets, "seed": params["seed"]}
     timings = selection_timings(t0, t1, t2, fill_s=t2 - t_fill if fill is not None else 0.0)
     return Selection(name, k, tuple(per_target), params, timings, fit_weights=spec.fit_weights, targets=targets)
 
 
 # the options a Selection from select() reports in its params, in this order
 SELECT_PARAMS = ("positive", "ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters",
-                 "batch_size", "topk_reduce", "fill", "seed")
+                 "batch_size", "topk_reduce", "fill", "targets", "seed")
 
 
 def fit_residual(
