@@ -102,6 +102,43 @@ def tables(results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(items) -> dict:
+    """``["bbc.warmup_lr=1e-2", ...]`` -> ``{"bbc": {"warmup_lr": "1e-2"}}`` (values still text)."""
+    overrides: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        task, dot, field = key.partition(".")
+        if not sep or not dot or task not in ("bbc", "chat") or not field:
+            raise ValueError(f"--set takes TASK.FIELD=VALUE with TASK bbc or chat, got {item!r}")
+        overrides.setdefault(task, {})[field] = value
+    return overrides
+
+
+def apply_overrides(settings, changes: dict):
+    """A copy of the frozen settings dataclass with ``changes`` parsed to each field's type."""
+    import ast
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    parsed = {}
+    for name, text in changes.items():
+        if name not in fields:
+            raise SystemExit(f"--set: {type(settings).__name__} has no field {name!r}; fields: {', '.join(fields)}")
+        current = getattr(settings, name)
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(current, tuple) and isinstance(value, (int, float)):
+            value = (value,)
+        if type(value) is not type(current):
+            raise SystemExit(f"--set {name}: expected a {type(current).__name__} like {current!r}, got {text!r}")
+        parsed[name] = value
+    return dataclasses.replace(settings, **parsed)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline runs (a minute or two)")
@@ -112,11 +149,18 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", default="bbc,chat", help="comma-separated: bbc, chat")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the study's budget is 2 cores)")
     parser.add_argument("--progress", action="store_true", help="progress bars for collection")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="TASK.FIELD=VALUE",
+                        help="change one setting of a task for an ablation, e.g. bbc.warmup_lr=1e-2 (repeatable; "
+                             "use with --cache and --out folders of its own)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     if any(t not in ("bbc", "chat") for t in tasks) or not tasks:
         parser.error(f"--tasks takes bbc and/or chat, got {args.tasks!r}")
     mode = "quick" if args.quick else "full"
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as error:
+        parser.error(str(error))
     cache = Path(args.cache) if args.cache else HERE / ".cache" / mode
     out = Path(args.out) if args.out else (cache / "out" if args.quick else HERE)
     if "bbc" in tasks:
@@ -142,16 +186,16 @@ def main(argv=None) -> int:
 
         print("Task A: BBC News + MiniLM", flush=True)
         task_started = time.perf_counter()
-        results["bbc"] = bbc.run(bbc.QUICK if args.quick else bbc.FULL, cache / "bbc", out, times, args.progress,
-                                 args.quick)
+        settings = apply_overrides(bbc.QUICK if args.quick else bbc.FULL, overrides.get("bbc", {}))
+        results["bbc"] = bbc.run(settings, cache / "bbc", out, times, args.progress, args.quick)
         results["task_seconds"]["bbc"] = round(time.perf_counter() - task_started, 1)
     if "chat" in tasks:
         import chat
 
         print("Task B: chat mixture + tiny Llama", flush=True)
         task_started = time.perf_counter()
-        results["chat"] = chat.run(chat.QUICK if args.quick else chat.FULL, cache / "chat", out, times,
-                                   args.progress, args.quick)
+        settings = apply_overrides(chat.QUICK if args.quick else chat.FULL, overrides.get("chat", {}))
+        results["chat"] = chat.run(settings, cache / "chat", out, times, args.progress, args.quick)
         results["task_seconds"]["chat"] = round(time.perf_counter() - task_started, 1)
     results["total_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
     previous = out / "results.json"
