@@ -54,6 +54,7 @@ class BbcSettings:
     warmup_lr: float
     batch_size: int
     head_c: float
+    warmup_seed: int = 0    # which warm-up rows and their order (the pool and targets do not change)
 
 
 FULL = BbcSettings(base_pool=400, copy_sources=20, copies_per_source=10, flip_share=0.25, targets=24, test=400,
@@ -151,6 +152,26 @@ def train_and_score(features: np.ndarray, labels: np.ndarray, test_x: np.ndarray
     return float(np.mean(head.predict(test_x) == test_y))
 
 
+def clean_balanced_reference(index: np.ndarray, row_y: np.ndarray, row_true: np.ndarray, row_x: np.ndarray,
+                             test_x: np.ndarray, test_y: np.ndarray, budget: int, n_topics: int, s: "BbcSettings",
+                             draws: int = 20) -> Dict[str, Any]:
+    """What the recipe reaches on ``budget`` rows that an oracle knows to be correctly labelled,
+    spread over the topics as evenly as the budget allows (random rows within each topic,
+    ``draws`` draws, seeded). Not a selector (it reads the true labels): a reference for what
+    "the right rows" are worth at this budget, to read the methods' numbers against."""
+    rng = np.random.default_rng(12345 + budget)
+    clean = index[row_y[index] == row_true[index]]
+    by_topic = [clean[row_y[clean] == c] for c in range(n_topics)]
+    accs = []
+    for _ in range(draws):
+        order = rng.permutation(n_topics)  # which topics get the budget's remainder
+        counts = [budget // n_topics + (rank < budget % n_topics) for rank in np.argsort(order)]
+        picked = np.concatenate([rng.choice(rows, min(c, len(rows)), replace=False)
+                                 for rows, c in zip(by_topic, counts)])
+        accs.append(train_and_score(row_x[picked], row_y[picked], test_x, test_y, s.head_c))
+    return mean_spread(accs)
+
+
 def _budget_rows(pct: float, n: int) -> int:
     return max(1, round(pct * n / 100))
 
@@ -171,7 +192,7 @@ def collect(s: BbcSettings, data: Dict[str, Any], cache: Path, times: Dict[str, 
     common = dict(tokenizer=tokenizer, task="classification", d=s.d, max_length=s.max_length,
                   batch_size=s.batch_size, shard_size=4096, progress=progress, device="cpu")
     warmup = WarmupSettings(fraction=s.warmup_fraction, epochs=s.checkpoints, learning_rate=s.warmup_lr,
-                            batch_size=s.batch_size, seed=0, lora=LoraSettings(r=s.lora_r, alpha=4 * s.lora_r,
+                            batch_size=s.batch_size, seed=s.warmup_seed, lora=LoraSettings(r=s.lora_r, alpha=4 * s.lora_r,
                                                                               target_modules=modules))
     with stage(times, "collect noisy pool (warm-up + adam gradients)"):
         noisy = collect_trajectory(model, data["noisy_rows"], cache / "noisy_store", warmup=warmup,
@@ -239,6 +260,9 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
                                        "near_copy_rows": len(groups), "variants": {}}
         full = train_and_score(row_x[index], row_y[index], test_x, test_y, s.head_c)
         pool_result["full_pool_accuracy"] = {"mean": full, "std": 0.0, "values": [full] * len(s.seeds)}
+        pool_result["clean_balanced_reference"] = {
+            str(pct): clean_balanced_reference(index, row_y, row_true, row_x, test_x, test_y, _budget_rows(pct, n),
+                                               len(topics), s) for pct in s.budgets_pct}
         with stage(times, f"select + train, {pool_name} pool"):
             for name, v in variants.items():
                 per_budget: Dict[str, Any] = {}
@@ -291,6 +315,10 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         table = {m: {b: v["accuracy"] for b, v in pr["variants"][m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, pr["full_pool_accuracy"], "test accuracy (3 seeds, mean +- std)",
                       f"BBC News, {pool_name} pool (N={pr['n']})")
+        reference = pr["clean_balanced_reference"]
+        ax.plot(s.budgets_pct, [reference[str(b)]["mean"] for b in s.budgets_pct], color="grey", linestyle=":",
+                marker="_", label="oracle: clean, balanced rows")
+        ax.legend(fontsize=8)
     save_figure(fig, out / "bbc_accuracy.png")
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -55,6 +55,9 @@ def tables(results) -> str:
                       + " |", "|---" * (len(budgets) + 1) + "|"]
             for name, per in pr["variants"].items():
                 lines.append(f"| {name} | " + " | ".join(_fmt(per[b]["accuracy"]) for b in budgets) + " |")
+            if "clean_balanced_reference" in pr:  # not a selector: reads the true labels
+                lines.append("| *reference: correctly labelled rows, topics balanced (oracle, 20 draws)* | "
+                             + " | ".join(_fmt(pr["clean_balanced_reference"][b]) for b in budgets) + " |")
             lines += ["", "Picks per selection (summed over seeds): near-copies (2nd+ of a group) / mislabelled / "
                       "selected; median selection seconds at the largest budget", "",
                       "| variant | " + " | ".join(f"{b}%" for b in budgets) + " | select s |",
