@@ -6,9 +6,11 @@ having written nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
 
 from .collect.models import TASKS
 from .collect.store import StoreError
@@ -591,7 +593,7 @@ def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
     """
     from .collect.data import ExampleFormat
     from .collect.distributed import collect_distributed, is_main_process
-    from .collect.warmup import LoraSettings, WarmupSettings
+    from .collect.warmup import LoraSettings, WarmupDidNotLearnWarning, WarmupSettings
 
     shards = _csv(args.shards, int, "--shards", "0,2,5")
     learning_rates = _csv(args.learning_rates, float, "--learning-rates", "2e-5,1e-5")
@@ -605,21 +607,39 @@ def collect_from_args(args: argparse.Namespace) -> "TrajectoryStore":
                         use_chat_template=not args.no_chat_template)
     started = time.perf_counter()
     # under torchrun (WORLD_SIZE > 1) every rank fills its share of one store; else collect_trajectory
-    store = collect_distributed(
-        args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
-        learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
-        seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
-        normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
-        batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
-        model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
-        projection_cache_mb=args.projection_cache_mb,
-        resume=not args.no_resume, progress=not args.quiet, shards=shards,
-    )
+    with _warmup_warnings_as_lines(WarmupDidNotLearnWarning):  # one line, on rank 0 only
+        store = collect_distributed(
+            args.model, args.data, args.out, tokenizer=args.tokenizer, task=args.task, checkpoints=args.checkpoints,
+            learning_rates=learning_rates, warmup=warmup, gradient_type=args.gradient_type, d=args.d,
+            seed=args.seed, seed_mode="shared" if args.shared_seed else "per_checkpoint", kind=args.kind,
+            normalise=not args.no_normalise, apply_checkpoint_weights=not args.no_checkpoint_weights, dtype=args.dtype,
+            batch_size=args.batch_size, shard_size=args.shard_size, max_length=args.max_length, fmt=fmt, device=args.device,
+            model_dtype=args.model_dtype, vmap_chunk_size=args.vmap_chunk_size, backend=args.backend,
+            projection_cache_mb=args.projection_cache_mb,
+            resume=not args.no_resume, progress=not args.quiet, shards=shards,
+        )
     if not args.quiet and is_main_process():
         state = "complete" if store.manifest["complete"] else "incomplete (other shards pending)"
         print(f"store {store.path}: N={store.n} T={store.t} d={store.d} {store.dtype} {state} "
               f"in {time.perf_counter() - started:.1f} s")
     return store
+
+
+@contextlib.contextmanager
+def _warmup_warnings_as_lines(category: type[Warning]) -> Iterator[None]:
+    """Show warnings of ``category`` as one ``gtp: warning: ...`` line on stderr (the others as
+    Python shows them). The collection warns on rank 0 only, so a torchrun launch shows it once."""
+    shown = warnings.showwarning
+
+    def show(message, kind, filename, lineno, file=None, line=None):
+        if issubclass(kind, category):
+            print(f"gtp: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, kind, filename, lineno, file, line)
+
+    with warnings.catch_warnings():  # restores showwarning; the filters (-W, PYTHONWARNINGS) still apply
+        warnings.showwarning = show
+        yield
 
 
 def _add_less_select(sub) -> None:

@@ -627,6 +627,27 @@ def test_collect_full_disk_while_saving_a_checkpoint_is_one_line(tiny_model, tmp
     assert not (tmp_path / "o" / "manifest.json").exists() and not (tmp_path / "o" / "warmup" / "warmup.json").exists()
 
 
+def test_collect_says_once_that_the_warm_up_did_not_learn(tiny_model, tmp_path, capsys):
+    """The default --warmup-lr 2e-5 barely moves the tiny Llama: one `gtp: warning:` line naming
+    the options to change, exit 0; a warnings filter (-W ignore::...) silences it."""
+    import warnings
+
+    from gtp_kernels.collect import WarmupDidNotLearnWarning
+    argv = ["collect", "--model", str(tiny_model / "model"), "--data", str(tiny_model / "pool.jsonl"),
+            "--out", str(tmp_path / "o"), *COLLECT_QUICK]
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("gtp: warning: ")]
+    assert len(lines) == 1 and "the warm-up did not learn" in lines[0] and "--warmup-lr" in lines[0], lines
+    manifest = json.loads((tmp_path / "o" / "warmup" / "warmup.json").read_text())
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["metadata"]["warmup_losses"]["epoch_losses"] \
+        == manifest["epoch_losses"]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=WarmupDidNotLearnWarning)
+        assert cli_main(argv) == 0  # the finished store again
+    assert "gtp: warning" not in capsys.readouterr().err
+
+
 def _peft_checkpoint(tiny_model, folder):
     """A checkpoint-1 folder as the transformers Trainer leaves it: a peft adapter (saved, not
     trained) plus trainer_state.json."""

@@ -282,3 +282,44 @@ def test_rerun_on_a_finished_store_builds_no_model(pool, tmp_path, monkeypatch):
         collect_trajectory(tiny_llama, data, tmp_path / "store", coordinator=rank_1, learning_rates=[1e-3, 2e-3],
                            **kwargs)
     assert json.loads((tmp_path / "store" / "manifest.json").read_text()) == manifest  # nothing rewritten
+
+
+def test_warmup_losses_reach_the_store_and_a_warning_once(pool, tmp_path):
+    """The store records the warm-up's losses; targets on the same checkpoints record them too and
+    stay compatible, also with targets on a copy of the warm-up written before losses were kept
+    (no losses there: no key, no check). The pool's warm-up (the tiny Llama on random words at
+    lr 5e-3) barely moves its loss: each collection on it warns once, on rank 0 only."""
+    import shutil
+    import warnings
+
+    from gtp_kernels.collect import WarmupDidNotLearnWarning
+    from gtp_kernels.collect.store import check_compatible
+
+    root, _, tokenizer, store = pool
+    manifest = json.loads((root / "store" / "warmup" / "warmup.json").read_text())
+    losses = {"first_batch_loss": manifest["first_batch_loss"], "epoch_losses": manifest["epoch_losses"]}
+    assert store.metadata["warmup_losses"] == losses and len(losses["epoch_losses"]) == store.t
+    targets = write_jsonl(tmp_path / "val.jsonl", instruction_records(5, seed=9))
+    kwargs = dict(tokenizer=tokenizer, gradient_type="sgd", **COMMON)
+    with pytest.warns(WarmupDidNotLearnWarning, match="did not learn") as caught:
+        val = collect_trajectory(tiny_llama, targets, tmp_path / "val", checkpoints=root / "store" / "warmup", **kwargs)
+    assert len([w for w in caught if w.category is WarmupDidNotLearnWarning]) == 1
+    assert val.metadata["warmup_losses"] == losses
+    check_compatible(store, val)
+
+    for rank, expected in ((_Rank(1, verdict=True), 0), (_Rank(0), 1)):  # the finished store: rank 0 decides
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            collect_trajectory(tiny_llama, targets, tmp_path / "val", checkpoints=root / "store" / "warmup",
+                               coordinator=rank, **kwargs)
+        assert len([w for w in caught if w.category is WarmupDidNotLearnWarning]) == expected, rank.rank
+
+    old = tmp_path / "old" / "warmup"
+    shutil.copytree(root / "store" / "warmup", old)
+    (old / "warmup.json").write_text(json.dumps({k: v for k, v in manifest.items() if k not in losses}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WarmupDidNotLearnWarning)
+        old_val = collect_trajectory(tiny_llama, targets, tmp_path / "old_val", checkpoints=old, **kwargs)
+    assert "warmup_losses" not in old_val.metadata
+    check_compatible(store, old_val)
+    np.testing.assert_array_equal(np.asarray(old_val.trajectory_view()), np.asarray(val.trajectory_view()))

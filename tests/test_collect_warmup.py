@@ -1,15 +1,21 @@
-"""Warm-up: T checkpoints with their learning rates, weights and Adam moments; foreign peft checkpoints."""
+"""Warm-up: T checkpoints with their learning rates, weights and Adam moments; foreign peft checkpoints;
+the recorded training losses and the check that flags a warm-up that did not learn."""
 import json
+import math
+import random
+import warnings
 
 import pytest
 import torch
 
-from collect_tiny import instruction_records, tiny_llama, tiny_tokenizer
-from gtp_kernels.collect.data import as_examples, tokenize_all
+from collect_tiny import classification_records, decoder_classifier, instruction_records, tiny_llama, tiny_tokenizer
+from gtp_kernels.collect.data import as_examples, collate, tokenize_all
+from gtp_kernels.collect.models import batch_loss
 from gtp_kernels.validation import InputError
 from gtp_kernels.collect.warmup import (
-    LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints, load_trainable_state,
-    warmup_train, wrap_for_training,
+    LoraSettings, WarmupDidNotLearnWarning, WarmupSettings, checkpoint_weights, load_adam_moments,
+    load_checkpoints, load_trainable_state, read_warmup_manifest, warmup_losses, warmup_progress_report, warmup_train,
+    warn_if_warmup_did_not_learn, wrap_for_training,
 )
 
 
@@ -147,3 +153,103 @@ def test_adam_moments_follow_the_trainers_parameter_groups(tmp_path):
     torch.save(state, folder / "optimizer.pt")
     with pytest.raises(InputError, match="cannot tell which optimizer moments"):
         load_adam_moments(Checkpoint("checkpoint-1", str(folder), 1e-3), names, shapes)
+
+
+# ---- the recorded losses, and the check that flags a warm-up that did not learn ----
+
+
+def test_losses_are_recorded_and_read_back(tmp_path):
+    """warmup.json holds the first batch's loss before any step (recomputed here on a fresh copy
+    of the model) and one finite mean per epoch; warmup_losses reads them back."""
+    _warm(tmp_path)
+    manifest = json.loads((tmp_path / "warm" / "warmup.json").read_text())
+    losses = warmup_losses(read_warmup_manifest(tmp_path / "warm"))
+    assert losses == {"first_batch_loss": manifest["first_batch_loss"], "epoch_losses": manifest["epoch_losses"]}
+    assert len(losses["epoch_losses"]) == 3 and all(math.isfinite(x) and x > 0 for x in losses["epoch_losses"])
+    # the first batch as warmup_train draws it: the sampled share (random.Random(seed)), then torch.randperm
+    tokens = tokenize_all(as_examples(instruction_records(20)), tiny_tokenizer(), "causal_lm")
+    train = [tokens[i] for i in sorted(random.Random(0).sample(range(20), 10))]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(0)).tolist()
+    fresh = wrap_for_training(tiny_llama(), "causal_lm", LoraSettings(r=4, alpha=8)).double().train()
+    batch = collate([train[i] for i in order[:4]], 0)
+    with torch.no_grad():
+        want = batch_loss(fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                          batch["labels"], "causal_lm").item()
+    assert losses["first_batch_loss"] == pytest.approx(want, rel=1e-5)  # float32 forward against float64
+
+
+def test_a_manifest_without_losses_still_loads(tmp_path):
+    """Folders written before the losses were recorded: checkpoints load, no losses, no check."""
+    _warm(tmp_path)
+    path = tmp_path / "warm" / "warmup.json"
+    manifest = json.loads(path.read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("first_batch_loss", "epoch_losses")}
+    path.write_text(json.dumps(old))
+    assert [c.name for c in load_checkpoints(tmp_path / "warm")] == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert warmup_losses(read_warmup_manifest(tmp_path / "warm")) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_warmup_did_not_learn(None, "causal_lm") is None
+    path.write_text(json.dumps({**old, "first_batch_loss": 1.0, "epoch_losses": [1.0, 0.5]}))  # 2 for 3 checkpoints
+    with pytest.raises(InputError, match="malformed warm-up losses"):
+        load_checkpoints(tmp_path / "warm")
+
+
+def _classifier_warm_up(tmp_path, learning_rate):
+    """A tiny Llama classifier (3 labels) warmed up on 12 examples whose label word ends the text."""
+    label2id = {"blue": 0, "green": 1, "red": 2}
+    records = [{**r, "text": f"{r['text']} {r['label']}"} for r in classification_records(12, seed=1)]
+    tokens = tokenize_all(as_examples(records), tiny_tokenizer(), "classification", label2id=label2id)
+    settings = WarmupSettings(fraction=1.0, epochs=3, learning_rate=learning_rate, batch_size=4, warmup_ratio=0.0,
+                              lora=LoraSettings(r=2, alpha=4))
+    folder = tmp_path / f"warm-{learning_rate:g}"
+    warmup_train(wrap_for_training(decoder_classifier(), "classification", settings.lora), tokens, folder,
+                 "classification", 0, settings, label2id, progress=False)
+    return warmup_losses(read_warmup_manifest(folder)), settings
+
+
+def test_the_check_flags_a_warm_up_that_did_not_learn(tmp_path):
+    """lr 1e-7 leaves the loss at chance level (ln 3): flagged, with a warning that names the
+    options to change; lr 1e-2 learns (the loss falls by half): no warning."""
+    still, settings = _classifier_warm_up(tmp_path, 1e-7)
+    with pytest.warns(WarmupDidNotLearnWarning) as caught:
+        report = warn_if_warmup_did_not_learn(still, "classification", 3, settings)
+    assert not report.learned and len(report.reasons) == 2, report  # both rules fire
+    assert report.chance_loss == pytest.approx(math.log(3), rel=1e-15)
+    assert report.epoch_losses[-1] > 0.95 * math.log(3) and report.relative_drop < 0.01
+    text = str(caught[0].message)
+    assert all(s in text for s in ("--warmup-lr", "--warmup-epochs", "--warmup-fraction", "now lr 1e-07", "ln(3)"))
+    assert issubclass(WarmupDidNotLearnWarning, UserWarning)
+
+    learned, settings = _classifier_warm_up(tmp_path, 1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WarmupDidNotLearnWarning)
+        report = warn_if_warmup_did_not_learn(learned, "classification", 3, settings)
+    assert report.learned and learned["epoch_losses"][-1] < 0.5 * learned["first_batch_loss"], learned
+
+
+@pytest.mark.parametrize("first, epochs, labels, flagged", [
+    (1.600, [1.598, 1.595, 1.592, 1.590], 5, 2),   # the quality study's lr 1e-3 warm-up: both rules
+    (1.600, [1.45, 1.25, 1.10, 1.04], 5, 0),       # its lr 1e-2 one: 35% lower, well below ln 5
+    (1.600, [1.598, 1.595, 1.592, 1.590], None, 1),  # no label count: the drop rule alone
+    (1.900, [1.70, 1.65], 5, 1),                   # 13% lower from a noisy first batch, but within 5% of ln 5
+    (3.000, [2.50], None, 0),                      # one epoch: compared with the first batch
+    (3.000, [2.90, 2.80, 2.75], None, 1),          # an LM whose loss fell 8%
+    (3.000, [2.90, float("nan")], None, 1),        # diverged
+])
+def test_the_rules_on_given_losses(first, epochs, labels, flagged):
+    task = "causal_lm" if labels is None else "classification"
+    report = warmup_progress_report({"first_batch_loss": first, "epoch_losses": epochs}, task, labels)
+    assert len(report.reasons) == flagged and report.learned == (flagged == 0), report
+    if math.isfinite(epochs[-1]):
+        reference = max(first, epochs[0])
+        assert report.relative_drop == pytest.approx((reference - epochs[-1]) / reference, rel=1e-12)
+
+
+def test_the_check_refuses_what_is_not_a_loss_record():
+    with pytest.raises(InputError, match="epoch_losses"):
+        warmup_progress_report({"epoch_losses": []}, "causal_lm")
+    with pytest.raises(InputError, match="task"):
+        warmup_progress_report({"first_batch_loss": 1.0, "epoch_losses": [1.0]}, "regression")
+    with pytest.raises(InputError, match="num_labels"):
+        warmup_progress_report({"first_batch_loss": 1.0, "epoch_losses": [1.0]}, "classification", 0)

@@ -18,7 +18,10 @@ from .projector import Projector
 from .store import StoreError, StoreSpec, TrajectoryStore, TrajectoryStoreWriter, is_store, open_store
 from .store_selection import StoreReader, select_from_stores, selection_weights
 from .targets import TARGET_MODES, store_target
-from .warmup import Checkpoint, LoraSettings, WarmupSettings, load_checkpoints, warmup_train, wrap_for_training
+from .warmup import (
+    Checkpoint, LoraSettings, WarmupDidNotLearnWarning, WarmupProgress, WarmupSettings, load_checkpoints, warmup_losses,
+    warmup_progress_report, warmup_train, wrap_for_training,
+)
 
 __all__ = [
     "collect_trajectory", "collect_distributed", "Projector", "select_from_stores", "selection_weights", "StoreReader",
@@ -26,5 +29,6 @@ __all__ = [
     "read_less_gradients", "less_to_store", "LessGradients",
     "per_example_gradients", "per_example_gradients_loop", "adam_precondition", "trainable_parameters",
     "warmup_train", "wrap_for_training", "load_checkpoints", "WarmupSettings", "LoraSettings", "Checkpoint",
+    "warmup_losses", "warmup_progress_report", "WarmupProgress", "WarmupDidNotLearnWarning",
     "ExampleFormat", "read_jsonl", "tokenize_all", "collate",
 ]

@@ -49,7 +49,8 @@ from .store import (
 )
 from .warmup import (
     Checkpoint, LoraSettings, WarmupSettings, checkpoint_weights, load_adam_moments, load_checkpoints,
-    load_trainable_state, read_warmup_manifest, settings_from_json, warmup_train, wrap_for_training,
+    load_trainable_state, read_warmup_manifest, settings_from_json, warmup_losses, warmup_train,
+    warn_if_warmup_did_not_learn, wrap_for_training,
 )
 
 GRADIENT_TYPES = ("adam", "sgd")
@@ -131,6 +132,7 @@ class _WarmUp:
     checkpoints: list[Checkpoint]
     projector: Projector | None = None  # made for the plan before the warm-up, reused when it fits
     calibration: dict[str, float] | None = None
+    losses: dict[str, Any] | None = None  # the warm-up's training losses (warmup_losses); None: not recorded
 
 
 @dataclass
@@ -229,13 +231,16 @@ def collect_trajectory(
     plan = _plan(data, out, checkpoints, device, model_dtype, opts, coordinator)
     inputs = _model_inputs(model, tokenizer, plan, opts)
     warm = _warm_up(model, plan, inputs, opts)
+    if coordinator is None or coordinator.rank == 0:  # one warning, not one per rank
+        warn_if_warmup_did_not_learn(warm.losses, opts.task, len(inputs.label2id) if inputs.label2id else None,
+                                     warm.settings, stacklevel=2)
     if coordinator is not None:
         coordinator.checkpoints_ready()
     finished = _finished_store(model, data, plan, inputs, warm, opts, coordinator)
     if finished is not None:  # a rerun on a store with nothing left to do: no model is built
         return finished
     grad_model = _gradient_model(model, plan, inputs, warm, opts)
-    spec, seeds, scales = _store_spec(model, data, warm.checkpoints, inputs, _trainable_count(grad_model), opts)
+    spec, seeds, scales = _store_spec(model, data, warm, inputs, _trainable_count(grad_model), opts)
     projector = _projection(warm.projector, grad_model, seeds, plan.device, opts)
     writer = TrajectoryStoreWriter(plan.out, spec, resume=opts.resume)
     todo = writer.missing_shards()
@@ -384,7 +389,7 @@ def _warm_up(model: Any, plan: _Plan, inputs: _Inputs, opts: CollectOptions) -> 
     (after the plan and its estimate are printed)."""
     if plan.warm_manifest is not None:
         settings = settings_from_json(plan.warm_manifest["settings"])
-        warm = _WarmUp(settings, settings.lora, plan.checkpoints)
+        warm = _WarmUp(settings, settings.lora, plan.checkpoints, losses=warmup_losses(plan.warm_manifest))
     elif plan.checkpoints is not None:  # foreign peft adapters: their LoRA settings are in the adapter
         warm = _WarmUp(None, (opts.warmup or WarmupSettings()).lora, plan.checkpoints)
     else:
@@ -400,6 +405,7 @@ def _warm_up(model: Any, plan: _Plan, inputs: _Inputs, opts: CollectOptions) -> 
                      plan.device, opts.progress)
         del trainee
         warm.checkpoints = load_checkpoints(plan.warmup_dir, opts.learning_rates)
+        warm.losses = warmup_losses(read_warmup_manifest(plan.warmup_dir))
     return warm
 
 
@@ -431,15 +437,18 @@ def _trainable_count(grad_model: _GradientModel) -> int:
     return int(sum(grad_model.states[0][n].numel() for n in grad_model.names))
 
 
-def _store_spec(model: Any, data: Any, ckpts: Sequence[Checkpoint], inputs: _Inputs, trainable_parameters: int,
+def _store_spec(model: Any, data: Any, warm: _WarmUp, inputs: _Inputs, trainable_parameters: int,
                 opts: CollectOptions) -> tuple[StoreSpec, list[int], list[float]]:
-    """Stage 5: the store's layout and metadata, with each checkpoint's seed_t and block scale c_t."""
+    """Stage 5: the store's layout and metadata, with each checkpoint's seed_t and block scale c_t.
+
+    The warm-up's losses are recorded (``warmup_losses``) only when known, so that a store
+    begun before they were recorded still resumes (its metadata must equal the spec's)."""
+    ckpts = warm.checkpoints
     t_count = len(ckpts)
     weights = checkpoint_weights(ckpts)
     scales = [math.sqrt(w) if opts.apply_checkpoint_weights else 1.0 for w in weights]
     seeds = opts.seeds(t_count)
-    spec = StoreSpec(n=len(inputs.tokenized), t=t_count, d=opts.d, example_ids=[x.id for x in inputs.tokenized],
-                     dtype=opts.dtype, shard_size=opts.shard_size, metadata={
+    metadata = {
         "model": models.model_name(model), "task": opts.task, "label2id": inputs.label2id,
         "checkpoints": [str(Path(c.path).resolve()) for c in ckpts], "learning_rates": [c.learning_rate for c in ckpts],
         "checkpoint_weights": weights, "weights_applied": opts.apply_checkpoint_weights, "block_scales": scales,
@@ -448,7 +457,11 @@ def _store_spec(model: Any, data: Any, ckpts: Sequence[Checkpoint], inputs: _Inp
         "trainable_parameters": trainable_parameters,
         "max_length": opts.max_length, "format": asdict(opts.fmt),
         "data": str(Path(data).resolve()) if isinstance(data, (str, os.PathLike)) else "in-memory records",
-    })
+    }
+    if warm.losses is not None:
+        metadata["warmup_losses"] = warm.losses
+    spec = StoreSpec(n=len(inputs.tokenized), t=t_count, d=opts.d, example_ids=[x.id for x in inputs.tokenized],
+                     dtype=opts.dtype, shard_size=opts.shard_size, metadata=metadata)
     return spec, seeds, scales
 
 
@@ -489,7 +502,7 @@ def _nothing_to_write(model: Any, data: Any, plan: _Plan, inputs: _Inputs, warm:
             count = sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
     except Exception:  # noqa: BLE001 - an unreadable checkpoint: the full path reports it
         return False
-    spec, _, _ = _store_spec(model, data, warm.checkpoints, inputs, int(count), opts)
+    spec, _, _ = _store_spec(model, data, warm, inputs, int(count), opts)
     manifest = read_manifest(plan.out)
     if any(manifest.get(key) != value for key, value in spec.header().items()):
         return False  # the full path raises the error it always raised
