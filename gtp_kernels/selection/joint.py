@@ -258,13 +258,13 @@ class JointPursuit:
         self.append(torch.full((self.m,), j, dtype=torch.long, device=self.device))
 
     def _held_by_column(self) -> torch.Tensor:
-        """(|S|, m) whether column t's factor holds row S[p]."""
-        held = torch.zeros(len(self.support), self.m, dtype=torch.bool, device=self.device)
-        pos_in_s = {a: p for p, a in enumerate(self.support)}
-        for t, size in enumerate(self.state.size.tolist()):
-            for a in self.state.support[t, :size].tolist():
-                held[pos_in_s[a], t] = True
-        return held
+        """(|S|, m) whether column t's factor holds row S[p] (by slot: every factor row is in S)."""
+        k, m = self.k, self.m
+        in_factor = torch.arange(k, device=self.device)[None, :] < self.state.size[:, None]  # (m, k)
+        by_slot = torch.zeros(k, m, dtype=torch.bool, device=self.device)
+        by_slot[self.factor_slots()[in_factor], self.columns[:, None].expand(m, k)[in_factor]] = True
+        support_t = torch.tensor(self.support, dtype=torch.long, device=self.device)
+        return by_slot[self.slot_of[support_t]]
 
     def reenter(self) -> None:
         """3. KKT on S: a row of S that a column dropped re-enters while it is positively
