@@ -58,6 +58,7 @@ largest weights of one column; a shared prune needs its own rule and tests): ref
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Callable, List, Optional
@@ -111,15 +112,7 @@ def gtp_joint(problem: Problem, k: int, opts: SelectOptions,
     while pursuit.stopped is None:
         if pursuit.stop_before_pass():
             break
-        j = pursuit.best_row()
-        if pursuit.stop_on_score():
-            break
-        pursuit.add(j)
-        pursuit.reenter()
-        held = pursuit.prune(j)
-        if j in held and progress is not None:
-            progress(1)
-        pursuit.record_residuals()
+        pursuit.take(*pursuit.best_row(), progress)
     return pursuit.results()
 
 
@@ -159,6 +152,17 @@ class JointPursuit:
         self.best_val = -math.inf
         self.gram_col = torch.zeros(m, k, dtype=f64, device=device)
         self.columns = torch.arange(m, device=device)
+
+    def copy(self) -> "JointPursuit":
+        """An independent copy of the pursuit's state (the rows, targets and row norms shared):
+        compressive sampling pursues a copy inside its sample (selection/cosamp.py)."""
+        new = copy.copy(self)
+        new.state = self.state.clone()
+        for name in ("exclude", "slot_of", "rows_buf", "gram", "rhs", "R", "gram_col"):
+            setattr(new, name, getattr(self, name).clone())
+        new.support, new.free_slots = list(self.support), list(self.free_slots)
+        new.hist = [list(h) for h in self.hist]
+        return new
 
     def _row_norms(self) -> torch.Tensor:
         """||a_i||_W of every row, one pass (zero rows are excluded by validation; clamped anyway)."""
@@ -210,9 +214,9 @@ class JointPursuit:
             self.stopped = STOP_MAX_ITERS
         return self.stopped is not None
 
-    def best_row(self) -> int:
+    def best_row(self) -> tuple:
         """1. Scores ||max(A W R, 0)||_2 per row over the row norm, one chunked pass; the best
-        eligible row (ties: the lowest index)."""
+        eligible row (ties: the lowest index) and its score (-inf: none eligible)."""
         RW = self._weighted(self.R).to(self.dtype)
         best_val, best_idx = -math.inf, -1
         for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
@@ -225,21 +229,40 @@ class JointPursuit:
             if float(value) > best_val:  # strictly: an earlier chunk keeps a tie
                 best_val, best_idx = float(value), start + int(idx)
         self.passes += 1
+        return best_idx, best_val
+
+    def take(self, j: int, value: float, progress: Optional[Callable[[int], None]] = None) -> bool:
+        """One iteration on the best row j (score `value`, from :meth:`best_row` or any pass
+        that computes the same scores): the score stops, then phases 2-5; whether S holds j."""
         self.iterations += 1
-        self.best_val = best_val
-        return best_idx
+        self.best_val = value
+        if self.stop_on_score():
+            return False
+        self.add(j)
+        self.reenter()
+        held = j in self.prune(j)
+        if held and progress is not None:
+            progress(1)
+        self.record_residuals()
+        return held
+
+    def score_stop(self, value: float) -> Optional[str]:
+        """The stop a best score `value` would trigger now (None: pursue)."""
+        frob = math.sqrt(sum(h[-1] ** 2 for h in self.hist))
+        if value == -math.inf:
+            return STOP_EXHAUSTED
+        if value <= self.min_cos * frob:
+            return STOP_NO_CORRELATION
+        if (self.first_score is not None and self.opts.stop_ratio is not None
+                and value < self.opts.stop_ratio * self.first_score):
+            return STOP_GUARD
+        return None
 
     def stop_on_score(self) -> bool:
         """No eligible row, no correlation above the noise, or the stop-ratio guard."""
-        frob = math.sqrt(sum(h[-1] ** 2 for h in self.hist))
-        if self.best_val == -math.inf:
-            self.stopped = STOP_EXHAUSTED
-        elif self.best_val <= self.min_cos * frob:
-            self.stopped = STOP_NO_CORRELATION
-        elif self.first_score is None:
+        self.stopped = self.score_stop(self.best_val)
+        if self.stopped is None and self.first_score is None:
             self.first_score = self.best_val
-        elif self.opts.stop_ratio is not None and self.best_val < self.opts.stop_ratio * self.first_score:
-            self.stopped = STOP_GUARD
         return self.stopped is not None
 
     def add(self, j: int) -> None:
