@@ -75,6 +75,40 @@ The sampling passes stop when every target reached k atoms or a stopping rule, o
 ``max_iters`` passes (default: k, the exact pursuit's count). Cost: passes x N*D plus the
 in-sample steps, sum of M * D over the picks (cache-resident when M * D is small: about 3x
 cheaper per row than a pass on our CPU).
+
+Joint mode (``targets="joint"``, :func:`gtp_cosamp_joint`): exact joint pursuit's picks
+(selection/joint.py: one support for m unit-norm columns, row i scored by s_i(R) =
+||max(c_i(R), 0)||_2 / ||a_i||_W, c_i(R) = a_i^T W R), within ties, from a few passes over A.
+It checks instead of bounding. A bound exists: s_i is 1-Lipschitz in R (||max(x, 0) -
+max(y, 0)||_2 <= ||x - y||_2 and |<a_i, d>_W| <= ||a_i||_W ||d||_W), so
+
+    s_i(R) <= s_i(R_pass) + ||W^(1/2) (R - R_pass)||_2   (spectral norm),
+
+but one pick moves R by about its own score, more than the gaps between the pool's best
+scores, so after a pass's first pick it clears no row; and the statistical model above (the
+unsampled rows' drift as Gaussian) is wrong exactly where joint selection is used, on duplicated
+and strongly correlated rows. A round instead:
+
+  1. takes the global best row at the current residuals R_0 (known from the last pass) on the
+     pursuit itself (:class:`JointPursuit`, exact pursuit's own state and NNLS bookkeeping);
+  2. speculates: up to p more picks on a copy of the pursuit, each the best row of the sample
+     (the M best rows at the last pass; M as above: N / PICKS_PER_PASS, at least MIN_SAMPLE,
+     within MAX_SAMPLE_BYTES, doubled up to N/2 after a round whose first wrong pick lay outside
+     it), scored exactly on the copy's residuals;
+  3. verifies, in one pass over A: every row's score at the residuals before and after each
+     speculated pick (p + 1 matrices of m columns: the products exact pursuit would make, read
+     once), as exact pursuit computes them. The picks up to the first that was not the global
+     best are kept (the copy becomes the pursuit when all were, on the same scores; else the
+     kept picks are applied again to the pursuit with the pass's global scores, so every stop
+     is decided on global scores); the global best after them is the next round's step 1, and
+     its scores give the next sample.
+
+p starts at SPECULATE, doubles after a round that kept every pick, else becomes twice the picks
+kept (MIN_SPECULATE..MAX_SPECULATE). Passes: one for the row norms, one for the first scores,
+then one per round, about k / (picks kept per round + 1): N = 20k, D = 512, m = 24, k = 100
+(unit rows, columns of 300 rows + noise) 7 passes instead of 101; flops are exact pursuit's
+plus the wrong speculation (on CPU with A in memory that costs time: benchmarks/bench_pursuit.py;
+the passes are what a memory-mapped store or a bandwidth-bound GPU pays for).
 """
 from __future__ import annotations
 
@@ -85,7 +119,7 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.backends import masked_top
+from ..ops.backends import CHUNK_ELEMENTS, candidate_products, masked_top
 from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .common import (
@@ -101,8 +135,9 @@ from .common import (
     residual_floor,
     weighted_norm,
 )
+from .joint import JointPursuit
 from .pursuit import follow_factor_order
-from .rows import gather_rows
+from .rows import gather_rows, row_chunks
 
 # first sample N / PICKS_PER_PASS rows (in-sample work of a 12-pick pass = one pass over A);
 # the sample grows while the passes average fewer picks than this
@@ -440,3 +475,142 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
             passes=float(passes),
         ))
     return out
+
+
+# -- joint mode (targets="joint"): speculate in the sample, verify with one pass --------------
+
+# speculative picks in the first round, and at least and at most in any (each one is m more
+# columns in the verifying pass)
+SPECULATE = PICKS_PER_PASS
+MIN_SPECULATE = 4
+MAX_SPECULATE = 64
+
+
+def joint_scores(pursuit: JointPursuit, residuals: List[torch.Tensor]) -> torch.Tensor:
+    """One read of A: every row's joint score ||max(a^T W R, 0)||_2 / ||a||_W for each residual
+    matrix R in `residuals`, (N, len) in the compute dtype, computed as exact joint pursuit's
+    best_row computes its one column (the same products, norms and row norms)."""
+    A, dtype, m = pursuit.A, pursuit.dtype, pursuit.m
+    L = len(residuals)
+    RW = torch.cat([pursuit.weighted(R) for R in residuals], dim=1).to(dtype)  # (D, L m)
+    out = torch.empty(pursuit.problem.num_candidates, L, dtype=dtype, device=pursuit.device)
+    # chunks whose products (rows x L m) stay within CHUNK_ELEMENTS as well as their rows
+    dim = pursuit.problem.dim
+    elements = max(dim, CHUNK_ELEMENTS // max(1, -(-(L * m) // dim)))
+    for start, a in row_chunks(A, elements):
+        c = candidate_products(a, RW, dtype, pursuit.opts.backend)
+        if pursuit.opts.positive:
+            c = c.clamp_min_(0)
+        n_c = c.shape[0]
+        out[start : start + n_c] = (torch.linalg.vector_norm(c.view(n_c, L, m), dim=2)
+                                    / pursuit.row_norms[start : start + n_c, None])
+    return out
+
+
+def _sample_best(clone: JointPursuit, rows: torch.Tensor, sample: torch.Tensor) -> tuple:
+    """The best eligible row of the sample on the copy's residuals (ties: the lowest index; the
+    sample is sorted) and its score; (-1, -inf) when no sampled row is eligible."""
+    if rows.shape[0] == 0:
+        return -1, -math.inf
+    RW = clone.weighted(clone.R).to(clone.dtype)
+    c = candidate_products(rows, RW, clone.dtype, clone.opts.backend)
+    if clone.opts.positive:
+        c = c.clamp_min_(0)
+    score = torch.linalg.vector_norm(c, dim=1) / clone.row_norms[sample]
+    score.masked_fill_(clone.exclude[sample], -math.inf)
+    value, i = torch.max(score, dim=0)
+    if float(value) == -math.inf:
+        return -1, -math.inf
+    return int(sample[i]), float(value)
+
+
+def _top_sample(scores: torch.Tensor, exclude: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` eligible rows of best score, sorted by index."""
+    masked = scores.masked_fill(exclude, -math.inf)
+    values, idx = torch.topk(masked, min(size, masked.numel()), sorted=False)
+    return torch.sort(idx[values > -math.inf]).values
+
+
+def gtp_cosamp_joint(problem: Problem, k: int, opts: SelectOptions, progress=None) -> List[TargetSelection]:
+    """Compressive-sampling GTP for ``targets="joint"``: the picks of exact joint pursuit
+    (selection/joint.py), within ties, from a few passes over A (see the module docstring's
+    joint section and :func:`_joint_round`)."""
+    main = JointPursuit(problem, k, opts)
+    n = problem.num_candidates
+    A, dtype = main.A, main.dtype
+    row_bytes = problem.dim * (A.element_size() if sample_keeps_stored_dtype(A, dtype) else torch.finfo(dtype).bits // 8)
+    max_sample = max(MIN_SAMPLE, MAX_SAMPLE_BYTES // max(1, row_bytes))
+    size = min(opts.batch_size, n) if opts.batch_size else min(initial_sample_size(n), max_sample)
+    passes = main.passes  # the row norms' pass
+    scores = joint_scores(main, [main.R])[:, 0]
+    passes += 1
+    value, j = torch.max(scores.masked_fill(main.exclude, -math.inf), dim=0)
+    known = (int(j), float(value))
+    sample = _top_sample(scores, main.exclude, size)
+    speculate = SPECULATE
+    while main.stopped is None:
+        if main.stop_before_pass():
+            break
+        main.take(*known, progress)  # the global best: exact pursuit's pick
+        if main.stopped is not None:
+            break
+        main, known, scores, mask, kept, made = _joint_round(main, sample, speculate, progress)
+        passes += 1
+        if not opts.batch_size and kept < made and not bool((sample == known[0]).any()):
+            size = min(max_sample, max(size, min(2 * size, n // 2)))  # the pick it missed lay outside
+        speculate = next_speculation(speculate, kept, made)
+        sample = _top_sample(scores, mask, size)
+    main.passes = passes
+    return main.results()
+
+
+def next_speculation(speculate: int, kept: int, made: int) -> int:
+    """Speculative picks for the next round: twice as many after a round that kept all it made
+    (and made all it could), else twice the picks kept, within MIN_SPECULATE..MAX_SPECULATE."""
+    if kept == made == speculate:
+        return min(MAX_SPECULATE, 2 * speculate)
+    if kept == made:  # the round ended on a stop or an exhausted sample, not a wrong pick
+        return speculate
+    return min(MAX_SPECULATE, max(MIN_SPECULATE, 2 * kept))
+
+
+def _joint_round(main: JointPursuit, sample: torch.Tensor, speculate: int, progress) -> tuple:
+    """Up to `speculate` picks in the sample on a copy of the pursuit, then one pass scoring
+    every row at the residuals before and after each. Returns (the pursuit after the picks
+    that were exact pursuit's, the global best (row, score) at its residuals, those scores and
+    that exclusion mask (for the next sample), picks kept, picks made)."""
+    clone = main.copy()
+    rows = gather_rows(main.A, sample)
+    residuals, masks, picks, values, held = [clone.R.clone()], [clone.exclude.clone()], [], [], []
+    while len(picks) < speculate:
+        if clone.stop_before_pass():
+            break
+        j, v = _sample_best(clone, rows, sample)
+        if j < 0 or clone.score_stop(v) is not None:
+            break  # a stop is decided on the global best, by the next round
+        held.append(clone.take(j, v))
+        picks.append(j)
+        values.append(v)
+        residuals.append(clone.R.clone())
+        masks.append(clone.exclude.clone())
+        if clone.stopped is not None:
+            break
+    scores = joint_scores(main, residuals)
+    best_v, best_i = torch.max(scores.masked_fill(torch.stack(masks, dim=1), -math.inf), dim=0)
+    best_i, best_v = best_i.tolist(), best_v.tolist()
+    kept = 0
+    while kept < len(picks) and best_i[kept] == picks[kept]:
+        kept += 1
+    if kept == len(picks) and best_v[:kept] == values:
+        # every pick verified, on the same scores: the copy took exact pursuit's path
+        if progress is not None and sum(held):
+            progress(sum(held))
+        if clone.stopped in (STOP_BUDGET, STOP_MAX_ITERS):
+            clone.stopped = None  # the next round's stop_before_pass decides it again
+        main = clone
+    else:  # the kept picks again, on the pursuit itself, with the pass's (global) scores
+        for s in range(kept):
+            main.take(picks[s], best_v[s], progress)
+            if main.stopped is not None:
+                break
+    return main, (best_i[kept], best_v[kept]), scores[:, kept], masks[kept], kept, len(picks)

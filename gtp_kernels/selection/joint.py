@@ -53,8 +53,10 @@ the mean unit target (1/m) sum_j u_j, with residual norm at most the RMS relativ
 
 Top-k and random in joint mode (:func:`run_joint`): top-k ranks once by the columns' mean LESS
 score (``topk_reduce="mean"``, LESS over a task's examples) or max score (``"max"``); random
-draws k rows in all. Compressive sampling has no joint variant (its prune step keeps the k
-largest weights of one column; a shared prune needs its own rule and tests): refused.
+draws k rows in all. Compressive sampling (``gtp-cosamp``, selection/cosamp.py) makes exact
+joint pursuit's picks from a few passes: it pursues a copy of :class:`JointPursuit` inside a
+sample and checks every speculated pick against the whole pool's scores, one pass per round.
+The reference (``gtp-reference``) has no joint mode: refused.
 """
 from __future__ import annotations
 
@@ -87,7 +89,7 @@ from .fill import fill_budget
 from .rows import gather_rows, row_chunks
 
 TARGET_MODES = ("columns", "joint")
-JOINT_METHODS = ("gtp", "topk", "random")
+JOINT_METHODS = ("gtp", "gtp-cosamp", "topk", "random")
 # re-entry of rows a column dropped: at most this many rounds per pick (each round appends, per
 # column, its most correlated dropped row of S); a safeguard, KKT holds after a round or two
 _MAX_REENTRY_ROUNDS = 64
@@ -201,7 +203,8 @@ class JointPursuit:
     def refresh_residuals(self) -> None:
         self.R.copy_(self.U - self.rows_buf.T @ self.weight_matrix())
 
-    def _weighted(self, X: torch.Tensor) -> torch.Tensor:
+    def weighted(self, X: torch.Tensor) -> torch.Tensor:
+        """W X: the (D, ...) X scaled by the feature weights (X itself without them)."""
         return X if self.fw is None else X * self.fw[:, None]
 
     # -- the phases of one iteration --
@@ -217,7 +220,7 @@ class JointPursuit:
     def best_row(self) -> tuple:
         """1. Scores ||max(A W R, 0)||_2 per row over the row norm, one chunked pass; the best
         eligible row (ties: the lowest index) and its score (-inf: none eligible)."""
-        RW = self._weighted(self.R).to(self.dtype)
+        RW = self.weighted(self.R).to(self.dtype)
         best_val, best_idx = -math.inf, -1
         for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
             c = candidate_products(a, RW, self.dtype, self.opts.backend)
@@ -296,7 +299,7 @@ class JointPursuit:
         for _ in range(_MAX_REENTRY_ROUNDS):
             self.refresh_residuals()
             support_t = torch.tensor(self.support, dtype=torch.long, device=device)
-            corr = self.rows_buf[self.slot_of[support_t]] @ self._weighted(self.R)  # (|S|, m)
+            corr = self.rows_buf[self.slot_of[support_t]] @ self.weighted(self.R)  # (|S|, m)
             if not self.opts.positive:
                 corr = corr.abs()
             norms_s = self.row_norms[support_t].to(f64)
@@ -377,12 +380,17 @@ def run_joint(method: str, problem: Problem, k: int, opts: SelectOptions,
               progress: Optional[Callable[[int], None]] = None) -> List[TargetSelection]:
     """``select(..., targets="joint")``: k rows in all for every column (see the module docstring).
 
-    gtp: :func:`gtp_joint`. topk: one ranking by the columns' mean LESS score (or max, with
+    gtp: :func:`gtp_joint`. gtp-cosamp: :func:`selection.cosamp.gtp_cosamp_joint`, the same picks
+    from a few passes. topk: one ranking by the columns' mean LESS score (or max, with
     ``topk_reduce="max"``; "column" reads as "mean" here). random: k rows drawn once. Every
     column's TargetSelection lists the same rows.
     """
     if method == "gtp":
         return gtp_joint(problem, k, opts, progress)
+    if method == "gtp-cosamp":
+        from .cosamp import gtp_cosamp_joint  # cosamp builds on JointPursuit: imported here
+
+        return gtp_cosamp_joint(problem, k, opts, progress)
     if method == "topk":
         reduce = "mean" if opts.topk_reduce == "column" else opts.topk_reduce
         return topk_less(problem, k, dataclasses.replace(opts, topk_reduce=reduce), progress)
@@ -390,7 +398,7 @@ def run_joint(method: str, problem: Problem, k: int, opts: SelectOptions,
         first = random_selection(_first_column(problem), k, opts, progress)[0]
         return [first] * problem.num_targets
     raise InputError(f"targets='joint' supports the methods {', '.join(JOINT_METHODS)}; got {method!r} "
-                     "(compressive sampling and the reference pursue each column on its own)")
+                     "(the reference pursues each column on its own)")
 
 
 def _first_column(problem: Problem) -> Problem:
