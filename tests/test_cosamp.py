@@ -207,6 +207,47 @@ def test_joint_passes_few_on_a_large_pool():
     assert cos.per_target[0].passes <= 10
 
 
+@pytest.mark.parametrize("path", ["window", "chunks", "window passes"])
+def test_joint_verification_paths_agree(monkeypatch, path):
+    """The verifying pass's other paths: products scored chunk by chunk (too large to keep), and
+    steps whose rounding window holds too many rows, scored by a pass of their own."""
+    from gtp_kernels.selection import cosamp
+
+    if path == "chunks":
+        monkeypatch.setattr(cosamp, "VERIFY_BYTES", 0)
+    if path == "window passes":
+        monkeypatch.setattr(cosamp, "WINDOW_ROWS", 0)
+    A, B = correlated_pool(2500, 70, 6, seed=8)
+    A32 = torch.as_tensor(A, dtype=torch.float32)
+    exact, cos = _joint_pair(A32, torch.as_tensor(B), 50)
+    _assert_joint_equal(exact, cos)
+    if path == "window passes":  # every step checked by a pass: about exact pursuit's count
+        assert cos.per_target[0].passes >= len(cos.indices)
+    else:
+        assert cos.per_target[0].passes < 12
+
+
+def test_joint_window_is_small(monkeypatch):
+    """The rounding window of the verifying pass (float32 products) holds a few rows:
+    the approximate scores from P = A W [R_0 | A_T^T] single out exact pursuit's pick."""
+    from gtp_kernels.selection import cosamp
+
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(6000, 128, generator=g)
+    B = A[:200].T @ torch.rand(200, 8, generator=g)
+    problem = validate_problem(A, B, 40)
+    rows = []
+    original = cosamp._Verifier.best
+
+    def best(self, s):
+        out = original(self, s)
+        rows.append(self.window_rows[-1])
+        return out
+    monkeypatch.setattr(cosamp._Verifier, "best", best)
+    cosamp.gtp_cosamp_joint(problem, 40, SelectOptions())
+    assert len(rows) >= 40 and max(rows) <= 8
+
+
 def test_joint_progress_ticks_as_exact_joint_pursuit():
     """One tick per pick S keeps when it is made (speculated picks when verified), as gtp_joint:
     here 31, one row dropped later."""

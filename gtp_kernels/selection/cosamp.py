@@ -95,20 +95,25 @@ and strongly correlated rows. A round instead:
      (the M best rows at the last pass; M as above: N / PICKS_PER_PASS, at least MIN_SAMPLE,
      within MAX_SAMPLE_BYTES, doubled up to N/2 after a round whose first wrong pick lay outside
      it), scored exactly on the copy's residuals;
-  3. verifies, in one pass over A: every row's score at the residuals before and after each
-     speculated pick (p + 1 matrices of m columns: the products exact pursuit would make, read
-     once), as exact pursuit computes them. The picks up to the first that was not the global
-     best are kept (the copy becomes the pursuit when all were, on the same scores; else the
-     kept picks are applied again to the pursuit with the pass's global scores, so every stop
-     is decided on global scores); the global best after them is the next round's step 1, and
-     its scores give the next sample.
+  3. verifies, in one pass over A, which row exact pursuit would pick at each speculated
+     step (:class:`_Verifier`): the residuals of every step are R_s = R_0 - A_T^T X_s (T the
+     rows in S during the round, X_s the change of their weights), so the pass computes
+     P = A W [R_0 | A_T^T] (m + |T| columns, not m per step) and each step's scores follow as
+     P_R - P_T X_s (N |T| m flops, for the steps checked only). These differ from exact
+     pursuit's scores by rounding, within a bound delta_s from the products' error analysis;
+     the rows within 2 delta_s of the best (a handful; 1-4 in float32 at N = 20k) are scored
+     exactly as exact pursuit scores them, from their gathered rows, and the best of them is the
+     pick (ties: the lowest index). The picks up to the first that was not exact pursuit's are
+     kept (the copy becomes the pursuit when all were, on the same scores; else the kept picks
+     are applied again to the pursuit with the exact scores, so every stop is decided on
+     global scores); the best after them is the next round's step 1, and that step's scores
+     give the next sample.
 
 p starts at SPECULATE, doubles after a round that kept every pick, else becomes twice the picks
 kept (MIN_SPECULATE..MAX_SPECULATE). Passes: one for the row norms, one for the first scores,
 then one per round, about k / (picks kept per round + 1): N = 20k, D = 512, m = 24, k = 100
-(unit rows, columns of 300 rows + noise) 7 passes instead of 101; flops are exact pursuit's
-plus the wrong speculation (on CPU with A in memory that costs time: benchmarks/bench_pursuit.py;
-the passes are what a memory-mapped store or a bandwidth-bound GPU pays for).
+(unit rows, columns of 300 rows + noise) 7 passes instead of 101, and about a fifth of exact
+pursuit's row products (m + |T| columns a round instead of m a pick).
 """
 from __future__ import annotations
 
@@ -484,6 +489,11 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
 SPECULATE = PICKS_PER_PASS
 MIN_SPECULATE = 4
 MAX_SPECULATE = 64
+# rows whose approximate score lies within the rounding window of the best are scored exactly
+# from their gathered rows, up to this many; more: the step gets a pass of its own
+WINDOW_ROWS = 256
+# the verifying pass keeps its (N, m + |T|) products whole up to this many bytes
+VERIFY_BYTES = MAX_SAMPLE_BYTES
 
 
 def joint_scores(pursuit: JointPursuit, residuals: List[torch.Tensor]) -> torch.Tensor:
@@ -554,8 +564,8 @@ def gtp_cosamp_joint(problem: Problem, k: int, opts: SelectOptions, progress=Non
         main.take(*known, progress)  # the global best: exact pursuit's pick
         if main.stopped is not None:
             break
-        main, known, scores, mask, kept, made = _joint_round(main, sample, speculate, progress)
-        passes += 1
+        main, known, scores, mask, kept, made, extra = _joint_round(main, sample, speculate, progress)
+        passes += 1 + extra
         if not opts.batch_size and kept < made and not bool((sample == known[0]).any()):
             size = min(max_sample, max(size, min(2 * size, n // 2)))  # the pick it missed lay outside
         speculate = next_speculation(speculate, kept, made)
@@ -574,14 +584,142 @@ def next_speculation(speculate: int, kept: int, made: int) -> int:
     return min(MAX_SPECULATE, max(MIN_SPECULATE, 2 * kept))
 
 
+class _Step:
+    """What the verifying pass needs of one speculated step: the residuals, the exclusion mask,
+    and S with its (|S|, m) weights (R = U - A_S^T W)."""
+
+    def __init__(self, pursuit: JointPursuit):
+        self.R = pursuit.R.clone()
+        self.exclude = pursuit.exclude.clone()
+        self.rows = list(pursuit.support)
+        if self.rows:
+            slots = pursuit.slot_of[torch.tensor(self.rows, dtype=torch.long, device=pursuit.device)]
+            self.weights = pursuit.weight_matrix()[slots]
+        else:
+            self.weights = torch.zeros(0, pursuit.m, dtype=torch.float64, device=pursuit.device)
+
+
+class _Verifier:
+    """One pass over A that finds exact pursuit's best row at each speculated step's residuals.
+
+    Every step's residuals are R_s = R_0 - A_T^T X_s, T the rows in S at any step of the round
+    and X_s = W_s - W_0 on T (exact arithmetic), so one pass computing P = A W [R_0 | A_T^T]
+    (m + |T| columns instead of m per step) gives every step's correlations C_s = P_R - P_T X_s,
+    hence approximate scores. They differ from exact pursuit's (one pass of A W R_s in the
+    compute dtype) by rounding only: with unit roundoff u, gamma_n = n u / (1 - n u), rho the
+    largest ||a||_2 / ||a||_W, and norms Euclidean (W the feature weights),
+
+        |approx_i - exact_i| <= delta_s = 2 rho (gamma_D + gamma_|T| + 2u) (||W R_0||_F
+                                 + ||W R_s||_F + 2 sum_t ||W a_t||_2 ||X_s[t]||_2) + 4 gamma_(m+2) max
+
+    (each product's error is at most gamma_D ||a_i||_2 ||W r||_2, whatever the summation order;
+    the last term covers the norms and divisions). A row whose approximate score is below the
+    best approximate one minus 2 delta_s cannot be exact pursuit's pick; the others (a handful)
+    are scored as exact pursuit scores them, from their gathered rows, and the best of them is
+    the pick (ties: the lowest index). Should the window hold too many rows, the step is scored
+    by a pass of its own (counted).
+    """
+
+    def __init__(self, pursuit: JointPursuit, steps: List[_Step]):
+        f64, dtype, m = torch.float64, pursuit.dtype, pursuit.m
+        self.last: Optional[torch.Tensor] = None  # the approximate scores of the last step checked
+        self.pursuit, self.steps = pursuit, steps
+        self.extra_passes = 0
+        self.window_rows: List[int] = []  # rows scored exactly, per step checked
+        T = sorted(set().union(*(st.rows for st in steps)))
+        pos = {t: i for i, t in enumerate(T)}
+        device = pursuit.device
+        Ws = []
+        for st in steps:
+            Wt = torch.zeros(len(T), m, dtype=f64, device=device)
+            if st.rows:
+                Wt[torch.tensor([pos[r] for r in st.rows], dtype=torch.long, device=device)] = st.weights
+            Ws.append(Wt)
+        X = [Wt - Ws[0] for Wt in Ws]
+        fwA = pursuit.weighted(gather_rows(pursuit.A, T).to(device=device, dtype=f64).T) if T else \
+            torch.zeros(pursuit.problem.dim, 0, dtype=f64, device=device)  # (D, |T|)
+        # the rounding bound of each step (see the class docstring)
+        A = pursuit.A
+        kernels = pursuit.opts.backend == "triton" or (pursuit.opts.backend == "auto" and A.device.type == "cuda")
+        u = 2.0 ** -18 if (dtype == torch.float32 and kernels) else torch.finfo(dtype).eps / 2
+        gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+        fw = pursuit.fw
+        rho = 1.0 if fw is None else (1.0 / math.sqrt(float(fw.min())) if float(fw.min()) > 0 else math.inf)
+        col_norms = torch.linalg.vector_norm(fwA, dim=0)  # ||W a_t||_2
+        r0 = float(torch.linalg.vector_norm(pursuit.weighted(steps[0].R)))
+        self.slack = []
+        for st, Xs in zip(steps, X):
+            moved = float(col_norms @ torch.linalg.vector_norm(Xs, dim=1)) if len(T) else 0.0
+            rs = float(torch.linalg.vector_norm(pursuit.weighted(st.R)))
+            self.slack.append(2 * rho * (gamma(pursuit.problem.dim) + gamma(len(T)) + 2 * u) * (r0 + rs + 2 * moved))
+        self.rel_slack = 4 * gamma(m + 2)
+        # the pass: P kept whole where it fits (each step's scores then cost N |T| m, made only
+        # for the steps checked), else every step's scores chunk by chunk
+        self.X = [Xs.to(dtype) for Xs in X]
+        RW = torch.cat([pursuit.weighted(steps[0].R), fwA], dim=1).to(dtype)
+        n = pursuit.problem.num_candidates
+        self.P: Optional[torch.Tensor] = None
+        self.approx: Optional[torch.Tensor] = None
+        if n * RW.shape[1] * RW.element_size() <= VERIFY_BYTES:
+            self.P = candidate_products(A, RW, dtype, pursuit.opts.backend)
+            return
+        L, dim = len(steps), pursuit.problem.dim
+        Xcat = torch.cat(self.X, dim=1)  # (|T|, L m)
+        self.approx = torch.empty(n, L, dtype=dtype, device=device)
+        elements = max(dim, CHUNK_ELEMENTS // max(1, -(-max(L * m, m + len(T)) // dim)))
+        for start, a in row_chunks(A, elements):
+            self.approx[start : start + a.shape[0]] = self._scores(
+                candidate_products(a, RW, dtype, pursuit.opts.backend), Xcat, start)
+
+    def _scores(self, P: torch.Tensor, X: torch.Tensor, start: int) -> torch.Tensor:
+        """(rows, L) approximate scores of P's rows at the steps whose X_s are X's blocks."""
+        m = self.pursuit.m
+        n_c, L = P.shape[0], X.shape[1] // m
+        C = P[:, None, :m] - (P[:, m:] @ X).view(n_c, L, m)
+        if self.pursuit.opts.positive:
+            C = C.clamp_min_(0)
+        return torch.linalg.vector_norm(C, dim=2) / self.pursuit.row_norms[start : start + n_c, None]
+
+    def approximate(self, s: int) -> torch.Tensor:
+        """(N,) approximate scores at step s."""
+        if self.approx is not None:
+            return self.approx[:, s]
+        return self._scores(self.P, self.X[s], 0)[:, 0]
+
+    def best(self, s: int) -> tuple:
+        """Exact pursuit's best row at step s and its score ((-1, -inf): none eligible)."""
+        pursuit, st = self.pursuit, self.steps[s]
+        self.last = self.approximate(s)
+        masked = self.last.masked_fill(st.exclude, -math.inf)
+        top = float(masked.max())
+        if top == -math.inf:
+            return -1, -math.inf
+        window = 2 * (self.slack[s] + self.rel_slack * abs(top))
+        cand = torch.nonzero(masked >= top - window).flatten()  # sorted
+        self.window_rows.append(len(cand))
+        if len(cand) > WINDOW_ROWS:  # a loose bound: a pass is cheaper
+            self.extra_passes += 1
+            exact = joint_scores(pursuit, [st.R])[:, 0].masked_fill(st.exclude, -math.inf)
+            value, j = torch.max(exact, dim=0)
+            return int(j), float(value)
+        rows = gather_rows(pursuit.A, cand)
+        c = candidate_products(rows, pursuit.weighted(st.R).to(pursuit.dtype), pursuit.dtype, pursuit.opts.backend)
+        if pursuit.opts.positive:
+            c = c.clamp_min_(0)
+        score = torch.linalg.vector_norm(c, dim=1) / pursuit.row_norms[cand]
+        value, i = torch.max(score, dim=0)
+        return int(cand[i]), float(value)
+
+
 def _joint_round(main: JointPursuit, sample: torch.Tensor, speculate: int, progress) -> tuple:
-    """Up to `speculate` picks in the sample on a copy of the pursuit, then one pass scoring
-    every row at the residuals before and after each. Returns (the pursuit after the picks
-    that were exact pursuit's, the global best (row, score) at its residuals, those scores and
-    that exclusion mask (for the next sample), picks kept, picks made)."""
+    """Up to `speculate` picks in the sample on a copy of the pursuit, then one pass that finds
+    exact pursuit's best row at each step (:class:`_Verifier`). Returns (the pursuit after the
+    picks that were exact pursuit's, the global best (row, score) at its residuals, approximate
+    scores there and that exclusion mask (for the next sample), picks kept, picks made, extra
+    passes)."""
     clone = main.copy()
     rows = gather_rows(main.A, sample)
-    residuals, masks, picks, values, held = [clone.R.clone()], [clone.exclude.clone()], [], [], []
+    steps, picks, values, held = [_Step(clone)], [], [], []
     while len(picks) < speculate:
         if clone.stop_before_pass():
             break
@@ -591,26 +729,26 @@ def _joint_round(main: JointPursuit, sample: torch.Tensor, speculate: int, progr
         held.append(clone.take(j, v))
         picks.append(j)
         values.append(v)
-        residuals.append(clone.R.clone())
-        masks.append(clone.exclude.clone())
+        steps.append(_Step(clone))
         if clone.stopped is not None:
             break
-    scores = joint_scores(main, residuals)
-    best_v, best_i = torch.max(scores.masked_fill(torch.stack(masks, dim=1), -math.inf), dim=0)
-    best_i, best_v = best_i.tolist(), best_v.tolist()
-    kept = 0
-    while kept < len(picks) and best_i[kept] == picks[kept]:
-        kept += 1
-    if kept == len(picks) and best_v[:kept] == values:
+    check = _Verifier(main, steps)
+    best = []
+    for s in range(len(steps)):
+        best.append(check.best(s))
+        if s == len(picks) or best[s][0] != picks[s]:
+            break
+    kept = len(best) - 1
+    if kept == len(picks) and [v for _, v in best[:kept]] == values:
         # every pick verified, on the same scores: the copy took exact pursuit's path
         if progress is not None and sum(held):
             progress(sum(held))
         if clone.stopped in (STOP_BUDGET, STOP_MAX_ITERS):
             clone.stopped = None  # the next round's stop_before_pass decides it again
         main = clone
-    else:  # the kept picks again, on the pursuit itself, with the pass's (global) scores
+    else:  # the kept picks again, on the pursuit itself, with exact pursuit's scores
         for s in range(kept):
-            main.take(picks[s], best_v[s], progress)
+            main.take(picks[s], best[s][1], progress)
             if main.stopped is not None:
                 break
-    return main, (best_i[kept], best_v[kept]), scores[:, kept], masks[kept], kept, len(picks)
+    return main, best[kept], check.last, steps[kept].exclude, kept, len(picks), check.extra_passes
