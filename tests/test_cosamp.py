@@ -271,3 +271,14 @@ def test_speculation_rule():
     assert next_speculation(48, 12, 48) == 24  # a wrong pick after 12: twice the picks kept
     assert next_speculation(24, 0, 24) == MIN_SPECULATE
     assert next_speculation(24, 7, 7) == 24  # ended by a stop or an exhausted sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_on_the_kernel_path(dtype):
+    """K2 (the Triton interpreter on CPU, as on CUDA): the verifying pass's products with
+    m + |T| columns, and the wider rounding bound of its tf32x3 products."""
+    A, B = correlated_pool(300, 24, 3, seed=9)
+    A_low = torch.as_tensor(A, dtype=torch.float32).to(dtype)
+    exact, cos = _joint_pair(A_low, torch.as_tensor(B, dtype=torch.float32), 12, backend="triton", batch_size=64)
+    _assert_joint_equal(exact, cos)
+    assert cos.per_target[0].passes < exact.per_target[0].passes / 2
