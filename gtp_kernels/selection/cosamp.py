@@ -613,7 +613,9 @@ class _Verifier:
                                  + ||W R_s||_F + 2 sum_t ||W a_t||_2 ||X_s[t]||_2) + 4 gamma_(m+2) max
 
     (each product's error is at most gamma_D ||a_i||_2 ||W r||_2, whatever the summation order;
-    the last term covers the norms and divisions). A row whose approximate score is below the
+    the last term covers the norms and divisions; a float64 term, 2 rho gamma64_(|T|+1)
+    (2 ||W U||_F + sum_t ||W a_t||_2 (||W_0[t]||_2 + ||W_s[t]||_2)), covers the residuals
+    being float64 roundings of U - A_S^T W, which matters in float64 only). A row whose approximate score is below the
     best approximate one minus 2 delta_s cannot be exact pursuit's pick; the others (a handful)
     are scored as exact pursuit scores them, from their gathered rows, and the best of them is
     the pick (ties: the lowest index). Should the window hold too many rows, the step is scored
@@ -647,11 +649,18 @@ class _Verifier:
         rho = 1.0 if fw is None else (1.0 / math.sqrt(float(fw.min())) if float(fw.min()) > 0 else math.inf)
         col_norms = torch.linalg.vector_norm(fwA, dim=0)  # ||W a_t||_2
         r0 = float(torch.linalg.vector_norm(pursuit.weighted(steps[0].R)))
+        # the residuals themselves are float64 roundings of U - A_S^T W (refresh_residuals)
+        u64 = torch.finfo(f64).eps / 2
+        g64 = (len(T) + 1) * u64 / (1 - (len(T) + 1) * u64)
+        fit0 = float(col_norms @ torch.linalg.vector_norm(Ws[0], dim=1)) if len(T) else 0.0
+        un = float(torch.linalg.vector_norm(pursuit.weighted(pursuit.U)))
         self.slack = []
-        for st, Xs in zip(steps, X):
+        for st, Xs, Wt in zip(steps, X, Ws):
             moved = float(col_norms @ torch.linalg.vector_norm(Xs, dim=1)) if len(T) else 0.0
+            fit = float(col_norms @ torch.linalg.vector_norm(Wt, dim=1)) if len(T) else 0.0
             rs = float(torch.linalg.vector_norm(pursuit.weighted(st.R)))
-            self.slack.append(2 * rho * (gamma(pursuit.problem.dim) + gamma(len(T)) + 2 * u) * (r0 + rs + 2 * moved))
+            self.slack.append(2 * rho * ((gamma(pursuit.problem.dim) + gamma(len(T)) + 2 * u) * (r0 + rs + 2 * moved)
+                                         + g64 * (2 * un + fit0 + fit)))
         self.rel_slack = 4 * gamma(m + 2)
         # the pass: P kept whole where it fits (each step's scores then cost N |T| m, made only
         # for the steps checked), else every step's scores chunk by chunk
