@@ -6,6 +6,7 @@ import torch
 import gtp_kernels as gk
 
 N, D, K = 20_000, 512, 100
+M_JOINT = 24  # target columns of the joint problem (e.g. a task's validation examples)
 
 
 @pytest.fixture(scope="module")
@@ -35,3 +36,22 @@ def test_k_pass_floor(benchmark, problem):
             A @ r
 
     benchmark.pedantic(k_passes, rounds=3, iterations=1)
+
+
+@pytest.fixture(scope="module")
+def joint_problem(problem):
+    """The same rows; 24 columns, each a non-negative mix of the same 300 rows plus noise."""
+    A, _ = problem
+    g = torch.Generator().manual_seed(1)
+    B = A[torch.randperm(N, generator=g)[:300]].T @ torch.rand(300, M_JOINT, generator=g)
+    return A, B + 0.05 * torch.randn(D, M_JOINT, generator=g)
+
+
+@pytest.mark.parametrize("method", ["gtp", "gtp-cosamp"])
+def test_select_joint(benchmark, joint_problem, method):
+    """Joint selection: gtp-cosamp makes gtp's picks in ~7 passes instead of 101."""
+    A, B = joint_problem
+    benchmark.group = f"select joint N={N} D={D} m={M_JOINT} k={K}"
+    sel = benchmark.pedantic(gk.select, args=(A, B, K), kwargs={"method": method, "targets": "joint"}, rounds=3,
+                             iterations=1)
+    assert len(sel.indices) == K

@@ -163,7 +163,8 @@ def select(
             would take next). None (default): the method's rows only.
         targets: "columns" (default): each target column its own k rows, as above. "joint": one
             selection of k rows in all shared by every column, for a (D, m) target of m target
-            examples: joint non-negative pursuit on unit-norm columns for "gtp", one ranking by
+            examples: joint non-negative pursuit on unit-norm columns for "gtp" (and its picks
+            from a few passes for "gtp-cosamp"), one ranking by
             the columns' mean (or ``topk_reduce="max"``) LESS score for "topk", k random rows
             for "random" (see selection/joint.py); ``weights`` is then the mean over columns
             of each column's weights for its unit-norm target.

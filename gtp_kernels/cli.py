@@ -101,7 +101,7 @@ def _add_select(sub) -> None:
     p.add_argument("--target", required=True,
                    help="(D,) or (D, m) array file, or a store folder (see --target-mode)")
     p.add_argument("--target-mode", choices=TARGET_MODES, default=None,
-                   help="'joint' (the default for a target store, with methods that have it: gtp, topk, random; "
+                   help="'joint' (the default for a target store, with methods that have it: gtp, gtp-cosamp, topk, random; "
                         "else 'mean'): one column per target example, each scaled to "
                         "unit norm, and ONE selection of --k rows in all that serves them jointly (the quality study's "
                         "best GTP mode, benchmarks/quality/QUALITY.md); also takes a (D, m) target file. 'mean': a "
@@ -421,7 +421,7 @@ def _check_select_arguments(args, out) -> None:
 
 def _target_mode(args) -> str | None:
     """--target-mode, or its default: for a target store 'joint' where the method has a joint
-    mode (compressive sampling and the reference pursue each column on its own: 'mean');
+    mode (the reference pursues each column on its own: 'mean');
     None for a target file (used as it is)."""
     from .api import DEFAULT_METHOD
     from .collect.store import is_store

@@ -130,10 +130,15 @@ def test_target_store_as_examples_or_mean(tmp_path, capsys):
     summary = json.loads((tmp_path / "j" / "summary.json").read_text())
     assert summary["inputs"]["target"]["mode"] == "joint" and summary["params"]["targets"] == "joint"
     assert sorted(r["index"] for r in _lines(tmp_path / "j" / "selection.jsonl")) == [0, 1, 2]
-    # compressive sampling has no joint mode: its default stays the mean
+    # compressive sampling has a joint mode too (the same picks as gtp's): joint by default
     assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"), "--k", "3",
                      "--method", "gtp-cosamp", "--out", str(tmp_path / "c")]) == 0
-    assert json.loads((tmp_path / "c" / "summary.json").read_text())["inputs"]["target"]["mode"] == "mean"
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["inputs"]["target"]["mode"] == "joint"
+    assert _lines(tmp_path / "c" / "selection.jsonl") == _lines(tmp_path / "j" / "selection.jsonl")
+    # the mean, on request
+    assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"), "--k", "3",
+                     "--method", "gtp-cosamp", "--target-mode", "mean", "--out", str(tmp_path / "cm")]) == 0
+    assert json.loads((tmp_path / "cm" / "summary.json").read_text())["inputs"]["target"]["mode"] == "mean"
     # a (D, m) file target, jointly on request
     np.save(tmp_path / "b.npy", store_target(val, "examples"))
     assert cli_main(["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "b.npy"), "--k",

@@ -1,5 +1,8 @@
 """Compressive-sampling GTP (selection/cosamp.py): planted supports recovered in a few passes,
-residuals close to exact pursuit's with about 10x fewer passes, the adaptive sample size."""
+residuals close to exact pursuit's with about 10x fewer passes, the adaptive sample size; in
+joint mode exact joint pursuit's picks, weights and stop (against gtp and the float64
+reference of tests/test_joint.py) from a few passes."""
+import numpy as np
 import pytest
 import torch
 
@@ -107,3 +110,175 @@ def test_gtp_cosamp_max_iters_caps_the_steps_and_keeps_the_first_picks():
         # max_iters caps the argmax steps (and the passes): the first two picks, then a stop
         assert c.stopped_by == "max_iters" and c.iterations == 2 and c.passes <= 2
         assert c.indices.tolist() == f.indices[:2].tolist()
+
+
+# -- joint mode (targets="joint"): exact joint pursuit's picks from a few passes -------------
+
+def _joint_pair(A, B, k, **kw):
+    exact = gk.select(A, B, k, targets="joint", method="gtp", **kw)
+    cos = gk.select(A, B, k, targets="joint", method="gtp-cosamp", **kw)
+    return exact, cos
+
+
+def _assert_joint_equal(exact, cos):
+    """The same picks, stop and per-column weights and residuals as exact joint pursuit (the
+    sample only guesses; every pick is checked against the whole pool's scores)."""
+    assert cos.indices.tolist() == exact.indices.tolist()
+    for c, e in zip(cos.per_target, exact.per_target):
+        assert c.stopped_by == e.stopped_by and c.iterations == e.iterations
+        assert (c.rejected, c.dropped) == (e.rejected, e.dropped)
+        np.testing.assert_allclose(c.weights, e.weights, rtol=1e-12, atol=1e-14 * e.residual_norms[0])
+        np.testing.assert_allclose(c.residual_norms, e.residual_norms, rtol=1e-12)
+
+
+def correlated_pool(n, dim, m, seed, shift=0.5):
+    """Rows and targets with a common offset (strongly correlated rows: the NNLS active sets
+    move), target columns of very different norms."""
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((n, dim)) + shift
+    B = (rng.standard_normal((dim, m)) + 0.3) * rng.uniform(0.1, 30.0, m)
+    return A, B
+
+
+@pytest.mark.parametrize("n, dim, m, k, seed", [(37, 13, 3, 5, 0), (700, 31, 4, 25, 1), (3001, 97, 7, 60, 2),
+                                                  (2003, 64, 1, 40, 3)])
+def test_joint_equals_the_float64_reference_on_awkward_shapes(n, dim, m, k, seed):
+    from test_joint import reference_joint, unit_weights
+
+    A, B = correlated_pool(n, dim, m, seed)
+    exact, cos = _joint_pair(A, B, k)
+    _assert_joint_equal(exact, cos)
+    support, W, hist = reference_joint(A, B, k)
+    assert cos.indices.tolist() == support
+    np.testing.assert_allclose(unit_weights(cos), W, rtol=1e-7, atol=1e-9)  # NNLS from scratch, scipy
+    if n > 2 * MIN_SAMPLE:
+        assert cos.per_target[0].passes < exact.per_target[0].passes / 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_joint_equals_exact_joint_pursuit_in_every_row_dtype(dtype):
+    A, B = correlated_pool(2500, 80, 5, seed=4)
+    A_low = torch.as_tensor(A).to(dtype)
+    exact, cos = _joint_pair(A_low, torch.as_tensor(B, dtype=torch.float32), 45)
+    _assert_joint_equal(exact, cos)
+    assert cos.params["compute_dtype"] == "torch.float32" and len(cos.indices) == 45
+
+
+@pytest.mark.parametrize("options", [{}, {"stop_ratio": 0.3}, {"positive": False}, {"max_iters": 17},
+                                     {"batch_size": 100}])
+def test_joint_with_duplicates_and_positive_multiples(options):
+    """Copies (exact ties: the lowest index, as exact pursuit) and 3x multiples (equal scores up
+    to rounding) of 200 rows; the guard, plain OMP, the iteration cap and a fixed sample."""
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((800, 50))
+    A = np.concatenate([base, base[:200] * 3.0, base[:200]])
+    B = base[:30].T @ rng.uniform(0.5, 1.5, (30, 4)) + 0.1 * rng.standard_normal((50, 4))
+    exact, cos = _joint_pair(A, B, 45, **options)
+    _assert_joint_equal(exact, cos)
+
+
+def test_joint_on_memory_mapped_rows_in_blocks_with_exclusions_and_checkpoint_weights(tmp_path):
+    rng = np.random.default_rng(6)
+    A = (rng.standard_normal((3000, 60)) + 0.3).astype(np.float32)
+    B = rng.standard_normal((60, 6))
+    np.save(tmp_path / "a.npy", A)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    exclude = np.zeros(3000, dtype=bool)
+    exclude[rng.choice(3000, 500, replace=False)] = True
+    kw = dict(exclude=exclude, checkpoint_weights=[0.5, 2.0, 1.0], num_checkpoints=3)
+    exact = gk.select(A, B, 40, targets="joint", **kw)
+    for rows in (mapped, [mapped[:1000], mapped[1000:2500], mapped[2500:]]):
+        _assert_joint_equal(exact, gk.select(rows, B, 40, targets="joint", method="gtp-cosamp", **kw))
+    assert not set(exact.indices.tolist()) & set(np.flatnonzero(exclude).tolist())
+
+
+def test_joint_passes_few_on_a_large_pool():
+    """Unit-norm rows, 24 columns made of 300 rows: exact pursuit reads A once per pick (and once
+    for the row norms); compressive sampling 7 times for 80 picks (speculated picks verified 12,
+    then 24, ...)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8000, 256, generator=g)
+    A /= A.norm(dim=1, keepdim=True)
+    B = A[torch.randperm(8000, generator=g)[:300]].T @ torch.rand(300, 24, generator=g)
+    B += 0.05 * torch.randn(256, 24, generator=g)
+    exact, cos = _joint_pair(A, B, 80)
+    _assert_joint_equal(exact, cos)
+    assert exact.per_target[0].passes == 81
+    assert cos.per_target[0].passes <= 10
+
+
+@pytest.mark.parametrize("path", ["window", "chunks", "window passes"])
+def test_joint_verification_paths_agree(monkeypatch, path):
+    """The verifying pass's other paths: products scored chunk by chunk (too large to keep), and
+    steps whose rounding window holds too many rows, scored by a pass of their own."""
+    from gtp_kernels.selection import cosamp
+
+    if path == "chunks":
+        monkeypatch.setattr(cosamp, "VERIFY_BYTES", 0)
+    if path == "window passes":
+        monkeypatch.setattr(cosamp, "WINDOW_ROWS", 0)
+    A, B = correlated_pool(2500, 70, 6, seed=8)
+    A32 = torch.as_tensor(A, dtype=torch.float32)
+    exact, cos = _joint_pair(A32, torch.as_tensor(B), 50)
+    _assert_joint_equal(exact, cos)
+    if path == "window passes":  # every step checked by a pass: about exact pursuit's count
+        assert cos.per_target[0].passes >= len(cos.indices)
+    else:
+        assert cos.per_target[0].passes < 12
+
+
+def test_joint_window_is_small(monkeypatch):
+    """The rounding window of the verifying pass (float32 products) holds a few rows:
+    the approximate scores from P = A W [R_0 | A_T^T] single out exact pursuit's pick."""
+    from gtp_kernels.selection import cosamp
+
+    g = torch.Generator().manual_seed(2)
+    A = torch.randn(6000, 128, generator=g)
+    B = A[:200].T @ torch.rand(200, 8, generator=g)
+    problem = validate_problem(A, B, 40)
+    rows = []
+    original = cosamp._Verifier.best
+
+    def best(self, s):
+        out = original(self, s)
+        rows.append(self.window_rows[-1])
+        return out
+    monkeypatch.setattr(cosamp._Verifier, "best", best)
+    cosamp.gtp_cosamp_joint(problem, 40, SelectOptions())
+    assert len(rows) >= 40 and max(rows) <= 8
+
+
+def test_joint_progress_ticks_as_exact_joint_pursuit():
+    """One tick per pick S keeps when it is made (speculated picks when verified), as gtp_joint:
+    here 31, one row dropped later."""
+    from gtp_kernels.selection.cosamp import gtp_cosamp_joint
+    from gtp_kernels.selection.joint import gtp_joint
+
+    A, B = correlated_pool(1500, 40, 3, seed=7)
+    problem = validate_problem(torch.as_tensor(A), torch.as_tensor(B), 30)
+    ticks, exact_ticks = [], []
+    result = gtp_cosamp_joint(problem, 30, SelectOptions(), ticks.append)
+    gtp_joint(problem, 30, SelectOptions(), exact_ticks.append)
+    assert sum(ticks) == sum(exact_ticks) == len(result[0].indices) + result[0].dropped
+    assert len(ticks) < len(exact_ticks)  # verified picks tick together
+
+
+def test_speculation_rule():
+    from gtp_kernels.selection.cosamp import MAX_SPECULATE, MIN_SPECULATE, next_speculation
+
+    assert next_speculation(12, 12, 12) == 24  # all kept: twice as many
+    assert next_speculation(48, 48, 48) == MAX_SPECULATE
+    assert next_speculation(48, 12, 48) == 24  # a wrong pick after 12: twice the picks kept
+    assert next_speculation(24, 0, 24) == MIN_SPECULATE
+    assert next_speculation(24, 7, 7) == 24  # ended by a stop or an exhausted sample
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_joint_on_the_kernel_path(dtype):
+    """K2 (the Triton interpreter on CPU, as on CUDA): the verifying pass's products with
+    m + |T| columns, and the wider rounding bound of its tf32x3 products."""
+    A, B = correlated_pool(300, 24, 3, seed=9)
+    A_low = torch.as_tensor(A, dtype=torch.float32).to(dtype)
+    exact, cos = _joint_pair(A_low, torch.as_tensor(B, dtype=torch.float32), 12, backend="triton", batch_size=64)
+    _assert_joint_equal(exact, cos)
+    assert cos.per_target[0].passes < exact.per_target[0].passes / 2

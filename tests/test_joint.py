@@ -198,7 +198,7 @@ def test_bad_input_is_refused():
     with pytest.raises(InputError, match="targets"):
         gk.select(A, B, 3, targets=1)
     with pytest.raises(InputError, match="joint"):
-        gk.select(A, B, 3, targets="joint", method="gtp-cosamp")
+        gk.select(A, B, 3, targets="joint", method="gtp-reference")
     with pytest.raises(InputError, match="all zero"):
         gk.select(A, np.zeros((6, 2)), 3, targets="joint")
     with pytest.raises(InputError):

@@ -75,6 +75,45 @@ The sampling passes stop when every target reached k atoms or a stopping rule, o
 ``max_iters`` passes (default: k, the exact pursuit's count). Cost: passes x N*D plus the
 in-sample steps, sum of M * D over the picks (cache-resident when M * D is small: about 3x
 cheaper per row than a pass on our CPU).
+
+Joint mode (``targets="joint"``, :func:`gtp_cosamp_joint`): exact joint pursuit's picks
+(selection/joint.py: one support for m unit-norm columns, row i scored by s_i(R) =
+||max(c_i(R), 0)||_2 / ||a_i||_W, c_i(R) = a_i^T W R), within ties, from a few passes over A.
+It checks instead of bounding. A bound exists: s_i is 1-Lipschitz in R (||max(x, 0) -
+max(y, 0)||_2 <= ||x - y||_2 and |<a_i, d>_W| <= ||a_i||_W ||d||_W), so
+
+    s_i(R) <= s_i(R_pass) + ||W^(1/2) (R - R_pass)||_2   (spectral norm),
+
+but one pick moves R by about its own score, more than the gaps between the pool's best
+scores, so after a pass's first pick it clears no row; and the statistical model above (the
+unsampled rows' drift as Gaussian) is wrong exactly where joint selection is used, on duplicated
+and strongly correlated rows. A round instead:
+
+  1. takes the global best row at the current residuals R_0 (known from the last pass) on the
+     pursuit itself (:class:`JointPursuit`, exact pursuit's own state and NNLS bookkeeping);
+  2. speculates: up to p more picks on a copy of the pursuit, each the best row of the sample
+     (the M best rows at the last pass; M as above: N / PICKS_PER_PASS, at least MIN_SAMPLE,
+     within MAX_SAMPLE_BYTES, doubled up to N/2 after a round whose first wrong pick lay outside
+     it), scored exactly on the copy's residuals;
+  3. verifies, in one pass over A, which row exact pursuit would pick at each speculated
+     step (:class:`_Verifier`): the residuals of every step are R_s = R_0 - A_T^T X_s (T the
+     rows in S during the round, X_s the change of their weights), so the pass computes
+     P = A W [R_0 | A_T^T] (m + |T| columns, not m per step) and each step's scores follow as
+     P_R - P_T X_s (N |T| m flops, for the steps checked only). These differ from exact
+     pursuit's scores by rounding, within a bound delta_s from the products' error analysis;
+     the rows within 2 delta_s of the best (a handful; 1-4 in float32 at N = 20k) are scored
+     exactly as exact pursuit scores them, from their gathered rows, and the best of them is the
+     pick (ties: the lowest index). The picks up to the first that was not exact pursuit's are
+     kept (the copy becomes the pursuit when all were, on the same scores; else the kept picks
+     are applied again to the pursuit with the exact scores, so every stop is decided on
+     global scores); the best after them is the next round's step 1, and that step's scores
+     give the next sample.
+
+p starts at SPECULATE, doubles after a round that kept every pick, else becomes twice the picks
+kept (MIN_SPECULATE..MAX_SPECULATE). Passes: one for the row norms, one for the first scores,
+then one per round, about k / (picks kept per round + 1): N = 20k, D = 512, m = 24, k = 100
+(unit rows, columns of 300 rows + noise) 7 passes instead of 101, and about a fifth of exact
+pursuit's row products (m + |T| columns a round instead of m a pick).
 """
 from __future__ import annotations
 
@@ -85,7 +124,7 @@ import numpy as np
 import torch
 
 from ..ops import lsq
-from ..ops.backends import masked_top
+from ..ops.backends import CHUNK_ELEMENTS, candidate_products, masked_top
 from ..ops.products import row_products, rows_dot_f64, rows_residual_f64, selected_rows_dtype
 from ..validation import Problem
 from .common import (
@@ -101,8 +140,9 @@ from .common import (
     residual_floor,
     weighted_norm,
 )
+from .joint import JointPursuit
 from .pursuit import follow_factor_order
-from .rows import gather_rows
+from .rows import gather_rows, row_chunks
 
 # first sample N / PICKS_PER_PASS rows (in-sample work of a 12-pick pass = one pass over A);
 # the sample grows while the passes average fewer picks than this
@@ -440,3 +480,284 @@ def gtp_cosamp(problem: Problem, k: int, opts: SelectOptions, progress=None) -> 
             passes=float(passes),
         ))
     return out
+
+
+# -- joint mode (targets="joint"): speculate in the sample, verify with one pass --------------
+
+# speculative picks in the first round, and at least and at most in any (each one is m more
+# columns in the verifying pass)
+SPECULATE = PICKS_PER_PASS
+MIN_SPECULATE = 4
+MAX_SPECULATE = 64
+# rows whose approximate score lies within the rounding window of the best are scored exactly
+# from their gathered rows, up to this many; more: the step gets a pass of its own
+WINDOW_ROWS = 256
+# the verifying pass keeps its (N, m + |T|) products whole up to this many bytes
+VERIFY_BYTES = MAX_SAMPLE_BYTES
+
+
+def joint_scores(pursuit: JointPursuit, residuals: List[torch.Tensor]) -> torch.Tensor:
+    """One read of A: every row's joint score ||max(a^T W R, 0)||_2 / ||a||_W for each residual
+    matrix R in `residuals`, (N, len) in the compute dtype, computed as exact joint pursuit's
+    best_row computes its one column (the same products, norms and row norms)."""
+    A, dtype, m = pursuit.A, pursuit.dtype, pursuit.m
+    L = len(residuals)
+    RW = torch.cat([pursuit.weighted(R) for R in residuals], dim=1).to(dtype)  # (D, L m)
+    out = torch.empty(pursuit.problem.num_candidates, L, dtype=dtype, device=pursuit.device)
+    # chunks whose products (rows x L m) stay within CHUNK_ELEMENTS as well as their rows
+    dim = pursuit.problem.dim
+    elements = max(dim, CHUNK_ELEMENTS // max(1, -(-(L * m) // dim)))
+    for start, a in row_chunks(A, elements):
+        c = candidate_products(a, RW, dtype, pursuit.opts.backend)
+        if pursuit.opts.positive:
+            c = c.clamp_min_(0)
+        n_c = c.shape[0]
+        out[start : start + n_c] = (torch.linalg.vector_norm(c.view(n_c, L, m), dim=2)
+                                    / pursuit.row_norms[start : start + n_c, None])
+    return out
+
+
+def _sample_best(clone: JointPursuit, rows: torch.Tensor, sample: torch.Tensor) -> tuple:
+    """The best eligible row of the sample on the copy's residuals (ties: the lowest index; the
+    sample is sorted) and its score; (-1, -inf) when no sampled row is eligible."""
+    if rows.shape[0] == 0:
+        return -1, -math.inf
+    RW = clone.weighted(clone.R).to(clone.dtype)
+    c = candidate_products(rows, RW, clone.dtype, clone.opts.backend)
+    if clone.opts.positive:
+        c = c.clamp_min_(0)
+    score = torch.linalg.vector_norm(c, dim=1) / clone.row_norms[sample]
+    score.masked_fill_(clone.exclude[sample], -math.inf)
+    value, i = torch.max(score, dim=0)
+    if float(value) == -math.inf:
+        return -1, -math.inf
+    return int(sample[i]), float(value)
+
+
+def _top_sample(scores: torch.Tensor, exclude: torch.Tensor, size: int) -> torch.Tensor:
+    """The `size` eligible rows of best score, sorted by index."""
+    masked = scores.masked_fill(exclude, -math.inf)
+    values, idx = torch.topk(masked, min(size, masked.numel()), sorted=False)
+    return torch.sort(idx[values > -math.inf]).values
+
+
+def gtp_cosamp_joint(problem: Problem, k: int, opts: SelectOptions, progress=None) -> List[TargetSelection]:
+    """Compressive-sampling GTP for ``targets="joint"``: the picks of exact joint pursuit
+    (selection/joint.py), within ties, from a few passes over A (see the module docstring's
+    joint section and :func:`_joint_round`)."""
+    main = JointPursuit(problem, k, opts)
+    n = problem.num_candidates
+    A, dtype = main.A, main.dtype
+    row_bytes = problem.dim * (A.element_size() if sample_keeps_stored_dtype(A, dtype) else torch.finfo(dtype).bits // 8)
+    max_sample = max(MIN_SAMPLE, MAX_SAMPLE_BYTES // max(1, row_bytes))
+    size = min(opts.batch_size, n) if opts.batch_size else min(initial_sample_size(n), max_sample)
+    passes = main.passes  # the row norms' pass
+    scores = joint_scores(main, [main.R])[:, 0]
+    passes += 1
+    value, j = torch.max(scores.masked_fill(main.exclude, -math.inf), dim=0)
+    known = (int(j), float(value))
+    sample = _top_sample(scores, main.exclude, size)
+    speculate = SPECULATE
+    while main.stopped is None:
+        if main.stop_before_pass():
+            break
+        main.take(*known, progress)  # the global best: exact pursuit's pick
+        if main.stopped is not None:
+            break
+        main, known, scores, mask, kept, made, extra = _joint_round(main, sample, speculate, progress)
+        passes += 1 + extra
+        if not opts.batch_size and kept < made and not bool((sample == known[0]).any()):
+            size = min(max_sample, max(size, min(2 * size, n // 2)))  # the pick it missed lay outside
+        speculate = next_speculation(speculate, kept, made)
+        sample = _top_sample(scores, mask, size)
+    main.passes = passes
+    return main.results()
+
+
+def next_speculation(speculate: int, kept: int, made: int) -> int:
+    """Speculative picks for the next round: twice as many after a round that kept all it made
+    (and made all it could), else twice the picks kept, within MIN_SPECULATE..MAX_SPECULATE."""
+    if kept == made == speculate:
+        return min(MAX_SPECULATE, 2 * speculate)
+    if kept == made:  # the round ended on a stop or an exhausted sample, not a wrong pick
+        return speculate
+    return min(MAX_SPECULATE, max(MIN_SPECULATE, 2 * kept))
+
+
+class _Step:
+    """What the verifying pass needs of one speculated step: the residuals, the exclusion mask,
+    and S with its (|S|, m) weights (R = U - A_S^T W)."""
+
+    def __init__(self, pursuit: JointPursuit):
+        self.R = pursuit.R.clone()
+        self.exclude = pursuit.exclude.clone()
+        self.rows = list(pursuit.support)
+        if self.rows:
+            slots = pursuit.slot_of[torch.tensor(self.rows, dtype=torch.long, device=pursuit.device)]
+            self.weights = pursuit.weight_matrix()[slots]
+        else:
+            self.weights = torch.zeros(0, pursuit.m, dtype=torch.float64, device=pursuit.device)
+
+
+class _Verifier:
+    """One pass over A that finds exact pursuit's best row at each speculated step's residuals.
+
+    Every step's residuals are R_s = R_0 - A_T^T X_s, T the rows in S at any step of the round
+    and X_s = W_s - W_0 on T (exact arithmetic), so one pass computing P = A W [R_0 | A_T^T]
+    (m + |T| columns instead of m per step) gives every step's correlations C_s = P_R - P_T X_s,
+    hence approximate scores. They differ from exact pursuit's (one pass of A W R_s in the
+    compute dtype) by rounding only: with unit roundoff u, gamma_n = n u / (1 - n u), rho the
+    largest ||a||_2 / ||a||_W, and norms Euclidean (W the feature weights),
+
+        |approx_i - exact_i| <= delta_s = 2 rho (gamma_D + gamma_|T| + 2u) (||W R_0||_F
+                                 + ||W R_s||_F + 2 sum_t ||W a_t||_2 ||X_s[t]||_2) + 4 gamma_(m+2) max
+
+    (each product's error is at most gamma_D ||a_i||_2 ||W r||_2, whatever the summation order;
+    the last term covers the norms and divisions; a float64 term, 2 rho gamma64_(|T|+1)
+    (2 ||W U||_F + sum_t ||W a_t||_2 (||W_0[t]||_2 + ||W_s[t]||_2)), covers the residuals
+    being float64 roundings of U - A_S^T W, which matters in float64 only). A row whose approximate score is below the
+    best approximate one minus 2 delta_s cannot be exact pursuit's pick; the others (a handful)
+    are scored as exact pursuit scores them, from their gathered rows, and the best of them is
+    the pick (ties: the lowest index). Should the window hold too many rows, the step is scored
+    by a pass of its own (counted).
+    """
+
+    def __init__(self, pursuit: JointPursuit, steps: List[_Step]):
+        f64, dtype, m = torch.float64, pursuit.dtype, pursuit.m
+        self.last: Optional[torch.Tensor] = None  # the approximate scores of the last step checked
+        self.pursuit, self.steps = pursuit, steps
+        self.extra_passes = 0
+        self.window_rows: List[int] = []  # rows scored exactly, per step checked
+        T = sorted(set().union(*(st.rows for st in steps)))
+        pos = {t: i for i, t in enumerate(T)}
+        device = pursuit.device
+        Ws = []
+        for st in steps:
+            Wt = torch.zeros(len(T), m, dtype=f64, device=device)
+            if st.rows:
+                Wt[torch.tensor([pos[r] for r in st.rows], dtype=torch.long, device=device)] = st.weights
+            Ws.append(Wt)
+        X = [Wt - Ws[0] for Wt in Ws]
+        fwA = pursuit.weighted(gather_rows(pursuit.A, T).to(device=device, dtype=f64).T) if T else \
+            torch.zeros(pursuit.problem.dim, 0, dtype=f64, device=device)  # (D, |T|)
+        # the rounding bound of each step (see the class docstring)
+        A = pursuit.A
+        kernels = pursuit.opts.backend == "triton" or (pursuit.opts.backend == "auto" and A.device.type == "cuda")
+        u = 2.0 ** -18 if (dtype == torch.float32 and kernels) else torch.finfo(dtype).eps / 2
+        gamma = lambda n: n * u / (1 - n * u)  # noqa: E731
+        fw = pursuit.fw
+        rho = 1.0 if fw is None else (1.0 / math.sqrt(float(fw.min())) if float(fw.min()) > 0 else math.inf)
+        col_norms = torch.linalg.vector_norm(fwA, dim=0)  # ||W a_t||_2
+        r0 = float(torch.linalg.vector_norm(pursuit.weighted(steps[0].R)))
+        # the residuals themselves are float64 roundings of U - A_S^T W (refresh_residuals)
+        u64 = torch.finfo(f64).eps / 2
+        g64 = (len(T) + 1) * u64 / (1 - (len(T) + 1) * u64)
+        fit0 = float(col_norms @ torch.linalg.vector_norm(Ws[0], dim=1)) if len(T) else 0.0
+        un = float(torch.linalg.vector_norm(pursuit.weighted(pursuit.U)))
+        self.slack = []
+        for st, Xs, Wt in zip(steps, X, Ws):
+            moved = float(col_norms @ torch.linalg.vector_norm(Xs, dim=1)) if len(T) else 0.0
+            fit = float(col_norms @ torch.linalg.vector_norm(Wt, dim=1)) if len(T) else 0.0
+            rs = float(torch.linalg.vector_norm(pursuit.weighted(st.R)))
+            self.slack.append(2 * rho * ((gamma(pursuit.problem.dim) + gamma(len(T)) + 2 * u) * (r0 + rs + 2 * moved)
+                                         + g64 * (2 * un + fit0 + fit)))
+        self.rel_slack = 4 * gamma(m + 2)
+        # the pass: P kept whole where it fits (each step's scores then cost N |T| m, made only
+        # for the steps checked), else every step's scores chunk by chunk
+        self.X = [Xs.to(dtype) for Xs in X]
+        RW = torch.cat([pursuit.weighted(steps[0].R), fwA], dim=1).to(dtype)
+        n = pursuit.problem.num_candidates
+        self.P: Optional[torch.Tensor] = None
+        self.approx: Optional[torch.Tensor] = None
+        if n * RW.shape[1] * RW.element_size() <= VERIFY_BYTES:
+            self.P = candidate_products(A, RW, dtype, pursuit.opts.backend)
+            return
+        L, dim = len(steps), pursuit.problem.dim
+        Xcat = torch.cat(self.X, dim=1)  # (|T|, L m)
+        self.approx = torch.empty(n, L, dtype=dtype, device=device)
+        elements = max(dim, CHUNK_ELEMENTS // max(1, -(-max(L * m, m + len(T)) // dim)))
+        for start, a in row_chunks(A, elements):
+            self.approx[start : start + a.shape[0]] = self._scores(
+                candidate_products(a, RW, dtype, pursuit.opts.backend), Xcat, start)
+
+    def _scores(self, P: torch.Tensor, X: torch.Tensor, start: int) -> torch.Tensor:
+        """(rows, L) approximate scores of P's rows at the steps whose X_s are X's blocks."""
+        m = self.pursuit.m
+        n_c, L = P.shape[0], X.shape[1] // m
+        C = P[:, None, :m] - (P[:, m:] @ X).view(n_c, L, m)
+        if self.pursuit.opts.positive:
+            C = C.clamp_min_(0)
+        return torch.linalg.vector_norm(C, dim=2) / self.pursuit.row_norms[start : start + n_c, None]
+
+    def approximate(self, s: int) -> torch.Tensor:
+        """(N,) approximate scores at step s."""
+        if self.approx is not None:
+            return self.approx[:, s]
+        return self._scores(self.P, self.X[s], 0)[:, 0]
+
+    def best(self, s: int) -> tuple:
+        """Exact pursuit's best row at step s and its score ((-1, -inf): none eligible)."""
+        pursuit, st = self.pursuit, self.steps[s]
+        self.last = self.approximate(s)
+        masked = self.last.masked_fill(st.exclude, -math.inf)
+        top = float(masked.max())
+        if top == -math.inf:
+            return -1, -math.inf
+        window = 2 * (self.slack[s] + self.rel_slack * abs(top))
+        cand = torch.nonzero(masked >= top - window).flatten()  # sorted
+        self.window_rows.append(len(cand))
+        if len(cand) > WINDOW_ROWS:  # a loose bound: a pass is cheaper
+            self.extra_passes += 1
+            exact = joint_scores(pursuit, [st.R])[:, 0].masked_fill(st.exclude, -math.inf)
+            value, j = torch.max(exact, dim=0)
+            return int(j), float(value)
+        rows = gather_rows(pursuit.A, cand)
+        c = candidate_products(rows, pursuit.weighted(st.R).to(pursuit.dtype), pursuit.dtype, pursuit.opts.backend)
+        if pursuit.opts.positive:
+            c = c.clamp_min_(0)
+        score = torch.linalg.vector_norm(c, dim=1) / pursuit.row_norms[cand]
+        value, i = torch.max(score, dim=0)
+        return int(cand[i]), float(value)
+
+
+def _joint_round(main: JointPursuit, sample: torch.Tensor, speculate: int, progress) -> tuple:
+    """Up to `speculate` picks in the sample on a copy of the pursuit, then one pass that finds
+    exact pursuit's best row at each step (:class:`_Verifier`). Returns (the pursuit after the
+    picks that were exact pursuit's, the global best (row, score) at its residuals, approximate
+    scores there and that exclusion mask (for the next sample), picks kept, picks made, extra
+    passes)."""
+    clone = main.copy()
+    rows = gather_rows(main.A, sample)
+    steps, picks, values, held = [_Step(clone)], [], [], []
+    while len(picks) < speculate:
+        if clone.stop_before_pass():
+            break
+        j, v = _sample_best(clone, rows, sample)
+        if j < 0 or clone.score_stop(v) is not None:
+            break  # a stop is decided on the global best, by the next round
+        held.append(clone.take(j, v))
+        picks.append(j)
+        values.append(v)
+        steps.append(_Step(clone))
+        if clone.stopped is not None:
+            break
+    check = _Verifier(main, steps)
+    best = []
+    for s in range(len(steps)):
+        best.append(check.best(s))
+        if s == len(picks) or best[s][0] != picks[s]:
+            break
+    kept = len(best) - 1
+    if kept == len(picks) and [v for _, v in best[:kept]] == values:
+        # every pick verified, on the same scores: the copy took exact pursuit's path
+        if progress is not None and sum(held):
+            progress(sum(held))
+        if clone.stopped in (STOP_BUDGET, STOP_MAX_ITERS):
+            clone.stopped = None  # the next round's stop_before_pass decides it again
+        main = clone
+    else:  # the kept picks again, on the pursuit itself, with exact pursuit's scores
+        for s in range(kept):
+            main.take(picks[s], best[s][1], progress)
+            if main.stopped is not None:
+                break
+    return main, best[kept], check.last, steps[kept].exclude, kept, len(picks), check.extra_passes

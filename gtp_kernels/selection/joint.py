@@ -53,11 +53,14 @@ the mean unit target (1/m) sum_j u_j, with residual norm at most the RMS relativ
 
 Top-k and random in joint mode (:func:`run_joint`): top-k ranks once by the columns' mean LESS
 score (``topk_reduce="mean"``, LESS over a task's examples) or max score (``"max"``); random
-draws k rows in all. Compressive sampling has no joint variant (its prune step keeps the k
-largest weights of one column; a shared prune needs its own rule and tests): refused.
+draws k rows in all. Compressive sampling (``gtp-cosamp``, selection/cosamp.py) makes exact
+joint pursuit's picks from a few passes: it pursues a copy of :class:`JointPursuit` inside a
+sample and checks every speculated pick against the whole pool's scores, one pass per round.
+The reference (``gtp-reference``) has no joint mode: refused.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Callable, List, Optional
@@ -86,7 +89,7 @@ from .fill import fill_budget
 from .rows import gather_rows, row_chunks
 
 TARGET_MODES = ("columns", "joint")
-JOINT_METHODS = ("gtp", "topk", "random")
+JOINT_METHODS = ("gtp", "gtp-cosamp", "topk", "random")
 # re-entry of rows a column dropped: at most this many rounds per pick (each round appends, per
 # column, its most correlated dropped row of S); a safeguard, KKT holds after a round or two
 _MAX_REENTRY_ROUNDS = 64
@@ -111,15 +114,7 @@ def gtp_joint(problem: Problem, k: int, opts: SelectOptions,
     while pursuit.stopped is None:
         if pursuit.stop_before_pass():
             break
-        j = pursuit.best_row()
-        if pursuit.stop_on_score():
-            break
-        pursuit.add(j)
-        pursuit.reenter()
-        held = pursuit.prune(j)
-        if j in held and progress is not None:
-            progress(1)
-        pursuit.record_residuals()
+        pursuit.take(*pursuit.best_row(), progress)
     return pursuit.results()
 
 
@@ -160,6 +155,17 @@ class JointPursuit:
         self.gram_col = torch.zeros(m, k, dtype=f64, device=device)
         self.columns = torch.arange(m, device=device)
 
+    def copy(self) -> "JointPursuit":
+        """An independent copy of the pursuit's state (the rows, targets and row norms shared):
+        compressive sampling pursues a copy inside its sample (selection/cosamp.py)."""
+        new = copy.copy(self)
+        new.state = self.state.clone()
+        for name in ("exclude", "slot_of", "rows_buf", "gram", "rhs", "R", "gram_col"):
+            setattr(new, name, getattr(self, name).clone())
+        new.support, new.free_slots = list(self.support), list(self.free_slots)
+        new.hist = [list(h) for h in self.hist]
+        return new
+
     def _row_norms(self) -> torch.Tensor:
         """||a_i||_W of every row, one pass (zero rows are excluded by validation; clamped anyway)."""
         dtype = self.dtype
@@ -197,7 +203,8 @@ class JointPursuit:
     def refresh_residuals(self) -> None:
         self.R.copy_(self.U - self.rows_buf.T @ self.weight_matrix())
 
-    def _weighted(self, X: torch.Tensor) -> torch.Tensor:
+    def weighted(self, X: torch.Tensor) -> torch.Tensor:
+        """W X: the (D, ...) X scaled by the feature weights (X itself without them)."""
         return X if self.fw is None else X * self.fw[:, None]
 
     # -- the phases of one iteration --
@@ -210,10 +217,10 @@ class JointPursuit:
             self.stopped = STOP_MAX_ITERS
         return self.stopped is not None
 
-    def best_row(self) -> int:
+    def best_row(self) -> tuple:
         """1. Scores ||max(A W R, 0)||_2 per row over the row norm, one chunked pass; the best
-        eligible row (ties: the lowest index)."""
-        RW = self._weighted(self.R).to(self.dtype)
+        eligible row (ties: the lowest index) and its score (-inf: none eligible)."""
+        RW = self.weighted(self.R).to(self.dtype)
         best_val, best_idx = -math.inf, -1
         for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
             c = candidate_products(a, RW, self.dtype, self.opts.backend)
@@ -225,21 +232,40 @@ class JointPursuit:
             if float(value) > best_val:  # strictly: an earlier chunk keeps a tie
                 best_val, best_idx = float(value), start + int(idx)
         self.passes += 1
+        return best_idx, best_val
+
+    def take(self, j: int, value: float, progress: Optional[Callable[[int], None]] = None) -> bool:
+        """One iteration on the best row j (score `value`, from :meth:`best_row` or any pass
+        that computes the same scores): the score stops, then phases 2-5; whether S holds j."""
         self.iterations += 1
-        self.best_val = best_val
-        return best_idx
+        self.best_val = value
+        if self.stop_on_score():
+            return False
+        self.add(j)
+        self.reenter()
+        held = j in self.prune(j)
+        if held and progress is not None:
+            progress(1)
+        self.record_residuals()
+        return held
+
+    def score_stop(self, value: float) -> Optional[str]:
+        """The stop a best score `value` would trigger now (None: pursue)."""
+        frob = math.sqrt(sum(h[-1] ** 2 for h in self.hist))
+        if value == -math.inf:
+            return STOP_EXHAUSTED
+        if value <= self.min_cos * frob:
+            return STOP_NO_CORRELATION
+        if (self.first_score is not None and self.opts.stop_ratio is not None
+                and value < self.opts.stop_ratio * self.first_score):
+            return STOP_GUARD
+        return None
 
     def stop_on_score(self) -> bool:
         """No eligible row, no correlation above the noise, or the stop-ratio guard."""
-        frob = math.sqrt(sum(h[-1] ** 2 for h in self.hist))
-        if self.best_val == -math.inf:
-            self.stopped = STOP_EXHAUSTED
-        elif self.best_val <= self.min_cos * frob:
-            self.stopped = STOP_NO_CORRELATION
-        elif self.first_score is None:
+        self.stopped = self.score_stop(self.best_val)
+        if self.stopped is None and self.first_score is None:
             self.first_score = self.best_val
-        elif self.opts.stop_ratio is not None and self.best_val < self.opts.stop_ratio * self.first_score:
-            self.stopped = STOP_GUARD
         return self.stopped is not None
 
     def add(self, j: int) -> None:
@@ -258,13 +284,13 @@ class JointPursuit:
         self.append(torch.full((self.m,), j, dtype=torch.long, device=self.device))
 
     def _held_by_column(self) -> torch.Tensor:
-        """(|S|, m) whether column t's factor holds row S[p]."""
-        held = torch.zeros(len(self.support), self.m, dtype=torch.bool, device=self.device)
-        pos_in_s = {a: p for p, a in enumerate(self.support)}
-        for t, size in enumerate(self.state.size.tolist()):
-            for a in self.state.support[t, :size].tolist():
-                held[pos_in_s[a], t] = True
-        return held
+        """(|S|, m) whether column t's factor holds row S[p] (by slot: every factor row is in S)."""
+        k, m = self.k, self.m
+        in_factor = torch.arange(k, device=self.device)[None, :] < self.state.size[:, None]  # (m, k)
+        by_slot = torch.zeros(k, m, dtype=torch.bool, device=self.device)
+        by_slot[self.factor_slots()[in_factor], self.columns[:, None].expand(m, k)[in_factor]] = True
+        support_t = torch.tensor(self.support, dtype=torch.long, device=self.device)
+        return by_slot[self.slot_of[support_t]]
 
     def reenter(self) -> None:
         """3. KKT on S: a row of S that a column dropped re-enters while it is positively
@@ -273,7 +299,7 @@ class JointPursuit:
         for _ in range(_MAX_REENTRY_ROUNDS):
             self.refresh_residuals()
             support_t = torch.tensor(self.support, dtype=torch.long, device=device)
-            corr = self.rows_buf[self.slot_of[support_t]] @ self._weighted(self.R)  # (|S|, m)
+            corr = self.rows_buf[self.slot_of[support_t]] @ self.weighted(self.R)  # (|S|, m)
             if not self.opts.positive:
                 corr = corr.abs()
             norms_s = self.row_norms[support_t].to(f64)
@@ -354,12 +380,17 @@ def run_joint(method: str, problem: Problem, k: int, opts: SelectOptions,
               progress: Optional[Callable[[int], None]] = None) -> List[TargetSelection]:
     """``select(..., targets="joint")``: k rows in all for every column (see the module docstring).
 
-    gtp: :func:`gtp_joint`. topk: one ranking by the columns' mean LESS score (or max, with
+    gtp: :func:`gtp_joint`. gtp-cosamp: :func:`selection.cosamp.gtp_cosamp_joint`, the same picks
+    from a few passes. topk: one ranking by the columns' mean LESS score (or max, with
     ``topk_reduce="max"``; "column" reads as "mean" here). random: k rows drawn once. Every
     column's TargetSelection lists the same rows.
     """
     if method == "gtp":
         return gtp_joint(problem, k, opts, progress)
+    if method == "gtp-cosamp":
+        from .cosamp import gtp_cosamp_joint  # cosamp builds on JointPursuit: imported here
+
+        return gtp_cosamp_joint(problem, k, opts, progress)
     if method == "topk":
         reduce = "mean" if opts.topk_reduce == "column" else opts.topk_reduce
         return topk_less(problem, k, dataclasses.replace(opts, topk_reduce=reduce), progress)
@@ -367,7 +398,7 @@ def run_joint(method: str, problem: Problem, k: int, opts: SelectOptions,
         first = random_selection(_first_column(problem), k, opts, progress)[0]
         return [first] * problem.num_targets
     raise InputError(f"targets='joint' supports the methods {', '.join(JOINT_METHODS)}; got {method!r} "
-                     "(compressive sampling and the reference pursue each column on its own)")
+                     "(the reference pursues each column on its own)")
 
 
 def _first_column(problem: Problem) -> Problem:
