@@ -64,11 +64,20 @@ def test_quick_run_results_are_well_formed(quick_run):
                 assert all(1 <= n <= cell["budget"] for n in cell["selected"])
                 assert all(0 <= c < n for c, n in zip(cell["near_copy_picks"], cell["selected"]))
                 assert all(0 <= w <= n for w, n in zip(cell["mislabelled_picks"], cell["selected"]))
+        for budget in budgets:  # the oracle reference: correctly labelled, topic-balanced rows
+            assert all(_finite_between(v, 0.0, 1.0) for v in pool["clean_balanced_reference"][budget]["values"])
         curve = pool["residual_curve"]
         assert curve["k"] == sorted(curve["k"]) and curve["k"]
         for method in ("gtp", "topk", "random"):
             assert len(curve[method]) == len(curve["k"])
             assert all(_finite_between(v, 0.0, 1.0 + 1e-9) for v in curve[method])
+    # one warm-up per seed, each with its training losses and the mislabel separation (AUCs)
+    assert sorted(bbc["warmups"]) == sorted(str(seed) for seed in bbc["settings"]["seeds"])
+    for warmup in bbc["warmups"].values():
+        losses = warmup["losses"]
+        assert len(losses["epoch_losses"]) == bbc["settings"]["checkpoints"]
+        assert all(math.isfinite(x) and x > 0 for x in [losses["first_batch_loss"], *losses["epoch_losses"]])
+        assert all(_finite_between(v, 0.0, 1.0) for v in warmup["mislabel_separation"].values())
     chat = results["chat"]
     for method in ("gtp", "gtp-cosamp", "topk", "random"):
         for budget in (str(b) for b in chat["settings"]["budgets_pct"]):
@@ -81,5 +90,6 @@ def test_quick_run_results_are_well_formed(quick_run):
 def test_quick_run_tables_name_every_method(quick_run):
     text = (quick_run / "tables.md").read_text()
     for needle in ("BBC News, clean pool", "BBC News, noisy pool", "Chat mixture", "| gtp |", "| topk |",
-                   "| random |", "| gtp-cosamp |"):
+                   "| random |", "| gtp-cosamp |", "| gtp-cosamp joint |",
+                   "BBC warm-ups", "oracle"):
         assert needle in text, needle

@@ -54,12 +54,14 @@ class BbcSettings:
     warmup_lr: float
     batch_size: int
     head_c: float
-    warmup_seed: int = 0    # which warm-up rows and their order (the pool and targets do not change)
+    # None: seed i warms up with seed i (its own warm-up rows and order, so its own store); an int:
+    # every seed shares that one warm-up (the first study's protocol)
+    warmup_seed: Optional[int] = None
 
 
 FULL = BbcSettings(base_pool=400, copy_sources=20, copies_per_source=10, flip_share=0.25, targets=24, test=400,
-                   seeds=(0, 1, 2), budgets_pct=(1, 2, 5, 10), d=1024, checkpoints=2, max_length=64,
-                   feature_max_length=128, lora_r=4, lora_layers=(4, 5), warmup_fraction=0.1, warmup_lr=1e-3,
+                   seeds=(0, 1, 2), budgets_pct=(1, 2, 5, 10), d=1024, checkpoints=4, max_length=64,
+                   feature_max_length=128, lora_r=4, lora_layers=(4, 5), warmup_fraction=0.1, warmup_lr=1e-2,
                    batch_size=16, head_c=10.0)
 QUICK = BbcSettings(base_pool=48, copy_sources=3, copies_per_source=4, flip_share=0.25, targets=6, test=60,
                     seeds=(0, 1), budgets_pct=(5, 10, 20), d=128, checkpoints=2, max_length=32,
@@ -172,12 +174,39 @@ def clean_balanced_reference(index: np.ndarray, row_y: np.ndarray, row_true: np.
     return mean_spread(accs)
 
 
+def mislabel_separation(pool_rows: np.ndarray, target_rows: np.ndarray, data: Dict[str, Any]) -> Dict[str, float]:
+    """How well the gradients tell the noisy pool's mislabelled rows from its clean ones: the
+    AUC (probability that a random clean row scores above a random mislabelled one; 0.5 = no
+    signal) of two cosine scores against the store's target articles: the maximum over all
+    targets, and the mean over the targets of the row's own (pool) label."""
+    from scipy.stats import rankdata
+
+    n = len(data["noisy_rows"])
+    pool = np.asarray(pool_rows[:n], dtype=np.float64)
+    targets = np.asarray(target_rows, dtype=np.float64)
+    cosines = (pool / np.linalg.norm(pool, axis=1, keepdims=True)) @ (
+        targets / np.linalg.norm(targets, axis=1, keepdims=True)).T
+    labels = np.asarray([r["label"] for r in data["noisy_rows"]])
+    clean = labels == np.asarray(data["row_true"][:n])
+    target_labels = np.asarray([a["label"] for a in data["reservoir"]])[: targets.shape[0]]
+
+    def auc(score: np.ndarray) -> float:
+        ranks = rankdata(score)
+        n_clean = int(clean.sum())
+        return float((ranks[clean].sum() - n_clean * (n_clean + 1) / 2) / (n_clean * int((~clean).sum())))
+
+    own = np.asarray([cosines[i, target_labels == labels[i]].mean() for i in range(n)])
+    return {"auc_max_cosine": auc(cosines.max(axis=1)), "auc_own_label_mean_cosine": auc(own)}
+
+
 def _budget_rows(pct: float, n: int) -> int:
     return max(1, round(pct * n / 100))
 
 
-def collect(s: BbcSettings, data: Dict[str, Any], cache: Path, times: Dict[str, float], progress: bool) -> Dict[str, Any]:
-    """The pool's and targets' trajectory stores (cached: the store resumes or reuses what exists)."""
+def collect(s: BbcSettings, data: Dict[str, Any], cache: Path, times: Dict[str, float], progress: bool,
+            warmup_seed: int) -> Dict[str, Any]:
+    """The pool's and targets' trajectory stores for one warm-up (cached under ``cache/w<seed>``:
+    the store resumes or reuses what exists)."""
     import transformers
     from transformers import AutoTokenizer
 
@@ -192,24 +221,26 @@ def collect(s: BbcSettings, data: Dict[str, Any], cache: Path, times: Dict[str, 
     common = dict(tokenizer=tokenizer, task="classification", d=s.d, max_length=s.max_length,
                   batch_size=s.batch_size, shard_size=4096, progress=progress, device="cpu")
     warmup = WarmupSettings(fraction=s.warmup_fraction, epochs=s.checkpoints, learning_rate=s.warmup_lr,
-                            batch_size=s.batch_size, seed=s.warmup_seed, lora=LoraSettings(r=s.lora_r, alpha=4 * s.lora_r,
+                            batch_size=s.batch_size, seed=warmup_seed, lora=LoraSettings(r=s.lora_r, alpha=4 * s.lora_r,
                                                                               target_modules=modules))
-    with stage(times, "collect noisy pool (warm-up + adam gradients)"):
+    cache = cache / f"w{warmup_seed}"
+    with stage(times, f"collect noisy pool (warm-up {warmup_seed} + adam gradients)"):
         noisy = collect_trajectory(model, data["noisy_rows"], cache / "noisy_store", warmup=warmup,
                                    gradient_type="adam", **common)
     warm = cache / "noisy_store" / "warmup"
-    with stage(times, "collect relabelled rows (adam gradients)"):
+    with stage(times, f"collect relabelled rows (warm-up {warmup_seed}, adam gradients)"):
         relabelled = collect_trajectory(model, data["relabelled"], cache / "relabelled_store", checkpoints=warm,
                                         gradient_type="adam", **common)
     targets = data["reservoir"]
-    with stage(times, "collect targets (sgd gradients)"):
+    with stage(times, f"collect targets (warm-up {warmup_seed}, sgd gradients)"):
         target_store = collect_trajectory(model, targets, cache / "target_store", checkpoints=warm,
                                           gradient_type="sgd", **common)
     check_compatible(noisy, relabelled)
     check_compatible(noisy, target_store)
     matrix = np.concatenate([noisy.candidates(), relabelled.candidates()]).astype(np.float32)
     return {"matrix": matrix, "targets": np.asarray(target_store.candidates(), dtype=np.float32),
-            "store": noisy, "metadata": {k: v for k, v in noisy.metadata.items() if k not in ("ids", "format")}}
+            "store": noisy, "metadata": {k: v for k, v in noisy.metadata.items() if k not in ("ids", "format")},
+            "mislabel_separation": mislabel_separation(noisy.candidates(), target_store.candidates(), data)}
 
 
 def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progress: bool, quick: bool) -> Dict[str, Any]:
@@ -222,8 +253,10 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
     data = build_pools(s)
     topics = data["topics"]
     label_id = {t: i for i, t in enumerate(topics)}
-    collected = collect(s, data, cache, times, progress)
-    matrix, target_rows, store = collected["matrix"], collected["targets"], collected["store"]
+    warmups = {seed: seed if s.warmup_seed is None else s.warmup_seed for seed in s.seeds}
+    stores = {w: collect(s, data, cache, times, progress, w) for w in sorted(set(warmups.values()))}
+    collected = {seed: stores[w] for seed, w in warmups.items()}
+    first = collected[s.seeds[0]]  # the residual curves' seed
 
     with stage(times, "features for the trained head (frozen MiniLM)"):
         feature_file = cache / f"features_{s.feature_max_length}.npz"
@@ -243,18 +276,29 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
     def weights_for(method: str):
         from gtp_kernels import METHODS as REGISTRY
 
-        return store.weights_for(REGISTRY[method].block_scale_invariant)
+        # every warm-up has the same schedule, so the same checkpoint weights (checked below)
+        return first["store"].weights_for(REGISTRY[method].block_scale_invariant)
+
+    for seed, c in collected.items():
+        if not np.allclose(c["store"].metadata["checkpoint_weights"], first["store"].metadata["checkpoint_weights"]):
+            raise RuntimeError(f"warm-up {warmups[seed]} has other checkpoint weights than warm-up {warmups[s.seeds[0]]}")
+    t = first["store"].t
 
     def target_for(seed: int, mode: str) -> np.ndarray:
-        rows = target_rows[seed * s.targets : (seed + 1) * s.targets]
+        position = s.seeds.index(seed)
+        rows = collected[seed]["targets"][position * s.targets : (position + 1) * s.targets]
         return rows.mean(axis=0) if mode == "mean" else np.ascontiguousarray(rows.T)
 
     variants = variant_table(select_accepts("targets"))
-    results: Dict[str, Any] = {"settings": asdict(s), "topics": topics, "collection": collected["metadata"],
+    results: Dict[str, Any] = {"settings": asdict(s), "topics": topics, "collection": first["metadata"],
+                               "warmups": {str(w): {"losses": c["metadata"].get("warmup_losses"),
+                                                    "mislabel_separation": c["mislabel_separation"]}
+                                           for w, c in stores.items()},
                                "pools": {}}
     for pool_name, index in data["pools"].items():
         n = len(index)
-        pool_matrix = matrix[index]
+        pool_matrices = {seed: c["matrix"][index] for seed, c in collected.items()}
+        pool_matrix = pool_matrices[s.seeds[0]]
         groups = {p: data["group_of"][int(r)] for p, r in enumerate(index) if int(r) in data["group_of"]}
         pool_result: Dict[str, Any] = {"n": n, "mislabelled": int(mislabelled[index].sum()),
                                        "near_copy_rows": len(groups), "variants": {}}
@@ -270,8 +314,8 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
                     budget = _budget_rows(pct, n)
                     accs, copies, wrong, sizes, secs, infos = [], [], [], [], [], []
                     for seed in s.seeds:
-                        picked = select_budget(pool_matrix, target_for(seed, v.mode), budget, v.method,
-                                               store_weights=weights_for, num_checkpoints=store.t, seed=seed,
+                        picked = select_budget(pool_matrices[seed], target_for(seed, v.mode), budget, v.method,
+                                               store_weights=weights_for, num_checkpoints=t, seed=seed,
                                                align_threshold=v.align, fill=v.fill, joint=v.mode == "joint",
                                                topk_reduce=v.topk_reduce)
                         rows = index[picked.indices]
@@ -288,22 +332,22 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         # Fig. 3: residual against k on the same footing (seed 0, mean target)
         with stage(times, f"residual curves, {pool_name} pool"):
             top = _budget_rows(max(s.budgets_pct), n)
-            target = target_for(0, "mean")
-            orders = {m: select_budget(pool_matrix, target, top, m, store_weights=weights_for, num_checkpoints=store.t, seed=0).indices
+            target = target_for(s.seeds[0], "mean")
+            orders = {m: select_budget(pool_matrix, target, top, m, store_weights=weights_for, num_checkpoints=t, seed=0).indices
                       for m in ("gtp", "topk", "random")}
             ks = sorted({k for k in np.unique(np.geomspace(1, top, num=12).round().astype(int)).tolist()})
             ks = [k for k in ks if all(len(o) >= k for o in orders.values())]
             pool_result["residual_curve"] = {"k": ks, **residual_curves(
-                pool_matrix, target, ks, orders, store.selection_checkpoint_weights, store.t)}
+                pool_matrix, target, ks, orders, first["store"].selection_checkpoint_weights, t)}
             if "gtp joint" in variants:  # the joint objective: per-example columns, RMS relative residual
-                examples = target_for(0, "joint")
+                examples = target_for(s.seeds[0], "joint")
                 joint_orders = {name: select_budget(pool_matrix, examples, top, variants[name].method,
-                                                    store_weights=weights_for, num_checkpoints=store.t, seed=0,
+                                                    store_weights=weights_for, num_checkpoints=t, seed=0,
                                                     joint=True, topk_reduce=variants[name].topk_reduce).indices
                                 for name in ("gtp joint", "topk joint mean-cos", "random")}
                 jks = [k for k in ks if all(len(o) >= k for o in joint_orders.values())]
                 pool_result["joint_residual_curve"] = {"k": jks, **joint_residual_curves(
-                    pool_matrix, examples, jks, joint_orders, store.selection_checkpoint_weights, store.t)}
+                    pool_matrix, examples, jks, joint_orders, first["store"].selection_checkpoint_weights, t)}
         results["pools"][pool_name] = pool_result
 
     # figures

@@ -40,12 +40,32 @@ def _residual_table(curve: dict, title: str) -> list:
               for m, values in curve.items() if m != "k"]
     return lines + [""]
 
+def _warmup_sentence(task: dict) -> str:
+    losses = task.get("collection", {}).get("warmup_losses")
+    if not losses:
+        return ""
+    return (f" Warm-up training loss: first batch {losses['first_batch_loss']:.3f}, epoch means "
+            + " -> ".join(f"{x:.3f}" for x in losses["epoch_losses"]) + ".")
+
+
 def tables(results) -> str:
     """The markdown tables QUALITY.md quotes, from results.json."""
     lines = []
     bbc = results.get("bbc")
     if bbc:
         budgets = [str(b) for b in bbc["settings"]["budgets_pct"]]
+        if "warmups" in bbc:
+            lines += ["### BBC warm-ups (one per seed unless `warmup_seed` is set)", "",
+                      "| warm-up | first batch loss | epoch mean losses | mislabelled vs clean AUC: max cos / own-label cos |",
+                      "|---|---|---|---|"]
+            for w, info in bbc["warmups"].items():
+                losses = info.get("losses") or {}
+                epochs = " -> ".join(f"{x:.3f}" for x in losses.get("epoch_losses", []))
+                first = f"{losses['first_batch_loss']:.3f}" if "first_batch_loss" in losses else "n/a"
+                sep = info["mislabel_separation"]
+                lines.append(f"| {w} | {first} | {epochs or 'n/a'} | {sep['auc_max_cosine']:.3f} / "
+                             f"{sep['auc_own_label_mean_cosine']:.3f} |")
+            lines.append("")
         for pool_name, pr in bbc["pools"].items():
             lines += [f"### BBC News, {pool_name} pool (N = {pr['n']}, {pr['mislabelled']} mislabelled rows, "
                       f"{pr['near_copy_rows']} rows in near-copy groups)", "",
@@ -79,7 +99,7 @@ def tables(results) -> str:
                   f"Pretrained model before fine-tuning: exact match {chat['pretrained']['exact_match'] * 100:.1f}%, "
                   f"answer loss {chat['pretrained']['answer_loss']:.3f}. Full pool: exact match "
                   f"{_fmt(chat['full_pool']['exact_match'])}, answer loss "
-                  f"{_fmt(chat['full_pool']['answer_loss'], 3, 1.0)}.", "",
+                  f"{_fmt(chat['full_pool']['answer_loss'], 3, 1.0)}.{_warmup_sentence(chat)}", "",
                   "| method | " + " | ".join(f"{b}% (k={chat['variants']['gtp'][b]['budget']})" for b in budgets)
                   + " |", "|---" * (len(budgets) + 1) + "|"]
         for name, per in chat["variants"].items():
@@ -128,6 +148,10 @@ def apply_overrides(settings, changes: dict):
         if name not in fields:
             raise SystemExit(f"--set: {type(settings).__name__} has no field {name!r}; fields: {', '.join(fields)}")
         current = getattr(settings, name)
+        default = next(f for f in dataclasses.fields(settings) if f.name == name).default
+        if current is None or (default is None and text == "None"):  # an optional field: any literal
+            parsed[name] = None if text == "None" else ast.literal_eval(text)
+            continue
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):

@@ -120,6 +120,7 @@ def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
             "gtp joint": Variant("gtp", "joint"),
             "gtp joint fill=target": Variant("gtp", "joint", fill="target"),
             "gtp joint align>0": Variant("gtp", "joint", align=0.0),
+            "gtp-cosamp joint": Variant("gtp-cosamp", "joint"),
             "topk joint mean-cos": Variant("topk", "joint", topk_reduce="mean"),
             "topk joint max-cos": Variant("topk", "joint", topk_reduce="max"),
         })

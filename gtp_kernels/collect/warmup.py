@@ -307,7 +307,7 @@ class WarmupProgress:
         if self.learned:
             return (f"the warm-up learned: training loss {self.first_batch_loss:.3f} on the first batch, epoch means "
                     f"{losses} ({self.relative_drop:.1%} lower)")
-        hint = ("; a classifier with a freshly initialised head needs about 1e-3 to 1e-2, not the LLM default 2e-5"
+        hint = ("; a classifier with a freshly initialised head needs about 1e-2 over a few dozen steps, not the LLM default 2e-5"
                 if self.task == "classification" else "")
         current = "" if settings is None else (f" (now lr {settings.learning_rate:g}, {settings.epochs} epochs, "
                                               f"fraction {settings.fraction:g})")
