@@ -509,11 +509,8 @@ def joint_scores(pursuit: JointPursuit, residuals: List[torch.Tensor]) -> torch.
     elements = max(dim, CHUNK_ELEMENTS // max(1, -(-(L * m) // dim)))
     for start, a in row_chunks(A, elements):
         c = candidate_products(a, RW, dtype, pursuit.opts.backend)
-        if pursuit.opts.positive:
-            c = c.clamp_min_(0)
         n_c = c.shape[0]
-        out[start : start + n_c] = (torch.linalg.vector_norm(c.view(n_c, L, m), dim=2)
-                                    / pursuit.row_norms[start : start + n_c, None])
+        out[start : start + n_c] = pursuit.scores(c.view(n_c, L, m), pursuit.row_norms[start : start + n_c, None])
     return out
 
 
@@ -523,10 +520,7 @@ def _sample_best(clone: JointPursuit, rows: torch.Tensor, sample: torch.Tensor) 
     if rows.shape[0] == 0:
         return -1, -math.inf
     RW = clone.weighted(clone.R).to(clone.dtype)
-    c = candidate_products(rows, RW, clone.dtype, clone.opts.backend)
-    if clone.opts.positive:
-        c = c.clamp_min_(0)
-    score = torch.linalg.vector_norm(c, dim=1) / clone.row_norms[sample]
+    score = clone.scores(candidate_products(rows, RW, clone.dtype, clone.opts.backend), clone.row_norms[sample])
     score.masked_fill_(clone.exclude[sample], -math.inf)
     value, i = torch.max(score, dim=0)
     if float(value) == -math.inf:
@@ -685,9 +679,7 @@ class _Verifier:
         m = self.pursuit.m
         n_c, L = P.shape[0], X.shape[1] // m
         C = P[:, None, :m] - (P[:, m:] @ X).view(n_c, L, m)
-        if self.pursuit.opts.positive:
-            C = C.clamp_min_(0)
-        return torch.linalg.vector_norm(C, dim=2) / self.pursuit.row_norms[start : start + n_c, None]
+        return self.pursuit.scores(C, self.pursuit.row_norms[start : start + n_c, None])
 
     def approximate(self, s: int) -> torch.Tensor:
         """(N,) approximate scores at step s."""
@@ -713,9 +705,7 @@ class _Verifier:
             return int(j), float(value)
         rows = gather_rows(pursuit.A, cand)
         c = candidate_products(rows, pursuit.weighted(st.R).to(pursuit.dtype), pursuit.dtype, pursuit.opts.backend)
-        if pursuit.opts.positive:
-            c = c.clamp_min_(0)
-        score = torch.linalg.vector_norm(c, dim=1) / pursuit.row_norms[cand]
+        score = pursuit.scores(c, pursuit.row_norms[cand])
         value, i = torch.max(score, dim=0)
         return int(cand[i]), float(value)
 

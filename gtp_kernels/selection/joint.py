@@ -217,6 +217,14 @@ class JointPursuit:
             self.stopped = STOP_MAX_ITERS
         return self.stopped is not None
 
+    def scores(self, products: torch.Tensor, row_norms: torch.Tensor) -> torch.Tensor:
+        """Joint scores from row products: ||max(c, 0)||_2 (||c||_2 with ``positive=False``) over
+        the last dimension (the m columns), divided by ``row_norms`` (broadcast to the result).
+        ``products`` is clamped in place."""
+        if self.opts.positive:
+            products = products.clamp_min_(0)
+        return torch.linalg.vector_norm(products, dim=-1) / row_norms
+
     def best_row(self) -> tuple:
         """1. Scores ||max(A W R, 0)||_2 per row over the row norm, one chunked pass; the best
         eligible row (ties: the lowest index) and its score (-inf: none eligible)."""
@@ -224,9 +232,7 @@ class JointPursuit:
         best_val, best_idx = -math.inf, -1
         for start, a in row_chunks(self.A, CHUNK_ELEMENTS):
             c = candidate_products(a, RW, self.dtype, self.opts.backend)
-            if self.opts.positive:
-                c = c.clamp_min_(0)
-            score = torch.linalg.vector_norm(c, dim=1) / self.row_norms[start : start + c.shape[0]]
+            score = self.scores(c, self.row_norms[start : start + c.shape[0]])
             score.masked_fill_(self.exclude[start : start + c.shape[0]], -math.inf)
             value, idx = torch.max(score, dim=0)  # ties: the lowest index
             if float(value) > best_val:  # strictly: an earlier chunk keeps a tie
