@@ -148,9 +148,11 @@ def apply_overrides(settings, changes: dict):
         if name not in fields:
             raise SystemExit(f"--set: {type(settings).__name__} has no field {name!r}; fields: {', '.join(fields)}")
         current = getattr(settings, name)
-        default = next(f for f in dataclasses.fields(settings) if f.name == name).default
-        if current is None or (default is None and text == "None"):  # an optional field: any literal
-            parsed[name] = None if text == "None" else ast.literal_eval(text)
+        if current is None or (fields[name].default is None and text == "None"):  # an optional field: any literal
+            try:
+                parsed[name] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--set {name}: expected a Python literal such as 0 or None, got {text!r}") from None
             continue
         try:
             value = ast.literal_eval(text)
