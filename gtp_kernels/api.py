@@ -113,6 +113,7 @@ def select(
     tol: float = 1e-6,
     min_cosine: Optional[float] = None,
     align_threshold: Optional[float] = None,
+    screen: Optional[float] = None,
     stop_ratio: Optional[float] = None,
     max_iters: Optional[int] = None,
     batch_size: Optional[int] = None,
@@ -149,6 +150,13 @@ def select(
         min_cosine: stop when the best candidate's cosine with the residual is at most this.
         align_threshold: guard: exclude candidates whose cosine with every target column is at
             or below this (e.g. 0.0 keeps only positively aligned candidates).
+        screen: candidate screen (a number >= 1; None: off): before the method runs, keep as
+            candidates only the rows ranked best by cosine with some target column, the union
+            of every column's r best rows for the smallest r that keeps ceil(screen * K) rows
+            (K = k with ``targets="joint"``, k * m otherwise; see selection/prepare.py
+            exclude_unscreened). Against residual-chasing: without it pursuit's later picks fit
+            what typical rows leave of the residual, often with atypical (mislabelled) rows.
+            ``params["screened_out"]`` counts the rows it excluded.
         stop_ratio: guard: stop once the best correlation is below stop_ratio times the first.
         max_iters: iteration cap (default 2k + 10).
         batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
@@ -190,9 +198,9 @@ def select(
     prepared = prepare(candidates, target, k, checkpoint_weights=checkpoint_weights,
                        num_checkpoints=num_checkpoints, exclude=exclude, device=device,
                        compute_dtype=compute_dtype, ridge=ridge, tol=tol, min_cosine=min_cosine,
-                       align_threshold=align_threshold, stop_ratio=stop_ratio, backend=backend,
+                       align_threshold=align_threshold, screen=screen, stop_ratio=stop_ratio, backend=backend,
                        max_iters=max_iters, topk_reduce=topk_reduce, fill=fill, positive=positive,
-                       progress=progress, batch_size=batch_size, seed=seed)
+                       progress=progress, batch_size=batch_size, seed=seed, joint=targets == "joint")
     k = int(k)  # numpy integers too
     problem, opts = prepared.problem, prepared.options
     t1 = time.perf_counter()
@@ -212,7 +220,7 @@ def select(
 
 
 # the options a Selection from select() reports in its params, in this order
-SELECT_PARAMS = ("positive", "ridge", "tol", "min_cosine", "align_threshold", "stop_ratio", "max_iters",
+SELECT_PARAMS = ("positive", "ridge", "tol", "min_cosine", "align_threshold", "screen", "stop_ratio", "max_iters",
                  "batch_size", "topk_reduce", "fill", "targets", "seed")
 
 

@@ -1,13 +1,16 @@
 """The one preparation path (selection/prepare.py): option checks, validation, the exact
-power-of-two scaling and the align_threshold guard, for select and for one rank's shard."""
+power-of-two scaling, the align_threshold guard and the candidate screen, for select and for one
+rank's shard."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from gtp_kernels.selection.prepare import (check_options, exclude_misaligned, prepare, prepare_shard,
-                                           select_options)
+import gtp_kernels as gk
+from gtp_kernels.selection.prepare import (check_options, exclude_misaligned, exclude_unscreened, prepare,
+                                           prepare_shard, screen_size, select_options)
+from gtp_kernels.selection.rows import RowSource
 from gtp_kernels.validation import InputError, InputTypeError, validate_problem
 
 A = torch.randn(30, 12, generator=torch.Generator().manual_seed(0))
@@ -35,6 +38,9 @@ def test_check_options_cleans_numpy_values_and_passes_others_through():
     (dict(stop_ratio=1.0), InputError, r"stop_ratio must lie in \[0, 1\)"),
     (dict(min_cosine=1.5), InputError, r"min_cosine must be finite and lie in \[-1, 1\]"),
     (dict(fill="best"), InputError, "fill must be None, 'target' or 'residual', got 'best'"),
+    (dict(screen=0.5), InputError, r"screen must be finite and lie in \[1, inf\]"),
+    (dict(screen=float("nan")), InputError, "screen must be finite"),
+    (dict(screen="2"), InputTypeError, "screen must be a number"),
 ])
 def test_check_options_raises_on_the_first_bad_option(options, error, match):
     with pytest.raises(error, match=match):
@@ -119,3 +125,91 @@ def test_prepare_shard_accepts_empty_and_all_zero_shards():
         bad = A[:5].clone()
         bad[2, 3] = float("nan")
         prepare_shard(bad, B, 3, checkpoint_weights=None, num_checkpoints=None, exclude=None, checked=checked)
+
+
+def _screened_float64(A, B, exclude, size, weights=None, T=1):
+    """The screen from its definition, in float64 and plain Python: each column ranks the
+    selectable rows by weighted cosine (ties to the lowest row); whole ranks r = 1, 2, ... until
+    the union of the columns' r best rows holds ``size`` rows. The kept rows, as a set."""
+    A, B = A.double(), B.double()
+    if weights is not None:
+        scale = torch.as_tensor(weights, dtype=torch.float64).sqrt().repeat_interleave(A.shape[1] // T)
+        A, B = A * scale, B * scale[:, None]
+    cos = (A / A.norm(dim=1, keepdim=True)) @ (B / B.norm(dim=0, keepdim=True))
+    rows = [i for i in range(A.shape[0]) if i not in set(exclude)]
+    if size >= len(rows):
+        return set(rows)
+    rankings = [sorted(rows, key=lambda i: (-float(cos[i, c]), i)) for c in range(B.shape[1])]
+    kept = set()
+    for r in range(len(rows)):
+        kept.update(ranking[r] for ranking in rankings)
+        if len(kept) >= size:
+            return kept
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("n,m,size", [(37, 1, 5), (37, 3, 7), (41, 4, 13), (23, 5, 22), (23, 2, 30)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_screen_keeps_the_union_of_whole_ranks_as_its_definition_says(n, m, size, dtype):
+    g = torch.Generator().manual_seed(n * 10 + m)
+    A = torch.randn(n, 15, generator=g).to(dtype)
+    Bm = torch.randn(15, m, generator=g)
+    weights = [0.5, 2.0, 1.0]
+    exclude = [0, 4, n - 1]
+    problem = validate_problem(A, Bm, 1, checkpoint_weights=weights, num_checkpoints=3, exclude=exclude)
+    screened, count = exclude_unscreened(problem, size)
+    want = _screened_float64(A.double(), Bm, exclude, size, weights, T=3)
+    kept = set(torch.nonzero(~screened.exclude).flatten().tolist())
+    assert kept == want
+    assert count == n - len(exclude) - len(want)
+    assert len(want) >= min(size, n - len(exclude))
+
+
+def test_screen_breaks_ties_by_the_lowest_row_whatever_the_chunks():
+    base = torch.randn(6, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    A = torch.cat([base, base, base])  # every row three times: rows i, i + 6, i + 12 tie for every column
+    Bm = torch.randn(8, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    problem = validate_problem(A, Bm, 1)
+    want = _screened_float64(A, Bm, [], 5)
+    assert all(i - 6 in want for i in want if i >= 6)  # a tie goes to the first copy
+    for blocks in ([A], [A[:4], A[4:7], A[7:13], A[13:]], [A[i : i + 1] for i in range(18)]):
+        chunked = validate_problem(RowSource(blocks), Bm, 1) if len(blocks) > 1 else problem
+        screened, _ = exclude_unscreened(chunked, 5)
+        assert set(torch.nonzero(~screened.exclude).flatten().tolist()) == want
+
+
+def test_screen_size_counts_the_rows_the_selection_can_hold():
+    assert screen_size(2.0, 10, 1, joint=False) == 20
+    assert screen_size(2.0, 10, 4, joint=False) == 80  # k per column
+    assert screen_size(2.0, 10, 4, joint=True) == 20  # k in all
+    assert screen_size(1.5, 7, 1, joint=True) == 11  # ceil
+
+
+def test_select_with_a_screen_picks_inside_it_and_reports_what_it_excluded():
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(60, 12, generator=g, dtype=torch.float64)
+    Bm = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    for targets, size in (("joint", 8), ("columns", 24)):
+        sel = gk.select(A, Bm, 4, targets=targets, screen=2, fill="target")
+        kept = _screened_float64(A, Bm, [], size)
+        assert set(sel.indices.tolist()) <= kept  # pursued and filled rows alike
+        assert sel.params["screen"] == 2.0 and sel.params["screened_out"] == 60 - len(kept)
+    whole = gk.select(A, Bm, 4, targets="joint")
+    wide = gk.select(A, Bm, 4, targets="joint", screen=15)  # 60 rows: the screen keeps them all
+    assert wide.params["screened_out"] == 0 and wide.indices.tolist() == whole.indices.tolist()
+    assert whole.params["screen"] is None and whole.params["screened_out"] == 0
+
+
+def test_screen_keeps_pursuit_from_chasing_the_residual_with_an_atypical_row():
+    """b = (1, 0.5, 0, 0). Typical rows are close to b but explain its first coordinate only; an
+    atypical row (0, 1, 0.9, 0) has cosine 0.33 with b but, once a typical row is in, the largest
+    correlation with the residual (0, 0.5, 0, 0): pursuit takes it second. The screen (2 x 2 rows
+    of 6) leaves pursuit the rows close to b."""
+    typical = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.05, 0.1, 0.0], [1.0, 0.1, 0.0, 0.1],
+                            [1.0, 0.0, 0.05, 0.05], [0.9, 0.1, 0.0, 0.2]], dtype=torch.float64)
+    atypical = torch.tensor([[0.0, 1.0, 0.9, 0.0]], dtype=torch.float64)
+    A = torch.cat([typical, atypical])
+    b = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    assert gk.select(A, b, 2).indices.tolist() == [2, 5]  # the closest typical row, then the atypical one
+    screened = gk.select(A, b, 2, screen=2)
+    assert 5 not in screened.indices.tolist() and screened.params["screened_out"] == 2

@@ -247,10 +247,10 @@ def scale_problem(problem: Problem) -> tuple:
 
 
 def selection_params(options: Mapping[str, Any], keys: Sequence[str], *, guard_excluded: int,
-                     compute_dtype: torch.dtype, problem: Problem, checkpoint_weights: Optional[torch.Tensor],
+                     screened_out: int = 0, compute_dtype: torch.dtype, problem: Problem, checkpoint_weights: Optional[torch.Tensor],
                      num_candidates: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
     """A Selection's ``params``: the checked options named by ``keys`` (as the user gave them:
-    ridge unscaled), the guard's count after align_threshold, the compute dtype, the problem's
+    ridge unscaled), the guard's count after align_threshold, the screen's after screen, the compute dtype, the problem's
     sizes (num_candidates: the pool's, default the problem's), the checkpoint weights as given,
     the device, then ``extra``."""
     params: Dict[str, Any] = {}
@@ -258,6 +258,8 @@ def selection_params(options: Mapping[str, Any], keys: Sequence[str], *, guard_e
         params[key] = options[key]
         if key == "align_threshold":
             params["guard_excluded"] = guard_excluded
+        if key == "screen":
+            params["screened_out"] = screened_out
     params.update({
         "compute_dtype": str(compute_dtype),
         "num_candidates": problem.num_candidates if num_candidates is None else num_candidates,
