@@ -10,7 +10,7 @@ from gtp_kernels.collect.data import as_examples, collate, pad_token_id, tokeniz
 from gtp_kernels.collect.models import (
     TASKS, align_pad_token_id, attention_implementation, batch_loss, build_model, check_lm_head_loaded,
     check_pad_token_id, check_task, check_task_fits_config, example_loss, model_name, resolve_model_dtype,
-    use_eager_attention, uses_causal_attention, wrap_for_training,
+    use_eager_attention, uses_causal_attention, vocabulary_size, wrap_for_training,
 )
 from gtp_kernels.collect.per_example import per_example_gradients_loop
 from gtp_kernels.collect.warmup import LoraSettings
@@ -86,6 +86,26 @@ def test_causal_lm_needs_an_lm_head_before_and_after_loading():
         check_lm_head_loaded(tiny_llama(), ["lm_head.weight"], "causal_lm", "m")
     with pytest.raises(InputError, match="no output"):
         check_lm_head_loaded(tiny_bert_classifier(), [], "causal_lm", "m")
+
+
+def test_vocabulary_size_for_the_warm_up_chance_level():
+    """V: the LM head's rows of a module (also LoRA-wrapped), else the config's vocab_size, else
+    the tokenizer's length; None when nothing gives V >= 2."""
+    from transformers import LlamaConfig
+
+    from collect_tiny import VOCAB_SIZE
+
+    model = tiny_llama()
+    assert model.get_output_embeddings().weight.shape[0] == VOCAB_SIZE == 44
+    assert vocabulary_size(model) == 44 and vocabulary_size(model.config) == 44
+    assert vocabulary_size(wrap_for_training(tiny_llama(), "causal_lm", LoraSettings(r=2, alpha=4))) == 44
+    padded = tiny_llama()
+    padded.resize_token_embeddings(64)  # padded rows: the softmax is over all 64
+    assert vocabulary_size(padded, tiny_tokenizer()) == 64
+    assert vocabulary_size(LlamaConfig(vocab_size=32000)) == 32000
+    assert vocabulary_size(None, tiny_tokenizer()) == len(tiny_tokenizer()) == 44  # a factory: the tokenizer
+    assert vocabulary_size(LlamaConfig(vocab_size=1), tiny_tokenizer()) == 44
+    assert vocabulary_size(None) is None and vocabulary_size(torch.nn.Linear(2, 2)) is None
 
 
 def test_lora_wraps_adapters_and_full_finetuning_trains_everything():

@@ -323,3 +323,32 @@ def test_warmup_losses_reach_the_store_and_a_warning_once(pool, tmp_path):
     assert "warmup_losses" not in old_val.metadata
     check_compatible(store, old_val)
     np.testing.assert_array_equal(np.asarray(old_val.trajectory_view()), np.asarray(val.trajectory_view()))
+
+
+def test_no_warning_for_a_causal_lm_that_started_far_below_chance(pool, tmp_path):
+    """The pipeline passes the model's vocabulary (V = 44, the LM head's rows) to the check: a
+    warm-up recorded as starting far below ln 44 = 3.78 and falling 5% (the quality study's
+    pretrained chat model: 1.424 -> 1.347) does not warn, and the store records those losses;
+    the same checkpoints recorded from a fresh start (3.80 -> 3.65, 4% lower) do."""
+    import shutil
+    import warnings
+
+    from gtp_kernels.collect import WarmupDidNotLearnWarning
+
+    root, _, tokenizer, _ = pool
+    targets = write_jsonl(tmp_path / "val.jsonl", instruction_records(5, seed=9))
+    kwargs = dict(tokenizer=tokenizer, gradient_type="sgd", **COMMON)
+    for name, losses, warns in (("pretrained", {"first_batch_loss": 1.337, "epoch_losses": [1.424, 1.347]}, 0),
+                                ("fresh", {"first_batch_loss": 3.80, "epoch_losses": [3.79, 3.65]}, 1)):
+        folder = tmp_path / name / "warmup"
+        shutil.copytree(root / "store" / "warmup", folder)
+        manifest = json.loads((folder / "warmup.json").read_text())
+        (folder / "warmup.json").write_text(json.dumps({**manifest, **losses}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            val = collect_trajectory(tiny_llama(), targets, tmp_path / name / "val", checkpoints=folder, **kwargs)
+        flagged = [str(w.message) for w in caught if w.category is WarmupDidNotLearnWarning]
+        assert val.metadata["warmup_losses"] == losses
+        assert len(flagged) == warns, (name, flagged)
+        if warns:
+            assert "started at 1.00 x chance level ln(44)" in flagged[0], flagged

@@ -228,28 +228,103 @@ def test_the_check_flags_a_warm_up_that_did_not_learn(tmp_path):
     assert report.learned and learned["epoch_losses"][-1] < 0.5 * learned["first_batch_loss"], learned
 
 
-@pytest.mark.parametrize("first, epochs, labels, flagged", [
-    (1.600, [1.598, 1.595, 1.592, 1.590], 5, 2),   # the quality study's lr 1e-3 warm-up: both rules
-    (1.600, [1.45, 1.25, 1.10, 1.04], 5, 0),       # its lr 1e-2 one: 35% lower, well below ln 5
-    (1.600, [1.598, 1.595, 1.592, 1.590], None, 1),  # no label count: the drop rule alone
-    (1.900, [1.70, 1.65], 5, 1),                   # 13% lower from a noisy first batch, but within 5% of ln 5
-    (3.000, [2.50], None, 0),                      # one epoch: compared with the first batch
-    (3.000, [2.90, 2.80, 2.75], None, 1),          # an LM whose loss fell 8%
-    (3.000, [2.90, float("nan")], None, 1),        # diverged
+LN = math.log
+
+
+@pytest.mark.parametrize("task, first, epochs, classes, flagged", [
+    ("classification", 1.600, [1.598, 1.595, 1.592, 1.590], 5, 2),  # the quality study's lr 1e-3 warm-up: both rules
+    ("classification", 1.600, [1.45, 1.25, 1.10, 1.04], 5, 0),       # its lr 1e-2 one: 35% lower, well below ln 5
+    ("classification", 1.600, [1.598, 1.595, 1.592, 1.590], None, 1),  # no label count: the drop rule alone
+    ("classification", 1.900, [1.70, 1.65], 5, 1),   # 13% lower from a noisy first batch, but within 5% of ln 5
+    ("causal_lm", 3.000, [2.50], None, 0),           # one epoch: compared with the first batch
+    ("causal_lm", 3.000, [2.90, 2.80, 2.75], None, 1),  # no vocabulary known: an LM whose loss fell 8%, flagged
+    ("causal_lm", 3.000, [2.90, float("nan")], None, 1),  # diverged
+    ("causal_lm", 3.000, [2.90, float("nan")], 64, 1),    # diverged, whatever the chance level
+    # pretrained-like: 1.42 = 0.34 x ln 64 and 5% lower: it already fits the data, not flagged
+    ("causal_lm", 1.400, [1.42, 1.38, 1.35], 64, 0),
+    ("causal_lm", 1.400, [1.42, 1.38, 1.35], None, 1),  # the same without a vocabulary: the drop rule as before
+    ("causal_lm", 1.337, [1.424, 1.347], 30, 0),        # the quality study's chat warm-up (V = 30): 0.42 x ln 30
+    # fresh: starts at ln 44 = 3.784 (1.00 x), 7.9% lower, ends 0.92 x ln 44: the drop rule
+    ("causal_lm", 3.800, [3.79, 3.65, 3.50], 44, 1),
+    ("causal_lm", 3.800, [3.79, 3.75, 3.70], 44, 2),   # fresh, 2.6% lower and still within 5% of ln 44: both
+    ("causal_lm", 4.300, [4.10, 3.70], 44, 1),         # 14% lower from above chance, yet within 5% of ln 44
+    ("causal_lm", 3.800, [3.00, 2.50], 44, 0),         # fresh, learned: 34% lower
+    ("causal_lm", 10.0, [9.95, 9.90], 32000, 2),       # a 7B-sized vocabulary, still at chance (ln 32000 = 10.37): both
+    ("causal_lm", 2.00, [1.98, 1.95], 32000, 0),       # a pretrained LLM at lr 2e-5: 0.19 x ln 32000, 2.5% lower
 ])
-def test_the_rules_on_given_losses(first, epochs, labels, flagged):
-    task = "causal_lm" if labels is None else "classification"
-    report = warmup_progress_report({"first_batch_loss": first, "epoch_losses": epochs}, task, labels)
+def test_the_rules_on_given_losses(task, first, epochs, classes, flagged):
+    report = warmup_progress_report({"first_batch_loss": first, "epoch_losses": epochs}, task, classes)
     assert len(report.reasons) == flagged and report.learned == (flagged == 0), report
+    assert report.num_classes == classes
+    reference = max(first, epochs[0])
+    if classes is None:
+        assert report.chance_loss is None and report.start_over_chance is None and report.drop_rule_applies
+    else:
+        assert report.chance_loss == pytest.approx(LN(classes), rel=1e-15)
+        assert report.start_over_chance == pytest.approx(reference / LN(classes), rel=1e-12)
     if math.isfinite(epochs[-1]):
-        reference = max(first, epochs[0])
         assert report.relative_drop == pytest.approx((reference - epochs[-1]) / reference, rel=1e-12)
 
 
+def test_the_messages_say_where_the_warm_up_started():
+    """A pretrained-like start far below chance: learned, and the message says why a small drop is
+    fine; a fresh start: flagged, with its start against chance and the drop."""
+    pretrained = warmup_progress_report({"first_batch_loss": 1.337, "epoch_losses": [1.424, 1.347]}, "causal_lm", 30)
+    text = pretrained.message()
+    assert pretrained.learned and "0.42 x chance level ln(30) = 3.401, 30 tokens in the vocabulary" in text, text
+    assert "already fits the data" in text and "5.4% lower" in text, text
+    fresh = warmup_progress_report({"first_batch_loss": 3.8, "epoch_losses": [3.79, 3.65, 3.5]}, "causal_lm", 44)
+    (reason,) = fresh.reasons
+    assert "started at 1.00 x chance level ln(44) = 3.784" in reason and "only 7.9% below" in reason, reason
+    assert "did not learn" in fresh.message() and reason in fresh.message()
+    labels = warmup_progress_report({"first_batch_loss": 1.6, "epoch_losses": [1.598, 1.59]}, "classification", 5)
+    assert "within 5% of chance level ln(5) = 1.609, 5 labels" in labels.message()
+
+
+def test_the_near_chance_start_boundary():
+    """The drop rule applies from L_ref = NEAR_CHANCE_START x ln V up (here a 5% drop, ending far
+    below the 5%-of-chance line): just below the boundary it does not, just above it does."""
+    from gtp_kernels.collect.warmup import MIN_RELATIVE_DROP, NEAR_CHANCE_START
+
+    assert NEAR_CHANCE_START == 0.65 and MIN_RELATIVE_DROP == 0.10
+    chance = LN(1000)
+    for factor, flagged in ((1 - 1e-9, False), (1 + 1e-9, True), (1.0 + 0.2, True), (0.9, False)):
+        start = factor * NEAR_CHANCE_START * chance
+        report = warmup_progress_report({"first_batch_loss": start, "epoch_losses": [start, 0.95 * start]},
+                                        "causal_lm", 1000)
+        assert report.learned != flagged and report.drop_rule_applies == flagged, (factor, report)
+        assert report.relative_drop == pytest.approx(0.05, rel=1e-12)
+    # the drop rule's own boundary, at a fresh start: 10% lower is enough, a hair less is not
+    for drop, flagged in ((0.10 + 1e-9, False), (0.10 - 1e-9, True)):
+        start = 0.9 * chance
+        report = warmup_progress_report({"first_batch_loss": start, "epoch_losses": [(1 - drop) * start]},
+                                        "causal_lm", 1000)
+        assert report.learned != flagged, (drop, report)
+
+
 def test_the_check_refuses_what_is_not_a_loss_record():
+    losses = {"first_batch_loss": 1.0, "epoch_losses": [1.0]}
     with pytest.raises(InputError, match="epoch_losses"):
         warmup_progress_report({"epoch_losses": []}, "causal_lm")
     with pytest.raises(InputError, match="task"):
-        warmup_progress_report({"first_batch_loss": 1.0, "epoch_losses": [1.0]}, "regression")
-    with pytest.raises(InputError, match="num_labels"):
-        warmup_progress_report({"first_batch_loss": 1.0, "epoch_losses": [1.0]}, "classification", 0)
+        warmup_progress_report(losses, "regression")
+    for bad in (0, 1, -5, 2.0, "64", True, float("nan")):  # C must be an integer >= 2
+        with pytest.raises(InputError, match="num_classes"):
+            warmup_progress_report(losses, "causal_lm", bad)
+        with pytest.raises(InputError, match="num_labels"):
+            warmup_progress_report(losses, "classification", num_labels=bad)
+        with pytest.raises(InputError, match="num_classes"):  # early: even with no losses to judge
+            warn_if_warmup_did_not_learn(None, "causal_lm", bad)
+    with pytest.raises(InputError, match="differ"):
+        warmup_progress_report(losses, "classification", 5, num_labels=3)
+
+
+def test_num_labels_keeps_working():
+    """The older keyword: the same report as num_classes, positional or by name."""
+    losses = {"first_batch_loss": 1.6, "epoch_losses": [1.598, 1.59]}
+    by_position = warmup_progress_report(losses, "classification", 5)
+    assert warmup_progress_report(losses, "classification", num_labels=5) == by_position
+    assert warmup_progress_report(losses, "classification", num_classes=5) == by_position
+    assert warmup_progress_report(losses, "classification", 5, num_labels=5) == by_position
+    with pytest.warns(WarmupDidNotLearnWarning, match="ln\\(5\\)"):
+        assert warn_if_warmup_did_not_learn(losses, "classification", num_labels=5) == by_position

@@ -96,6 +96,33 @@ def text_config(model: torch.nn.Module) -> Any:
 
 
 
+def vocabulary_size(source: Any, tokenizer: Any = None) -> int | None:
+    """V, the number of tokens a causal LM's softmax is over (its chance level is ln V): the
+    output embedding's rows of a module (what the loss is computed over, padding rows
+    included), else the (text) config's ``vocab_size`` of a module or a config; the tokenizer's
+    length as a fallback (a model factory, not built yet). None when none of them gives V >= 2."""
+    counts = []
+    if isinstance(source, torch.nn.Module):
+        get_output = getattr(source, "get_output_embeddings", None)
+        head = get_output() if callable(get_output) else None
+        weight = getattr(head, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            counts.append(weight.shape[0])
+        source = text_config(source)
+    get_text = getattr(source, "get_text_config", None)
+    config = get_text() if callable(get_text) else source
+    counts.append(getattr(config, "vocab_size", None))
+    if tokenizer is not None:
+        try:
+            counts.append(len(tokenizer))
+        except TypeError:  # not sized
+            pass
+    for count in counts:
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 2:
+            return int(count)
+    return None
+
+
 def check_pools_real_tokens(model: torch.nn.Module, task: str, causal_attention: bool) -> None:
     """ValueError for a decoder classifier whose ``config.pad_token_id`` is unset: it pools the last
     token that is not the pad id, so an example alone in vmap would pool a padding position."""

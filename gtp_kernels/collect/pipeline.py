@@ -121,6 +121,7 @@ class _Inputs:
     label2id: dict[str, int] | None
     tokenized: list[TokenizedExample]
     input_digests: list[str]  # per shard: what its rows are computed from
+    num_classes: int | None = None  # the warm-up check's C: K labels or V tokens (None: unknown, or K < 2)
 
 
 @dataclass
@@ -212,6 +213,12 @@ def collect_trajectory(
     A rerun with nothing left to write (every shard, or every one of ``shards``, written) returns
     the store after the options, data, inputs and spec checks, without building the model.
 
+    Warns:
+        WarmupDidNotLearnWarning: on rank 0, when the warm-up's recorded losses say it did not
+            learn (:func:`.warmup.warmup_progress_report`, judged against chance ln C: C = the
+            label count, or for a causal LM the vocabulary: the model's LM-head rows or config
+            ``vocab_size``, the tokenizer's length for a factory).
+
     Raises:
         InputError: a bad option, data file, checkpoint folder or model source, before any model
             or tokenizer loads (the options, then the data, then the checkpoints, then the model);
@@ -232,8 +239,7 @@ def collect_trajectory(
     inputs = _model_inputs(model, tokenizer, plan, opts)
     warm = _warm_up(model, plan, inputs, opts)
     if coordinator is None or coordinator.rank == 0:  # one warning, not one per rank
-        warn_if_warmup_did_not_learn(warm.losses, opts.task, len(inputs.label2id) if inputs.label2id else None,
-                                     warm.settings, stacklevel=2)
+        warn_if_warmup_did_not_learn(warm.losses, opts.task, inputs.num_classes, warm.settings, stacklevel=2)
     if coordinator is not None:
         coordinator.checkpoints_ready()
     finished = _finished_store(model, data, plan, inputs, warm, opts, coordinator)
@@ -381,7 +387,16 @@ def _model_inputs(model: Any, tokenizer: Any, plan: _Plan, opts: CollectOptions)
     size = opts.shard_size
     digests = [shard_input_digest(tokenized[s * size : (s + 1) * size]) for s in range(plan.n_shards)]
     check_inputs_unchanged(plan.out, digests, [e.id for e in plan.examples], size)
-    return _Inputs(tokenizer, pad_id, label2id, tokenized, digests)
+    return _Inputs(tokenizer, pad_id, label2id, tokenized, digests, _class_count(model, config, tokenizer, label2id))
+
+
+def _class_count(model: Any, config: Any, tokenizer: Any, label2id: dict[str, int] | None) -> int | None:
+    """C for the warm-up check's chance level ln C: the K labels of a classifier (None for one
+    label), the V tokens of a causal LM's vocabulary: from the model folder's config or the
+    module, the tokenizer's length for a factory (not built yet)."""
+    if label2id is not None:
+        return len(label2id) if len(label2id) >= 2 else None
+    return models.vocabulary_size(model if isinstance(model, torch.nn.Module) else config, tokenizer)
 
 
 def _warm_up(model: Any, plan: _Plan, inputs: _Inputs, opts: CollectOptions) -> _WarmUp:

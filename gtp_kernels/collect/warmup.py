@@ -9,7 +9,9 @@ checkpoint t by w_t = lr_t / sum_s lr_s.
 The warm-up also records its training loss: the first batch's (before any step) and each
 epoch's mean of the per-batch losses, L_1..L_T. :func:`warmup_progress_report` flags a warm-up
 that did not learn (the gradients at such checkpoints encode little beyond the label, and the
-selection cannot tell useful rows from harmful ones); collection then warns with
+selection cannot tell useful rows from harmful ones), judged against the chance level ln C (C:
+K labels, or V vocabulary tokens for a causal LM): a warm-up that started near chance must
+lower its loss by 10%, and none may end within 5% of chance; collection then warns with
 :class:`WarmupDidNotLearnWarning`.
 
 Folder written (and read back by :func:`load_checkpoints`)::
@@ -53,6 +55,7 @@ WARMUP_MANIFEST = "warmup.json"
 # warmup_progress_report's thresholds (why these: see there)
 MIN_RELATIVE_DROP = 0.10
 CHANCE_MARGIN = 0.05
+NEAR_CHANCE_START = 0.65
 
 
 class WarmupDidNotLearnWarning(UserWarning):
@@ -294,19 +297,48 @@ class WarmupProgress:
     first_batch_loss: float
     epoch_losses: tuple[float, ...]
     relative_drop: float  # (L_ref - L_T) / L_ref, L_ref = max(L_0, L_1)
-    chance_loss: float | None  # ln K for a K-label classifier, else None
+    chance_loss: float | None  # ln C: C = K labels (classification) or V tokens (causal_lm); None: C unknown
     reasons: tuple[str, ...]
+    num_classes: int | None = None  # C, the number of outcomes the cross-entropy is over
 
     @property
     def learned(self) -> bool:
         return not self.reasons
 
+    @property
+    def reference_loss(self) -> float:
+        """L_ref = max(L_0, L_1): where the warm-up started."""
+        return max(self.first_batch_loss, self.epoch_losses[0])
+
+    @property
+    def start_over_chance(self) -> float | None:
+        """L_ref / ln C: about 1 for a fresh model (or head), well below 1 for a model that
+        already fits the data; None when no chance level is known."""
+        return None if self.chance_loss is None else self.reference_loss / self.chance_loss
+
+    @property
+    def drop_rule_applies(self) -> bool:
+        """Whether the r < MIN_RELATIVE_DROP rule applies: no chance level known, or the warm-up
+        started near it (L_ref >= NEAR_CHANCE_START * ln C)."""
+        ratio = self.start_over_chance
+        return ratio is None or not ratio < NEAR_CHANCE_START  # NaN (a diverged start): applies
+
+    def _chance_text(self) -> str:
+        what = "labels" if self.task == "classification" else "tokens in the vocabulary"
+        return f"chance level ln({self.num_classes}) = {self.chance_loss:.3f}, {self.num_classes} {what}"
+
     def message(self, settings: WarmupSettings | None = None) -> str:
         """One paragraph: the figures and, when flagged, why and what to change."""
         losses = " -> ".join(f"{x:.3f}" for x in self.epoch_losses)
         if self.learned:
+            start = ""
+            if self.chance_loss is not None:
+                start = f"; it started at {self.start_over_chance:.2f} x {self._chance_text()}"
+                if not self.drop_rule_applies and self.relative_drop < MIN_RELATIVE_DROP:
+                    start += (f": a model that already fits the data (below {NEAR_CHANCE_START:g} x chance) "
+                              "need not lower its loss much")
             return (f"the warm-up learned: training loss {self.first_batch_loss:.3f} on the first batch, epoch means "
-                    f"{losses} ({self.relative_drop:.1%} lower)")
+                    f"{losses} ({self.relative_drop:.1%} lower){start}")
         hint = ("; a classifier with a freshly initialised head needs about 1e-2 over a few dozen steps, not the LLM default 2e-5"
                 if self.task == "classification" else "")
         current = "" if settings is None else (f" (now lr {settings.learning_rate:g}, {settings.epochs} epochs, "
@@ -320,22 +352,50 @@ class WarmupProgress:
                 "warm-up there is reused as it is)")
 
 
-def warmup_progress_report(losses: Mapping[str, Any], task: str, num_labels: int | None = None) -> WarmupProgress:
+def _class_count(num_classes: Any, num_labels: Any) -> int | None:
+    """C from ``num_classes`` or its older name ``num_labels`` (both given: they must agree)."""
+    if num_labels is not None:
+        check_int(num_labels, "num_labels", low=2)
+        if num_classes is not None and check_int(num_classes, "num_classes", low=2) != num_labels:
+            raise InputError(f"num_classes ({num_classes}) and num_labels ({num_labels}) differ; pass one of them")
+        return int(num_labels)
+    return None if num_classes is None else check_int(num_classes, "num_classes", low=2)
+
+
+def warmup_progress_report(losses: Mapping[str, Any], task: str, num_classes: int | None = None, *,
+                           num_labels: int | None = None) -> WarmupProgress:
     """Did the warm-up learn? ``losses``: a warm-up manifest, or :func:`warmup_losses`' dict (as
     also recorded in a store's ``metadata["warmup_losses"]``).
+
+    ``num_classes`` is C, the number of outcomes the training loss is a cross-entropy over: K
+    labels for a classifier, V tokens (the vocabulary, the LM head's rows) for a causal LM; the
+    chance level ln C is the loss of a uniform guess over them. None: no chance level known.
+    ``num_labels`` is its older name (for a classifier, C = K), still accepted. C must be an
+    integer >= 2 (InputError otherwise, before anything is judged).
 
     With L_0 the first batch's loss and L_1..L_T the epoch means, the reference is
     L_ref = max(L_0, L_1) and the relative drop r = (L_ref - L_T) / L_ref. Flagged when
 
-    - r < MIN_RELATIVE_DROP (0.10): in our quality study a MiniLM 5-topic classifier warmed too
-      gently went 1.60 -> 1.59 (r < 0.01) and its selection was near random, while a warm-up that
-      learned went 1.60 -> 1.04 (r = 0.35); 0.10 lies well between the two (15x the one, 1/3.5
-      of the other) and is low enough for a pretrained LM at a small LoRA learning rate, whose
-      loss falls slowly. The max in L_ref keeps a noisy first batch from flagging a warm-up that
-      learned (and makes a one-epoch warm-up, L_1 = L_T, comparable). Data whose loss cannot fall
-      (random text) is flagged too: the rule sees the loss, not why it stayed;
-    - for a K-label classifier (K >= 2), L_T >= (1 - CHANCE_MARGIN) ln K: within 5% of the loss
-      of a uniform guess (ln 5 = 1.609: flagged above 1.529), whatever the drop;
+    - r < MIN_RELATIVE_DROP (0.10), if the warm-up started near chance, L_ref >=
+      NEAR_CHANCE_START (0.65) x ln C, or no chance level is known. A model that starts near
+      chance (a fresh model, or a fresh classification head) has everything to learn; one that
+      starts well below it already fits the data, and a small drop is what a pretrained LM at
+      a small LoRA learning rate shows (LESS: 2e-5 on a 7B model, whose loss on instruction
+      data starts near 2, 0.19 x ln 32000 = 10.4). Figures: in our quality study a MiniLM 5-topic
+      classifier warmed too gently went 1.60 -> 1.59 (r < 0.01; 1.60 = 0.99 x ln 5) and its
+      selection was near random, while a warm-up that learned went 1.60 -> 1.04 (r = 0.35):
+      0.10 lies well between the two (15x the one, 1/3.5 of the other). The study's pretrained
+      tiny Llama (task B, V = 30) went 1.42 -> 1.35 (r = 0.05) from 0.42 x ln 30 = 3.40 and its
+      selections were the best of the study: not flagged. A fresh tiny Llama (the tests': V =
+      44) starts at about 1.0 x ln V. NEAR_CHANCE_START = 0.65 is the midpoint on a ratio scale
+      between those starts, sqrt(0.42 x 0.99) = 0.64: 1.5x from each (0.5 would leave the
+      study's pretrained model 1.2x from a false alarm). The max in L_ref keeps a noisy first
+      batch from flagging a warm-up that learned (and makes a one-epoch warm-up, L_1 = L_T,
+      comparable). Data whose loss cannot fall (random text) is flagged too when the model
+      starts near chance: the rule sees the loss, not why it stayed;
+    - L_T >= (1 - CHANCE_MARGIN) ln C, for either task: within 5% of the loss of a uniform
+      guess (ln 5 = 1.609: flagged above 1.529; ln 32000 = 10.37: above 9.86), whatever the
+      drop and wherever it started: a model still at chance learned nothing;
     - any loss is not finite (a diverged warm-up).
 
     Returns a :class:`WarmupProgress`; it never raises for a warm-up that did not learn."""
@@ -346,32 +406,38 @@ def warmup_progress_report(losses: Mapping[str, Any], task: str, num_labels: int
             and _is_number(first)):
         raise InputError("losses: expected first_batch_loss (a number) and epoch_losses (a non-empty list of numbers), "
                          f"got {losses!r}")
-    if num_labels is not None:
-        check_int(num_labels, "num_labels", low=1)
+    classes = _class_count(num_classes, num_labels)
     epochs = tuple(float(x) for x in epoch_losses)
     first = float(first)
     reference, last = max(first, epochs[0]), epochs[-1]
     drop = (reference - last) / reference if reference > 0 else 0.0
-    chance = math.log(num_labels) if task == "classification" and num_labels is not None and num_labels >= 2 else None
+    chance = None if classes is None else math.log(classes)
+    report = WarmupProgress(task, first, epochs, drop, chance, (), classes)
     reasons = []
     if not all(math.isfinite(x) for x in (first, *epochs)):
         reasons.append("a loss is not finite (the warm-up diverged)")
     else:
-        if reference > 0 and drop < MIN_RELATIVE_DROP:
-            reasons.append(f"the last epoch's mean is {drop:.1%} below max(first batch, first epoch), "
+        if reference > 0 and drop < MIN_RELATIVE_DROP and report.drop_rule_applies:
+            start = ("" if chance is None else
+                     f"it started at {report.start_over_chance:.2f} x {report._chance_text()} (at least "
+                     f"{NEAR_CHANCE_START:g} x: a model that should learn) and ")
+            reasons.append(f"{start}the last epoch's mean is only {drop:.1%} below max(first batch, first epoch), "
                            f"less than {MIN_RELATIVE_DROP:.0%}")
         if chance is not None and last >= (1 - CHANCE_MARGIN) * chance:
-            reasons.append(f"it is still within {CHANCE_MARGIN:.0%} of chance level, ln({num_labels}) = {chance:.3f}")
-    return WarmupProgress(task, first, epochs, drop, chance, tuple(reasons))
+            reasons.append(f"it is still within {CHANCE_MARGIN:.0%} of {report._chance_text()}")
+    return WarmupProgress(task, first, epochs, drop, chance, tuple(reasons), classes)
 
 
-def warn_if_warmup_did_not_learn(losses: Mapping[str, Any] | None, task: str, num_labels: int | None = None,
-                                 settings: WarmupSettings | None = None, stacklevel: int = 2) -> WarmupProgress | None:
-    """:func:`warmup_progress_report`, and a :class:`WarmupDidNotLearnWarning` when it flags the
-    warm-up; None (no check) when no losses are known (checkpoints from elsewhere, older folders)."""
+def warn_if_warmup_did_not_learn(losses: Mapping[str, Any] | None, task: str, num_classes: int | None = None,
+                                 settings: WarmupSettings | None = None, stacklevel: int = 2, *,
+                                 num_labels: int | None = None) -> WarmupProgress | None:
+    """:func:`warmup_progress_report` (``num_classes``: K labels or V tokens, see there), and a
+    :class:`WarmupDidNotLearnWarning` when it flags the warm-up; None (no check) when no losses
+    are known (checkpoints from elsewhere, older folders)."""
     if losses is None:
+        _class_count(num_classes, num_labels)  # bad input is an error even without losses
         return None
-    report = warmup_progress_report(losses, task, num_labels)
+    report = warmup_progress_report(losses, task, num_classes, num_labels=num_labels)
     if not report.learned:
         warnings.warn(report.message(settings), WarmupDidNotLearnWarning, stacklevel=stacklevel + 1)
     return report
