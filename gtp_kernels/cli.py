@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Union
 
 from .collect.models import TASKS
 from .collect.store import StoreError
@@ -33,6 +34,19 @@ def _float_list(text: str) -> List[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _screen_factor(text: str) -> Union[float, str]:
+    """--screen: a factor >= 1, or 'none'."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
+    if not (math.isfinite(value) and value >= 1):
+        raise argparse.ArgumentTypeError(f"expected a number >= 1 or 'none', got {text!r}")
+    return value
 
 
 def _method_names() -> str:
@@ -134,6 +148,11 @@ def _add_select(sub) -> None:
     p.add_argument("--tol", type=float, default=1e-6, help="stop at this relative residual")
     p.add_argument("--align-threshold", type=float, default=None,
                    help="guard: only candidates with cosine to the target above this")
+    p.add_argument("--screen", type=_screen_factor, default=None, metavar="FACTOR|none",
+                   help="candidate screen: pursue only among the rows ranked best by cosine with some target "
+                        "column, the union of every column's best rows until it holds FACTOR times the budget "
+                        f"(select(screen=...)); default {DEFAULT_JOINT_SCREEN:g} with --target-mode joint (the quality "
+                        "study's choice: fewer mislabelled picks), none otherwise")
     p.add_argument("--stop-ratio", type=float, default=None,
                    help="guard: stop when the best correlation falls below this fraction of the first")
     p.add_argument("--batch-size", type=int, default=None, help="compressive sampling: candidates per pass")
@@ -150,6 +169,9 @@ def _add_select(sub) -> None:
 SELECTION_FILES = ("selection.jsonl", "summary.json")
 EXAMPLES_FILE = "selected.jsonl"
 FILL_CHOICES = ("target", "residual", "none")
+# gtp select's candidate screen for a joint target (--screen): the factor the quality study's rule
+# picks on its synthetic noise model (benchmarks/quality/noise_model.py, QUALITY.md "Candidate screen")
+DEFAULT_JOINT_SCREEN = 1.5
 TARGET_MODES = ("joint", "mean", "examples")
 
 
@@ -205,6 +227,10 @@ def _selection_line(sel) -> str:
         filled += f" by {_FILL_WORDS.get(fill, fill)}"
     elif not fill:
         filled += " (--fill none)"
+    screen = sel.params.get("screen")
+    if screen is not None:
+        n = sel.params["num_candidates"]
+        filled += f", among {n - sel.params['screened_out']} of {n} candidates (--screen {screen:g})"
     m = sel.num_targets
     joint = getattr(sel, "targets", "columns") == "joint"
     if joint:  # one selection for every column: the columns share the rows and the stop
@@ -284,11 +310,14 @@ def _cmd_select(args) -> int:
         return _cmd_select_distributed(args, out, *launch)
     args.fill = args.fill or "target"
     args.target_mode = _target_mode(args)
+    if args.screen is None:
+        args.screen = DEFAULT_JOINT_SCREEN if args.target_mode == "joint" else "none"
     candidate_store, target_store = _open_select_stores(args)
     inputs = {}
     by_id = _read_select_data(args, candidate_store, inputs)
     options = dict(method=args.method, positive=not args.no_positive, ridge=args.ridge, tol=args.tol,
-                   align_threshold=args.align_threshold, stop_ratio=args.stop_ratio, batch_size=args.batch_size,
+                   align_threshold=args.align_threshold, screen=None if args.screen == "none" else args.screen,
+                   stop_ratio=args.stop_ratio, batch_size=args.batch_size,
                    topk_reduce=args.topk_reduce, fill=None if args.fill == "none" else args.fill, seed=args.seed,
                    device=args.device, compute_dtype=torch.float64 if args.float64 else None, progress=args.progress,
                    targets="joint" if args.target_mode == "joint" else "columns")
@@ -347,6 +376,9 @@ def _check_distributed_select(args, world: int) -> None:
                          "use --target-mode mean (the default there) or examples")
     if args.fill not in (None, "none"):
         raise InputError(f"--fill {args.fill}: {launch} pursuit's rows are kept as they are (--fill none)")
+    if args.screen not in (None, "none"):
+        raise InputError(f"--screen {args.screen:g}: {launch} every rank pursues among all its rows (--screen none); "
+                         "the screen ranks the whole pool, which the sharded selection does not gather")
     for flag, given in (("--batch-size", args.batch_size is not None), ("--num-checkpoints", args.num_checkpoints
                         is not None), ("--progress", args.progress), ("--topk-reduce", args.topk_reduce != "column")):
         if given:

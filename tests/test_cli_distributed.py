@@ -93,6 +93,14 @@ def test_other_methods_are_refused_under_torchrun(stores, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@needs_torchrun
+def test_a_screen_is_refused_under_torchrun(stores, tmp_path):
+    done = _gtp(_torchrun(2), stores, tmp_path / "out", "--screen", "2")
+    assert done.returncode != 0
+    assert "--screen 2" in done.stderr and "--screen none" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 7, 40])
 def test_rank_rows_split_the_store_in_row_order(stores, world):
     """Every rank's block, in rank order, is the whole store; whole shards when there are at

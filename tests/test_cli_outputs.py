@@ -146,6 +146,40 @@ def test_target_store_as_examples_or_mean(tmp_path, capsys):
     assert sorted(r["index"] for r in _lines(tmp_path / "f" / "selection.jsonl")) == [0, 1, 2]
 
 
+def test_joint_selection_screens_candidates_by_default_and_on_request(tmp_path, capsys):
+    """gtp select's candidate screen: --screen 1.5 with a joint target unless told otherwise (the
+    library's select(screen=...) on the same store), none for per-column targets."""
+    from gtp_kernels.cli import DEFAULT_JOINT_SCREEN
+    from gtp_kernels.collect import select_from_stores
+
+    rng = np.random.default_rng(4)
+    pool = _store(tmp_path / "pool", rng.standard_normal((45, 2, 5)).astype(np.float32))
+    val = _store(tmp_path / "val", rng.standard_normal((4, 2, 5)).astype(np.float32))
+    base = ["select", "--candidates", str(tmp_path / "pool"), "--target", str(tmp_path / "val"), "--k", "6"]
+    for name, extra, screen in (("default", [], DEFAULT_JOINT_SCREEN), ("two", ["--screen", "2"], 2.0),
+                                ("off", ["--screen", "none"], None), ("mean", ["--target-mode", "mean"], None)):
+        capsys.readouterr()
+        assert cli_main(base + extra + ["--out", str(tmp_path / name)]) == 0
+        line = capsys.readouterr().out
+        params = json.loads((tmp_path / name / "summary.json").read_text())["params"]
+        assert params["screen"] == screen, name
+        mode = "mean" if name == "mean" else "joint"
+        want = select_from_stores(pool, val, 6, target_mode=mode, screen=screen, fill="target")
+        assert [r["index"] for r in _lines(tmp_path / name / "selection.jsonl")] == want.indices.tolist(), name
+        assert params["screened_out"] == want.params["screened_out"]
+        if screen is None:
+            assert params["screened_out"] == 0 and "--screen" not in line
+        else:
+            assert params["screened_out"] > 0
+            assert f"among {45 - params['screened_out']} of 45 candidates (--screen {screen:g})" in line
+    for bad in ("0.5", "two", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            cli_main(base + ["--screen", bad, "--out", str(tmp_path / "bad")])
+        assert exit_.value.code == 2
+        assert "expected a number >= 1 or 'none'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_target_mode_examples_refuses_a_zero_example_and_a_file_target(tmp_path, capsys):
     rng = np.random.default_rng(2)
     _store(tmp_path / "pool", rng.standard_normal((10, 2, 5)).astype(np.float32))
