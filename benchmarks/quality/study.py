@@ -16,6 +16,8 @@ import gtp_kernels as gk
 from gtp_kernels.atomic import atomic_write_text, write_atomically
 
 METHODS = ("gtp", "gtp-cosamp", "topk", "random")
+# candidate screen factors the study reports (select(..., screen=f)): every one tried
+SCREEN_FACTORS = (1.5, 2.0, 3.0)
 
 
 def select_accepts(option: str) -> bool:
@@ -49,7 +51,8 @@ def round_robin(per_column: Sequence[np.ndarray], budget: int) -> np.ndarray:
 
 def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: str, *, store_weights,
                   seed: int, num_checkpoints: int, align_threshold: Optional[float] = None,
-                  fill: Optional[str] = None, joint: bool = False, topk_reduce: Optional[str] = None) -> Picked:
+                  fill: Optional[str] = None, joint: bool = False, topk_reduce: Optional[str] = None,
+                  screen: Optional[float] = None) -> Picked:
     """``budget`` rows by ``method`` for a (D,) target or a (D, m) target (one column per target
     example).
 
@@ -57,7 +60,8 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
     for ceil(budget / m) rows and the union is taken round-robin (every column's first pick, then
     every second, ...) up to the budget. Joint (``joint=True``, a (D, m) target): one selection of
     ``budget`` rows in all for every column (``select(..., targets="joint")``). ``fill`` tops each
-    column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k."""
+    column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k; ``screen``
+    (the candidate screen) to ``select``."""
     columns = 1 if target.ndim == 1 else target.shape[1]
     per_column_k = budget if joint else max(1, -(-budget // columns))
     options: Dict[str, Any] = {"method": method, "checkpoint_weights": store_weights(method), "seed": seed,
@@ -70,6 +74,8 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         options["targets"] = "joint"
     if topk_reduce is not None:
         options["topk_reduce"] = topk_reduce
+    if screen is not None:
+        options["screen"] = screen
     started = time.perf_counter()
     selection = gk.select(matrix, target, per_column_k, **options)
     seconds = time.perf_counter() - started
@@ -82,6 +88,7 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         weights = np.asarray([total[i] for i in indices.tolist()], dtype=np.float64)
     filled = getattr(selection, "num_filled", 0)
     info = {"guard_excluded": selection.params.get("guard_excluded", 0), "filled": int(filled),
+            "screened_out": selection.params.get("screened_out", 0),
             "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target}),
             "relative_residual": selection.relative_residual}
     return Picked(indices, weights, seconds, info)
@@ -100,6 +107,7 @@ class Variant:
     align: Optional[float] = None
     fill: Optional[str] = None
     topk_reduce: Optional[str] = None
+    screen: Optional[float] = None
 
 
 def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
@@ -124,6 +132,8 @@ def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
             "topk joint mean-cos": Variant("topk", "joint", topk_reduce="mean"),
             "topk joint max-cos": Variant("topk", "joint", topk_reduce="max"),
         })
+        if select_accepts("screen"):  # the candidate screen: every factor tried is shown
+            variants.update({f"gtp joint screen={f:g}": Variant("gtp", "joint", screen=f) for f in SCREEN_FACTORS})
     return variants
 
 
