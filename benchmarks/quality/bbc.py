@@ -355,7 +355,7 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
     for ax, pool_name in zip(axes, results["pools"]):
         pr = results["pools"][pool_name]
         shown = [m for m in ("gtp", "topk", "random", "gtp per-example", "topk per-example", "gtp joint",
-                             "topk joint mean-cos", "topk joint max-cos") if m in pr["variants"]]
+                             "gtp select defaults", "topk joint mean-cos", "topk joint max-cos") if m in pr["variants"]]
         table = {m: {b: v["accuracy"] for b, v in pr["variants"][m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, pr["full_pool_accuracy"], "test accuracy (3 seeds, mean +- std)",
                       f"BBC News, {pool_name} pool (N={pr['n']})")
@@ -380,8 +380,8 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
     plt.close(fig)
     pr = results["pools"]["noisy"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    shown = [m for m in ("gtp", "topk", "random", "gtp per-example", "gtp joint", "topk joint mean-cos")
-             if m in pr["variants"]]
+    shown = [m for m in ("gtp", "topk", "random", "gtp per-example", "gtp joint", "gtp select defaults",
+                         "topk joint mean-cos") if m in pr["variants"]]
     width = 0.8 / len(shown)
     for j, m in enumerate(shown):
         xs = np.arange(len(s.budgets_pct)) + j * width

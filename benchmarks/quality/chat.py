@@ -375,7 +375,7 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
     for ax, metric, label in ((axes[0], "exact_match", "exact match, held-out sort prompts"),
                               (axes[1], "answer_loss", "answer loss, held-out sort prompts")):
         shown = [m for m in ("gtp fill=target", "topk", "random", "gtp per-example", "topk per-example", "gtp joint",
-                             "gtp joint fill=target", "topk joint mean-cos") if m in variants]
+                             "gtp joint fill=target", "gtp select defaults", "topk joint mean-cos") if m in variants]
         table = {m: {b: v[metric] for b, v in variants[m].items()} for m in shown}
         plot_accuracy(ax, s.budgets_pct, table, results["full_pool"][metric], label + " (mean +- std)",
                       f"chat mixture, target skill {TARGET_SKILL!r}")

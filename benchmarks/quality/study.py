@@ -134,6 +134,10 @@ def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
         })
         if select_accepts("screen"):  # the candidate screen: every factor tried is shown
             variants.update({f"gtp joint screen={f:g}": Variant("gtp", "joint", screen=f) for f in SCREEN_FACTORS})
+            from gtp_kernels.cli import DEFAULT_JOINT_SCREEN
+
+            # what `gtp select` does with a target store and no options: joint, fill by the target, screened
+            variants["gtp select defaults"] = Variant("gtp", "joint", fill="target", screen=DEFAULT_JOINT_SCREEN)
     return variants
 
 
@@ -200,7 +204,8 @@ def save_figure(fig, path: Path) -> None:
 COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "lightsteelblue", "topk": "tab:red", "random": "tab:gray",
            "full pool": "black", "gtp fill=target": "tab:cyan",
            "gtp per-example": "tab:purple", "topk per-example": "tab:orange", "gtp joint": "tab:green",
-           "gtp joint fill=target": "tab:olive", "topk joint mean-cos": "tab:pink", "topk joint max-cos": "tab:brown"}
+           "gtp joint fill=target": "tab:olive", "topk joint mean-cos": "tab:pink", "topk joint max-cos": "tab:brown",
+           "gtp select defaults": "darkgreen"}
 
 
 def plot_accuracy(ax, budgets_pct: Sequence[float], table: Dict[str, Dict[str, Dict[str, float]]],
