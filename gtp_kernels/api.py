@@ -5,6 +5,7 @@ entries there and never change ``select``'s signature.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -21,6 +22,7 @@ from .selection.joint import TARGET_MODES, fill_joint, run_joint
 from .selection.prepare import prepare
 from .selection.pursuit import gtp_pursuit
 from .selection.reference import gtp_reference, nnls_on_support
+from .selection.rows import gather_rows
 from .validation import ArrayLike, CandidatesLike, InputError, Problem, check_choice, check_number, validate_problem
 
 MethodFn = Callable[[Problem, int, SelectOptions, Optional[Callable[[int], None]]], List[TargetSelection]]
@@ -99,6 +101,18 @@ def _run_method(spec: MethodSpec, problem: Problem, k: int, opts: SelectOptions,
     return per_target
 
 
+def _screened_rows(problem: Problem) -> tuple:
+    """The problem on its selectable rows alone, gathered in row order, and (M,) the pool row of
+    each. After a screen these are about screen * k rows: every method and the fill run on
+    them, not on N (a selectable row's values, and the order of rows, are unchanged, so the
+    picks are those on the whole pool with the others excluded)."""
+    rows = torch.nonzero(~problem.exclude).flatten()
+    A = gather_rows(problem.candidates, rows.to("cpu") if not problem.candidates.is_cuda else rows)
+    excl = torch.zeros(rows.numel(), dtype=torch.bool, device=problem.exclude.device)
+    return (Problem(A, problem.targets, problem.num_checkpoints, problem.checkpoint_dim, problem.checkpoint_weights,
+                    excl), rows.cpu().numpy())
+
+
 def select(
     candidates: CandidatesLike,
     target: ArrayLike,
@@ -156,7 +170,10 @@ def select(
             (K = k with ``targets="joint"``, k * m otherwise; see selection/prepare.py
             exclude_unscreened). Against residual-chasing: without it pursuit's later picks fit
             what typical rows leave of the residual, often with atypical (mislabelled) rows.
-            ``params["screened_out"]`` counts the rows it excluded.
+            ``params["screened_out"]`` counts the rows it excluded. The method and the fill then
+            run on the screened rows alone (gathered; the same picks as on the whole pool with
+            the others excluded), so a screened selection costs one pass over N plus a method
+            on about screen * K rows.
         stop_ratio: guard: stop once the best correlation is below stop_ratio times the first.
         max_iters: iteration cap (default 2k + 10).
         batch_size: compressive sampling's candidates per pass (default: adaptive, from N/12).
@@ -205,12 +222,17 @@ def select(
     problem, opts = prepared.problem, prepared.options
     t1 = time.perf_counter()
     spec = METHODS[name]
+    kept = None
+    if prepared.screened_out:  # the method and the fill run on the screened rows alone
+        problem, kept = _screened_rows(problem)
     per_target = _run_method(spec, problem, k, opts, joint=targets == "joint")
     t_fill = time.perf_counter()
     fill = prepared.checked["fill"]
     if fill is not None:  # on the scaled problem, whose weights per_target holds
         per_target = (fill_joint if targets == "joint" else fill_budget)(
             problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
+    if kept is not None:
+        per_target = [dataclasses.replace(ts, indices=kept[ts.indices]) for ts in per_target]
     per_target = prepared.finish(per_target, k, spec.fit_weights)  # EarlyStopWarning: rounding floor or dependence
     t2 = time.perf_counter()
     prepared.checked["targets"] = targets

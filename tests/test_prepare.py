@@ -213,3 +213,31 @@ def test_screen_keeps_pursuit_from_chasing_the_residual_with_an_atypical_row():
     assert gk.select(A, b, 2).indices.tolist() == [2, 5]  # the closest typical row, then the atypical one
     screened = gk.select(A, b, 2, screen=2)
     assert 5 not in screened.indices.tolist() and screened.params["screened_out"] == 2
+
+
+@pytest.mark.parametrize("method", sorted(gk.METHODS))
+@pytest.mark.parametrize("targets", ["columns", "joint"])
+def test_screened_select_equals_the_whole_pool_with_the_others_excluded(method, targets):
+    """select runs the method and the fill on the screened rows alone (api._screened_rows); the
+    picks, weights and residuals are those of the whole pool with the unscreened rows excluded,
+    for a tensor and for row blocks read in place."""
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(83, 2, 7, generator=g, dtype=torch.float64)
+    Bm = torch.randn(14, 3, generator=g, dtype=torch.float64)
+    options = dict(method=method, targets=targets, checkpoint_weights=[0.3, 1.2], fill="target", seed=5)
+    if targets == "joint" and method not in ("gtp", "gtp-cosamp", "topk", "random"):
+        pytest.skip(f"{method} has no joint mode")
+    k = 5
+    screened = gk.select(A, Bm, k, screen=1.5, exclude=[1, 2], **options)
+    prepared = prepare(A, Bm, k, checkpoint_weights=[0.3, 1.2], exclude=[1, 2])
+    size = screen_size(1.5, k, 3, targets == "joint")
+    outside = exclude_unscreened(prepared.problem, size)[0].exclude.numpy()
+    whole = gk.select(A, Bm, k, exclude=outside, **options)
+    blocks = gk.select([A[:30].numpy(), A[30:].numpy()], Bm, k, screen=1.5, exclude=[1, 2], **options)
+    for got in (screened, blocks):
+        assert got.indices.tolist() == whole.indices.tolist()
+        np.testing.assert_allclose(got.weights, whole.weights, rtol=1e-12, atol=1e-12)
+        for g_t, w_t in zip(got.per_target, whole.per_target):
+            assert g_t.indices.tolist() == w_t.indices.tolist() and g_t.filled == w_t.filled
+            np.testing.assert_allclose(g_t.residual_norms, w_t.residual_norms, rtol=1e-12, atol=1e-12)
+    assert screened.params["screened_out"] == int(outside.sum()) - 2 and screened.params["num_candidates"] == 83
