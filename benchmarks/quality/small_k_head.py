@@ -86,7 +86,7 @@ def main() -> int:
                     picked = select_budget(pool_matrix, target_for(seed, v.mode), budget, v.method,
                                            store_weights=lambda m: store.weights_for(REGISTRY[m].block_scale_invariant),
                                            num_checkpoints=store.t, seed=seed, align_threshold=v.align, fill=v.fill,
-                                           joint=v.mode == "joint", topk_reduce=v.topk_reduce)
+                                           joint=v.mode == "joint", topk_reduce=v.topk_reduce, screen=v.screen)
                     rows = index[picked.indices]
                     reports.append(head_report(row_x[rows], row_y[rows], test_x, test_y, s.head_c))
                     if counts is None:

@@ -16,6 +16,9 @@ import gtp_kernels as gk
 from gtp_kernels.atomic import atomic_write_text, write_atomically
 
 METHODS = ("gtp", "gtp-cosamp", "topk", "random")
+# candidate-screen factors (``select(..., screen=f)``) the study tries; the factor it recommends is
+# chosen on the synthetic noise model (noise_model.py choose_screen_factor), not on task A or B
+SCREEN_FACTORS = (1.5, 2.0, 3.0)
 
 
 def select_accepts(option: str) -> bool:
@@ -49,7 +52,8 @@ def round_robin(per_column: Sequence[np.ndarray], budget: int) -> np.ndarray:
 
 def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: str, *, store_weights,
                   seed: int, num_checkpoints: int, align_threshold: Optional[float] = None,
-                  fill: Optional[str] = None, joint: bool = False, topk_reduce: Optional[str] = None) -> Picked:
+                  fill: Optional[str] = None, joint: bool = False, topk_reduce: Optional[str] = None,
+                  screen: Optional[float] = None) -> Picked:
     """``budget`` rows by ``method`` for a (D,) target or a (D, m) target (one column per target
     example).
 
@@ -57,7 +61,9 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
     for ceil(budget / m) rows and the union is taken round-robin (every column's first pick, then
     every second, ...) up to the budget. Joint (``joint=True``, a (D, m) target): one selection of
     ``budget`` rows in all for every column (``select(..., targets="joint")``). ``fill`` tops each
-    column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k."""
+    column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k; ``screen``
+    (a factor >= 1) turns on select's candidate screen (ceil(screen * K) rows kept, K the k asked
+    of select: ``budget`` joint, m * ceil(budget / m) per column)."""
     columns = 1 if target.ndim == 1 else target.shape[1]
     per_column_k = budget if joint else max(1, -(-budget // columns))
     options: Dict[str, Any] = {"method": method, "checkpoint_weights": store_weights(method), "seed": seed,
@@ -70,6 +76,8 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         options["targets"] = "joint"
     if topk_reduce is not None:
         options["topk_reduce"] = topk_reduce
+    if screen is not None:
+        options["screen"] = screen
     started = time.perf_counter()
     selection = gk.select(matrix, target, per_column_k, **options)
     seconds = time.perf_counter() - started
@@ -82,6 +90,7 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         weights = np.asarray([total[i] for i in indices.tolist()], dtype=np.float64)
     filled = getattr(selection, "num_filled", 0)
     info = {"guard_excluded": selection.params.get("guard_excluded", 0), "filled": int(filled),
+            "screened_out": int(selection.params.get("screened_out", 0)),
             "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target}),
             "relative_residual": selection.relative_residual}
     return Picked(indices, weights, seconds, info)
@@ -93,13 +102,15 @@ class Variant:
 
     mode: "mean" (one column, the mean target gradient), "columns" (one column per target
     example, each its own share of the budget, union round-robin) or "joint" (one column per
-    target example, one selection for all: ``targets="joint"``)."""
+    target example, one selection for all: ``targets="joint"``). screen: select's candidate-screen
+    factor (None: off)."""
 
     method: str
     mode: str = "mean"
     align: Optional[float] = None
     fill: Optional[str] = None
     topk_reduce: Optional[str] = None
+    screen: Optional[float] = None
 
 
 def variant_table(joint_available: bool = True) -> Dict[str, Variant]:
