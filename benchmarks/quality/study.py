@@ -205,13 +205,16 @@ COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "lightsteelblue", "topk": "tab:red",
 
 
 def plot_accuracy(ax, budgets_pct: Sequence[float], table: Dict[str, Dict[str, Dict[str, float]]],
-                  full: Optional[Dict[str, float]], ylabel: str, title: str) -> None:
-    """Mean +- std against budget (log x), one line per method, the full pool as a band."""
+                  full: Optional[Dict[str, float]], ylabel: str, title: str,
+                  colours: Optional[Dict[str, Any]] = None) -> None:
+    """Mean +- std against budget (log x), one line per method, the full pool as a band; a
+    method's colour from ``colours`` (default COLOURS), matplotlib's cycle for one not there."""
+    colours = COLOURS if colours is None else colours
     for method, by_budget in table.items():
         means = [by_budget[str(b)]["mean"] for b in budgets_pct]
         stds = [by_budget[str(b)]["std"] for b in budgets_pct]
         ax.errorbar(budgets_pct, means, yerr=stds, marker="o", capsize=3, label=method,
-                    color=COLOURS.get(method))
+                    color=colours.get(method))
     if full is not None:
         ax.axhline(full["mean"], color="black", linestyle="--", label="full pool")
         ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.08)
