@@ -204,9 +204,10 @@ def choose_screen_factor(result: Dict[str, Any]) -> Optional[float]:
     ranked = []
     for factor in result["screen_factors"]:
         per_budget = result["variants"][screen_name(factor)]
-        if any(sum(cell["near_copy_picks"]) > 0 for cell in per_budget.values()):
+        cells = [per_budget[b] for b in sorted(per_budget, key=float)]  # one order, whatever the JSON's
+        if any(sum(cell["near_copy_picks"]) > 0 for cell in cells):
             continue
-        score = float(np.mean([cell["accuracy"]["mean"] for cell in per_budget.values()]))
+        score = float(np.mean([cell["accuracy"]["mean"] for cell in cells]))
         ranked.append((-round(score, 12), float(factor)))
     return min(ranked)[1] if ranked else None
 
@@ -263,9 +264,9 @@ def run(s: SyntheticSettings, cache: Path, out: Path, times: Dict[str, float], p
 
     # figure: accuracy against budget, and the share of picks mislabelled
     colours = dict(COLOURS)
-    cmap = plt.get_cmap("viridis")
+    cmap = plt.get_cmap("plasma")  # apart from the other methods' tab: colours
     for i, f in enumerate(SCREEN_TRIED):
-        colours[screen_name(f)] = cmap(0.15 + 0.7 * i / max(1, len(SCREEN_TRIED) - 1))
+        colours[screen_name(f)] = cmap(0.65 * i / max(1, len(SCREEN_TRIED) - 1))
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     table = {m: {b: cell["accuracy"] for b, cell in per.items()} for m, per in result["variants"].items()}
     plot_accuracy(axes[0], s.budgets_pct, table, result["full_pool_accuracy"],
