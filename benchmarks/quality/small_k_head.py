@@ -85,8 +85,8 @@ def main() -> int:
                 for seed in s.seeds:
                     picked = select_budget(pool_matrix, target_for(seed, v.mode), budget, v.method,
                                            store_weights=lambda m: store.weights_for(REGISTRY[m].block_scale_invariant),
-                                           num_checkpoints=store.t, seed=seed, align_threshold=v.align, screen=v.screen, fill=v.fill,
-                                           joint=v.mode == "joint", topk_reduce=v.topk_reduce)
+                                           num_checkpoints=store.t, seed=seed, align_threshold=v.align, fill=v.fill,
+                                           joint=v.mode == "joint", topk_reduce=v.topk_reduce, screen=v.screen)
                     rows = index[picked.indices]
                     reports.append(head_report(row_x[rows], row_y[rows], test_x, test_y, s.head_c))
                     if counts is None:

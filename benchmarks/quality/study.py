@@ -16,7 +16,8 @@ import gtp_kernels as gk
 from gtp_kernels.atomic import atomic_write_text, write_atomically
 
 METHODS = ("gtp", "gtp-cosamp", "topk", "random")
-# candidate screen factors the study reports (select(..., screen=f)): every one tried
+# candidate-screen factors (``select(..., screen=f)``) the study tries; the factor it recommends is
+# chosen on the synthetic noise model (noise_model.py choose_screen_factor), not on task A or B
 SCREEN_FACTORS = (1.5, 2.0, 3.0)
 
 
@@ -61,7 +62,8 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
     every second, ...) up to the budget. Joint (``joint=True``, a (D, m) target): one selection of
     ``budget`` rows in all for every column (``select(..., targets="joint")``). ``fill`` tops each
     column (joint: the shared selection) up to its k; ``topk_reduce`` is passed to top-k; ``screen``
-    (the candidate screen) to ``select``."""
+    (a factor >= 1) turns on select's candidate screen (ceil(screen * K) rows kept, K the k asked
+    of select: ``budget`` joint, m * ceil(budget / m) per column)."""
     columns = 1 if target.ndim == 1 else target.shape[1]
     per_column_k = budget if joint else max(1, -(-budget // columns))
     options: Dict[str, Any] = {"method": method, "checkpoint_weights": store_weights(method), "seed": seed,
@@ -88,7 +90,7 @@ def select_budget(matrix: np.ndarray, target: np.ndarray, budget: int, method: s
         weights = np.asarray([total[i] for i in indices.tolist()], dtype=np.float64)
     filled = getattr(selection, "num_filled", 0)
     info = {"guard_excluded": selection.params.get("guard_excluded", 0), "filled": int(filled),
-            "screened_out": selection.params.get("screened_out", 0),
+            "screened_out": int(selection.params.get("screened_out", 0)),
             "stopped_by": sorted({str(t.stopped_by) for t in selection.per_target}),
             "relative_residual": selection.relative_residual}
     return Picked(indices, weights, seconds, info)
@@ -100,7 +102,8 @@ class Variant:
 
     mode: "mean" (one column, the mean target gradient), "columns" (one column per target
     example, each its own share of the budget, union round-robin) or "joint" (one column per
-    target example, one selection for all: ``targets="joint"``)."""
+    target example, one selection for all: ``targets="joint"``). screen: select's candidate-screen
+    factor (None: off)."""
 
     method: str
     mode: str = "mean"
@@ -209,13 +212,16 @@ COLOURS = {"gtp": "tab:blue", "gtp-cosamp": "lightsteelblue", "topk": "tab:red",
 
 
 def plot_accuracy(ax, budgets_pct: Sequence[float], table: Dict[str, Dict[str, Dict[str, float]]],
-                  full: Optional[Dict[str, float]], ylabel: str, title: str) -> None:
-    """Mean +- std against budget (log x), one line per method, the full pool as a band."""
+                  full: Optional[Dict[str, float]], ylabel: str, title: str,
+                  colours: Optional[Dict[str, Any]] = None) -> None:
+    """Mean +- std against budget (log x), one line per method, the full pool as a band; a
+    method's colour from ``colours`` (default COLOURS), matplotlib's cycle for one not there."""
+    colours = COLOURS if colours is None else colours
     for method, by_budget in table.items():
         means = [by_budget[str(b)]["mean"] for b in budgets_pct]
         stds = [by_budget[str(b)]["std"] for b in budgets_pct]
         ax.errorbar(budgets_pct, means, yerr=stds, marker="o", capsize=3, label=method,
-                    color=COLOURS.get(method))
+                    color=colours.get(method))
     if full is not None:
         ax.axhline(full["mean"], color="black", linestyle="--", label="full pool")
         ax.axhspan(full["mean"] - full["std"], full["mean"] + full["std"], color="black", alpha=0.08)
