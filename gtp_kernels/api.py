@@ -231,8 +231,10 @@ def select(
     if fill is not None:  # on the scaled problem, whose weights per_target holds
         per_target = (fill_joint if targets == "joint" else fill_budget)(
             problem, per_target, k, fill, positive=opts.positive, dtype=prepared.compute_dtype)
-    if kept is not None:
-        per_target = [dataclasses.replace(ts, indices=kept[ts.indices]) for ts in per_target]
+    if kept is not None:  # pool rows again; passes in reads of the pool: the screen's one, then the method's
+        share = len(kept) / prepared.problem.num_candidates
+        per_target = [dataclasses.replace(ts, indices=kept[ts.indices], passes=1.0 + ts.passes * share)
+                      for ts in per_target]
     per_target = prepared.finish(per_target, k, spec.fit_weights)  # EarlyStopWarning: rounding floor or dependence
     t2 = time.perf_counter()
     prepared.checked["targets"] = targets

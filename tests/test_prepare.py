@@ -241,3 +241,6 @@ def test_screened_select_equals_the_whole_pool_with_the_others_excluded(method, 
             assert g_t.indices.tolist() == w_t.indices.tolist() and g_t.filled == w_t.filled
             np.testing.assert_allclose(g_t.residual_norms, w_t.residual_norms, rtol=1e-12, atol=1e-12)
     assert screened.params["screened_out"] == int(outside.sum()) - 2 and screened.params["num_candidates"] == 83
+    kept_share = (83 - int(outside.sum())) / 83  # passes count reads of the pool: the screen's, then the method's
+    for s_t, w_t in zip(screened.per_target, whole.per_target):
+        assert s_t.passes == pytest.approx(1.0 + w_t.passes * kept_share, rel=1e-12)

@@ -147,7 +147,8 @@ class TargetSelection:
     iterations: argmax steps taken (rejected atoms included).
     rejected: atoms refused as numerically dependent or dropped as they entered.
     dropped: atoms removed by the NNLS active-set step after having been selected.
-    passes: full reads of the candidate matrix spent on this target (shared passes counted once per target).
+    passes: full reads of the candidate matrix spent on this target (shared passes counted once per target;
+        after select's screen, its one read plus the method's reads of the kept rows, in reads of the pool).
     filled: how many of the rows, the last ones, were added by filling the budget (select's
         ``fill``; weight 0, not part of the fit) rather than chosen by the method.
     """
