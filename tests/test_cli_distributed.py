@@ -86,18 +86,14 @@ def test_two_ranks_select_what_one_process_selects(stores, tmp_path, target_mode
 
 
 @needs_torchrun
-def test_other_methods_are_refused_under_torchrun(stores, tmp_path):
-    done = _gtp(_torchrun(2), stores, tmp_path / "out", "--method", "topk")
+@pytest.mark.parametrize("option,said", [
+    (("--method", "topk"), ("--method topk", "supported: gtp")),  # only exact gtp runs sharded
+    (("--screen", "2"), ("--screen 2", "--screen none")),  # the screen ranks the whole pool
+])
+def test_what_the_sharded_selection_cannot_do_is_refused_under_torchrun(stores, tmp_path, option, said):
+    done = _gtp(_torchrun(2), stores, tmp_path / "out", *option)
     assert done.returncode != 0
-    assert "--method topk" in done.stderr and "supported: gtp" in done.stderr, done.stderr[-3000:]
-    assert not (tmp_path / "out").exists()
-
-
-@needs_torchrun
-def test_a_screen_is_refused_under_torchrun(stores, tmp_path):
-    done = _gtp(_torchrun(2), stores, tmp_path / "out", "--screen", "2")
-    assert done.returncode != 0
-    assert "--screen 2" in done.stderr and "--screen none" in done.stderr, done.stderr[-3000:]
+    assert all(words in done.stderr for words in said), done.stderr[-3000:]
     assert not (tmp_path / "out").exists()
 
 
