@@ -11,6 +11,8 @@ import gtp_kernels as gk
 from gtp_kernels.selection.prepare import (check_options, exclude_misaligned, exclude_unscreened, prepare,
                                            prepare_shard, screen_size, select_options)
 from gtp_kernels.selection.rows import RowSource
+
+from conftest import requires_cuda
 from gtp_kernels.validation import InputError, InputTypeError, validate_problem
 
 A = torch.randn(30, 12, generator=torch.Generator().manual_seed(0))
@@ -244,3 +246,23 @@ def test_screened_select_equals_the_whole_pool_with_the_others_excluded(method, 
     kept_share = (83 - int(outside.sum())) / 83  # passes count reads of the pool: the screen's, then the method's
     for s_t, w_t in zip(screened.per_target, whole.per_target):
         assert s_t.passes == pytest.approx(1.0 + w_t.passes * kept_share, rel=1e-12)
+
+
+@requires_cuda
+@pytest.mark.parametrize("targets", ["columns", "joint"])
+def test_screen_on_cuda_keeps_and_selects_what_it_does_on_the_cpu(targets):
+    """The screen's ranking (stable sorts, scatter_reduce) and the gathered method on a GPU; a GPU
+    run is the only place this is checked (CI has none)."""
+    g = torch.Generator().manual_seed(11)
+    A = torch.randn(301, 3, 9, generator=g, dtype=torch.float64)
+    Bm = torch.randn(27, 4, generator=g, dtype=torch.float64)
+    options = dict(targets=targets, checkpoint_weights=[0.5, 1.0, 2.0], screen=1.5, fill="target", exclude=[3, 7])
+    on_cpu = gk.select(A, Bm, 9, **options)
+    on_gpu = gk.select(A, Bm, 9, device="cuda", **options)
+    assert on_gpu.indices.tolist() == on_cpu.indices.tolist()
+    assert on_gpu.params["screened_out"] == on_cpu.params["screened_out"] > 0
+    np.testing.assert_allclose(on_gpu.weights, on_cpu.weights, rtol=1e-9, atol=1e-12)
+    problem = validate_problem(A.cuda(), Bm.cuda(), 1, checkpoint_weights=[0.5, 1.0, 2.0], exclude=[3, 7])
+    kept = exclude_unscreened(problem, 40)[0].exclude.cpu()
+    want = exclude_unscreened(validate_problem(A, Bm, 1, checkpoint_weights=[0.5, 1.0, 2.0], exclude=[3, 7]), 40)[0]
+    assert kept.tolist() == want.exclude.tolist()
