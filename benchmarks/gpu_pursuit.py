@@ -109,6 +109,15 @@ def main():
           f"passes {sel.per_target[0].passes:g} |")
     sel, sec = timed(lambda: gk.select(A, b, k, method="topk"), device)
     print(f"TABLE | pursuit | {case} topk | {sec:.3f} s | {sec / floor:.3f} x floor | one pass |")
+    # joint selection for 24 target examples (gtp select's default for a target store), with and
+    # without the candidate screen; k / 5 rows in all to stay inside the part's time limit
+    gen = torch.Generator(device=device).manual_seed(2)
+    B = b[:, None] + (b.float().norm() / dim ** 0.5) * torch.randn(dim, 24, generator=gen, device=device)
+    k_joint = max(1, k // 5)
+    for screen in (None, 1.5):
+        sel, sec = timed(lambda: gk.select(A, B, k_joint, targets="joint", screen=screen), device)
+        print(f"TABLE | pursuit | N={n} D={dim} bf16 joint m=24 k={k_joint} screen={screen} | {sec:.2f} s | "
+              f"{sec / (k_joint * pass_floor):.2f} x its floor | pool reads {sel.per_target[0].passes:.2f} |")
     if not args.skip_reference:
         ref, sec = timed(lambda: gk.select(A, b, k, method="gtp-reference"), device)
         fast_sec = results["auto"][1]
