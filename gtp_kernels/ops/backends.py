@@ -42,8 +42,9 @@ def candidate_products(A, X: torch.Tensor, dtype: torch.dtype, backend: str = "a
     """A @ X as an (N, p) matrix in dtype; one read of A.
 
     On CUDA in float32 this is the K2 kernel family (fp32 accumulation over bf16/fp16/fp32
-    rows); on CPU in float32 the compiled row-products kernel (ops.products, about 1.6x
-    torch's GEMV here and 2-3x its skinny GEMM; fp16/bf16 rows converted as they are read);
+    rows); on CPU in float32 the compiled row-products kernel (ops.products; float32 rows: about
+    torch's speed, 1.6x it at 2-8 columns, 0.8x at 24, BENCHMARKS.md 2026-12-03; fp16/bf16 rows
+    converted as they are read, 5-18x an upcast and torch);
     elsewhere a chunked torch matmul,
     upcasting A a block of rows at a time. A row source (selection.rows.RowSource: anything
     that is not a tensor) runs a chunk at a time through the same paths, each chunk in its

@@ -13,9 +13,11 @@ Backends: ``"ext"``, the compiled kernel in ``csrc/cpu_rows_dot.cpp`` (register-
 copy per instruction set: AVX-512, AVX2 + F16C, baseline, picked at run time); ``"torch"``,
 the plain reference ``A @ X.T`` (MKL on x86; 16-bit A upcast a block of rows at a time, the
 same products in float32). ``"auto"`` takes the kernel for CPU tensors it covers when the
-extension is built, else torch. Why a kernel of our own: on our CPU torch's GEMV
-reads A at about half the bandwidth of a plain read, and its skinny GEMM (p = 2..32) costs
-2-4 GEMVs; the kernel's p <= 8 costs about one read of A (BENCHMARKS.md, "CPU row products").
+extension is built, else torch. Why a kernel of our own: 16-bit rows, which torch can only
+multiply after a float32 copy (5-18x slower here), and float32 rows where torch's skinny GEMM
+is slow: on 2026-11-29 torch's GEMV read A at about half the bandwidth of a plain read and its
+skinny GEMM cost 2-4 GEMVs; on 2026-12-03 (AVX-512, torch 2.13) float32 was even except at 2-8
+columns (kernel 1.6x) and 24 (torch 1.2x). BENCHMARKS.md, "CPU row products".
 """
 from __future__ import annotations
 
