@@ -170,7 +170,7 @@ SELECTION_FILES = ("selection.jsonl", "summary.json")
 EXAMPLES_FILE = "selected.jsonl"
 FILL_CHOICES = ("target", "residual", "none")
 # gtp select's candidate screen for a joint target (--screen): the factor the quality study's rule
-# picks on its synthetic noise model (benchmarks/quality/noise_model.py, QUALITY.md "Candidate screen")
+# picks on its synthetic noise model (benchmarks/quality/noise_model.py, QUALITY.md, Reading: "the candidate screen")
 DEFAULT_JOINT_SCREEN = 1.5
 TARGET_MODES = ("joint", "mean", "examples")
 
