@@ -143,6 +143,7 @@ class JointPursuit:
         self.support: List[int] = []  # S in pick order
         self.slot_of = torch.full((N,), -1, dtype=torch.long, device=device)  # row -> slot of S's buffers
         self.free_slots = list(range(k))
+        self.slot_hi = 0  # slots [slot_hi, k) have never held a row: zero in every buffer
         self.rows_buf = torch.zeros(k, D, dtype=f64, device=device)  # selected rows by slot
         self.gram = torch.zeros(k, k, dtype=f64, device=device)  # <a_s, a_s'>_W by slot
         self.rhs = torch.zeros(k, m, dtype=f64, device=device)  # <a_s, u_j>_W by slot
@@ -191,17 +192,26 @@ class JointPursuit:
                               positive=self.opts.positive, dep_tol=self.dep_tol, weight_tol=self.weight_tol,
                               checked=False).tolist()
 
+    def _in_factor(self) -> torch.Tensor:
+        """(m, k) whether factor position p of column j holds a row (p < the column's size)."""
+        return torch.arange(self.k, device=self.device)[None, :] < self.state.size[:, None]
+
+    def _by_slot(self, values: torch.Tensor) -> torch.Tensor:
+        """(k, m) X[slot, j] = values[j, p] for the factor position p of column j that holds
+        the row in that slot; positions beyond a column's size (slot 0 there) must carry 0.
+        One scatter-add instead of boolean-mask indexing (each held (slot, j) occurs once)."""
+        out = torch.zeros(self.k, self.m, dtype=values.dtype, device=self.device)
+        out.index_put_((self.factor_slots(), self.columns[:, None].expand(self.m, self.k)), values, accumulate=True)
+        return out
+
     def weight_matrix(self) -> torch.Tensor:
         """(k, m) weights by slot: W[slot(s), j] = w_j(s)."""
-        k, m = self.k, self.m
-        W = torch.zeros(k, m, dtype=torch.float64, device=self.device)
-        held = torch.arange(k, device=self.device)[None, :] < self.state.size[:, None]  # (m, k)
-        col_idx = self.columns[:, None].expand(m, k)
-        W[self.factor_slots()[held], col_idx[held]] = self.state.weights[held]
-        return W
+        in_factor = self._in_factor()
+        return self._by_slot(torch.where(in_factor, self.state.weights, torch.zeros_like(self.state.weights)))
 
     def refresh_residuals(self) -> None:
-        self.R.copy_(self.U - self.rows_buf.T @ self.weight_matrix())
+        hi = self.slot_hi  # the slots above never held a row: their rows and weights are zero
+        self.R.copy_(self.U - self.rows_buf[:hi].T @ self.weight_matrix()[:hi])
 
     def weighted(self, X: torch.Tensor) -> torch.Tensor:
         """W X: the (D, ...) X scaled by the feature weights (X itself without them)."""
@@ -280,23 +290,21 @@ class JointPursuit:
         row = gather_rows(self.A, [j]).to(f64)[0]
         row_w = row if self.fw is None else row * self.fw
         slot = self.free_slots.pop(0)
+        self.slot_hi = hi = max(self.slot_hi, slot + 1)
         self.slot_of[j] = slot
         self.rows_buf[slot] = row
-        self.gram[slot] = self.rows_buf @ row_w
-        self.gram[:, slot] = self.gram[slot]
+        products = self.rows_buf[:hi] @ row_w  # beyond hi: zero rows, zero products
+        self.gram[slot, :hi] = products
+        self.gram[:hi, slot] = products
         self.rhs[slot] = row_w @ self.U
         self.exclude[j] = True
         self.support.append(j)
         self.append(torch.full((self.m,), j, dtype=torch.long, device=self.device))
 
-    def _held_by_column(self) -> torch.Tensor:
-        """(|S|, m) whether column t's factor holds row S[p] (by slot: every factor row is in S)."""
-        k, m = self.k, self.m
-        in_factor = torch.arange(k, device=self.device)[None, :] < self.state.size[:, None]  # (m, k)
-        by_slot = torch.zeros(k, m, dtype=torch.bool, device=self.device)
-        by_slot[self.factor_slots()[in_factor], self.columns[:, None].expand(m, k)[in_factor]] = True
-        support_t = torch.tensor(self.support, dtype=torch.long, device=self.device)
-        return by_slot[self.slot_of[support_t]]
+    def _held_by_column(self, support_t: torch.Tensor) -> torch.Tensor:
+        """(|S|, m) whether column t's factor holds row S[p] (by slot: every factor row is in S);
+        ``support_t``: S as a tensor."""
+        return self._by_slot(self._in_factor().to(torch.int32))[self.slot_of[support_t]] > 0
 
     def reenter(self) -> None:
         """3. KKT on S: a row of S that a column dropped re-enters while it is positively
@@ -305,14 +313,15 @@ class JointPursuit:
         for _ in range(_MAX_REENTRY_ROUNDS):
             self.refresh_residuals()
             support_t = torch.tensor(self.support, dtype=torch.long, device=device)
-            corr = self.rows_buf[self.slot_of[support_t]] @ self.weighted(self.R)  # (|S|, m)
+            by_slot = self.rows_buf[: self.slot_hi] @ self.weighted(self.R)  # (slots in use, m)
+            corr = by_slot[self.slot_of[support_t]]  # (|S|, m)
             if not self.opts.positive:
                 corr = corr.abs()
             norms_s = self.row_norms[support_t].to(f64)
             # the same noise threshold as the stop test, per column
             col_norms = weighted_norm(self.R.T, self.fw)
             cos = corr / norms_s[:, None] / col_norms.clamp_min(torch.finfo(f64).tiny)[None, :]
-            cos = cos.masked_fill(self._held_by_column(), -math.inf)
+            cos = cos.masked_fill(self._held_by_column(support_t), -math.inf)
             best_cos, best_pos = cos.max(dim=0)
             want = best_cos > self.min_cos
             if not bool(want.any()):
