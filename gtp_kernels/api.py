@@ -107,7 +107,7 @@ def _screened_rows(problem: Problem) -> tuple:
     them, not on N (a selectable row's values, and the order of rows, are unchanged, so the
     picks are those on the whole pool with the others excluded)."""
     rows = torch.nonzero(~problem.exclude).flatten()
-    A = gather_rows(problem.candidates, rows.to("cpu") if not problem.candidates.is_cuda else rows)
+    A = gather_rows(problem.candidates, rows)  # exclude lives on the candidates' device
     excl = torch.zeros(rows.numel(), dtype=torch.bool, device=problem.exclude.device)
     return (Problem(A, problem.targets, problem.num_checkpoints, problem.checkpoint_dim, problem.checkpoint_weights,
                     excl), rows.cpu().numpy())

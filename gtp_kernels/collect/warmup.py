@@ -34,6 +34,7 @@ learning rates can also be given explicitly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -412,7 +413,7 @@ def warmup_progress_report(losses: Mapping[str, Any], task: str, num_classes: in
     reference, last = max(first, epochs[0]), epochs[-1]
     drop = (reference - last) / reference if reference > 0 else 0.0
     chance = None if classes is None else math.log(classes)
-    report = WarmupProgress(task, first, epochs, drop, chance, (), classes)
+    report = WarmupProgress(task, first, epochs, drop, chance, (), classes)  # the figures; reasons below
     reasons = []
     if not all(math.isfinite(x) for x in (first, *epochs)):
         reasons.append("a loss is not finite (the warm-up diverged)")
@@ -425,7 +426,7 @@ def warmup_progress_report(losses: Mapping[str, Any], task: str, num_classes: in
                            f"less than {MIN_RELATIVE_DROP:.0%}")
         if chance is not None and last >= (1 - CHANCE_MARGIN) * chance:
             reasons.append(f"it is still within {CHANCE_MARGIN:.0%} of {report._chance_text()}")
-    return WarmupProgress(task, first, epochs, drop, chance, tuple(reasons), classes)
+    return dataclasses.replace(report, reasons=tuple(reasons))
 
 
 def warn_if_warmup_did_not_learn(losses: Mapping[str, Any] | None, task: str, num_classes: int | None = None,

@@ -248,12 +248,13 @@ def scale_problem(problem: Problem) -> tuple:
 
 
 def selection_params(options: Mapping[str, Any], keys: Sequence[str], *, guard_excluded: int,
-                     screened_out: int = 0, compute_dtype: torch.dtype, problem: Problem, checkpoint_weights: Optional[torch.Tensor],
-                     num_candidates: Optional[int] = None, **extra: Any) -> Dict[str, Any]:
+                     screened_out: int = 0, compute_dtype: torch.dtype, problem: Problem,
+                     checkpoint_weights: Optional[torch.Tensor], num_candidates: Optional[int] = None,
+                     **extra: Any) -> Dict[str, Any]:
     """A Selection's ``params``: the checked options named by ``keys`` (as the user gave them:
-    ridge unscaled), the guard's count after align_threshold, the screen's after screen, the compute dtype, the problem's
-    sizes (num_candidates: the pool's, default the problem's), the checkpoint weights as given,
-    the device, then ``extra``."""
+    ridge unscaled), the guard's count after align_threshold, the screen's after screen, the
+    compute dtype, the problem's sizes (num_candidates: the pool's, default the problem's), the
+    checkpoint weights as given, the device, then ``extra``."""
     params: Dict[str, Any] = {}
     for key in keys:
         params[key] = options[key]

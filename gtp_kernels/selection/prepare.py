@@ -120,13 +120,11 @@ def screen_size(screen: float, k: int, num_targets: int, joint: bool) -> int:
 
 
 def _ranked(values: torch.Tensor, rows: torch.Tensor, keep: int) -> tuple:
-    """Per column, the ``keep`` best (value, row) pairs of (n, m) ``values`` for the (n,) or
-    (n, m) ``rows``: largest value first, ties to the lowest row (a stable sort of rows in
-    increasing order), so the ranking does not depend on how the rows were chunked."""
-    if rows.dim() == 1:
-        rows = rows[:, None].expand_as(values)
-    by_row = torch.argsort(rows, dim=0, stable=True)
-    values, rows = values.gather(0, by_row), rows.gather(0, by_row)
+    """Per column, the ``keep`` best (value, row) pairs of (n, m) ``values`` for the (n, m)
+    ``rows``: largest value first, ties to the lowest row. The caller passes rows in increasing
+    order within each column (chunks arrive in row order and a chunk's rows follow every row
+    kept before it), so a stable sort by value alone breaks ties by row, and the ranking does
+    not depend on how the rows were chunked."""
     order = torch.argsort(values, dim=0, descending=True, stable=True)[:keep]
     return values.gather(0, order), rows.gather(0, order)
 
@@ -160,7 +158,8 @@ def exclude_unscreened(problem: Problem, size: int) -> tuple:
     for start, cos in _cosines_by_chunk(problem):
         cos = cos.to(device=device, dtype=torch.float64)
         cos.masked_fill_(problem.exclude[start : start + cos.shape[0], None], -math.inf)
-        values, rows = _ranked(cos, torch.arange(start, start + cos.shape[0], device=device), size)
+        rows = torch.arange(start, start + cos.shape[0], device=device)[:, None].expand_as(cos)
+        values, rows = _ranked(cos, rows, size)
         best_values, best_rows = _ranked(torch.cat([best_values, values]), torch.cat([best_rows, rows]), size)
     # a row enters the union at the first rank where some column lists it; whole ranks are kept
     # until the union holds ``size`` rows: up to the size-th smallest first rank
