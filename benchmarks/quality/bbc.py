@@ -27,8 +27,9 @@ import numpy as np
 
 from gtp_kernels.atomic import write_atomically
 
-from study import (COLOURS, joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy, plot_residuals,
-                   residual_curves, save_figure, select_accepts, select_budget, stage, variant_table)
+from study import (COLOURS, budget_rows, joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy,
+                   plot_residuals, residual_curves, save_figure, select_accepts, select_budget, stage, train_and_score,
+                   variant_table)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 from bbc_news import bbc_articles, minilm_path  # noqa: E402  (the loaders the BBC recipe uses)
@@ -135,25 +136,6 @@ def mean_pooled_features(texts: List[str], max_length: int, batch_size: int = 32
     return np.concatenate(out).astype(np.float32)
 
 
-def train_and_score(features: np.ndarray, labels: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, c: float,
-                    sample_weight: Optional[np.ndarray] = None) -> float:
-    """Test accuracy of the recipe's head trained on (features, labels); one class: predict it.
-
-    No intercept: an unpenalised intercept learns the class frequencies of the training rows as a
-    prior, and for a selection of a few rows those are an artefact of the budget (6 rows over 5
-    topics: one topic twice, a log-odds of log 2 = 0.69), while C bounds the weights so that
-    w.x varies by ~0.3 across test articles: at 1% of the noisy pool the head then sent 61-84% of
-    the test set (its share: 16-25%) to the picks' most frequent topic (small_k_head.py). On the full pools the intercept changes
-    accuracy by < 1 point; the test set is balanced (16-25% per topic)."""
-    from sklearn.linear_model import LogisticRegression
-
-    if len(set(labels.tolist())) == 1:
-        return float(np.mean(test_y == labels[0]))
-    head = LogisticRegression(C=c, max_iter=2000, fit_intercept=False)
-    head.fit(features, labels, sample_weight=sample_weight)
-    return float(np.mean(head.predict(test_x) == test_y))
-
-
 def clean_balanced_reference(index: np.ndarray, row_y: np.ndarray, row_true: np.ndarray, row_x: np.ndarray,
                              test_x: np.ndarray, test_y: np.ndarray, budget: int, n_topics: int, s: "BbcSettings",
                              draws: int = 20) -> Dict[str, Any]:
@@ -197,10 +179,6 @@ def mislabel_separation(pool_rows: np.ndarray, target_rows: np.ndarray, data: Di
 
     own = np.asarray([cosines[i, target_labels == labels[i]].mean() for i in range(n)])
     return {"auc_max_cosine": auc(cosines.max(axis=1)), "auc_own_label_mean_cosine": auc(own)}
-
-
-def _budget_rows(pct: float, n: int) -> int:
-    return max(1, round(pct * n / 100))
 
 
 def collect(s: BbcSettings, data: Dict[str, Any], cache: Path, times: Dict[str, float], progress: bool,
@@ -305,13 +283,13 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
         full = train_and_score(row_x[index], row_y[index], test_x, test_y, s.head_c)
         pool_result["full_pool_accuracy"] = {"mean": full, "std": 0.0, "values": [full] * len(s.seeds)}
         pool_result["clean_balanced_reference"] = {
-            str(pct): clean_balanced_reference(index, row_y, row_true, row_x, test_x, test_y, _budget_rows(pct, n),
+            str(pct): clean_balanced_reference(index, row_y, row_true, row_x, test_x, test_y, budget_rows(pct, n),
                                                len(topics), s) for pct in s.budgets_pct}
         with stage(times, f"select + train, {pool_name} pool"):
             for name, v in variants.items():
                 per_budget: Dict[str, Any] = {}
                 for pct in s.budgets_pct:
-                    budget = _budget_rows(pct, n)
+                    budget = budget_rows(pct, n)
                     accs, copies, wrong, sizes, secs, infos = [], [], [], [], [], []
                     for seed in s.seeds:
                         picked = select_budget(pool_matrices[seed], target_for(seed, v.mode), budget, v.method,
@@ -331,7 +309,7 @@ def run(s: BbcSettings, cache: Path, out: Path, times: Dict[str, float], progres
                 pool_result["variants"][name] = per_budget
         # Fig. 3: residual against k on the same footing (seed 0, mean target)
         with stage(times, f"residual curves, {pool_name} pool"):
-            top = _budget_rows(max(s.budgets_pct), n)
+            top = budget_rows(max(s.budgets_pct), n)
             target = target_for(s.seeds[0], "mean")
             orders = {m: select_budget(pool_matrix, target, top, m, store_weights=weights_for, num_checkpoints=t, seed=0).indices
                       for m in ("gtp", "topk", "random")}

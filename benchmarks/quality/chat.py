@@ -23,7 +23,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from study import (joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy, plot_residuals,
+from study import (budget_rows, joint_residual_curves, mean_spread, near_copy_picks, plot_accuracy, plot_residuals,
                    residual_curves, save_figure, select_accepts, select_budget, stage, variant_table, COLOURS)
 
 SKILLS = ("add", "rev", "sort", "get")
@@ -333,7 +333,7 @@ def run(s: ChatSettings, cache: Path, out: Path, times: Dict[str, float], progre
         for name, v in runs.items():
             per_budget = {}
             for pct in s.budgets_pct:
-                budget = max(1, round(pct * n / 100))
+                budget = budget_rows(pct, n)
                 scores, copies, bad, skill, secs = [], [], [], [], []
                 for seed in s.seeds:
                     picked = select_budget(matrix, target_for(seed, v.mode), budget, v.method,

@@ -29,8 +29,8 @@ The model (seeded per seed with ``numpy.random.default_rng(seed)``, deterministi
              A is (N, T K P), the targets' B is (T K P, m). Uniform checkpoint weights (a constant
              learning rate).
   selection  ``study.select_budget`` (``gtp_kernels.select``) at budgets of ``budgets_pct`` of N.
-  training   scikit-learn LogisticRegression (L-BFGS, C = ``head_c``, no intercept: see bbc.py
-             train_and_score for why) on the selected rows' features with their pool labels;
+  training   scikit-learn LogisticRegression (L-BFGS, C = ``head_c``, no intercept: see study.py
+             train_and_score for why; max_iter 1000) on the selected rows' features with their pool labels;
              metric: accuracy on the clean test rows. One class in a selection: predict it.
 
 Methods (all reported): random; topk per-example (each target column its share of the budget,
@@ -53,15 +53,14 @@ unlike task A's, which is the point of choosing the factor on it.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from study import (COLOURS, SCREEN_FACTORS, Variant, mean_spread, near_copy_picks, plot_accuracy, save_figure,
-                   select_budget, stage)
+from study import (COLOURS, SCREEN_FACTORS, Variant, budget_rows, mean_spread, near_copy_picks, plot_accuracy,
+                   save_figure, select_budget, stage, train_and_score)
 
 SCREEN_TRIED = tuple(sorted({1.0, *SCREEN_FACTORS, 5.0}))
 RULE = ("among the screen factors with no near-copy pick at any budget and seed, the best mean test accuracy "
@@ -179,23 +178,6 @@ def make_data(s: SyntheticSettings, seed: int) -> Dict[str, Any]:
             "group_of": group_of, "warmup_losses": losses}
 
 
-def train_and_score(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, c: float) -> float:
-    """Test accuracy of the recipe's classifier on (x, y); one class in y: predict it."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
-    if len(np.unique(y)) == 1:
-        return float(np.mean(test_y == y[0]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # a few separable rows at C = 10
-        head = LogisticRegression(C=c, fit_intercept=False, max_iter=1000).fit(x, y)
-    return float(np.mean(head.predict(test_x) == test_y))
-
-
-def _budget_rows(pct: float, n: int) -> int:
-    return max(1, round(pct * n / 100))
-
-
 def choose_screen_factor(result: Dict[str, Any]) -> Optional[float]:
     """The rule of the module docstring on a task result (``result["screen_factors"]`` and its
     ``variants``): among the factors with no near-copy pick at any budget (summed over seeds),
@@ -233,21 +215,23 @@ def run(s: SyntheticSettings, cache: Path, out: Path, times: Dict[str, float], p
         "outliers": [int(d["outlier"].sum()) for d in data.values()],
         "near_copy_rows": len(first["group_of"]),
         "warmup_losses": {str(seed): d["warmup_losses"] for seed, d in data.items()},
-        "full_pool_accuracy": mean_spread([train_and_score(d["x"], d["y"], d["test_x"], d["test_y"], s.head_c)
+        "full_pool_accuracy": mean_spread([train_and_score(d["x"], d["y"], d["test_x"], d["test_y"], s.head_c,
+                                                           max_iter=1000)
                                            for d in data.values()]),
         "variants": {}}
     with stage(times, "synthetic: select + train"):
         for name, v in methods.items():
             per_budget: Dict[str, Any] = {}
             for pct in s.budgets_pct:
-                budget = _budget_rows(pct, n)
+                budget = budget_rows(pct, n)
                 accs, copies, wrong, outliers, sizes, filled, screened, secs = [], [], [], [], [], [], [], []
                 for seed, d in data.items():
                     picked = select_budget(d["matrix"], d["targets"], budget, v.method, store_weights=lambda m: None,
                                            num_checkpoints=s.checkpoints, seed=seed, fill=v.fill,
                                            joint=v.mode == "joint", topk_reduce=v.topk_reduce, screen=v.screen)
                     rows = picked.indices
-                    accs.append(train_and_score(d["x"][rows], d["y"][rows], d["test_x"], d["test_y"], s.head_c))
+                    accs.append(train_and_score(d["x"][rows], d["y"][rows], d["test_x"], d["test_y"], s.head_c,
+                                                max_iter=1000))
                     copies.append(near_copy_picks(rows, d["group_of"]))
                     wrong.append(int(d["mislabelled"][rows].sum()))
                     outliers.append(int(d["outlier"][rows].sum()))

@@ -80,7 +80,7 @@ def main() -> int:
         for name in SHOWN:
             v = variants[name]
             for pct in (1, 2, 5):
-                budget = bbc._budget_rows(pct, len(index))
+                budget = bbc.budget_rows(pct, len(index))
                 reports, counts = [], None
                 for seed in s.seeds:
                     picked = select_budget(pool_matrix, target_for(seed, v.mode), budget, v.method,
